@@ -1,0 +1,152 @@
+"""Losses against a NumPy reference, finite differences and the paper's algebra."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from tied_lm import losses
+
+V, E = 13, 5
+
+
+def np_log_softmax(x):
+  x = x - x.max(axis=-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def np_target_distribution(embedding, targets, tau):
+  scores = embedding[targets] @ embedding.T / tau
+  p = np.exp(scores - scores.max(-1, keepdims=True))
+  return p / p.sum(-1, keepdims=True)
+
+
+def np_kl(logits, targets, embedding, tau):
+  p = np_target_distribution(embedding, targets, tau)
+  return (p * (np.log(p) - np_log_softmax(logits / tau))).sum(-1)
+
+
+@pytest.fixture
+def inputs():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(3, 4, V)) * 3
+  targets = rng.integers(0, V, size=(3, 4))
+  embedding = rng.normal(size=(V, E))
+  return logits, targets, embedding
+
+
+def test_cross_entropy_matches_numpy(inputs):
+  logits, targets, _ = inputs
+  expected = -np.take_along_axis(np_log_softmax(logits), targets[..., None], -1)[..., 0]
+  got = losses.cross_entropy(jnp.asarray(logits, jnp.float32), jnp.asarray(targets))
+  assert got.shape == targets.shape and got.dtype == jnp.float32
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cross_entropy_of_uniform_logits_is_log_vocab():
+  got = losses.cross_entropy(jnp.zeros((2, 3, V)), jnp.zeros((2, 3), jnp.int32))
+  np.testing.assert_allclose(got, np.full((2, 3), np.log(V)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("tau", [0.5, 1.0, 10.0])
+def test_target_distribution_matches_numpy(inputs, tau):
+  _, targets, embedding = inputs
+  got = losses.target_distribution(jnp.asarray(embedding, jnp.float32), jnp.asarray(targets), tau)
+  assert got.shape == (*targets.shape, V)
+  np.testing.assert_allclose(got, np_target_distribution(embedding, targets, tau), atol=1e-6)
+  np.testing.assert_allclose(got.sum(-1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tau", [0.5, 2.0, 20.0])
+def test_augmented_loss_matches_numpy(inputs, tau):
+  logits, targets, embedding = inputs
+  got = losses.augmented_loss(
+      jnp.asarray(logits, jnp.float32), jnp.asarray(targets), jnp.asarray(embedding, jnp.float32),
+      tau,
+  )
+  assert got.shape == targets.shape and got.dtype == jnp.float32
+  np.testing.assert_allclose(got, np_kl(logits, targets, embedding, tau), rtol=1e-4, atol=1e-6)
+
+
+def test_augmented_loss_is_nonnegative_and_zero_at_its_target(inputs):
+  logits, targets, embedding = inputs
+  embedding = jnp.asarray(embedding, jnp.float32)
+  kl = losses.augmented_loss(jnp.asarray(logits, jnp.float32), jnp.asarray(targets), embedding, 3.0)
+  assert float(kl.min()) > 0
+  # logits = L · L[y] make softmax(logits / tau) equal to the target distribution.
+  matching_logits = embedding[targets] @ embedding.T
+  kl = losses.augmented_loss(matching_logits, jnp.asarray(targets), embedding, 3.0)
+  np.testing.assert_allclose(kl, 0.0, atol=1e-6)
+
+
+def test_augmented_loss_is_stable_for_huge_scores():
+  embedding = jnp.eye(V, E) * 1e3
+  logits = jnp.full((2, V), 1e4).at[:, 0].set(-1e4)
+  kl = losses.augmented_loss(logits, jnp.array([0, 1]), embedding, 0.1)
+  assert bool(jnp.all(jnp.isfinite(kl)))
+
+
+def test_augmented_loss_of_bf16_inputs_is_float32(inputs):
+  logits, targets, embedding = inputs
+  exact = np_kl(logits, targets, embedding, 2.0)
+  got = losses.augmented_loss(
+      jnp.asarray(logits, jnp.bfloat16), jnp.asarray(targets),
+      jnp.asarray(embedding, jnp.bfloat16), 2.0,
+  )
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(got, exact, rtol=0.05, atol=0.02)
+
+
+def test_gradients_match_finite_differences(inputs):
+  logits, targets, embedding = inputs
+  with jax.enable_x64(True):
+    logits, embedding = jnp.asarray(logits), jnp.asarray(embedding)
+    targets = jnp.asarray(targets)
+    check_grads(lambda z: losses.cross_entropy(z, targets).sum(), (logits,), order=2)
+    check_grads(
+        lambda z, emb: losses.augmented_loss(z, targets, emb, 2.0).sum(),
+        (logits, embedding),
+        order=1,
+        modes=("rev",),
+    )
+    # With the target's gradient stopped, only the logits' gradient is a true
+    # derivative (finite differences still see L move ỹ).
+    check_grads(
+        lambda z: losses.augmented_loss(
+            z, targets, embedding, 2.0, stop_gradient_target=True
+        ).sum(),
+        (logits,),
+        order=1,
+        modes=("rev",),
+    )
+
+
+def test_logit_gradient_is_paper_formula(inputs):
+  """dJ_aug/dz = (ŷ - ỹ) / tau, so alpha = gamma * tau cancels the 1/tau."""
+  logits, targets, embedding = inputs
+  tau = 4.0
+  logits, embedding = jnp.asarray(logits, jnp.float32), jnp.asarray(embedding, jnp.float32)
+  grad = jax.grad(lambda z: losses.augmented_loss(z, targets, embedding, tau).sum())(logits)
+  expected = (jax.nn.softmax(logits / tau) - losses.target_distribution(embedding, targets, tau))
+  np.testing.assert_allclose(grad, expected / tau, atol=1e-6)
+
+
+def test_stop_gradient_target_cuts_embedding_gradient(inputs):
+  logits, targets, embedding = inputs
+  logits, embedding = jnp.asarray(logits, jnp.float32), jnp.asarray(embedding, jnp.float32)
+
+  def grads(stop):
+    return jax.grad(
+        lambda z, emb: losses.augmented_loss(
+            z, targets, emb, 2.0, stop_gradient_target=stop
+        ).sum(),
+        argnums=(0, 1),
+    )(logits, embedding)
+
+  (logits_grad, embedding_grad), (stopped_logits_grad, stopped_embedding_grad) = (
+      grads(False), grads(True)
+  )
+  assert float(jnp.abs(embedding_grad).max()) > 1e-3  # the paper's default: L learns through ỹ
+  np.testing.assert_array_equal(stopped_embedding_grad, 0.0)
+  np.testing.assert_allclose(stopped_logits_grad, logits_grad, atol=1e-7)
