@@ -1,0 +1,206 @@
+"""The model against a NumPy reference, the tying invariants and parameter counts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tied_lm import losses
+from tied_lm.models import DropoutMasks, LSTMLanguageModel
+
+V, E, B, T = 17, 6, 3, 5
+
+
+def make_model(**overrides):
+  kwargs = dict(vocab_size=V, embed_dim=E, hidden_size=E, num_layers=2, init_scale=0.3)
+  kwargs.update(overrides)
+  return LSTMLanguageModel(**kwargs)
+
+
+def init(model, batch_size=B):
+  tokens = jnp.zeros((batch_size, T), jnp.int32)
+  return model.init(jax.random.key(0), tokens, model.initial_carry(batch_size), deterministic=True)[
+      "params"
+  ]
+
+
+def np_sigmoid(x):
+  return 1 / (1 + np.exp(-x))
+
+
+def np_forward(params, tokens, masks, num_layers, tied):
+  """Step-by-step reference: per-time-step gates, masks applied by hand."""
+  params = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+  embedding = params["embed"]["embedding"]
+  x = embedding[tokens] * masks.input[:, None, :]  # [B, T, E]
+  for layer in range(num_layers):
+    p = params[f"lstm_{layer}"]
+    mask = masks.hidden[layer]
+    hidden = p["recurrent_kernel"].shape[0]
+    c = np.zeros((tokens.shape[0], hidden))
+    h = np.zeros((tokens.shape[0], hidden))
+    outputs = []
+    for t in range(tokens.shape[1]):
+      gates = x[:, t] @ p["input_kernel"] + (h * mask) @ p["recurrent_kernel"] + p["bias"]
+      i, f, g, o = np.split(gates, 4, axis=-1)
+      c = np_sigmoid(f) * c + np_sigmoid(i) * np.tanh(g)
+      h = np_sigmoid(o) * np.tanh(c)
+      outputs.append(h)
+    h_all = np.stack(outputs, axis=1)
+    x = h_all * mask[:, None, :] if layer + 1 < num_layers else h_all
+  x = x * masks.output[:, None, :]
+  if tied:
+    return x @ embedding.T
+  return x @ params["output_kernel"]["kernel"] + params["output_bias"]
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_forward_matches_numpy_reference_with_dropout_masks(tied):
+  model = make_model(tie_embeddings=tied, output_bias=not tied)
+  params = init(model)
+  rng = np.random.default_rng(1)
+  tokens = rng.integers(0, V, (B, T))
+
+  def mask():
+    return (rng.random((B, E)) > 0.4) / 0.6
+
+  masks = DropoutMasks(input=mask(), hidden=(mask(), mask()), output=mask())
+  out = model.apply(
+      {"params": params}, jnp.asarray(tokens), model.initial_carry(B), deterministic=False,
+      masks=jax.tree.map(jnp.asarray, masks), method=model.outputs,
+  )
+  expected = np_forward(params, tokens, masks, 2, tied)
+  np.testing.assert_allclose(out.logits, expected, rtol=1e-4, atol=1e-5)
+  if not tied:
+    np.testing.assert_allclose(
+        out.bias_free_logits, expected - np.asarray(params["output_bias"]), rtol=1e-4, atol=1e-5
+    )
+  np.testing.assert_array_equal(out.embedding, params["embed"]["embedding"])
+
+
+def test_tied_model_has_one_vocab_matrix_and_untied_has_two():
+  tied = init(make_model(tie_embeddings=True, output_bias=False))
+  assert set(tied) == {"embed", "lstm_0", "lstm_1"}
+  untied = init(make_model(tie_embeddings=False, output_bias=True))
+  assert set(untied) == {"embed", "lstm_0", "lstm_1", "output_kernel", "output_bias"}
+  assert untied["output_kernel"]["kernel"].shape == (E, V)
+
+
+def analytic_param_count(vocab, units, layers, tied, output_bias):
+  lstm = sum(4 * units * (units + units) + 4 * units for _ in range(layers))
+  return vocab * units + lstm + (0 if tied else units * vocab) + (vocab if output_bias else 0)
+
+
+@pytest.mark.parametrize(
+    "units,tied,expected_millions",
+    [(650, True, 13.27), (650, False, 19.78), (1500, True, 51.0), (1500, False, 66.0)],
+)
+def test_param_counts_match_the_paper(units, tied, expected_millions):
+  model = LSTMLanguageModel(
+      vocab_size=10000, embed_dim=units, hidden_size=units, num_layers=2,
+      tie_embeddings=tied, output_bias=not tied,
+  )
+  shapes = jax.eval_shape(
+      lambda: model.init(
+          jax.random.key(0), jnp.zeros((1, 2), jnp.int32), model.initial_carry(1),
+          deterministic=True,
+      )
+  )
+  count = sum(x.size for x in jax.tree.leaves(shapes))
+  assert count == analytic_param_count(10000, units, 2, tied, not tied)
+  # The paper's table: medium 20M untied / 14M tied, large 66M / 51M.
+  assert count / 1e6 == pytest.approx(expected_millions, rel=0.03)
+
+
+def test_tied_equals_untied_with_w_equal_to_l_transposed_including_gradients():
+  """The tied embedding's gradient is the sum of its input and output parts."""
+  tied_model = make_model(tie_embeddings=True, output_bias=False)
+  untied_model = make_model(tie_embeddings=False, output_bias=False)
+  params = init(tied_model)
+  untied_params = dict(params, output_kernel={"kernel": params["embed"]["embedding"].T})
+  tokens = jax.random.randint(jax.random.key(3), (B, T), 0, V)
+  targets = jax.random.randint(jax.random.key(4), (B, T), 0, V)
+
+  def loss(model, p):
+    logits, _ = model.apply({"params": p}, tokens, model.initial_carry(B), deterministic=True)
+    return losses.cross_entropy(logits, targets).sum()
+
+  np.testing.assert_allclose(loss(tied_model, params), loss(untied_model, untied_params), rtol=1e-6)
+  tied_grad = jax.grad(lambda p: loss(tied_model, p))(params)["embed"]["embedding"]
+  untied_grads = jax.grad(lambda p: loss(untied_model, p))(untied_params)
+  input_part = untied_grads["embed"]["embedding"]
+  output_part = untied_grads["output_kernel"]["kernel"].T
+  np.testing.assert_allclose(tied_grad, input_part + output_part, rtol=1e-5, atol=1e-7)
+  # Both parts are really there: rows of words never fed in get only output gradient.
+  assert float(jnp.abs(input_part).max()) > 1e-4 and float(jnp.abs(output_part).max()) > 1e-4
+
+
+def test_tying_with_mismatched_sizes_projects_or_refuses():
+  model = make_model(hidden_size=E + 2, tie_embeddings=True, output_projection=True)
+  params = init(model)
+  assert params["projection"]["kernel"].shape == (E + 2, E)
+  logits, _ = model.apply(
+      {"params": params}, jnp.zeros((B, T), jnp.int32), model.initial_carry(B), deterministic=True
+  )
+  assert logits.shape == (B, T, V)
+  with pytest.raises(ValueError, match="hidden_size == embed_dim"):
+    init(make_model(hidden_size=E + 2, tie_embeddings=True, output_projection=False))
+
+
+def test_carry_makes_two_windows_equal_one_long_window():
+  model = make_model()
+  params = init(model)
+  tokens = jax.random.randint(jax.random.key(5), (B, 2 * T), 0, V)
+
+  def run(x, carry):
+    return model.apply({"params": params}, x, carry, deterministic=True)
+
+  long_logits, long_carry = run(tokens, model.initial_carry(B))
+  first, carry = run(tokens[:, :T], model.initial_carry(B))
+  second, carry = run(tokens[:, T:], carry)
+  np.testing.assert_allclose(jnp.concatenate([first, second], 1), long_logits, atol=1e-5)
+  for (c1, h1), (c2, h2) in zip(carry, long_carry, strict=True):
+    np.testing.assert_allclose(c1, c2, atol=1e-6)
+    np.testing.assert_allclose(h1, h2, atol=1e-6)
+
+
+def test_dropout_masks_are_per_row_per_unit_and_scaled():
+  model = make_model(input_dropout=0.25, hidden_dropout=0.5, output_dropout=0.75)
+  masks = model.apply(
+      {"params": init(model)}, 4000, deterministic=False, rngs={"dropout": jax.random.key(0)},
+      method=model.dropout_masks,
+  )
+  for mask, rate, width in [
+      (masks.input, 0.25, E), (masks.hidden[0], 0.5, E), (masks.hidden[1], 0.5, E),
+      (masks.output, 0.75, E),
+  ]:
+    assert mask.shape == (4000, width)  # no time axis: the same units drop at every step
+    np.testing.assert_allclose(np.unique(mask), [0.0, 1 / (1 - rate)], rtol=1e-6)
+    assert float((mask == 0).mean()) == pytest.approx(rate, abs=0.02)
+  assert not np.array_equal(masks.hidden[0], masks.hidden[1])
+  off = model.apply(
+      {"params": init(model)}, 4, deterministic=True, method=model.dropout_masks
+  )
+  assert off == DropoutMasks(None, (None, None), None)
+
+
+def test_dropout_is_off_when_deterministic_and_on_otherwise():
+  tokens = jax.random.randint(jax.random.key(6), (B, T), 0, V)
+  dropped = make_model(input_dropout=0.5, hidden_dropout=0.5, output_dropout=0.5)
+  params = init(dropped)
+  plain, _ = make_model().apply({"params": params}, tokens, make_model().initial_carry(B),
+                                deterministic=True)
+  evaluated, _ = dropped.apply({"params": params}, tokens, dropped.initial_carry(B),
+                               deterministic=True)
+  np.testing.assert_array_equal(evaluated, plain)
+  trained, _ = dropped.apply({"params": params}, tokens, dropped.initial_carry(B),
+                             deterministic=False, rngs={"dropout": jax.random.key(1)})
+  assert float(jnp.abs(trained - plain).max()) > 1e-3
+
+
+def test_initialisation_is_uniform_within_init_scale():
+  params = init(make_model(init_scale=0.05, output_bias=True, tie_embeddings=False))
+  for leaf in jax.tree.leaves(params):
+    assert float(jnp.abs(leaf).max()) <= 0.05
+  embedding = params["embed"]["embedding"]
+  assert float(embedding.min()) < -0.04 and float(embedding.max()) > 0.04

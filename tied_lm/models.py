@@ -1,0 +1,232 @@
+"""Flax modules: a multi-layer LSTM language model with optional tied embeddings.
+
+Shapes: B batch, T time steps (`num_steps`), V vocabulary, E embedding size,
+H hidden size. Internally the recurrent layers run time-major ([T, B, ...])
+because `lax.scan` iterates over the leading axis.
+"""
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# One (c, h) pair of [B, H] arrays per layer.
+Carry = tuple[tuple[jax.Array, jax.Array], ...]
+
+
+def uniform_init(scale: float) -> nn.initializers.Initializer:
+  """Uniform(-scale, scale), the initialisation of Zaremba et al. (2014)."""
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -scale, scale)
+
+  return init
+
+
+class LMOutputs(NamedTuple):
+  """What one forward pass produces.
+
+  logits: [B, T, V] scores including the output bias (if any).
+  bias_free_logits: [B, T, V] W h without the bias, the input of the
+    augmented loss (the same array as `logits` when there is no bias).
+  embedding: [V, E] the input embedding L, which defines the target
+    distribution of the augmented loss.
+  carry: the recurrent state after the last time step.
+  """
+
+  logits: jax.Array
+  bias_free_logits: jax.Array
+  embedding: jax.Array
+  carry: Carry
+
+
+class DropoutMasks(NamedTuple):
+  """Variational dropout masks, one per window, each without a time axis.
+
+  input: [B, E] on the embedding output (the first layer's input).
+  hidden: per layer [B, H] on h, shared by its recurrent use and its use as
+    the next layer's input.
+  output: [B, H] on the last layer's output, before the logits.
+  Any entry may be None (nothing dropped).
+  """
+
+  input: jax.Array | None
+  hidden: tuple[jax.Array | None, ...]
+  output: jax.Array | None
+
+
+def _apply_mask(x: jax.Array, mask: jax.Array | None) -> jax.Array:
+  return x if mask is None else x * mask.astype(x.dtype)
+
+
+class LSTMLayer(nn.Module):
+  """One LSTM layer with fused gates (order i, f, g, o) and a single bias.
+
+  The input-to-hidden matmul for all time steps is one large matmul outside
+  the time loop; only the recurrent matmul runs inside `lax.scan`.
+  """
+
+  hidden_size: int
+  init_scale: float
+
+  @nn.compact
+  def __call__(
+      self,
+      inputs: jax.Array,
+      carry: tuple[jax.Array, jax.Array],
+      recurrent_mask: jax.Array | None,
+  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Runs the layer over a window.
+
+    Args:
+      inputs: [T, B, D] time-major inputs (already masked by the caller).
+      carry: (c, h), each [B, H].
+      recurrent_mask: [B, H] variational mask on h for its recurrent use, or
+        None.
+
+    Returns:
+      outputs [T, B, H] (the unmasked h_t) and the final (c, h).
+    """
+    init = uniform_init(self.init_scale)
+    num_gates = 4 * self.hidden_size
+    input_kernel = self.param("input_kernel", init, (inputs.shape[-1], num_gates))
+    recurrent_kernel = self.param(
+        "recurrent_kernel", init, (self.hidden_size, num_gates)
+    )
+    bias = self.param("bias", init, (num_gates,))
+
+    projected_inputs = jnp.einsum("tbd,dg->tbg", inputs, input_kernel) + bias
+
+    def step(state, projected_input):
+      c, h = state
+      gates = projected_input + _apply_mask(h, recurrent_mask) @ recurrent_kernel
+      i, f, g, o = jnp.split(gates, 4, axis=-1)
+      c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+      h = jax.nn.sigmoid(o) * jnp.tanh(c)
+      return (c, h), h
+
+    carry, outputs = jax.lax.scan(step, carry, projected_inputs)
+    return outputs, carry
+
+
+class LSTMLanguageModel(nn.Module):
+  """Embedding -> `num_layers` LSTMs -> logits, with optional weight tying.
+
+  When `tie_embeddings` is set the output layer is `embed.attend`, so the one
+  [V, E] embedding serves as both input lookup and output classifier (the
+  paper's RE). Variational dropout masks are drawn once per window for the
+  LSTM input, for each layer's hidden state (shared between its recurrent use
+  and its use as the next layer's input) and for the final output.
+  """
+
+  vocab_size: int
+  embed_dim: int
+  hidden_size: int
+  num_layers: int = 2
+  tie_embeddings: bool = True
+  output_bias: bool = False
+  # With tying and hidden_size != embed_dim: project h to embed_dim if True,
+  # otherwise refuse.
+  output_projection: bool = True
+  init_scale: float = 0.1
+  input_dropout: float = 0.0
+  hidden_dropout: float = 0.0
+  output_dropout: float = 0.0
+
+  def setup(self):
+    if (
+        self.tie_embeddings
+        and self.hidden_size != self.embed_dim
+        and not self.output_projection
+    ):
+      raise ValueError(
+          f"tie_embeddings needs hidden_size == embed_dim (got {self.hidden_size}"
+          f" != {self.embed_dim}); set output_projection=True to add a projection"
+      )
+    init = uniform_init(self.init_scale)
+    self.embed = nn.Embed(self.vocab_size, self.embed_dim, embedding_init=init)
+    self.layers = [
+        LSTMLayer(self.hidden_size, self.init_scale, name=f"lstm_{i}")
+        for i in range(self.num_layers)
+    ]
+    if self.tie_embeddings:
+      self.projection = (
+          nn.Dense(self.embed_dim, use_bias=False, kernel_init=init)
+          if self.hidden_size != self.embed_dim
+          else None
+      )
+    else:
+      self.output_kernel = nn.Dense(self.vocab_size, use_bias=False, kernel_init=init)
+    if self.output_bias:
+      self.bias = self.param("output_bias", init, (self.vocab_size,))
+
+  def initial_carry(self, batch_size: int) -> Carry:
+    """Zero state: per layer (c, h), each [batch_size, H] float32."""
+    shape = (batch_size, self.hidden_size)
+    # Separate buffers per leaf, so that each can be donated.
+    return tuple(
+        (jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32))
+        for _ in range(self.num_layers)
+    )
+
+  def dropout_masks(self, batch_size: int, *, deterministic: bool) -> DropoutMasks:
+    """Draws scaled Bernoulli keep-masks from the 'dropout' RNG (Gal & Ghahramani)."""
+
+    def mask(rate, width):
+      if deterministic or rate == 0.0:
+        return None
+      keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - rate, (batch_size, width))
+      return keep.astype(jnp.float32) / (1.0 - rate)
+
+    return DropoutMasks(
+        input=mask(self.input_dropout, self.embed_dim),
+        hidden=tuple(
+            mask(self.hidden_dropout, self.hidden_size) for _ in range(self.num_layers)
+        ),
+        output=mask(self.output_dropout, self.hidden_size),
+    )
+
+  def outputs(
+      self,
+      tokens: jax.Array,
+      carry: Carry,
+      *,
+      deterministic: bool,
+      masks: DropoutMasks | None = None,
+  ) -> LMOutputs:
+    """Forward pass returning everything the losses need, computed once.
+
+    Args:
+      tokens: [B, T] integer word ids.
+      carry: the state from `initial_carry` or from the previous window.
+      deterministic: if True and `masks` is None, no dropout (evaluation).
+      masks: explicit dropout masks; drawn with `dropout_masks` if None.
+    """
+    if masks is None:
+      masks = self.dropout_masks(tokens.shape[0], deterministic=deterministic)
+    x = _apply_mask(self.embed(tokens.T), masks.input)  # [T, B, E], time-major
+    new_carry = []
+    for i, (layer, layer_carry, mask) in enumerate(
+        zip(self.layers, carry, masks.hidden, strict=True)
+    ):
+      h, layer_carry = layer(x, layer_carry, mask)
+      new_carry.append(layer_carry)
+      # The next layer sees h through the same mask as the recurrence.
+      x = _apply_mask(h, mask) if i + 1 < self.num_layers else h
+    x = _apply_mask(x, masks.output).transpose(1, 0, 2)  # [B, T, H]
+    if self.tie_embeddings:
+      if self.projection is not None:
+        x = self.projection(x)
+      bias_free_logits = self.embed.attend(x)
+    else:
+      bias_free_logits = self.output_kernel(x)
+    logits = bias_free_logits + self.bias if self.output_bias else bias_free_logits
+    return LMOutputs(logits, bias_free_logits, self.embed.embedding, tuple(new_carry))
+
+  def __call__(
+      self, tokens: jax.Array, carry: Carry, *, deterministic: bool
+  ) -> tuple[jax.Array, Carry]:
+    """tokens [B, T], carry -> (logits [B, T, V], new carry)."""
+    out = self.outputs(tokens, carry, deterministic=deterministic)
+    return out.logits, out.carry
