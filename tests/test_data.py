@@ -1,0 +1,178 @@
+"""Corpora, downloads and batching, checked by hand and against the paper's counts."""
+
+import io
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tied_lm import data
+
+SHARED = data.resolve_data_dir()
+
+
+@pytest.mark.parametrize(
+    "dataset,counts,vocab_size",
+    [
+        ("ptb", (929_589, 73_760, 82_430), 10_000),
+        ("wikitext2", (2_088_628, 217_646, 245_569), 33_278),
+    ],
+)
+def test_token_counts_and_vocabulary_match_the_paper(dataset, counts, vocab_size):
+  corpus = data.load_corpus(dataset, str(SHARED))
+  assert (len(corpus.train), len(corpus.valid), len(corpus.test)) == counts
+  assert corpus.vocab_size == vocab_size
+  assert corpus.train.dtype == np.int32
+  assert corpus.vocab[corpus.train[-1]] == data.EOS
+  assert corpus.train.max() == vocab_size - 1  # every vocabulary word occurs in train
+
+
+def test_tokenize_adds_eos_per_line_including_empty_lines(tmp_path):
+  path = tmp_path / "x.txt"
+  path.write_text(" a  b\n\nc\n")
+  assert data.tokenize(path) == ["a", "b", "<eos>", "<eos>", "c", "<eos>"]
+
+
+def test_train_windows_by_hand():
+  inputs, targets = data.train_windows(np.arange(20), batch_size=2, num_steps=4)
+  # Rows 0..9 and 10..19; each row has 9 targets, so two full windows of 4.
+  np.testing.assert_array_equal(inputs[0], [[0, 1, 2, 3], [10, 11, 12, 13]])
+  np.testing.assert_array_equal(targets[0], [[1, 2, 3, 4], [11, 12, 13, 14]])
+  np.testing.assert_array_equal(inputs[1], [[4, 5, 6, 7], [14, 15, 16, 17]])
+  np.testing.assert_array_equal(targets[1], [[5, 6, 7, 8], [15, 16, 17, 18]])
+  assert inputs.shape == (2, 2, 4)
+
+
+def test_train_windows_refuse_a_stream_too_short():
+  with pytest.raises(data.DataError, match="too few"):
+    data.train_windows(np.arange(9), batch_size=2, num_steps=4)
+
+
+def test_eval_windows_by_hand():
+  inputs, targets, weights = data.eval_windows(np.arange(11), batch_size=3, num_steps=2)
+  rows = lambda x: x.transpose(1, 0, 2).reshape(3, -1)  # noqa: E731
+  np.testing.assert_array_equal(rows(inputs), [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 0, 0]])
+  np.testing.assert_array_equal(rows(targets), [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 0, 0]])
+  np.testing.assert_array_equal(rows(weights), [[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0]])
+
+
+@pytest.mark.parametrize("length,batch_size,num_steps", [(2, 1, 3), (101, 1, 7), (101, 4, 7),
+                                                         (1000, 10, 35), (37, 7, 5)])
+def test_eval_windows_score_every_target_once(length, batch_size, num_steps):
+  ids = np.random.default_rng(0).permutation(length)  # distinct ids identify positions
+  inputs, targets, weights = data.eval_windows(ids, batch_size, num_steps)
+  scored = weights > 0
+  assert int(weights.sum()) == length - 1
+  pairs = sorted(zip(inputs[scored].tolist(), targets[scored].tolist(), strict=True))
+  assert pairs == sorted(zip(ids[:-1].tolist(), ids[1:].tolist(), strict=True))
+
+
+def test_device_windows_keep_rows_with_their_process_and_device():
+  windows = np.arange(3 * 8 * 2).reshape(3, 8, 2)  # [windows, batch 8, steps 2]
+  for process in range(2):
+    local = data.device_windows(windows, process, process_count=2, local_device_count=2)
+    assert local.shape == (3, 2, 2, 2)
+    for device in range(2):
+      first_row = process * 4 + device * 2
+      np.testing.assert_array_equal(local[:, device], windows[:, first_row : first_row + 2])
+
+
+def test_text_corpus_caps_the_vocabulary_with_unk(tmp_path):
+  (tmp_path / "train.txt").write_text("a a a b b c\nd a\n")
+  (tmp_path / "valid.txt").write_text("a z\n")
+  (tmp_path / "test.txt").write_text("b c\n")
+  corpus = data.load_corpus("text", str(tmp_path), max_vocab_size=3)
+  assert corpus.vocab == ("a", "b", "<unk>")
+  unk = corpus.vocab.index("<unk>")
+  # <eos> is rarer than a and b here, so it maps to <unk> as well.
+  np.testing.assert_array_equal(corpus.valid, [0, unk, unk])
+  np.testing.assert_array_equal(corpus.test, [1, unk, unk])
+  full = data.load_corpus("text", str(tmp_path))
+  assert full.vocab == ("a", "b", "<eos>", "c", "d", "<unk>")
+  np.testing.assert_array_equal(full.valid, [0, 5, 2])  # 'z' is not in train
+
+
+def test_closed_vocabulary_rejects_unknown_words():
+  with pytest.raises(data.DataError, match=r"valid split .* 'zebra'"):
+    data.to_ids(["a", "zebra"], {"a": 0, data.UNK: 1}, "valid", closed=True)
+
+
+def test_empty_split_is_an_error(tmp_path):
+  for name in ("train.txt", "valid.txt", "test.txt"):
+    (tmp_path / name).write_text("a b\n")
+  (tmp_path / "valid.txt").write_text("")
+  with pytest.raises(data.DataError, match="valid split .* fewer than 2 tokens"):
+    data.load_corpus("text", str(tmp_path))
+
+
+def test_data_dir_precedence(monkeypatch):
+  monkeypatch.setenv(data.DATA_DIR_ENV, "/from/env")
+  assert data.resolve_data_dir("/explicit") == Path("/explicit")
+  assert data.resolve_data_dir("") == Path("/from/env")
+  monkeypatch.delenv(data.DATA_DIR_ENV)
+  assert data.resolve_data_dir("") == Path("~/.cache/tied_lm").expanduser()
+
+
+def no_network(url):
+  raise OSError("network is unreachable")
+
+
+def test_missing_files_without_network_name_files_and_directory(tmp_path, monkeypatch):
+  monkeypatch.setattr(data, "_download", no_network)
+  with pytest.raises(data.DataError) as error:
+    data.load_corpus("ptb", str(tmp_path))
+  message = str(error.value)
+  assert "ptb.train.txt, ptb.valid.txt, ptb.test.txt" in message
+  assert str(tmp_path / "ptb") in message and "TIED_LM_DATA_DIR" in message
+  assert "\n" not in message
+  assert not (tmp_path / "ptb" / "ptb.train.txt").exists()
+
+
+def test_download_writes_verified_ptb_files(tmp_path, monkeypatch):
+  urls = []
+
+  def fake_download(url):
+    urls.append(url)
+    return (SHARED / "ptb" / url.rsplit("/", 1)[1]).read_bytes()
+
+  monkeypatch.setattr(data, "_download", fake_download)
+  files = data.ensure_files("ptb", tmp_path)
+  assert urls[0] == data.SOURCES["ptb"].urls[0] + "ptb.train.txt"
+  for split, path in files.items():
+    assert path.read_bytes() == (SHARED / "ptb" / f"ptb.{split}.txt").read_bytes()
+  assert sorted(p.name for p in (tmp_path / "ptb").iterdir()) == sorted(
+      f"ptb.{s}.txt" for s in data.SPLITS
+  )  # no temporary files left behind
+
+
+def test_download_unpacks_the_wikitext2_archive(tmp_path, monkeypatch):
+  archive = io.BytesIO()
+  with zipfile.ZipFile(archive, "w") as z:
+    for split in data.SPLITS:
+      name = f"wiki.{split}.tokens"
+      z.writestr(f"wikitext-2/{name}", (SHARED / "wikitext-2" / name).read_bytes())
+  monkeypatch.setattr(data, "_download", lambda url: archive.getvalue())
+  corpus = data.load_corpus("wikitext2", str(tmp_path))
+  assert len(corpus.valid) == 217_646
+
+
+def test_downloaded_file_with_wrong_checksum_is_not_written(tmp_path, monkeypatch):
+  monkeypatch.setattr(data, "_download", lambda url: b"not ptb\n")
+  with pytest.raises(data.DataError, match="expected fcea919f"):
+    data.ensure_files("ptb", tmp_path)
+  assert not (tmp_path / "ptb" / "ptb.train.txt").exists()
+
+
+def test_checksum_mismatch_names_file_and_both_hashes(tmp_path):
+  shutil.copytree(SHARED / "ptb", tmp_path / "ptb")
+  corrupt = tmp_path / "ptb" / "ptb.valid.txt"
+  corrupt.chmod(0o644)
+  corrupt.write_bytes(corrupt.read_bytes() + b"x")
+  with pytest.raises(data.DataError) as error:
+    data.load_corpus("ptb", str(tmp_path))
+  message = str(error.value)
+  assert str(corrupt) in message
+  assert data.SOURCES["ptb"].sha256["ptb.valid.txt"] in message
+  assert data.sha256_of(corrupt) in message

