@@ -1,0 +1,287 @@
+"""The train step's objective and pmap equivalence, evaluation bookkeeping, configs, and runs."""
+
+import functools
+import json
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import default, ptb, wikitext2
+from tied_lm import data, losses, train
+
+B, T, V = 4, 5, 23
+
+
+def small_config(**model):
+  config = default.get_config()
+  config.batch_size, config.num_steps = B, T
+  config.model.embed_dim = config.model.hidden_size = 8
+  config.model.init_scale = 0.3
+  config.model.update(model)
+  config.loss.tau, config.loss.gamma = 2.0, 0.7
+  return config
+
+
+def pmapped_step(config, devices):
+  return jax.pmap(
+      functools.partial(train.train_step, loss_config=config.loss),
+      axis_name=train.AXIS,
+      in_axes=(0, 0, 0, 0, None),
+      out_axes=(0, 0, None),
+      devices=devices,
+  )
+
+
+def batch(seed=0):
+  rng = np.random.default_rng(seed)
+  return rng.integers(0, V, (B, T)).astype(np.int32), rng.integers(0, V, (B, T)).astype(np.int32)
+
+
+def test_learning_rate_schedule():
+  config = default.get_config()
+  config.optim.update(learning_rate=1.0, decay_start_epoch=2, decay_rate=0.5)
+  schedule = train.learning_rate_schedule(config.optim, steps_per_epoch=10)
+  rates = [float(schedule(step)) for step in (0, 19, 20, 29, 30, 45)]
+  assert rates == [1.0, 1.0, 0.5, 0.5, 0.25, 0.125]
+
+
+@pytest.mark.parametrize("augmented", [False, True])
+def test_train_step_is_sgd_on_time_summed_batch_averaged_loss(augmented):
+  """Independent check of the objective: sum over steps, mean over rows, + gamma*tau*KL."""
+  config = small_config()
+  config.loss.augmented = augmented
+  config.optim.clip_norm = 1e9  # no clipping here
+  config.optim.learning_rate = 0.3
+  model = train.make_model(config, V)
+  state = train.create_train_state(config, model, steps_per_epoch=10)
+  inputs, targets = batch()
+
+  def objective(params):
+    logits, _ = model.apply({"params": params}, inputs, model.initial_carry(B), deterministic=True)
+    per_token = losses.cross_entropy(logits, targets)
+    if augmented:
+      embedding = params["embed"]["embedding"]
+      per_token += 0.7 * 2.0 * losses.augmented_loss(logits, targets, embedding, 2.0)
+    return per_token.sum() / B
+
+  expected = jax.tree.map(lambda p, g: p - 0.3 * g, state.params, jax.grad(objective)(state.params))
+  step = pmapped_step(config, jax.devices()[:1])
+  new_state, _, metrics = step(
+      flax.jax_utils.replicate(state, jax.devices()[:1]),
+      flax.jax_utils.replicate(model.initial_carry(B), jax.devices()[:1]),
+      inputs[None], targets[None], jax.random.key(0),
+  )
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a[0], b, rtol=1e-5, atol=1e-6),
+      new_state.params, expected,
+  )
+  logits, _ = model.apply({"params": state.params}, inputs, model.initial_carry(B),
+                          deterministic=True)
+  np.testing.assert_allclose(
+      metrics["cross_entropy_sum"], losses.cross_entropy(logits, targets).sum(), rtol=1e-5
+  )
+  assert float(metrics["num_tokens"]) == B * T
+  assert (float(metrics["kl_sum"]) > 0) == augmented
+
+
+def test_gradients_are_clipped_to_the_global_norm():
+  config = small_config()
+  config.optim.clip_norm = 1e-3
+  model = train.make_model(config, V)
+  state = train.create_train_state(config, model, steps_per_epoch=10)
+  inputs, targets = batch()
+  devices = jax.devices()[:1]
+  new_state, _, metrics = pmapped_step(config, devices)(
+      flax.jax_utils.replicate(state, devices),
+      flax.jax_utils.replicate(model.initial_carry(B), devices),
+      inputs[None], targets[None], jax.random.key(0),
+  )
+  update = jax.tree.map(lambda a, b: a[0] - b, new_state.params, state.params)
+  assert float(metrics["grad_norm"]) > 1e-2
+  np.testing.assert_allclose(optax.global_norm(update), 1e-3, rtol=1e-4)
+
+
+def test_two_devices_give_the_same_steps_as_one():
+  assert jax.device_count() >= 2, "conftest.py sets two host devices"
+  config = small_config()  # no dropout, augmented loss on, tied
+  model = train.make_model(config, V)
+  state = train.create_train_state(config, model, steps_per_epoch=10)
+  results = {}
+  for num_devices in (1, 2):
+    devices = jax.devices()[:num_devices]
+    step = pmapped_step(config, devices)
+    s = flax.jax_utils.replicate(state, devices)
+    carry = flax.jax_utils.replicate(model.initial_carry(B // num_devices), devices)
+    for seed in range(3):  # the carry flows between steps, device by device
+      inputs, targets = batch(seed)
+      split = lambda x, n=num_devices: x.reshape(n, B // n, T)  # noqa: E731
+      s, carry, metrics = step(s, carry, split(inputs), split(targets), jax.random.key(0))
+      jax.block_until_ready(metrics)  # see the in-flight bound in train.train_and_evaluate
+    full_carry = jax.tree.map(lambda x: np.asarray(x).reshape(B, -1), carry)
+    results[num_devices] = (jax.tree.map(lambda x: np.asarray(x[0]), s.params), full_carry,
+                            jax.device_get(metrics))
+  for one, two in zip(results[1], results[2], strict=True):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), one, two)
+
+
+def test_each_device_draws_its_own_dropout_masks():
+  config = small_config(input_dropout=0.5, hidden_dropout=0.5, output_dropout=0.5)
+  model = train.make_model(config, V)
+  state = train.create_train_state(config, model, steps_per_epoch=10)
+  devices = jax.devices()[:2]
+  inputs, targets = batch()
+  same_rows = np.stack([inputs[:2], inputs[:2]])
+  _, carry, _ = pmapped_step(config, devices)(
+      flax.jax_utils.replicate(state, devices),
+      flax.jax_utils.replicate(model.initial_carry(2), devices),
+      same_rows, np.stack([targets[:2], targets[:2]]), jax.random.key(0),
+  )
+  h = np.asarray(carry[-1][1])
+  assert np.abs(h[0] - h[1]).max() > 1e-3
+
+
+@pytest.mark.parametrize("batch_size", [1, 7])
+def test_uniform_model_has_perplexity_equal_to_vocabulary_size(batch_size):
+  config = small_config()
+  model = train.make_model(config, V)
+  params = train.create_train_state(config, model, steps_per_epoch=1).params
+  params = dict(params, embed={"embedding": jnp.zeros((V, 8))})  # tied: all logits are 0
+  ids = np.random.default_rng(0).integers(0, V, 103)
+  perplexity, scored = train.evaluate(model, params, ids, batch_size, num_steps=T)
+  assert scored == 102
+  assert perplexity == pytest.approx(V, rel=1e-5)
+
+
+def test_evaluation_with_batch_one_equals_scoring_the_whole_stream_at_once():
+  config = small_config()
+  model = train.make_model(config, V)
+  params = train.create_train_state(config, model, steps_per_epoch=1).params
+  ids = np.random.default_rng(1).integers(0, V, 38).astype(np.int32)
+  logits, _ = model.apply({"params": params}, ids[None, :-1], model.initial_carry(1),
+                          deterministic=True)
+  expected = float(jnp.exp(losses.cross_entropy(logits, ids[None, 1:]).mean()))
+  perplexity, scored = train.evaluate(model, params, ids, batch_size=1, num_steps=T)
+  assert scored == 37
+  assert perplexity == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("dataset", "imdb", "dataset='imdb' is unknown"),
+        ("batch_size", 0, "batch_size=0 must be positive"),
+        ("batch_size", 3, "batch_size=3 is not divisible by the 2 devices"),
+        ("num_steps", -1, "num_steps=-1 must be positive"),
+        ("model.input_dropout", 1.0, r"model.input_dropout=1.0 is a drop probability in \[0, 1\)"),
+        ("model.hidden_size", 16, "tie_embeddings needs model.hidden_size == model.embed_dim"),
+        ("loss.tau", 0.0, "loss.tau=0.0 must be > 0"),
+        ("optim.decay_rate", 1.5, r"optim.decay_rate=1.5 must be in \(0, 1\]"),
+    ],
+)
+def test_bad_configs_are_refused_with_a_clear_message(field, value, message):
+  config = small_config()
+  section, _, name = field.rpartition(".")
+  (config[section] if section else config)[name] = value
+  with pytest.raises(train.ConfigError, match=message):
+    train.validate_config(config, num_devices=2)
+
+
+def test_paper_configs():
+  for module, dataset in ((ptb, "ptb"), (wikitext2, "wikitext2")):
+    for size in ("small", "medium", "large"):
+      for variant in ("vd", "al", "re", "real"):
+        config = module.get_config(f"{size},{variant}")
+        train.validate_config(config, num_devices=1)
+        assert config.dataset == dataset
+        assert config.model.tie_embeddings == (variant in ("re", "real"))
+        assert config.model.output_bias == (variant in ("vd", "al"))
+        assert config.loss.augmented == (variant in ("al", "real"))
+  medium = ptb.get_config("medium,real")
+  assert (medium.model.hidden_size, medium.model.embed_dim, medium.model.hidden_dropout) == (
+      650, 650, 0.5)
+  assert (medium.optim.decay_start_epoch, medium.optim.decay_rate, medium.optim.clip_norm) == (
+      10, 0.9, 5.0)
+  assert (medium.batch_size, medium.num_steps, medium.optim.learning_rate) == (20, 35, 1.0)
+  large = wikitext2.get_config("large,re")
+  assert (large.model.hidden_size, large.model.output_dropout, large.optim.clip_norm) == (
+      1500, 0.4, 6.0)
+  with pytest.raises(ValueError, match="VARIANT in vd | al | re | real"):
+    ptb.get_config("small,tied")
+
+
+def test_default_config_learns_ptb(tmp_path):
+  config = default.get_config()  # 2 epochs x 150 steps of a tiny tied model with the AL
+  results = train.train_and_evaluate(config, str(tmp_path))
+  # An untrained model is near uniform (perplexity ~ 10,000).
+  assert results["valid_perplexity"] < 1000
+  assert results["test_tokens_scored"] == 82_429 and results["valid_tokens_scored"] == 73_759
+  history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [h["epoch"] for h in history] == [1, 2]
+  assert history[1]["valid_perplexity"] < history[0]["valid_perplexity"]
+  saved = json.loads((tmp_path / "results.json").read_text())
+  for key in ("valid_perplexity", "test_perplexity", "test_tokens_scored", "num_params",
+              "epochs_completed", "train_tokens_per_second", "config"):
+    assert saved[key] == results[key]
+  assert saved["epochs_completed"] == 2 and saved["config"]["model"]["embed_dim"] == 64
+
+
+def write_tiny_corpus(directory):
+  rng = np.random.default_rng(0)
+  words = [f"w{i}" for i in range(30)]
+
+  def lines(n):
+    # A learnable language: each word is usually followed by the next one.
+    out, w = [], 0
+    for _ in range(n):
+      line = []
+      for _ in range(8):
+        w = (w + 1) % 30 if rng.random() < 0.8 else int(rng.integers(30))
+        line.append(words[w])
+      out.append(" ".join(line))
+    return "\n".join(out) + "\n"
+
+  directory.mkdir()
+  for split, n in (("train", 300), ("valid", 40), ("test", 40)):
+    (directory / f"{split}.txt").write_text(lines(n))
+
+
+def tiny_run_config(data_dir, num_epochs):
+  config = small_config(input_dropout=0.2, hidden_dropout=0.2, output_dropout=0.2)
+  config.dataset, config.data_dir = "text", str(data_dir)
+  config.num_epochs, config.max_steps_per_epoch = num_epochs, 0
+  config.optim.decay_start_epoch = 1
+  return config
+
+
+def test_a_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path):
+  write_tiny_corpus(tmp_path / "corpus")
+  straight = train.train_and_evaluate(tiny_run_config(tmp_path / "corpus", 3), str(tmp_path / "a"))
+
+  train.train_and_evaluate(tiny_run_config(tmp_path / "corpus", 1), str(tmp_path / "b"))
+  assert (tmp_path / "b" / "checkpoints" / "1").is_dir()
+  resumed = train.train_and_evaluate(tiny_run_config(tmp_path / "corpus", 3), str(tmp_path / "b"))
+
+  def curve(workdir):
+    return [{k: v for k, v in json.loads(line).items() if "second" not in k}
+            for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+  assert curve(tmp_path / "b") == curve(tmp_path / "a")
+  assert len(curve(tmp_path / "a")) == 3
+  for key in ("valid_perplexity", "test_perplexity", "best_epoch", "epochs_completed"):
+    assert resumed[key] == straight[key]
+  # A finished run is not trained again.
+  again = train.train_and_evaluate(tiny_run_config(tmp_path / "corpus", 3), str(tmp_path / "b"))
+  assert again["test_perplexity"] == straight["test_perplexity"]
+  assert len(curve(tmp_path / "b")) == 3
+
+
+def test_missing_data_is_a_clear_error(tmp_path, monkeypatch):
+  monkeypatch.setattr(data, "_download", lambda url: (_ for _ in ()).throw(OSError("offline")))
+  config = default.get_config()
+  config.data_dir = str(tmp_path / "nowhere")
+  with pytest.raises(data.DataError, match="missing ptb.train.txt"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
