@@ -27,13 +27,6 @@ from tied_lm.errors import UserError
 from tied_lm.fileio import atomic_write
 
 AXIS = "batch"
-VARIANTS = {
-    # variant: (tie_embeddings, output_bias, augmented loss)
-    "vd": (False, True, False),
-    "al": (False, True, True),
-    "re": (True, False, False),
-    "real": (True, False, True),
-}
 
 
 class ConfigError(UserError):
@@ -276,6 +269,60 @@ class Checkpoints:
     return restored["arrays"], restored["meta"]
 
 
+def train_epoch(
+    p_train_step: Any,
+    state: train_state.TrainState,
+    carry: models.Carry,
+    device_inputs: np.ndarray,
+    device_targets: np.ndarray,
+    dropout_key: jax.Array,
+    *,
+    log_every_steps: int,
+    log_prefix: str,
+) -> tuple[train_state.TrainState, dict[str, float]]:
+  """Runs the pmapped step over every window, logging progress.
+
+  Args:
+    p_train_step: `train_step` under `jax.pmap`, metrics replicated out.
+    state, carry: replicated over the local devices.
+    device_inputs, device_targets: [steps, local devices, rows, T] windows.
+
+  Returns:
+    the new state and the epoch's summed cross-entropy, KL and token count.
+  """
+  num_steps = len(device_inputs)
+  totals = {"cross_entropy_sum": 0.0, "kl_sum": 0.0, "num_tokens": 0.0}
+  pending_metrics = []
+  start = time.time()
+  for step in range(num_steps):
+    state, carry, metrics = p_train_step(
+        state, carry, device_inputs[step], device_targets[step], dropout_key
+    )
+    # At most two steps in flight: one queued step keeps the device busy, and
+    # XLA:CPU's all-reduce deadlocks when many multi-device steps are queued
+    # (jax 0.10.2, 2 host devices). This waits without copying to the host.
+    if pending_metrics:
+      jax.block_until_ready(pending_metrics[-1])
+    pending_metrics.append(metrics)
+    if (step + 1) % log_every_steps and step + 1 < num_steps:
+      continue
+    # The only host transfer: metrics stay on the device between log lines.
+    window = {k: sum(float(m[k]) for m in jax.device_get(pending_metrics)) for k in totals}
+    pending_metrics = []
+    for k in totals:
+      totals[k] += window[k]
+    tokens_per_second = totals["num_tokens"] / (time.time() - start)
+    eta = (num_steps - step - 1) * (totals["num_tokens"] / (step + 1)) / tokens_per_second
+    logging.info(
+        "%s step %d/%d | loss %.3f ppl %.2f kl %.4f | %.0f tok/s | eta %s",
+        log_prefix, step + 1, num_steps,
+        window["cross_entropy_sum"] / window["num_tokens"],
+        math.exp(window["cross_entropy_sum"] / window["num_tokens"]),
+        window["kl_sum"] / window["num_tokens"], tokens_per_second, _format_seconds(eta),
+    )
+  return state, totals
+
+
 def _format_seconds(seconds: float) -> str:
   minutes, seconds = divmod(int(seconds), 60)
   hours, minutes = divmod(minutes, 60)
@@ -301,7 +348,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   steps_per_epoch = len(inputs)
   if config.max_steps_per_epoch:
     steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
-  tokens_per_step = config.batch_size * config.num_steps
 
   model = make_model(config, corpus.vocab_size)
   state = create_train_state(config, model, steps_per_epoch)
@@ -335,39 +381,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   for epoch in range(meta["epoch"] + 1, config.num_epochs + 1):
     learning_rate = float(schedule((epoch - 1) * steps_per_epoch))
-    carry = flax.jax_utils.replicate(model.initial_carry(rows_per_device))
-    pending_metrics = []
-    totals = {"cross_entropy_sum": 0.0, "kl_sum": 0.0, "num_tokens": 0.0}
     epoch_start = time.time()
-    for step in range(steps_per_epoch):
-      state, carry, metrics = p_train_step(
-          state, carry, device_inputs[step], device_targets[step], dropout_key
-      )
-      # At most two steps in flight: one queued step keeps the device busy, and
-      # XLA:CPU's all-reduce deadlocks when many multi-device steps are queued
-      # (jax 0.10.2, 2 host devices). This waits without copying to the host.
-      if pending_metrics:
-        jax.block_until_ready(pending_metrics[-1])
-      pending_metrics.append(metrics)
-      if (step + 1) % config.log_every_steps == 0 or step + 1 == steps_per_epoch:
-        # Host sync only here: metrics stay on the device between log lines.
-        fetched = jax.device_get(pending_metrics)
-        pending_metrics = []
-        window = {k: sum(float(m[k]) for m in fetched) for k in totals}
-        for k in totals:
-          totals[k] += window[k]
-        elapsed = time.time() - epoch_start
-        tokens_per_second = (step + 1) * tokens_per_step / elapsed
-        eta = (steps_per_epoch - step - 1) * tokens_per_step / tokens_per_second
-        logging.info(
-            "epoch %d step %d/%d | loss %.3f ppl %.2f kl %.4f | lr %.4g | %.0f tok/s | "
-            "eta %s",
-            epoch, step + 1, steps_per_epoch,
-            window["cross_entropy_sum"] / window["num_tokens"],
-            math.exp(window["cross_entropy_sum"] / window["num_tokens"]),
-            window["kl_sum"] / window["num_tokens"], learning_rate, tokens_per_second,
-            _format_seconds(eta),
-        )
+    state, totals = train_epoch(
+        p_train_step, state, flax.jax_utils.replicate(model.initial_carry(rows_per_device)),
+        device_inputs[:steps_per_epoch], device_targets[:steps_per_epoch], dropout_key,
+        log_every_steps=config.log_every_steps, log_prefix=f"epoch {epoch} lr {learning_rate:.4g}",
+    )
     train_seconds = time.time() - epoch_start
     train_perplexity = math.exp(totals["cross_entropy_sum"] / totals["num_tokens"])
 
@@ -386,8 +405,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "train_kl": totals["kl_sum"] / totals["num_tokens"],
         "valid_perplexity": valid_perplexity,
         "valid_tokens_scored": valid_tokens,
-        "train_tokens_per_second": steps_per_epoch * tokens_per_step / train_seconds,
+        "train_tokens_per_second": totals["num_tokens"] / train_seconds,
         "epoch_seconds": time.time() - epoch_start,
+        "wall_seconds": sum(h["epoch_seconds"] for h in meta["history"])
+        + time.time() - epoch_start,
     })
     logging.info(
         "epoch %d done | train ppl %.2f | valid ppl %.2f (%d tokens) | best %.2f (epoch %d)",
@@ -419,7 +440,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       "train_tokens_per_second": float(
           np.median([h["train_tokens_per_second"] for h in history])
       ),
-      "wall_seconds": sum(h["epoch_seconds"] for h in history),
+      "wall_seconds": history[-1]["wall_seconds"],
       "versions": {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__},
       "devices": [str(d) for d in jax.devices()],
       "config": config.to_dict(),
