@@ -1,6 +1,5 @@
 """The train step's objective and pmap equivalence, evaluation bookkeeping, configs, and runs."""
 
-import functools
 import json
 
 import flax
@@ -24,16 +23,6 @@ def small_config(**model):
   config.model.update(model)
   config.loss.tau, config.loss.gamma = 2.0, 0.7
   return config
-
-
-def pmapped_step(config, devices):
-  return jax.pmap(
-      functools.partial(train.train_step, loss_config=config.loss),
-      axis_name=train.AXIS,
-      in_axes=(0, 0, 0, 0, None),
-      out_axes=(0, 0, None),
-      devices=devices,
-  )
 
 
 def batch(seed=0):
@@ -69,7 +58,7 @@ def test_train_step_is_sgd_on_time_summed_batch_averaged_loss(augmented):
     return per_token.sum() / B
 
   expected = jax.tree.map(lambda p, g: p - 0.3 * g, state.params, jax.grad(objective)(state.params))
-  step = pmapped_step(config, jax.devices()[:1])
+  step = train.pmap_train_step(config.loss, jax.devices()[:1])
   new_state, _, metrics = step(
       flax.jax_utils.replicate(state, jax.devices()[:1]),
       flax.jax_utils.replicate(model.initial_carry(B), jax.devices()[:1]),
@@ -95,7 +84,7 @@ def test_gradients_are_clipped_to_the_global_norm():
   state = train.create_train_state(config, model, steps_per_epoch=10)
   inputs, targets = batch()
   devices = jax.devices()[:1]
-  new_state, _, metrics = pmapped_step(config, devices)(
+  new_state, _, metrics = train.pmap_train_step(config.loss, devices)(
       flax.jax_utils.replicate(state, devices),
       flax.jax_utils.replicate(model.initial_carry(B), devices),
       inputs[None], targets[None], jax.random.key(0),
@@ -113,7 +102,7 @@ def test_two_devices_give_the_same_steps_as_one():
   results = {}
   for num_devices in (1, 2):
     devices = jax.devices()[:num_devices]
-    step = pmapped_step(config, devices)
+    step = train.pmap_train_step(config.loss, devices)
     s = flax.jax_utils.replicate(state, devices)
     carry = flax.jax_utils.replicate(model.initial_carry(B // num_devices), devices)
     for seed in range(3):  # the carry flows between steps, device by device
@@ -135,7 +124,7 @@ def test_each_device_draws_its_own_dropout_masks():
   devices = jax.devices()[:2]
   inputs, targets = batch()
   same_rows = np.stack([inputs[:2], inputs[:2]])
-  _, carry, _ = pmapped_step(config, devices)(
+  _, carry, _ = train.pmap_train_step(config.loss, devices)(
       flax.jax_utils.replicate(state, devices),
       flax.jax_utils.replicate(model.initial_carry(2), devices),
       same_rows, np.stack([targets[:2], targets[:2]]), jax.random.key(0),

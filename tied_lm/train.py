@@ -191,6 +191,24 @@ def train_step(
   return state.apply_gradients(grads=grads), new_carry, metrics
 
 
+def pmap_train_step(
+    loss_config: ml_collections.ConfigDict, devices: list[jax.Device] | None = None
+) -> Any:
+  """`train_step` pmapped over `devices` (default: all local ones).
+
+  State and carry are donated; the dropout key is broadcast; metrics come
+  back replicated (out_axes=None), so reading them needs no per-device index.
+  """
+  return jax.pmap(
+      functools.partial(train_step, loss_config=loss_config),
+      axis_name=AXIS,
+      in_axes=(0, 0, 0, 0, None),
+      donate_argnums=(0, 1),
+      out_axes=(0, 0, None),
+      devices=devices,
+  )
+
+
 @functools.partial(jax.jit, static_argnames="model", donate_argnums=1)
 def eval_step(
     params: Any,
@@ -367,13 +385,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state = arrays["state"]
     logging.info("Resumed from the checkpoint of epoch %d in %s", last_epoch, workdir)
 
-  p_train_step = jax.pmap(
-      functools.partial(train_step, loss_config=config.loss),
-      axis_name=AXIS,
-      in_axes=(0, 0, 0, 0, None),
-      donate_argnums=(0, 1),
-      out_axes=(0, 0, None),
-  )
+  p_train_step = pmap_train_step(config.loss)
   state = flax.jax_utils.replicate(state)
   dropout_key = jax.random.key(config.seed + 1)
   schedule = learning_rate_schedule(config.optim, steps_per_epoch)
@@ -398,6 +410,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       meta.update(best_epoch=epoch, best_valid_perplexity=valid_perplexity)
       arrays["best_params"] = to_numpy(params)
     meta["epoch"] = epoch
+    epoch_seconds = time.time() - epoch_start
+    previous_wall_seconds = meta["history"][-1]["wall_seconds"] if meta["history"] else 0.0
     meta["history"].append({
         "epoch": epoch,
         "learning_rate": learning_rate,
@@ -406,9 +420,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "valid_perplexity": valid_perplexity,
         "valid_tokens_scored": valid_tokens,
         "train_tokens_per_second": totals["num_tokens"] / train_seconds,
-        "epoch_seconds": time.time() - epoch_start,
-        "wall_seconds": sum(h["epoch_seconds"] for h in meta["history"])
-        + time.time() - epoch_start,
+        "epoch_seconds": epoch_seconds,
+        "wall_seconds": previous_wall_seconds + epoch_seconds,
     })
     logging.info(
         "epoch %d done | train ppl %.2f | valid ppl %.2f (%d tokens) | best %.2f (epoch %d)",
