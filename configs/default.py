@@ -41,6 +41,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.input_dropout = 0.0
   config.model.hidden_dropout = 0.0
   config.model.output_dropout = 0.0
+  # Time steps per iteration of the recurrent loop (speed only, same numbers).
+  config.model.unroll = 1
 
   config.loss = ml_collections.ConfigDict()
   config.loss.augmented = True

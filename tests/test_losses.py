@@ -150,3 +150,60 @@ def test_stop_gradient_target_cuts_embedding_gradient(inputs):
   assert float(jnp.abs(embedding_grad).max()) > 1e-3  # the paper's default: L learns through ỹ
   np.testing.assert_array_equal(stopped_embedding_grad, 0.0)
   np.testing.assert_allclose(stopped_logits_grad, logits_grad, atol=1e-7)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("stop_gradient_target", [False, True])
+def test_fused_terms_equal_the_separate_losses_and_their_gradients(
+    inputs, with_bias, stop_gradient_target
+):
+  logits, targets, embedding = inputs
+  logits, embedding = jnp.asarray(logits, jnp.float32), jnp.asarray(embedding, jnp.float32)
+  targets = jnp.asarray(targets)
+  bias = jnp.linspace(-1.0, 1.0, V) if with_bias else None
+  tau, alpha = 3.0, 0.7
+  cotangent = jnp.asarray(np.random.default_rng(1).normal(size=targets.shape), jnp.float32)
+
+  def separate(logits, embedding, bias):
+    scores = logits if bias is None else logits + bias
+    cross_entropy = losses.cross_entropy(scores, targets)
+    kl = losses.augmented_loss(
+        logits, targets, embedding, tau, stop_gradient_target=stop_gradient_target
+    )
+    return jnp.sum(cotangent * (cross_entropy + alpha * kl)), (cross_entropy, kl)
+
+  def fused(logits, embedding, bias):
+    cross_entropy, kl = losses.cross_entropy_and_kl(
+        logits, targets, embedding, tau, output_bias=bias,
+        stop_gradient_target=stop_gradient_target,
+    )
+    return jnp.sum(cotangent * (cross_entropy + alpha * kl)), (cross_entropy, kl)
+
+  argnums = (0, 1, 2) if with_bias else (0, 1)
+  (_, expected_terms), expected_grads = jax.value_and_grad(separate, argnums, has_aux=True)(
+      logits, embedding, bias
+  )
+  (_, terms), grads = jax.value_and_grad(fused, argnums, has_aux=True)(logits, embedding, bias)
+  for got, expected in zip(terms + grads, expected_terms + expected_grads, strict=True):
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+  if stop_gradient_target:  # L gets no gradient through ỹ, and the logits' gradient is unchanged
+    np.testing.assert_array_equal(grads[1], np.zeros_like(embedding))
+
+
+def test_fused_terms_without_augmented_loss_are_cross_entropy_and_zero(inputs):
+  logits, targets, embedding = inputs
+  logits = jnp.asarray(logits, jnp.bfloat16)  # bf16 in, float32 out
+  cross_entropy, kl = losses.cross_entropy_and_kl(
+      logits, jnp.asarray(targets), jnp.asarray(embedding), 2.0, augmented=False
+  )
+  assert cross_entropy.dtype == jnp.float32
+  np.testing.assert_allclose(
+      cross_entropy, losses.cross_entropy(logits, jnp.asarray(targets)), rtol=1e-6
+  )
+  np.testing.assert_array_equal(kl, np.zeros(targets.shape))
+  check_grads(
+      lambda z: losses.cross_entropy_and_kl(
+          z, jnp.asarray(targets), jnp.asarray(embedding), 2.0, augmented=False
+      )[0].sum(),
+      (jnp.asarray(inputs[0], jnp.float32),), order=1, modes=["rev"], atol=1e-2, rtol=1e-2,
+  )

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tied_lm import losses
+from tied_lm import losses, models
 from tied_lm.models import DropoutMasks, LSTMLanguageModel
 
 V, E, B, T = 17, 6, 3, 5
@@ -204,3 +204,59 @@ def test_initialisation_is_uniform_within_init_scale():
     assert float(jnp.abs(leaf).max()) <= 0.05
   embedding = params["embed"]["embedding"]
   assert float(embedding.min()) < -0.04 and float(embedding.max()) > 0.04
+
+
+def reference_recurrence(projected_inputs, recurrent_kernel, carry, recurrent_mask):
+  """The plain lax.scan LSTM whose gradient autodiff derives."""
+
+  def step(state, projected_input):
+    c, h = state
+    h = h if recurrent_mask is None else h * recurrent_mask
+    i, f, g, o = jnp.split(projected_input + h @ recurrent_kernel, 4, axis=-1)
+    c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
+    h = jax.nn.sigmoid(o) * jnp.tanh(c)
+    return (c, h), h
+
+  carry, outputs = jax.lax.scan(step, carry, projected_inputs)
+  return outputs, carry
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("unroll", [1, 3])
+def test_lstm_recurrence_gradient_equals_autodiff_of_the_plain_scan(masked, unroll):
+  hidden = 4
+  keys = jax.random.split(jax.random.key(0), 5)
+  projected_inputs = jax.random.normal(keys[0], (7, B, 4 * hidden))
+  recurrent_kernel = 0.5 * jax.random.normal(keys[1], (hidden, 4 * hidden))
+  carry = (jax.random.normal(keys[2], (B, hidden)), jax.random.normal(keys[3], (B, hidden)))
+  mask = (jax.random.uniform(keys[4], (B, hidden)) > 0.3) / 0.7 if masked else None
+
+  def objective(recurrence):
+    def f(projected_inputs, recurrent_kernel, carry):
+      outputs, (c, h) = recurrence(projected_inputs, recurrent_kernel, carry, mask)
+      # Weights on every output, including the final carry, exercise all cotangents.
+      return jnp.sum(outputs**2) + jnp.sum(1.3 * c) + jnp.sum(0.7 * h)
+
+    return f
+
+  fused = objective(lambda *args: models.lstm_recurrence(*args, unroll))
+  reference = objective(reference_recurrence)
+  args = (projected_inputs, recurrent_kernel, carry)
+  np.testing.assert_allclose(fused(*args), reference(*args), rtol=1e-6)
+  got = jax.grad(fused, argnums=(0, 1, 2))(*args)
+  expected = jax.grad(reference, argnums=(0, 1, 2))(*args)
+  for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+    np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
+
+
+def test_unroll_changes_no_output():
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, V, (B, T)), jnp.int32)
+  params = init(make_model())
+  outputs = [
+      make_model(unroll=unroll).apply(
+          {"params": params}, tokens, make_model().initial_carry(B), deterministic=True
+      )[0]
+      for unroll in (1, 2, T)
+  ]
+  for out in outputs[1:]:
+    np.testing.assert_allclose(out, outputs[0], rtol=1e-5, atol=1e-6)

@@ -5,6 +5,7 @@ H hidden size. Internally the recurrent layers run time-major ([T, B, ...])
 because `lax.scan` iterates over the leading axis.
 """
 
+import functools
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -30,6 +31,7 @@ class LMOutputs(NamedTuple):
   logits: [B, T, V] scores including the output bias (if any).
   bias_free_logits: [B, T, V] W h without the bias, the input of the
     augmented loss (the same array as `logits` when there is no bias).
+  output_bias: [V] the bias in `logits`, or None.
   embedding: [V, E] the input embedding L, which defines the target
     distribution of the augmented loss.
   carry: the recurrent state after the last time step.
@@ -37,6 +39,7 @@ class LMOutputs(NamedTuple):
 
   logits: jax.Array
   bias_free_logits: jax.Array
+  output_bias: jax.Array | None
   embedding: jax.Array
   carry: Carry
 
@@ -60,6 +63,102 @@ def _apply_mask(x: jax.Array, mask: jax.Array | None) -> jax.Array:
   return x if mask is None else x * mask.astype(x.dtype)
 
 
+def _lstm_cell(gates: jax.Array, c: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Pre-activations [B, 4H] (order i, f, g, o) and c [B, H] -> (activations, new c, new h)."""
+  i, f, g, o = jnp.split(gates, 4, axis=-1)
+  activations = jnp.concatenate(
+      [jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)], axis=-1
+  )
+  i, f, g, o = jnp.split(activations, 4, axis=-1)
+  c = f * c + i * g
+  return activations, c, o * jnp.tanh(c)
+
+
+def _lstm_recurrence_fwd(projected_inputs, recurrent_kernel, carry, recurrent_mask, unroll):
+  def step(state, projected_input):
+    c, h = state
+    gates = projected_input + _apply_mask(h, recurrent_mask) @ recurrent_kernel
+    activations, c, h = _lstm_cell(gates, c)
+    return (c, h), (h, c, activations)
+
+  final_carry, (outputs, cells, activations) = jax.lax.scan(
+      step, carry, projected_inputs, unroll=unroll
+  )
+  residuals = (recurrent_kernel, carry, recurrent_mask, outputs, cells, activations)
+  return (outputs, final_carry), residuals
+
+
+def _lstm_recurrence_bwd(unroll, residuals, grads):
+  recurrent_kernel, (initial_c, initial_h), recurrent_mask, outputs, cells, activations = (
+      residuals
+  )
+  grad_outputs, (grad_final_c, grad_final_h) = grads
+  previous_cells = jnp.concatenate([initial_c[None], cells[:-1]])
+  previous_h = _apply_mask(jnp.concatenate([initial_h[None], outputs[:-1]]), recurrent_mask)
+
+  def step(state, inputs):
+    grad_c, grad_h_recurrent = state
+    grad_h, c, previous_c, activations = inputs
+    i, f, g, o = jnp.split(activations, 4, axis=-1)
+    grad_h = grad_h + grad_h_recurrent
+    tanh_c = jnp.tanh(c)
+    grad_c = grad_c + grad_h * o * (1 - tanh_c**2)
+    grad_gates = jnp.concatenate([
+        grad_c * g * i * (1 - i),
+        grad_c * previous_c * f * (1 - f),
+        grad_c * i * (1 - g**2),
+        grad_h * tanh_c * o * (1 - o),
+    ], axis=-1)
+    grad_previous_h = _apply_mask(grad_gates @ recurrent_kernel.T, recurrent_mask)
+    return (grad_c * f, grad_previous_h), grad_gates
+
+  (grad_initial_c, grad_initial_h), grad_gates = jax.lax.scan(
+      step,
+      (grad_final_c, grad_final_h),
+      (grad_outputs, cells, previous_cells, activations),
+      reverse=True,
+      unroll=unroll,
+  )
+  # The weight gradient as one [H, T*B] x [T*B, 4H] matmul, not T small ones.
+  grad_kernel = jnp.einsum("tbh,tbg->hg", previous_h, grad_gates)
+  grad_mask = None if recurrent_mask is None else jnp.zeros_like(recurrent_mask)
+  return grad_gates, grad_kernel, (grad_initial_c, grad_initial_h), grad_mask
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def lstm_recurrence(
+    projected_inputs: jax.Array,
+    recurrent_kernel: jax.Array,
+    carry: tuple[jax.Array, jax.Array],
+    recurrent_mask: jax.Array | None,
+    unroll: int = 1,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+  """The recurrent part of an LSTM layer over a window, with a hand-written gradient.
+
+  Autodiff of `lax.scan` would accumulate the recurrent kernel's gradient
+  inside the backward loop, T rank-B updates of an [H, 4H] array; this
+  gradient keeps only the [B, 4H] x [4H, H] matmul in the loop and computes
+  the kernel's gradient after it in one matmul. Tests check it against
+  autodiff.
+
+  Args:
+    projected_inputs: [T, B, 4H] x_t W_x + b, gate order (i, f, g, o).
+    recurrent_kernel: [H, 4H].
+    carry: (c, h), each [B, H].
+    recurrent_mask: [B, H] variational mask on h for its recurrent use, or None.
+    unroll: time steps per loop iteration (speed only).
+
+  Returns:
+    outputs [T, B, H] (the unmasked h_t) and the final (c, h).
+  """
+  return _lstm_recurrence_fwd(projected_inputs, recurrent_kernel, carry, recurrent_mask, unroll)[0]
+
+
+lstm_recurrence.defvjp(
+    lambda *args: _lstm_recurrence_fwd(*args[:4], args[4]), _lstm_recurrence_bwd
+)
+
+
 class LSTMLayer(nn.Module):
   """One LSTM layer with fused gates (order i, f, g, o) and a single bias.
 
@@ -69,6 +168,7 @@ class LSTMLayer(nn.Module):
 
   hidden_size: int
   init_scale: float
+  unroll: int = 1
 
   @nn.compact
   def __call__(
@@ -97,17 +197,7 @@ class LSTMLayer(nn.Module):
     bias = self.param("bias", init, (num_gates,))
 
     projected_inputs = jnp.einsum("tbd,dg->tbg", inputs, input_kernel) + bias
-
-    def step(state, projected_input):
-      c, h = state
-      gates = projected_input + _apply_mask(h, recurrent_mask) @ recurrent_kernel
-      i, f, g, o = jnp.split(gates, 4, axis=-1)
-      c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
-      h = jax.nn.sigmoid(o) * jnp.tanh(c)
-      return (c, h), h
-
-    carry, outputs = jax.lax.scan(step, carry, projected_inputs)
-    return outputs, carry
+    return lstm_recurrence(projected_inputs, recurrent_kernel, carry, recurrent_mask, self.unroll)
 
 
 class LSTMLanguageModel(nn.Module):
@@ -133,6 +223,8 @@ class LSTMLanguageModel(nn.Module):
   input_dropout: float = 0.0
   hidden_dropout: float = 0.0
   output_dropout: float = 0.0
+  # Time steps per iteration of the scan's loop; a speed knob only.
+  unroll: int = 1
 
   def setup(self):
     if (
@@ -147,7 +239,7 @@ class LSTMLanguageModel(nn.Module):
     init = uniform_init(self.init_scale)
     self.embed = nn.Embed(self.vocab_size, self.embed_dim, embedding_init=init)
     self.layers = [
-        LSTMLayer(self.hidden_size, self.init_scale, name=f"lstm_{i}")
+        LSTMLayer(self.hidden_size, self.init_scale, self.unroll, name=f"lstm_{i}")
         for i in range(self.num_layers)
     ]
     if self.tie_embeddings:
@@ -221,8 +313,9 @@ class LSTMLanguageModel(nn.Module):
       bias_free_logits = self.embed.attend(x)
     else:
       bias_free_logits = self.output_kernel(x)
-    logits = bias_free_logits + self.bias if self.output_bias else bias_free_logits
-    return LMOutputs(logits, bias_free_logits, self.embed.embedding, tuple(new_carry))
+    bias = self.bias if self.output_bias else None
+    logits = bias_free_logits if bias is None else bias_free_logits + bias
+    return LMOutputs(logits, bias_free_logits, bias, self.embed.embedding, tuple(new_carry))
 
   def __call__(
       self, tokens: jax.Array, carry: Carry, *, deterministic: bool

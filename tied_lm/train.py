@@ -124,17 +124,15 @@ def loss_terms(
 
   The KL is zero when `loss_config.augmented` is off.
   """
-  cross_entropy = losses.cross_entropy(outputs.logits, targets)
-  if not loss_config.augmented:
-    return cross_entropy, jnp.zeros_like(cross_entropy)
-  kl = losses.augmented_loss(
+  return losses.cross_entropy_and_kl(
       outputs.bias_free_logits,
       targets,
       outputs.embedding,
       loss_config.tau,
+      output_bias=outputs.output_bias,
+      augmented=loss_config.augmented,
       stop_gradient_target=loss_config.stop_gradient_target,
   )
-  return cross_entropy, kl
 
 
 def train_step(
