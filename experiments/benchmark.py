@@ -1,0 +1,432 @@
+r"""Times tied_lm's train and eval steps, side by side with PyTorch if asked.
+
+  python -m experiments.benchmark --configs=configs/ptb.py:small,real \
+      --configs=configs/ptb.py:medium,real --compare=torch
+
+For each config, batch size and device count it records the compile time, the
+median tokens/s over timed repeats (after warm-up, synchronised on the
+device), the memory XLA plans for the step, and the achieved matmul FLOP/s
+(analytic count, see `step_flops`) as a fraction of the peak fp32 matmul
+FLOP/s that it measures on the same device. With `--compare=torch` it first
+checks that `experiments/torch_reference.py` computes the same loss on the
+same parameters, then alternates the two implementations repeat by repeat and
+reports ours/torch. Results go to JSON (hardware, versions, commit, command).
+
+For 1 -> 2 host-device scaling on a CPU, run it with
+XLA_FLAGS=--xla_force_host_platform_device_count=2 and --num_devices=1,2.
+"""
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import app, flags, logging
+
+from tied_lm import data, train
+
+FLAGS = flags.FLAGS
+flags.DEFINE_multi_string(
+    "configs", ["configs/ptb.py:small,real", "configs/ptb.py:medium,real"],
+    "Config specs FILE:ARGS, as for --config of tied_lm.main.",
+)
+flags.DEFINE_list("batch_sizes", [], "Train batch sizes to time (default: each config's).")
+flags.DEFINE_list("num_devices", ["1"], "Local device counts for the pmapped train step.")
+flags.DEFINE_integer("eval_batch_size", 10, "Batch size of the timed eval step.")
+flags.DEFINE_enum("compare", "", ["", "torch"], "Also time the PyTorch reference.")
+flags.DEFINE_integer("warmup", 3, "Untimed steps before timing (after compilation).")
+flags.DEFINE_integer("repeats", 5, "Timed repeats; the median is reported.")
+flags.DEFINE_integer("steps_per_repeat", 10, "Steps per timed repeat.")
+flags.DEFINE_integer("matmul_size", 4096, "N of the N x N x N fp32 matmul that sets the peak.")
+flags.DEFINE_multi_string("set", [], "Config overrides KEY=VALUE, e.g. model.unroll=2.")
+flags.DEFINE_string(
+    "output", "", "JSON path (default experiments/results/benchmark_<platform>.json)."
+)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def load_config(spec: str, overrides: list[str]) -> ml_collections.ConfigDict:
+  """'configs/ptb.py:medium,real' -> its get_config(args), with KEY=VALUE overrides."""
+  path, _, args = spec.partition(":")
+  namespace: dict[str, Any] = {}
+  source = (REPO / path).read_text()
+  exec(compile(source, path, "exec"), namespace)  # noqa: S102 -- our own config files
+  config = namespace["get_config"](args) if args else namespace["get_config"]()
+  for override in overrides:
+    key, _, value = override.partition("=")
+    node = config
+    *parents, leaf = key.split(".")
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = type(node[leaf])(json.loads(value) if not isinstance(node[leaf], str) else value)
+  return config
+
+
+def step_flops(config: ml_collections.ConfigDict, vocab_size: int, batch_size: int) -> dict:
+  """Matmul FLOPs of one train step and one eval step (2 per multiply-add).
+
+  Training costs 3x the forward matmuls (forward, input gradient, weight
+  gradient). The augmented loss adds the target scores L[y] Lᵀ: forward only
+  when ỹ is a constant (stop_gradient_target), else 3x. Elementwise work
+  (gates, softmaxes) is not counted.
+  """
+  m = config.model
+  tokens = batch_size * config.num_steps
+  lstm = sum(
+      2 * ((m.embed_dim if i == 0 else m.hidden_size) + m.hidden_size) * 4 * m.hidden_size
+      for i in range(m.num_layers)
+  )
+  projected = m.tie_embeddings and m.hidden_size != m.embed_dim
+  projection = 2 * m.hidden_size * m.embed_dim if projected else 0
+  output_width = m.embed_dim if m.tie_embeddings else m.hidden_size
+  forward = tokens * (lstm + projection + 2 * output_width * vocab_size)
+  target_scores = tokens * 2 * m.embed_dim * vocab_size if config.loss.augmented else 0
+  train_flops = 3 * forward + (1 if config.loss.stop_gradient_target else 3) * target_scores
+  eval_tokens = FLAGS.eval_batch_size * config.num_steps
+  return {"train": train_flops, "eval": forward // tokens * eval_tokens}
+
+
+def measure_matmul_peak(size: int) -> float:
+  """Best FLOP/s of a jitted fp32 [size, size] @ [size, size] on the first device."""
+  key_a, key_b = jax.random.split(jax.random.key(0))
+  a = jax.random.normal(key_a, (size, size), jnp.float32)
+  b = jax.random.normal(key_b, (size, size), jnp.float32)
+  matmul = jax.jit(jnp.matmul)
+  matmul(a, b).block_until_ready()
+  times = []
+  for _ in range(5):
+    start = time.perf_counter()
+    matmul(a, b).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return 2 * size**3 / min(times)
+
+
+def measure_torch_matmul_peak(size: int, device: str) -> float:
+  import torch
+
+  a = torch.randn(size, size, device=device)
+  b = torch.randn(size, size, device=device)
+  times = []
+  for _ in range(6):
+    start = time.perf_counter()
+    (a @ b).sum().item()
+    times.append(time.perf_counter() - start)
+  return 2 * size**3 / min(times[1:])
+
+
+class OurTrainer:
+  """Our pmapped train step over `num_devices` local devices, driven by `train.train_epoch`."""
+
+  def __init__(self, config, corpus, batch_size: int, num_devices: int):
+    devices = jax.local_devices()[:num_devices]
+    self.model = train.make_model(config, corpus.vocab_size)
+    inputs, targets = data.train_windows(corpus.train, batch_size, config.num_steps)
+    self.inputs, self.targets = (
+        data.device_windows(x, 0, 1, num_devices) for x in (inputs, targets)
+    )
+    state = train.create_train_state(config, self.model, len(inputs))
+    self.params = state.params
+    self.state = flax.jax_utils.replicate(state, devices)
+    self.devices = devices
+    self.step = train.pmap_train_step(config.loss, devices)
+    self.key = jax.random.key(1)
+    self.position = 0
+    self.memory_bytes = self._memory_bytes()
+
+  def _memory_bytes(self) -> int | None:
+    """Bytes XLA plans for one step on one device: arguments, outputs and temporaries."""
+    try:
+      compiled = self.step.lower(
+          self.state, self._carry(), self.inputs[0], self.targets[0], self.key
+      ).compile()
+      analysis = compiled.memory_analysis()
+      return int(
+          analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+          + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes
+      )
+    except Exception as error:  # noqa: BLE001 -- memory analysis is optional per backend
+      logging.warning("no XLA memory analysis: %s", error)
+      return None
+
+  def _carry(self):
+    # The step donates the carry, and train_epoch starts each call from zeros.
+    return flax.jax_utils.replicate(self.model.initial_carry(self.inputs.shape[2]), self.devices)
+
+  def run(self, num_steps: int) -> None:
+    if self.position + num_steps > len(self.inputs):
+      self.position = 0
+    window = slice(self.position, self.position + num_steps)
+    self.position += num_steps
+    self.state, _ = train.train_epoch(
+        self.step, self.state, self._carry(), self.inputs[window], self.targets[window], self.key,
+        log_every_steps=num_steps, log_prefix="benchmark",
+    )
+
+
+class OurEvaluator:
+  def __init__(self, model, params, ids: np.ndarray, batch_size: int, num_steps: int):
+    self.args = (model, jax.device_put(params, jax.local_devices()[0]))
+    self.ids, self.batch_size, self.num_steps = ids, batch_size, num_steps
+
+  def run(self, num_steps: int) -> None:
+    ids = self.ids[: num_steps * self.batch_size * self.num_steps + 1]
+    train.evaluate(*self.args, ids, self.batch_size, self.num_steps)  # ends with a host sync
+
+
+class TorchTrainer:
+  def __init__(self, config, corpus, batch_size: int, device: str, params):
+    import torch
+
+    from experiments import torch_reference
+
+    self.torch, self.device = torch, device
+    self.model = torch_reference.TorchLanguageModel(
+        **config.model, vocab_size=corpus.vocab_size
+    ).to(device)
+    torch_reference.load_flax_params(self.model, params)
+    self.model.to(device)
+    self.inputs, self.targets = data.train_windows(corpus.train, batch_size, config.num_steps)
+    self.step = torch_reference.make_train_step(self.model, config)
+    self.state = self.model.initial_state(batch_size)
+    self.position = 0
+
+  def run(self, num_steps: int) -> None:
+    if self.position + num_steps > len(self.inputs):
+      self.position = 0
+    metrics = []
+    for i in range(self.position, self.position + num_steps):
+      inputs = self.torch.from_numpy(self.inputs[i]).long().to(self.device, non_blocking=True)
+      targets = self.torch.from_numpy(self.targets[i]).long().to(self.device, non_blocking=True)
+      self.state, step_metrics = self.step(inputs, targets, self.state)
+      metrics.append(step_metrics["cross_entropy_sum"])
+    self.position += num_steps
+    float(sum(metrics))  # one host sync, like ours at a log line
+
+
+class TorchEvaluator:
+  def __init__(self, trainer: TorchTrainer, ids: np.ndarray, batch_size: int, num_steps: int):
+    from experiments import torch_reference
+
+    self.trainer, self.eval_step = trainer, torch_reference.eval_step
+    inputs, targets, _ = data.eval_windows(ids, batch_size, num_steps)
+    self.inputs, self.targets, self.batch_size = inputs, targets, batch_size
+
+  def run(self, num_steps: int) -> None:
+    torch, device = self.trainer.torch, self.trainer.device
+    state = self.trainer.model.initial_state(self.batch_size)
+    total = 0.0
+    for i in range(num_steps):
+      state, nll = self.eval_step(
+          self.trainer.model, torch.from_numpy(self.inputs[i]).long().to(device),
+          torch.from_numpy(self.targets[i]).long().to(device), state,
+      )
+      total = total + nll
+    float(total)
+
+
+def check_torch_matches(config, corpus, params, device: str) -> float:
+  """Relative difference of the deterministic loss of ours and torch on the same params."""
+  import torch
+
+  from experiments import torch_reference
+  from tied_lm import models
+
+  model = train.make_model(config, corpus.vocab_size)
+  inputs, targets = (x[0] for x in data.train_windows(corpus.train, 4, config.num_steps))
+  outputs = model.apply(
+      {"params": params}, inputs, model.initial_carry(4), deterministic=True,
+      method=models.LSTMLanguageModel.outputs,
+  )
+  cross_entropy, kl = train.loss_terms(outputs, targets, config.loss)
+  ours = float(jnp.sum(cross_entropy + config.loss.gamma * config.loss.tau * kl))
+  reference = torch_reference.TorchLanguageModel(**config.model, vocab_size=corpus.vocab_size)
+  torch_reference.load_flax_params(reference, params)
+  reference.to(device).eval()
+  with torch.no_grad():
+    logits, bias_free_logits, _ = reference(
+        torch.from_numpy(inputs).long().to(device), reference.initial_state(4)
+    )
+    torch_terms = torch_reference.loss_terms(
+        logits, bias_free_logits, torch.from_numpy(targets).long().to(device),
+        reference.embed.weight, augmented=config.loss.augmented, tau=config.loss.tau,
+        stop_gradient_target=config.loss.stop_gradient_target,
+    )
+    theirs = float((torch_terms[0] + config.loss.gamma * config.loss.tau * torch_terms[1]).sum())
+  return abs(ours - theirs) / abs(ours)
+
+
+def time_runner(runner, num_steps: int) -> float:
+  start = time.perf_counter()
+  runner.run(num_steps)
+  return time.perf_counter() - start
+
+
+def benchmark_pair(ours, theirs, tokens_per_step: int) -> tuple[dict, dict | None]:
+  """Compiles/warms both, then alternates timed repeats. Returns per-implementation stats."""
+  stats = []
+  for runner in (ours, theirs):
+    if runner is None:
+      stats.append(None)
+      continue
+    first = time_runner(runner, 1)  # compiles (ours) or warms the allocator (torch)
+    time_runner(runner, FLAGS.warmup)
+    stats.append({"first_step_seconds": first, "repeat_seconds": []})
+  for _ in range(FLAGS.repeats):
+    for runner, stat in zip((ours, theirs), stats, strict=True):
+      if runner is not None:
+        stat["repeat_seconds"].append(time_runner(runner, FLAGS.steps_per_repeat))
+  for stat in stats:
+    if stat is None:
+      continue
+    step_seconds = statistics.median(stat["repeat_seconds"]) / FLAGS.steps_per_repeat
+    stat["step_ms"] = 1e3 * step_seconds
+    stat["tokens_per_second"] = tokens_per_step / step_seconds
+    stat["compile_seconds"] = max(stat["first_step_seconds"] - step_seconds, 0.0)
+  return stats[0], stats[1]
+
+
+def git_commit() -> str:
+  def git(*args):
+    return subprocess.run(
+        ["git", *args], cwd=REPO, capture_output=True, text=True, check=False
+    ).stdout.strip()
+
+  commit = git("rev-parse", "HEAD")
+  return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def hardware() -> dict:
+  device = jax.local_devices()[0]
+  cpu = platform.processor()
+  try:
+    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+      if line.startswith("Model name:"):
+        cpu = line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return {
+      "platform": device.platform, "device_kind": device.device_kind,
+      "local_devices": jax.local_device_count(), "cpu": cpu, "cpu_count": os.cpu_count(),
+  }
+
+
+def main(argv):
+  del argv
+  start = time.time()
+  platform_name = jax.local_devices()[0].platform
+  torch_device = "cuda" if platform_name == "gpu" else "cpu"
+  versions = {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__}
+  peak = {"jax": measure_matmul_peak(FLAGS.matmul_size)}
+  if FLAGS.compare == "torch":
+    import torch
+
+    versions["torch"] = torch.__version__
+    peak["torch"] = measure_torch_matmul_peak(FLAGS.matmul_size, torch_device)
+  logging.info("fp32 matmul peak: %s", {k: f"{v / 1e9:.0f} GFLOP/s" for k, v in peak.items()})
+
+  rows = []
+  for spec in FLAGS.configs:
+    config = load_config(spec, FLAGS.set)
+    corpus = data.load_corpus(config.dataset, config.data_dir, config.max_vocab_size)
+    for batch_size in [int(b) for b in FLAGS.batch_sizes] or [config.batch_size]:
+      flops = step_flops(config, corpus.vocab_size, batch_size)
+      for num_devices in [int(n) for n in FLAGS.num_devices]:
+        train.validate_config(config, num_devices)
+        ours = OurTrainer(config, corpus, batch_size, num_devices)
+        theirs = None
+        row = {"config": spec, "overrides": FLAGS.set, "batch_size": batch_size,
+               "num_devices": num_devices, "num_steps": config.num_steps,
+               "vocab_size": corpus.vocab_size, "train_flops_per_step": flops["train"],
+               "eval_flops_per_step": flops["eval"], "memory_bytes": ours.memory_bytes}
+        if FLAGS.compare == "torch" and num_devices == 1:
+          import torch
+
+          torch.manual_seed(0)
+          row["torch_loss_relative_difference"] = check_torch_matches(
+              config, corpus, ours.params, torch_device
+          )
+          theirs = TorchTrainer(config, corpus, batch_size, torch_device, ours.params)
+        tokens = batch_size * config.num_steps
+        row["train"], row["torch_train"] = benchmark_pair(ours, theirs, tokens)
+        row["train"]["achieved_flops"] = flops["train"] / (row["train"]["step_ms"] / 1e3)
+        row["train"]["peak_fraction"] = row["train"]["achieved_flops"] / peak["jax"]
+        if num_devices == 1:
+          eval_batch = FLAGS.eval_batch_size
+          evaluators = (
+              OurEvaluator(ours.model, ours.params, corpus.valid, eval_batch, config.num_steps),
+              TorchEvaluator(theirs, corpus.valid, eval_batch, config.num_steps)
+              if theirs else None,
+          )
+          row["eval"], row["torch_eval"] = benchmark_pair(
+              *evaluators, eval_batch * config.num_steps
+          )
+          row["eval"]["achieved_flops"] = flops["eval"] / (row["eval"]["step_ms"] / 1e3)
+          row["eval"]["peak_fraction"] = row["eval"]["achieved_flops"] / peak["jax"]
+        for kind in ("train", "eval"):
+          if row.get(f"torch_{kind}"):
+            row[f"{kind}_ratio_vs_torch"] = (
+                row[kind]["tokens_per_second"] / row[f"torch_{kind}"]["tokens_per_second"]
+            )
+        rows.append(row)
+        print_row(row)
+
+  results = {
+      "command": " ".join(["python -m experiments.benchmark", *sys.argv[1:]]),
+      "commit": git_commit(),
+      "hardware": hardware(),
+      "versions": versions,
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "matmul_peak_flops": peak,
+      "rows": rows,
+      "wall_seconds": time.time() - start,
+  }
+  output = Path(FLAGS.output or REPO / f"experiments/results/benchmark_{platform_name}.json")
+  output.parent.mkdir(parents=True, exist_ok=True)
+  output.write_text(json.dumps(results, indent=2) + "\n")
+  print_table(results)
+  print(f"wrote {output}")
+
+
+def _fmt(row: dict, kind: str) -> str:
+  stat = row.get(kind)
+  return f"{stat['tokens_per_second']:>9.0f}" if stat else f"{'-':>9}"
+
+
+def print_row(row: dict) -> None:
+  logging.info("%s batch %d x%d devices: %s", row["config"], row["batch_size"],
+               row["num_devices"], {k: row[k] for k in row if k.endswith("ratio_vs_torch")})
+
+
+def print_table(results: dict) -> None:
+  peak = results["matmul_peak_flops"]
+  print("fp32 matmul peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peak.items()))
+  print(f"{'config':<30} {'batch':>5} {'dev':>3} | {'train tok/s':>11} {'torch':>9} "
+        f"{'ratio':>5} {'%peak':>5} {'compile s':>9} | {'eval tok/s':>10} {'torch':>9} "
+        f"{'ratio':>5}")
+  for row in results["rows"]:
+    train_ratio = row.get("train_ratio_vs_torch")
+    eval_ratio = row.get("eval_ratio_vs_torch")
+    print(
+        f"{row['config']:<30} {row['batch_size']:>5} {row['num_devices']:>3} | "
+        f"{_fmt(row, 'train'):>11} {_fmt(row, 'torch_train')} "
+        f"{(f'{train_ratio:.2f}' if train_ratio else '-'):>5} "
+        f"{100 * row['train']['peak_fraction']:>5.1f} {row['train']['compile_seconds']:>9.1f} | "
+        f"{(_fmt(row, 'eval') if 'eval' in row else '-'):>10} {_fmt(row, 'torch_eval')} "
+        f"{(f'{eval_ratio:.2f}' if eval_ratio else '-'):>5}"
+    )
+
+
+if __name__ == "__main__":
+  app.run(main)

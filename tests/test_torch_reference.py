@@ -1,0 +1,67 @@
+"""The PyTorch reference of experiments/ computes our model's loss and gradients.
+
+Runs only where the `bench` extra (torch) is installed; CI skips it.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default
+from tied_lm import models, train
+
+torch = pytest.importorskip("torch")
+torch_reference = pytest.importorskip("experiments.torch_reference")
+
+
+@pytest.mark.parametrize(
+    "model_overrides",
+    [
+        {},  # tied, no bias
+        {"tie_embeddings": False, "output_bias": True},
+        {"hidden_size": 48, "output_projection": True},
+    ],
+)
+def test_torch_reference_matches_loss_and_gradients(model_overrides):
+  config = default.get_config()
+  config.model.update(model_overrides)
+  vocab_size, batch_size = 50, 3
+  model = train.make_model(config, vocab_size)
+  state = train.create_train_state(config, model, steps_per_epoch=10)
+  rng = np.random.default_rng(0)
+  inputs = rng.integers(0, vocab_size, (batch_size, config.num_steps)).astype(np.int32)
+  targets = rng.integers(0, vocab_size, (batch_size, config.num_steps)).astype(np.int32)
+
+  def objective(params):
+    outputs = model.apply(
+        {"params": params}, inputs, model.initial_carry(batch_size), deterministic=True,
+        method=models.LSTMLanguageModel.outputs,
+    )
+    cross_entropy, kl = train.loss_terms(outputs, targets, config.loss)
+    alpha = config.loss.gamma * config.loss.tau
+    return jnp.sum(cross_entropy + alpha * kl) / batch_size
+
+  loss, grads = jax.value_and_grad(objective)(state.params)
+
+  reference = torch_reference.TorchLanguageModel(**config.model, vocab_size=vocab_size)
+  torch_reference.load_flax_params(reference, state.params)
+  reference.eval()  # no dropout
+  logits, bias_free_logits, _ = reference(
+      torch.from_numpy(inputs).long(), reference.initial_state(batch_size)
+  )
+  cross_entropy, kl = torch_reference.loss_terms(
+      logits, bias_free_logits, torch.from_numpy(targets).long(), reference.embed.weight,
+      augmented=True, tau=config.loss.tau, stop_gradient_target=False,
+  )
+  torch_loss = (cross_entropy + config.loss.gamma * config.loss.tau * kl).sum() / batch_size
+  torch_loss.backward()
+
+  np.testing.assert_allclose(torch_loss.item(), float(loss), rtol=1e-5)
+  np.testing.assert_allclose(
+      reference.embed.weight.grad.numpy(), grads["embed"]["embedding"], rtol=1e-4, atol=1e-6
+  )
+  np.testing.assert_allclose(
+      reference.layers[0].weight_hh_l0.grad.numpy().T, grads["lstm_0"]["recurrent_kernel"],
+      rtol=1e-4, atol=1e-6,
+  )
