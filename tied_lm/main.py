@@ -2,6 +2,12 @@
 
 Any config field can be overridden, e.g. --config.loss.tau=5; unknown fields
 are rejected.
+
+Several processes (hosts) train one model with JAX's own multi-host runtime:
+pass --multihost, or set JAX_COORDINATOR_ADDRESS (with JAX_NUM_PROCESSES and
+JAX_PROCESS_ID where no cluster manager provides them). Every process runs the
+same command on the same workdir; each feeds its own rows of the batch, and
+only process 0 writes metrics and checkpoints.
 """
 
 import logging as python_logging
@@ -18,6 +24,10 @@ from tied_lm.errors import UserError
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics; rerun to resume.")
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/ptb.py:small,real.")
+flags.DEFINE_bool(
+    "multihost", False,
+    "Call jax.distributed.initialize() (implied by JAX_COORDINATOR_ADDRESS in the environment).",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -41,6 +51,31 @@ def parse_flags(argv: list[str]) -> list[str]:
     fail(f"unknown config field in {overrides}" + (f"; {suggestion[0]}" if suggestion else ""))
 
 
+def initialize_multihost() -> None:
+  """jax.distributed.initialize(), with CPU collectives over gloo.
+
+  The coordinator address comes from JAX_COORDINATOR_ADDRESS or the cluster
+  manager (SLURM, TPU, ...), which JAX detects; JAX_NUM_PROCESSES and
+  JAX_PROCESS_ID fill in where none does (e.g. several local processes).
+  """
+  import jax  # after flag parsing, so that --help stays fast
+
+  # Cross-process collectives of CPU devices need gloo; GPUs and TPUs ignore it.
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  env = {
+      name: int(os.environ[var])
+      for name, var in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID"))
+      if var in os.environ
+  }
+  jax.distributed.initialize(**env)
+  logging.info(
+      "process %d of %d, %d local devices of %d",
+      jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
+  )
+  if jax.process_index() != 0:  # one copy of the progress lines is enough
+    logging.set_verbosity(logging.WARNING)
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -49,6 +84,8 @@ def main(argv: list[str]) -> None:
       lambda record: record.levelno >= python_logging.WARNING
       or f"{os.sep}tied_lm{os.sep}" in record.pathname
   )
+  if FLAGS.multihost or "JAX_COORDINATOR_ADDRESS" in os.environ:
+    initialize_multihost()
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except UserError as e:
