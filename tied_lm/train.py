@@ -179,7 +179,8 @@ def train_step(
   grads, (new_carry, cross_entropy_sum, kl_sum) = jax.grad(objective, has_aux=True)(
       state.params
   )
-  grads = lax.pmean(grads, AXIS)
+  if lax.axis_size(AXIS) > 1:  # on one device the all-reduce would only copy every gradient
+    grads = lax.pmean(grads, AXIS)
   metrics = {
       "cross_entropy_sum": lax.psum(cross_entropy_sum, AXIS),
       "kl_sum": lax.psum(kl_sum, AXIS),
