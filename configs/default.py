@@ -24,6 +24,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.max_steps_per_epoch = 150  # 0 means full epochs
   config.seed = 0
   config.log_every_steps = 50
+  # Checkpoints are written at the end of every epoch and, within an epoch,
+  # every this many steps (0: epoch ends only). A killed run loses at most
+  # the steps since the last one.
+  config.checkpoint_every_steps = 500
+  # A step with a non-finite loss or gradient: "stop" the run (keeping the
+  # last checkpoint) or "skip" it (no update; counted in metrics.jsonl).
+  config.on_nonfinite = "stop"
 
   config.model = ml_collections.ConfigDict()
   config.model.embed_dim = 64

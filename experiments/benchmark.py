@@ -174,7 +174,7 @@ class OurTrainer:
       self.position = 0
     window = slice(self.position, self.position + num_steps)
     self.position += num_steps
-    self.state, _ = train.train_epoch(
+    self.state, _, _, _ = train.train_epoch(
         self.step, self.state, self._carry(), self.inputs[window], self.targets[window], self.key,
         log_every_steps=num_steps, log_prefix="benchmark",
     )

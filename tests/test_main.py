@@ -2,9 +2,12 @@
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -39,6 +42,11 @@ def run_main(*args, tmp_path):
          "batch_size=3 is not divisible by the 2 devices"),
         (["--config=configs/default.py", "--config.dataset=text", "--config.data_dir=/no/such"],
          "missing train.txt, valid.txt, test.txt in /no/such"),
+        (["--config=configs/default.py", "--config.loss.tau=0"], "loss.tau=0.0 must be > 0"),
+        (["--config=configs/default.py", "--config.model.hidden_dropout=1.0"],
+         r"model.hidden_dropout=1.0 is a drop probability in [0, 1)"),
+        (["--config=configs/default.py", "--config.num_steps=0"], "num_steps=0 must be positive"),
+        (["--config=configs/default.py", "--config.dataset=imdb"], "dataset='imdb' is unknown"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_status_2(args, message, tmp_path):
@@ -100,3 +108,98 @@ def test_two_processes_train_the_same_parameters_as_one_process_with_two_devices
   assert single_params and single_params.keys() == multi_params.keys()
   for path, value in single_params.items():
     np.testing.assert_allclose(multi_params[path], value, rtol=1e-6, atol=1e-7)
+
+
+# A run long enough to be interrupted: 2 epochs of 60 steps, a checkpoint every 25.
+RESUMABLE = ["--config=configs/default.py", "--config.max_steps_per_epoch=60",
+             "--config.checkpoint_every_steps=25", "--config.log_every_steps=5"]
+
+
+def _curve(workdir: Path) -> list[dict]:
+  """metrics.jsonl without its timings."""
+  return [{k: v for k, v in json.loads(line).items() if "second" not in k}
+          for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reference_runs(tmp_path_factory):
+  """Two uninterrupted runs of RESUMABLE with the same seed."""
+  runs = []
+  for name in ("first", "second"):
+    result, workdir = run_main(*RESUMABLE, tmp_path=tmp_path_factory.mktemp(name))
+    assert result.returncode == 0, result.stderr[-2000:]
+    runs.append(workdir)
+  return runs
+
+
+def test_same_seed_and_config_give_bit_identical_metrics(reference_runs):
+  first, second = reference_runs
+  assert _curve(first) == _curve(second) and len(_curve(first)) == 2
+  results = [json.loads((d / "results.json").read_text()) for d in reference_runs]
+  assert results[0]["test_perplexity"] == results[1]["test_perplexity"]
+
+
+def _start(workdir: Path) -> subprocess.Popen:
+  return subprocess.Popen(
+      [sys.executable, "-m", "tied_lm.main", f"--workdir={workdir}", *RESUMABLE],
+      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+  )
+
+
+def _wait_for_checkpoint(process: subprocess.Popen, workdir: Path) -> None:
+  """Returns once a checkpoint has been committed, with the run still going."""
+  deadline = time.time() + 240
+  while time.time() < deadline:
+    checkpoints = workdir / "checkpoints"
+    if checkpoints.is_dir() and any(d.name.isdigit() for d in checkpoints.iterdir()):
+      assert process.poll() is None and not (workdir / "results.json").exists()
+      return
+    time.sleep(0.05)
+  raise AssertionError("no checkpoint appeared")
+
+
+def _assert_same_run(workdir: Path, reference: Path) -> None:
+  assert _curve(workdir) == _curve(reference)
+  results, expected = (json.loads((d / "results.json").read_text()) for d in (workdir, reference))
+  for key in ("valid_perplexity", "test_perplexity", "best_epoch", "epochs_completed"):
+    assert results[key] == expected[key]
+  params, expected_params = (
+      dict(jax.tree_util.tree_leaves_with_path(_final_params(d))) for d in (workdir, reference)
+  )
+  for path, value in expected_params.items():
+    np.testing.assert_array_equal(params[path], value)
+
+
+def test_kill_9_then_the_same_command_ends_like_an_uninterrupted_run(reference_runs, tmp_path):
+  workdir = tmp_path / "run"
+  process = _start(workdir)
+  _wait_for_checkpoint(process, workdir)
+  process.kill()
+  process.communicate()
+  assert process.returncode == -signal.SIGKILL
+  result, _ = run_main(*RESUMABLE, tmp_path=tmp_path)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "resumed from checkpoint" in result.stderr
+  _assert_same_run(workdir, reference_runs[0])
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_sigint_saves_a_checkpoint_and_exits_cleanly(reference_runs, tmp_path, signum):
+  workdir = tmp_path / "run"
+  process = _start(workdir)
+  _wait_for_checkpoint(process, workdir)
+  sent = time.time()
+  process.send_signal(signum)
+  _, stderr = process.communicate(timeout=60)
+  assert time.time() - sent < 30
+  assert process.returncode == 128 + signum
+  last_line = stderr.strip().splitlines()[-1]
+  assert re.fullmatch(
+      rf"stopped by {signum.name}: checkpoint (\d+) saved in .*checkpoints; run the same "
+      r"command again to resume", last_line), last_line
+  step = re.search(r"checkpoint (\d+)", last_line)[1]
+  assert (workdir / "checkpoints" / step).is_dir()
+  result, _ = run_main(*RESUMABLE, tmp_path=tmp_path)
+  assert result.returncode == 0, result.stderr[-2000:]
+  _assert_same_run(workdir, reference_runs[0])

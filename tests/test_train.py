@@ -11,6 +11,7 @@ import pytest
 
 from configs import default, ptb, wikitext2
 from tied_lm import data, losses, train
+from tied_lm.errors import UserError
 
 B, T, V = 4, 5, 23
 
@@ -168,6 +169,11 @@ def test_evaluation_with_batch_one_equals_scoring_the_whole_stream_at_once():
         ("model.input_dropout", 1.0, r"model.input_dropout=1.0 is a drop probability in \[0, 1\)"),
         ("model.hidden_size", 16, "tie_embeddings needs model.hidden_size == model.embed_dim"),
         ("loss.tau", 0.0, "loss.tau=0.0 must be > 0"),
+        ("loss.tau", -1.0, "loss.tau=-1.0 must be > 0"),
+        ("model.output_dropout", -0.1, r"model.output_dropout=-0.1 is a drop probability"),
+        ("model.unroll", 0, "model.unroll=0 must be positive"),
+        ("checkpoint_every_steps", -5, "checkpoint_every_steps=-5 must be >= 0"),
+        ("on_nonfinite", "ignore", "on_nonfinite='ignore' must be 'stop' or 'skip'"),
         ("optim.decay_rate", 1.5, r"optim.decay_rate=1.5 must be in \(0, 1\]"),
     ],
 )
@@ -251,7 +257,7 @@ def test_a_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path):
   straight = train.train_and_evaluate(tiny_run_config(tmp_path / "corpus", 3), str(tmp_path / "a"))
 
   train.train_and_evaluate(tiny_run_config(tmp_path / "corpus", 1), str(tmp_path / "b"))
-  assert (tmp_path / "b" / "checkpoints" / "1").is_dir()
+  assert len((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()) == 1
   resumed = train.train_and_evaluate(tiny_run_config(tmp_path / "corpus", 3), str(tmp_path / "b"))
 
   def curve(workdir):
@@ -274,3 +280,99 @@ def test_missing_data_is_a_clear_error(tmp_path, monkeypatch):
   config.data_dir = str(tmp_path / "nowhere")
   with pytest.raises(data.DataError, match="missing ptb.train.txt"):
     train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_a_step_with_a_non_finite_gradient_is_skipped_or_reported():
+  config = small_config()
+  model = train.make_model(config, V)
+  state = flax.jax_utils.replicate(train.create_train_state(config, model, steps_per_epoch=10))
+  inputs, targets = batch()
+  key = jax.random.key(0)
+
+  def run(state, skip):
+    step = train.pmap_train_step(config.loss, jax.local_devices()[:1], skip_nonfinite=skip)
+    carry = flax.jax_utils.replicate(model.initial_carry(B), jax.local_devices()[:1])
+    return step(
+        jax.tree.map(lambda x: x[:1], state), carry, inputs[None], targets[None], key
+    )
+
+  _, _, metrics = run(state, skip=True)
+  assert float(metrics["nonfinite_steps"]) == 0.0
+  # A NaN in the row of a word the batch uses makes the loss and the gradient NaN.
+  poisoned = state.replace(params=flax.core.copy(state.params, {}))
+  embedding = poisoned.params["embed"]["embedding"].at[:, int(inputs[0, 0])].set(jnp.nan)
+  poisoned.params["embed"]["embedding"] = embedding
+  before = jax.tree.map(np.asarray, poisoned)
+  skipped, carry, metrics = run(poisoned, skip=True)
+  assert float(metrics["nonfinite_steps"]) == 1.0
+  for got, expected in zip(
+      jax.tree.leaves(skipped.params), jax.tree.leaves(before.params), strict=True
+  ):
+    np.testing.assert_array_equal(np.asarray(got)[0], expected[0])  # unchanged, NaN included
+  assert int(skipped.step[0]) == 1
+  np.testing.assert_array_equal(np.asarray(carry[0][0]), 0.0)  # the carry stays as it was
+  updated, _, metrics = run(poisoned, skip=False)
+  assert float(metrics["nonfinite_steps"]) == 1.0
+  assert not np.isfinite(np.asarray(updated.params["lstm_0"]["bias"])).all()
+
+
+def test_non_finite_loss_stops_the_run_and_names_the_kept_checkpoint(tmp_path):
+  write_tiny_corpus(tmp_path / "corpus")
+  config = tiny_run_config(tmp_path / "corpus", 1)
+  train.train_and_evaluate(config, str(tmp_path / "run"))
+  config.num_epochs, config.optim.learning_rate = 2, 1e30  # diverges in epoch 2
+  with pytest.raises(train.NonFiniteError, match=(
+      r"epoch 2: step \d+ of the epoch has a non-finite loss or gradient \(the last finite "
+      r"loss was .*\); checkpoint \d+ in .*checkpoints is kept; "
+      r"--config.on_nonfinite=skip skips such steps instead")):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_a_torn_checkpoint_is_set_aside_and_the_previous_one_used(tmp_path, caplog):
+  write_tiny_corpus(tmp_path / "corpus")
+  straight = train.train_and_evaluate(tiny_run_config(tmp_path / "corpus", 3), str(tmp_path / "a"))
+  train.train_and_evaluate(tiny_run_config(tmp_path / "corpus", 2), str(tmp_path / "b"))
+  checkpoints = tmp_path / "b" / "checkpoints"
+  newest = max((d for d in checkpoints.iterdir() if d.name.isdigit()), key=lambda d: int(d.name))
+  for file in newest.rglob("*"):
+    if file.is_file():  # as if the kill came in the middle of writing it
+      file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+  resumed = train.train_and_evaluate(tiny_run_config(tmp_path / "corpus", 3), str(tmp_path / "b"))
+  assert f"checkpoint {newest.name} in {checkpoints.resolve()} cannot be read" in caplog.text
+  assert [d.name.split(".")[0] for d in (tmp_path / "b" / "torn_checkpoints").iterdir()] == [
+      newest.name]
+  for key in ("valid_perplexity", "test_perplexity", "epochs_completed"):
+    assert resumed[key] == straight[key]
+
+
+def test_a_workdir_of_another_model_shape_is_refused_by_name(tmp_path):
+  write_tiny_corpus(tmp_path / "corpus")
+  train.train_and_evaluate(tiny_run_config(tmp_path / "corpus", 1), str(tmp_path / "run"))
+  config = tiny_run_config(tmp_path / "corpus", 2)
+  config.model.embed_dim = config.model.hidden_size = 12
+  with pytest.raises(train.ConfigError, match=(
+      r"the workdir holds checkpoints of another model: model.embed_dim=12 \(checkpoint: 8\), "
+      r"model.hidden_size=12 \(checkpoint: 8\)")):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  # Fields that do not change shapes may change on resume, e.g. more epochs.
+  assert train.train_and_evaluate(tiny_run_config(tmp_path / "corpus", 2), str(tmp_path / "run"))
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_clear_error(tmp_path, monkeypatch):
+  write_tiny_corpus(tmp_path / "corpus")
+
+  def full_disk(self, *args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(train.ocp.CheckpointManager, "save", full_disk)
+  with pytest.raises(UserError, match=(
+      r"could not write checkpoint \d+ in .*checkpoints: \[Errno 28\] No space left on "
+      r"device; no earlier checkpoint")):
+    train.train_and_evaluate(tiny_run_config(tmp_path / "corpus", 1), str(tmp_path / "run"))
+
+
+def test_an_unwritable_workdir_is_refused_before_any_work(tmp_path):
+  (tmp_path / "file").write_text("")
+  with pytest.raises(UserError, match="cannot write the workdir .*file/run: .*file is not a dir"):
+    train.train_and_evaluate(default.get_config(), str(tmp_path / "file" / "run"))

@@ -90,6 +90,11 @@ def main(argv: list[str]) -> None:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except UserError as e:
     fail(str(e))
+  except train.Interrupted as e:
+    # Preemption or Ctrl-C, after the checkpoint: one line, and the shell's
+    # "killed by signal" status so that schedulers know the run is not done.
+    print(str(e), file=sys.stderr)
+    sys.exit(128 + e.signum)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@ the same workdir resumes from the last checkpoint.
 import functools
 import json
 import math
+import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax.training import train_state
 from jax import lax
+from jax.experimental import multihost_utils
 
 from tied_lm import data, losses, models
 from tied_lm.errors import UserError
@@ -49,9 +53,16 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
       (config.num_epochs > 0, f"num_epochs={config.num_epochs} must be positive"),
       (config.max_steps_per_epoch >= 0,
        f"max_steps_per_epoch={config.max_steps_per_epoch} must be >= 0 (0 = full epochs)"),
+      (config.log_every_steps > 0, f"log_every_steps={config.log_every_steps} must be positive"),
+      (config.checkpoint_every_steps >= 0,
+       f"checkpoint_every_steps={config.checkpoint_every_steps} must be >= 0 "
+       "(0 = at epoch ends only)"),
+      (config.on_nonfinite in ("stop", "skip"),
+       f"on_nonfinite={config.on_nonfinite!r} must be 'stop' or 'skip'"),
       (config.batch_size % num_devices == 0,
        f"batch_size={config.batch_size} is not divisible by the {num_devices} devices"),
       (config.model.init_scale > 0, f"model.init_scale={config.model.init_scale} must be > 0"),
+      (config.model.unroll > 0, f"model.unroll={config.model.unroll} must be positive"),
       (config.loss.tau > 0, f"loss.tau={config.loss.tau} must be > 0"),
       (config.loss.gamma >= 0, f"loss.gamma={config.loss.gamma} must be >= 0"),
       (config.optim.learning_rate > 0,
@@ -143,6 +154,7 @@ def train_step(
     dropout_key: jax.Array,
     *,
     loss_config: ml_collections.ConfigDict,
+    skip_nonfinite: bool = False,
 ) -> tuple[train_state.TrainState, models.Carry, dict[str, jax.Array]]:
   """One SGD step on this device's rows; run under `jax.pmap(axis_name=AXIS)`.
 
@@ -155,10 +167,15 @@ def train_step(
     inputs, targets: [b, T] word ids.
     dropout_key: the same on every device; folded with the step and device.
 
+    skip_nonfinite: if True, a step whose loss or gradient is not finite
+      leaves params, optimizer state and carry as they were (the step count
+      still advances).
+
   Returns:
     the new state, the new carry and replicated metrics: sums of the
-    cross-entropy and the KL over all devices' tokens, the token count and
-    the gradient's global norm before clipping.
+    cross-entropy and the KL over all devices' tokens, the token count, the
+    gradient's global norm before clipping and nonfinite_steps (1.0 if this
+    step's loss or gradient was not finite).
   """
   key = jax.random.fold_in(jax.random.fold_in(dropout_key, state.step), lax.axis_index(AXIS))
   alpha = loss_config.gamma * loss_config.tau
@@ -187,11 +204,27 @@ def train_step(
       "num_tokens": lax.psum(jnp.float32(targets.size), AXIS),
       "grad_norm": optax.global_norm(grads),
   }
-  return state.apply_gradients(grads=grads), new_carry, metrics
+  # Every term is already reduced over devices, so all devices agree on it.
+  finite = (
+      jnp.isfinite(metrics["cross_entropy_sum"]) & jnp.isfinite(metrics["kl_sum"])
+      & jnp.isfinite(metrics["grad_norm"])
+  )
+  metrics["nonfinite_steps"] = 1.0 - finite.astype(jnp.float32)
+  new_state = state.apply_gradients(grads=grads)
+  if skip_nonfinite:
+    unchanged = state.replace(step=new_state.step)
+    new_state, new_carry = jax.tree.map(
+        lambda new, old: jnp.where(finite, new, old),
+        (new_state, new_carry), (unchanged, carry),
+    )
+  return new_state, new_carry, metrics
 
 
 def pmap_train_step(
-    loss_config: ml_collections.ConfigDict, devices: list[jax.Device] | None = None
+    loss_config: ml_collections.ConfigDict,
+    devices: list[jax.Device] | None = None,
+    *,
+    skip_nonfinite: bool = False,
 ) -> Any:
   """`train_step` pmapped over `devices` (default: all local ones).
 
@@ -199,7 +232,7 @@ def pmap_train_step(
   back replicated (out_axes=None), so reading them needs no per-device index.
   """
   return jax.pmap(
-      functools.partial(train_step, loss_config=loss_config),
+      functools.partial(train_step, loss_config=loss_config, skip_nonfinite=skip_nonfinite),
       axis_name=AXIS,
       in_axes=(0, 0, 0, 0, None),
       donate_argnums=(0, 1),
@@ -259,34 +292,139 @@ def count_params(params: Any) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
 
-class Checkpoints:
-  """Epoch checkpoints of the train state, the best params and the history."""
+# Model-shape fields: a workdir's checkpoints only fit a config that agrees on these.
+SHAPE_FIELDS = (
+    "dataset", "max_vocab_size", "batch_size", "model.embed_dim", "model.hidden_size",
+    "model.num_layers", "model.tie_embeddings", "model.output_bias", "model.output_projection",
+)
 
-  def __init__(self, directory: Path):
-    self._manager = ocp.CheckpointManager(
-        directory.resolve(), options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
+
+class NonFiniteError(UserError):
+  """A step produced a non-finite loss or gradient and on_nonfinite is 'stop'."""
+
+
+class Interrupted(Exception):
+  """SIGTERM/SIGINT arrived; a checkpoint was saved. `signum` says which signal."""
+
+  def __init__(self, message: str, signum: int):
+    super().__init__(message)
+    self.signum = signum
+
+
+class StopSignals:
+  """While active, SIGTERM and SIGINT only set `received`; a second one acts as usual.
+
+  The train loop polls `received` after every step, so preemption and Ctrl-C
+  cost at most one step before the checkpoint is written.
+  """
+
+  def __init__(self):
+    self.received: int | None = None
+    self._previous = {}
+
+  def _handler(self, signum, frame):
+    if self.received is not None:  # a second signal: give up waiting
+      signal.signal(signum, self._previous[signum])
+      signal.raise_signal(signum)
+    self.received = signum
+    logging.warning("%s received: stopping after this step", signal.Signals(signum).name)
+
+  def __enter__(self) -> "StopSignals":
+    if threading.current_thread() is threading.main_thread():
+      for signum in (signal.SIGTERM, signal.SIGINT):
+        self._previous[signum] = signal.signal(signum, self._handler)
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+
+
+class Checkpoints:
+  """Orbax checkpoints of the train state, the best params, the carry and the run's meta.
+
+  Checkpoints are numbered by global step. A checkpoint that cannot be read
+  (torn by a kill during a save, or damaged) is moved to `torn_checkpoints/`
+  and the previous one is used.
+  """
+
+  def __init__(self, workdir: Path):
+    self.directory = (workdir / "checkpoints").resolve()
+    self._torn_directory = workdir.resolve() / "torn_checkpoints"
+    self._manager = self._open()
+
+  def _open(self) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
     )
 
-  def latest_epoch(self) -> int | None:
+  def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def save(self, epoch: int, arrays: dict[str, Any], meta: dict[str, Any]) -> None:
-    self._manager.save(
-        epoch,
-        args=ocp.args.Composite(
-            arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)
-        ),
-    )
-    self._manager.wait_until_finished()
+  def save(self, step: int, arrays: dict[str, Any], meta: dict[str, Any]) -> None:
+    try:
+      self._manager.save(
+          step,
+          args=ocp.args.Composite(
+              arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)
+          ),
+      )
+      self._manager.wait_until_finished()
+    except OSError as error:
+      previous = [s for s in self._manager.all_steps() if s != step]
+      raise UserError(
+          f"could not write checkpoint {step} in {self.directory}: {error}; "
+          + (f"checkpoint {max(previous)} is intact" if previous else "no earlier checkpoint")
+      ) from error
 
-  def restore(self, epoch: int, arrays_like: dict[str, Any]) -> tuple[dict[str, Any], dict]:
-    restored = self._manager.restore(
-        epoch,
-        args=ocp.args.Composite(
-            arrays=ocp.args.StandardRestore(arrays_like), meta=ocp.args.JsonRestore()
-        ),
+  def restore_latest(
+      self, arrays_like: dict[str, Any], check_meta: Any
+  ) -> tuple[int, dict[str, Any], dict] | None:
+    """(step, arrays, meta) of the newest readable checkpoint, or None if there is none.
+
+    `check_meta(meta)` runs before the arrays are read, so that a workdir of
+    another config is refused with its own message, not orbax's.
+    """
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        meta = self._manager.restore(
+            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+        )["meta"]
+        check_meta(meta)
+        arrays = self._manager.restore(
+            step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore(arrays_like))
+        )["arrays"]
+      except UserError:
+        raise
+      except Exception as error:  # noqa: BLE001 -- any unreadable checkpoint is set aside
+        self._torn_directory.mkdir(exist_ok=True)
+        destination = self._torn_directory / f"{step}.{int(time.time())}"
+        (self.directory / str(step)).rename(destination)
+        logging.warning(
+            "checkpoint %d in %s cannot be read (%s: %s); moved it to %s and trying the "
+            "previous one", step, self.directory, type(error).__name__,
+            str(error).splitlines()[0][:200] if str(error) else "", destination,
+        )
+        self._manager = self._open()
+        continue
+      return step, arrays, meta
+    return None
+
+
+def check_same_shape(config: ml_collections.ConfigDict, saved_config: dict) -> None:
+  """Refuses to resume from a workdir whose checkpoints have another model shape."""
+  differences = []
+  for field in SHAPE_FIELDS:
+    ours, theirs = config, saved_config
+    for part in field.split("."):
+      ours, theirs = ours[part], theirs.get(part) if isinstance(theirs, dict) else None
+    if ours != theirs:
+      differences.append(f"{field}={ours!r} (checkpoint: {theirs!r})")
+  if differences:
+    raise ConfigError(
+        "the workdir holds checkpoints of another model: " + ", ".join(differences)
+        + "; use a new --workdir or the checkpoint's values"
     )
-    return restored["arrays"], restored["meta"]
 
 
 def train_epoch(
@@ -297,24 +435,38 @@ def train_epoch(
     device_targets: np.ndarray,
     dropout_key: jax.Array,
     *,
+    first_step: int = 0,
+    totals: dict[str, float] | None = None,
+    stop_after: Any = lambda step: False,
     log_every_steps: int,
     log_prefix: str,
-) -> tuple[train_state.TrainState, dict[str, float]]:
-  """Runs the pmapped step over every window, logging progress.
+    on_nonfinite: str = "stop",
+) -> tuple[train_state.TrainState, models.Carry, dict[str, float], int]:
+  """Runs the pmapped step over the epoch's windows from `first_step`, logging progress.
 
   Args:
     p_train_step: `train_step` under `jax.pmap`, metrics replicated out.
     state, carry: replicated over the local devices.
-    device_inputs, device_targets: [steps, local devices, rows, T] windows.
+    device_inputs, device_targets: [steps, local devices, rows, T], the whole epoch.
+    first_step: the window to start at (a resumed epoch starts mid-way).
+    totals: the epoch's sums so far (cross_entropy_sum, kl_sum, num_tokens,
+      nonfinite_steps), for a resumed epoch.
+    stop_after: stop_after(step) is asked after each step (0-based window
+      index); True returns early, for a checkpoint or a signal.
+    on_nonfinite: 'stop' raises NonFiniteError at a non-finite step; 'skip'
+      only counts them (the step itself made no update).
 
   Returns:
-    the new state and the epoch's summed cross-entropy, KL and token count.
+    the new state and carry, the epoch's sums, and the next window to run
+    (len(device_inputs) when the epoch is done).
   """
   num_steps = len(device_inputs)
-  totals = {"cross_entropy_sum": 0.0, "kl_sum": 0.0, "num_tokens": 0.0}
+  totals = dict(totals or {"cross_entropy_sum": 0.0, "kl_sum": 0.0, "num_tokens": 0.0,
+                           "nonfinite_steps": 0.0})
   pending_metrics = []
-  start = time.time()
-  for step in range(num_steps):
+  start, start_tokens = time.time(), totals["num_tokens"]
+  step = first_step
+  while step < num_steps:
     state, carry, metrics = p_train_step(
         state, carry, device_inputs[step], device_targets[step], dropout_key
     )
@@ -324,23 +476,65 @@ def train_epoch(
     if pending_metrics:
       jax.block_until_ready(pending_metrics[-1])
     pending_metrics.append(metrics)
-    if (step + 1) % log_every_steps and step + 1 < num_steps:
+    step += 1
+    stopping = stop_after(step - 1)
+    if step % log_every_steps and step < num_steps and not stopping:
       continue
     # The only host transfer: metrics stay on the device between log lines.
-    window = {k: sum(float(m[k]) for m in jax.device_get(pending_metrics)) for k in totals}
+    window = jax.device_get(pending_metrics)
+    _check_finite(window, step - len(window), on_nonfinite)
     pending_metrics = []
     for k in totals:
-      totals[k] += window[k]
-    tokens_per_second = totals["num_tokens"] / (time.time() - start)
-    eta = (num_steps - step - 1) * (totals["num_tokens"] / (step + 1)) / tokens_per_second
+      totals[k] += sum(float(m[k]) for m in window)
+    tokens_per_second = (totals["num_tokens"] - start_tokens) / (time.time() - start)
+    tokens_per_step = totals["num_tokens"] / step
+    eta = (num_steps - step) * tokens_per_step / tokens_per_second
+    window_tokens = sum(float(m["num_tokens"]) for m in window)
+    window_cross_entropy = sum(float(m["cross_entropy_sum"]) for m in window)
     logging.info(
         "%s step %d/%d | loss %.3f ppl %.2f kl %.4f | %.0f tok/s | eta %s",
-        log_prefix, step + 1, num_steps,
-        window["cross_entropy_sum"] / window["num_tokens"],
-        math.exp(window["cross_entropy_sum"] / window["num_tokens"]),
-        window["kl_sum"] / window["num_tokens"], tokens_per_second, _format_seconds(eta),
+        log_prefix, step, num_steps, window_cross_entropy / window_tokens,
+        math.exp(window_cross_entropy / window_tokens),
+        sum(float(m["kl_sum"]) for m in window) / window_tokens, tokens_per_second,
+        _format_seconds(eta),
     )
-  return state, totals
+    if stopping:
+      break
+  return state, carry, totals, step
+
+
+def _check_finite(window: list[dict[str, Any]], first_step: int, on_nonfinite: str) -> None:
+  """Raises NonFiniteError (on_nonfinite='stop') at the window's first non-finite step.
+
+  window: the fetched metrics of consecutive steps, the first being step
+  first_step + 1 of the epoch (steps count from 1, as in the log lines).
+  """
+  bad = [i for i, m in enumerate(window) if m["nonfinite_steps"]]
+  if not bad:
+    return
+  if on_nonfinite == "skip":
+    logging.warning(
+        "skipped %d step(s) with a non-finite loss or gradient (the first: step %d)",
+        len(bad), first_step + bad[0] + 1,
+    )
+    return
+  finite = window[: bad[0]]
+  last_loss = (
+      f"{float(finite[-1]['cross_entropy_sum']) / float(finite[-1]['num_tokens']):.4f} "
+      f"at step {first_step + bad[0]}" if finite else "before this log interval"
+  )
+  raise NonFiniteError(
+      f"step {first_step + bad[0] + 1} of the epoch has a non-finite loss or gradient "
+      f"(the last finite loss was {last_loss})"
+  )
+
+
+def _interrupted(signum: int, step: int, checkpoints: Checkpoints) -> Interrupted:
+  return Interrupted(
+      f"stopped by {signal.Signals(signum).name}: checkpoint {step} saved in "
+      f"{checkpoints.directory}; run the same command again to resume",
+      signum,
+  )
 
 
 def _format_seconds(seconds: float) -> str:
@@ -349,17 +543,56 @@ def _format_seconds(seconds: float) -> str:
   return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
 
 
+def check_workdir_writable(workdir: Path) -> None:
+  """Refuses a workdir that cannot be created or written, before any work."""
+  existing = workdir
+  while not existing.exists():
+    existing = existing.parent
+  if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+    raise UserError(
+        f"cannot write the workdir {workdir}: {existing} is "
+        + ("not a directory" if not existing.is_dir() else "not writable")
+    )
+
+
+def _gather_carry(carry: models.Carry) -> list:
+  """The carry of every device of every process as NumPy [global devices, rows, H] leaves."""
+  local = to_numpy(carry)
+  if jax.process_count() == 1:
+    return local
+  return multihost_utils.process_allgather(local, tiled=True)
+
+
+def _local_carry(carry: Any, like: models.Carry) -> models.Carry:
+  """This process's slice of a gathered carry, on its local devices, structured like `like`."""
+  count = jax.local_device_count()
+  start = jax.process_index() * count
+  # The layout flax.jax_utils.replicate gives a pmap input: leading axis over local devices.
+  sharding = jax.NamedSharding(
+      jax.sharding.Mesh(np.array(jax.local_devices()), ("devices",)), jax.P("devices")
+  )
+  leaves = [jax.device_put(np.asarray(x)[start : start + count], sharding)
+            for x in jax.tree.leaves(carry)]
+  return jax.tree.unflatten(jax.tree.structure(like), leaves)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains, evaluates every epoch, checkpoints, and tests the best params.
 
   Writes `workdir/metrics.jsonl` (one object per finished epoch) and
-  `workdir/results.json`, and returns the results.
+  `workdir/results.json`, and returns the results. Running it again on the
+  same workdir resumes from the last checkpoint: mid-epoch ones included, with
+  the data position, the recurrent state and the epoch's running sums.
+
+  Raises:
+    Interrupted: after SIGTERM/SIGINT, once the checkpoint is saved.
   """
   num_devices = jax.device_count()
   validate_config(config, num_devices)
+  workdir = Path(workdir).expanduser()
+  check_workdir_writable(workdir)
   corpus = data.load_corpus(config.dataset, config.data_dir, config.max_vocab_size)
   inputs, targets = data.train_windows(corpus.train, config.batch_size, config.num_steps)
-  workdir = Path(workdir).expanduser()
   workdir.mkdir(parents=True, exist_ok=True)
   device_inputs, device_targets = (
       data.device_windows(x, jax.process_index(), jax.process_count(), jax.local_device_count())
@@ -368,6 +601,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   steps_per_epoch = len(inputs)
   if config.max_steps_per_epoch:
     steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
+  device_inputs, device_targets = (
+      device_inputs[:steps_per_epoch], device_targets[:steps_per_epoch]
+  )
 
   model = make_model(config, corpus.vocab_size)
   state = create_train_state(config, model, steps_per_epoch)
@@ -378,64 +614,128 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       num_devices,
   )
 
-  checkpoints = Checkpoints(workdir / "checkpoints")
-  arrays = {"state": to_numpy(state), "best_params": to_numpy(state.params)}
-  meta = {"epoch": 0, "best_epoch": 0, "best_valid_perplexity": None, "history": []}
-  last_epoch = checkpoints.latest_epoch()
-  if last_epoch is not None:
-    arrays, meta = checkpoints.restore(last_epoch, arrays)
-    state = arrays["state"]
-    logging.info("Resumed from the checkpoint of epoch %d in %s", last_epoch, workdir)
+  rows_per_device = device_inputs.shape[2]
 
-  p_train_step = pmap_train_step(config.loss)
+  def zero_carry() -> models.Carry:  # a new one each time: the step donates its carry
+    return flax.jax_utils.replicate(model.initial_carry(rows_per_device))
+
+  checkpoints = Checkpoints(workdir)
+  arrays = {
+      "state": to_numpy(state),
+      "best_params": to_numpy(state.params),
+      "carry": _gather_carry(zero_carry()),
+  }
+  meta = {
+      "epoch": 0,  # epochs completed
+      "step_in_epoch": 0,  # windows of the next epoch already trained
+      "epoch_totals": None,
+      "epoch_train_seconds": 0.0,
+      "best_epoch": 0,
+      "best_valid_perplexity": None,
+      "history": [],
+      "config": config.to_dict(),
+  }
+  restored = checkpoints.restore_latest(
+      arrays, lambda saved: check_same_shape(config, saved.get("config", {}))
+  )
+  carry = zero_carry()
+  if restored is not None:
+    restored_step, arrays, meta = restored
+    meta["config"] = config.to_dict()
+    state = arrays["state"]
+    if meta["step_in_epoch"]:
+      carry = _local_carry(arrays["carry"], like=carry)
+    logging.info(
+        "resumed from checkpoint %d in %s (epoch %d, window %d)", restored_step,
+        checkpoints.directory, meta["epoch"] + 1, meta["step_in_epoch"],
+    )
+
+  p_train_step = pmap_train_step(config.loss, skip_nonfinite=config.on_nonfinite == "skip")
   state = flax.jax_utils.replicate(state)
   dropout_key = jax.random.key(config.seed + 1)
   schedule = learning_rate_schedule(config.optim, steps_per_epoch)
-  rows_per_device = device_inputs.shape[2]
 
-  for epoch in range(meta["epoch"] + 1, config.num_epochs + 1):
-    learning_rate = float(schedule((epoch - 1) * steps_per_epoch))
-    epoch_start = time.time()
-    state, totals = train_epoch(
-        p_train_step, state, flax.jax_utils.replicate(model.initial_carry(rows_per_device)),
-        device_inputs[:steps_per_epoch], device_targets[:steps_per_epoch], dropout_key,
-        log_every_steps=config.log_every_steps, log_prefix=f"epoch {epoch} lr {learning_rate:.4g}",
-    )
-    train_seconds = time.time() - epoch_start
-    train_perplexity = math.exp(totals["cross_entropy_sum"] / totals["num_tokens"])
-
-    params = first_replica(state.params)
-    valid_perplexity, valid_tokens = evaluate(
-        model, params, corpus.valid, config.eval_batch_size, config.num_steps
-    )
-    if meta["best_valid_perplexity"] is None or valid_perplexity < meta["best_valid_perplexity"]:
-      meta.update(best_epoch=epoch, best_valid_perplexity=valid_perplexity)
-      arrays["best_params"] = to_numpy(params)
-    meta["epoch"] = epoch
-    epoch_seconds = time.time() - epoch_start
-    previous_wall_seconds = meta["history"][-1]["wall_seconds"] if meta["history"] else 0.0
-    meta["history"].append({
-        "epoch": epoch,
-        "learning_rate": learning_rate,
-        "train_perplexity": train_perplexity,
-        "train_kl": totals["kl_sum"] / totals["num_tokens"],
-        "valid_perplexity": valid_perplexity,
-        "valid_tokens_scored": valid_tokens,
-        "train_tokens_per_second": totals["num_tokens"] / train_seconds,
-        "epoch_seconds": epoch_seconds,
-        "wall_seconds": previous_wall_seconds + epoch_seconds,
-    })
-    logging.info(
-        "epoch %d done | train ppl %.2f | valid ppl %.2f (%d tokens) | best %.2f (epoch %d)",
-        epoch, train_perplexity, valid_perplexity, valid_tokens,
-        meta["best_valid_perplexity"], meta["best_epoch"],
-    )
+  def save(epoch_done: int, step_in_epoch: int) -> int:
+    step = epoch_done * steps_per_epoch + step_in_epoch
     arrays["state"] = to_numpy(first_replica(state))
-    checkpoints.save(epoch, arrays, meta)
-    if jax.process_index() == 0:
-      atomic_write(
-          workdir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in meta["history"])
+    arrays["carry"] = _gather_carry(carry)
+    meta.update(epoch=epoch_done, step_in_epoch=step_in_epoch)
+    checkpoints.save(step, arrays, meta)
+    return step
+
+  with StopSignals() as signals:
+    for epoch in range(meta["epoch"] + 1, config.num_epochs + 1):
+      learning_rate = float(schedule((epoch - 1) * steps_per_epoch))
+      step_in_epoch = meta["step_in_epoch"]
+      totals = meta["epoch_totals"]
+      segment_start = time.time()
+
+      def stop_after(step):
+        every = config.checkpoint_every_steps
+        return signals.received is not None or bool(every and (step + 1) % every == 0)
+
+      while True:
+        try:
+          state, carry, totals, step_in_epoch = train_epoch(
+              p_train_step, state, carry, device_inputs, device_targets, dropout_key,
+              first_step=step_in_epoch, totals=totals, stop_after=stop_after,
+              log_every_steps=config.log_every_steps, on_nonfinite=config.on_nonfinite,
+              log_prefix=f"epoch {epoch} lr {learning_rate:.4g}",
+          )
+        except NonFiniteError as error:
+          kept = checkpoints.latest_step()
+          raise NonFiniteError(
+              f"epoch {epoch}: {error}; "
+              + (f"checkpoint {kept} in {checkpoints.directory} is kept"
+                 if kept is not None else "no checkpoint was written yet")
+              + "; --config.on_nonfinite=skip skips such steps instead"
+          ) from None
+        meta["epoch_train_seconds"] += time.time() - segment_start
+        segment_start = time.time()
+        if step_in_epoch == steps_per_epoch:
+          break
+        meta["epoch_totals"] = totals
+        saved = save(epoch - 1, step_in_epoch)
+        if signals.received is not None:
+          raise _interrupted(signals.received, saved, checkpoints)
+
+      train_perplexity = math.exp(totals["cross_entropy_sum"] / totals["num_tokens"])
+      params = first_replica(state.params)
+      valid_perplexity, valid_tokens = evaluate(
+          model, params, corpus.valid, config.eval_batch_size, config.num_steps
       )
+      if (meta["best_valid_perplexity"] is None
+          or valid_perplexity < meta["best_valid_perplexity"]):
+        meta.update(best_epoch=epoch, best_valid_perplexity=valid_perplexity)
+        arrays["best_params"] = to_numpy(params)
+      epoch_seconds = meta["epoch_train_seconds"] + (time.time() - segment_start)
+      previous_wall_seconds = meta["history"][-1]["wall_seconds"] if meta["history"] else 0.0
+      meta["history"].append({
+          "epoch": epoch,
+          "learning_rate": learning_rate,
+          "train_perplexity": train_perplexity,
+          "train_kl": totals["kl_sum"] / totals["num_tokens"],
+          "nonfinite_steps": int(totals["nonfinite_steps"]),
+          "valid_perplexity": valid_perplexity,
+          "valid_tokens_scored": valid_tokens,
+          "train_tokens_per_second": totals["num_tokens"] / meta["epoch_train_seconds"],
+          "epoch_seconds": epoch_seconds,
+          "wall_seconds": previous_wall_seconds + epoch_seconds,
+      })
+      logging.info(
+          "epoch %d done | train ppl %.2f | valid ppl %.2f (%d tokens) | best %.2f (epoch %d)",
+          epoch, train_perplexity, valid_perplexity, valid_tokens,
+          meta["best_valid_perplexity"], meta["best_epoch"],
+      )
+      meta.update(epoch_totals=None, epoch_train_seconds=0.0)
+      carry = zero_carry()
+      saved = save(epoch, 0)
+      if jax.process_index() == 0:
+        atomic_write(
+            workdir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in meta["history"])
+        )
+      if signals.received is not None and epoch < config.num_epochs:
+        raise _interrupted(signals.received, saved, checkpoints)
 
   best_params = arrays["best_params"]
   test_perplexity, test_tokens = evaluate(
