@@ -203,3 +203,33 @@ def test_sigterm_or_sigint_saves_a_checkpoint_and_exits_cleanly(reference_runs, 
   result, _ = run_main(*RESUMABLE, tmp_path=tmp_path)
   assert result.returncode == 0, result.stderr[-2000:]
   _assert_same_run(workdir, reference_runs[0])
+
+
+def test_a_one_line_corpus_is_one_line_and_no_workdir(tmp_path):
+  corpus = tmp_path / "corpus"
+  corpus.mkdir()
+  for split in ("train", "valid", "test"):
+    (corpus / f"{split}.txt").write_text("the cat sat on the mat\n")
+  result, workdir = run_main(
+      "--config=configs/default.py", "--config.dataset=text", f"--config.data_dir={corpus}",
+      tmp_path=tmp_path,
+  )
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [
+      "error: 7 training tokens are too few for batch_size=20 and num_steps=20: need at least 420"
+  ]
+  assert not workdir.exists()
+
+
+def test_an_unwritable_workdir_is_one_line(tmp_path):
+  (tmp_path / "file").write_text("")
+  result = subprocess.run(
+      [sys.executable, "-m", "tied_lm.main", "--config=configs/default.py",
+       f"--workdir={tmp_path / 'file' / 'run'}"],
+      cwd=REPO, capture_output=True, text=True, timeout=300,
+  )
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [
+      f"error: cannot write the workdir {tmp_path / 'file' / 'run'}: {tmp_path / 'file'} is not "
+      "a directory"
+  ]
