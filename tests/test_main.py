@@ -64,6 +64,23 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def _start_two_processes(workdir: Path, args: list[str]) -> list[subprocess.Popen]:
+  """Two local processes with one CPU device each, training one model on `workdir`."""
+  port = _free_port()
+  return [
+      subprocess.Popen(
+          [sys.executable, "-m", "tied_lm.main", f"--workdir={workdir}", *args],
+          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+          env=dict(
+              os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+              JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+              JAX_PROCESS_ID=str(process_id),
+          ),
+      )
+      for process_id in range(2)
+  ]
+
+
 def _final_params(workdir: Path) -> dict:
   manager = ocp.CheckpointManager((workdir / "checkpoints").resolve())
   restored = manager.restore(
@@ -79,19 +96,7 @@ def test_two_processes_train_the_same_parameters_as_one_process_with_two_devices
   assert single.returncode == 0, single.stderr[-2000:]
 
   multi_dir = tmp_path / "multi" / "run"
-  port = _free_port()
-  processes = [
-      subprocess.Popen(
-          [sys.executable, "-m", "tied_lm.main", f"--workdir={multi_dir}", *args],
-          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-          env=dict(
-              os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-              JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-              JAX_PROCESS_ID=str(process_id),
-          ),
-      )
-      for process_id in range(2)
-  ]
+  processes = _start_two_processes(multi_dir, args)
   outputs = [p.communicate(timeout=300) for p in processes]
   for p, (_, stderr) in zip(processes, outputs, strict=True):
     assert p.returncode == 0, stderr[-2000:]
@@ -233,3 +238,20 @@ def test_an_unwritable_workdir_is_one_line(tmp_path):
       f"error: cannot write the workdir {tmp_path / 'file' / 'run'}: {tmp_path / 'file'} is not "
       "a directory"
   ]
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_one_checkpoint(reference_runs, tmp_path):
+  workdir = tmp_path / "run"
+  processes = _start_two_processes(workdir, RESUMABLE)
+  _wait_for_checkpoint(processes[0], workdir)
+  processes[1].send_signal(signal.SIGTERM)  # the scheduler preempts one host
+  outputs = [p.communicate(timeout=120) for p in processes]
+  assert [p.returncode for p in processes] == [128 + signal.SIGTERM] * 2, outputs[0][1][-2000:]
+  saved = {re.search(r"checkpoint (\d+) saved", stderr.strip().splitlines()[-1])[1]
+           for _, stderr in outputs}
+  assert len(saved) == 1 and (workdir / "checkpoints" / saved.pop()).is_dir()
+  processes = _start_two_processes(workdir, RESUMABLE)
+  for p in processes:
+    _, stderr = p.communicate(timeout=300)
+    assert p.returncode == 0, stderr[-2000:]
+  _assert_same_run(workdir, reference_runs[0])

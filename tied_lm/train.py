@@ -312,10 +312,13 @@ class Interrupted(Exception):
 
 
 class StopSignals:
-  """While active, SIGTERM and SIGINT only set `received`; a second one acts as usual.
+  """Turns SIGTERM/SIGINT into a stop at a step boundary.
 
-  The train loop polls `received` after every step, so preemption and Ctrl-C
-  cost at most one step before the checkpoint is written.
+  One process: while active, SIGTERM and SIGINT only set `received`; a
+  second one acts as usual. Several processes: JAX's preemption service
+  (started by jax.distributed.initialize) catches SIGTERM on any process and
+  agrees with the others on one step at which all of them stop, so that they
+  save the same checkpoint; SIGINT keeps its default there.
   """
 
   def __init__(self):
@@ -329,8 +332,14 @@ class StopSignals:
     self.received = signum
     logging.warning("%s received: stopping after this step", signal.Signals(signum).name)
 
+  def stop_at(self, global_step: int) -> bool:
+    """True if the run must stop after `global_step`; call it after every step."""
+    if jax.process_count() > 1 and multihost_utils.reached_preemption_sync_point(global_step):
+      self.received = signal.SIGTERM
+    return self.received is not None
+
   def __enter__(self) -> "StopSignals":
-    if threading.current_thread() is threading.main_thread():
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
       for signum in (signal.SIGTERM, signal.SIGINT):
         self._previous[signum] = signal.signal(signum, self._handler)
     return self
@@ -670,9 +679,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       totals = meta["epoch_totals"]
       segment_start = time.time()
 
-      def stop_after(step):
+      def stop_after(step, epoch=epoch):
         every = config.checkpoint_every_steps
-        return signals.received is not None or bool(every and (step + 1) % every == 0)
+        stop = signals.stop_at((epoch - 1) * steps_per_epoch + step + 1)
+        return stop or bool(every and (step + 1) % every == 0)
 
       while True:
         try:
