@@ -176,7 +176,7 @@ class OurTrainer:
     self.position += num_steps
     self.state, _, _, _ = train.train_epoch(
         self.step, self.state, self._carry(), self.inputs[window], self.targets[window], self.key,
-        log_every_steps=num_steps, log_prefix="benchmark",
+        log_every_steps=num_steps,
     )
 
 

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from configs import default, ptb, wikitext2
-from tied_lm import data, losses, train
+from tied_lm import data, losses, reporting, train
 from tied_lm.errors import UserError
 
 B, T, V = 4, 5, 23
@@ -214,7 +214,7 @@ def test_default_config_learns_ptb(tmp_path):
   # An untrained model is near uniform (perplexity ~ 10,000).
   assert results["valid_perplexity"] < 1000
   assert results["test_tokens_scored"] == 82_429 and results["valid_tokens_scored"] == 73_759
-  history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  history = reporting.read_records(tmp_path, "epoch")
   assert [h["epoch"] for h in history] == [1, 2]
   assert history[1]["valid_perplexity"] < history[0]["valid_perplexity"]
   saved = json.loads((tmp_path / "results.json").read_text())
@@ -257,7 +257,7 @@ def test_a_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path):
   straight = train.train_and_evaluate(tiny_run_config(tmp_path / "corpus", 3), str(tmp_path / "a"))
 
   train.train_and_evaluate(tiny_run_config(tmp_path / "corpus", 1), str(tmp_path / "b"))
-  assert len((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()) == 1
+  assert len(reporting.read_records(tmp_path / "b", "epoch")) == 1
   resumed = train.train_and_evaluate(tiny_run_config(tmp_path / "corpus", 3), str(tmp_path / "b"))
 
   def curve(workdir):
@@ -265,13 +265,13 @@ def test_a_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path):
             for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
   assert curve(tmp_path / "b") == curve(tmp_path / "a")
-  assert len(curve(tmp_path / "a")) == 3
+  assert len(reporting.read_records(tmp_path / "a", "epoch")) == 3
   for key in ("valid_perplexity", "test_perplexity", "best_epoch", "epochs_completed"):
     assert resumed[key] == straight[key]
   # A finished run is not trained again.
   again = train.train_and_evaluate(tiny_run_config(tmp_path / "corpus", 3), str(tmp_path / "b"))
   assert again["test_perplexity"] == straight["test_perplexity"]
-  assert len(curve(tmp_path / "b")) == 3
+  assert len(reporting.read_records(tmp_path / "b", "epoch")) == 3
 
 
 def test_missing_data_is_a_clear_error(tmp_path, monkeypatch):
@@ -326,7 +326,7 @@ def test_non_finite_loss_stops_the_run_and_names_the_kept_checkpoint(tmp_path):
       r"loss was .*\); checkpoint \d+ in .*checkpoints is kept; "
       r"--config.on_nonfinite=skip skips such steps instead")):
     train.train_and_evaluate(config, str(tmp_path / "run"))
-  assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
+  assert len(reporting.read_records(tmp_path / "run", "epoch")) == 1
 
 
 def test_a_torn_checkpoint_is_set_aside_and_the_previous_one_used(tmp_path, caplog):

@@ -26,7 +26,7 @@ from flax.training import train_state
 from jax import lax
 from jax.experimental import multihost_utils
 
-from tied_lm import data, losses, models
+from tied_lm import data, losses, models, reporting
 from tied_lm.errors import UserError
 from tied_lm.fileio import atomic_write
 
@@ -448,10 +448,12 @@ def train_epoch(
     totals: dict[str, float] | None = None,
     stop_after: Any = lambda step: False,
     log_every_steps: int,
-    log_prefix: str,
+    reporter: reporting.Reporter | None = None,
+    epoch: int = 1,
+    learning_rate: float = 0.0,
     on_nonfinite: str = "stop",
 ) -> tuple[train_state.TrainState, models.Carry, dict[str, float], int]:
-  """Runs the pmapped step over the epoch's windows from `first_step`, logging progress.
+  """Runs the pmapped step over the epoch's windows from `first_step`.
 
   Args:
     p_train_step: `train_step` under `jax.pmap`, metrics replicated out.
@@ -462,6 +464,9 @@ def train_epoch(
       nonfinite_steps), for a resumed epoch.
     stop_after: stop_after(step) is asked after each step (0-based window
       index); True returns early, for a checkpoint or a signal.
+    reporter: gets a "train" record every `log_every_steps` steps (and when
+      stopping); None reports nothing.
+    epoch, learning_rate: for the records.
     on_nonfinite: 'stop' raises NonFiniteError at a non-finite step; 'skip'
       only counts them (the step itself made no update).
 
@@ -473,7 +478,7 @@ def train_epoch(
   totals = dict(totals or {"cross_entropy_sum": 0.0, "kl_sum": 0.0, "num_tokens": 0.0,
                            "nonfinite_steps": 0.0})
   pending_metrics = []
-  start, start_tokens = time.time(), totals["num_tokens"]
+  interval_start = time.time()
   step = first_step
   while step < num_steps:
     state, carry, metrics = p_train_step(
@@ -486,27 +491,34 @@ def train_epoch(
       jax.block_until_ready(pending_metrics[-1])
     pending_metrics.append(metrics)
     step += 1
+    if reporter is not None:
+      reporter.advance()
     stopping = stop_after(step - 1)
     if step % log_every_steps and step < num_steps and not stopping:
       continue
-    # The only host transfer: metrics stay on the device between log lines.
+    # The only host transfer: metrics stay on the device between intervals.
     window = jax.device_get(pending_metrics)
     _check_finite(window, step - len(window), on_nonfinite)
     pending_metrics = []
+    interval = {k: sum(float(m[k]) for m in window) for k in totals}
     for k in totals:
-      totals[k] += sum(float(m[k]) for m in window)
-    tokens_per_second = (totals["num_tokens"] - start_tokens) / (time.time() - start)
-    tokens_per_step = totals["num_tokens"] / step
-    eta = (num_steps - step) * tokens_per_step / tokens_per_second
-    window_tokens = sum(float(m["num_tokens"]) for m in window)
-    window_cross_entropy = sum(float(m["cross_entropy_sum"]) for m in window)
-    logging.info(
-        "%s step %d/%d | loss %.3f ppl %.2f kl %.4f | %.0f tok/s | eta %s",
-        log_prefix, step, num_steps, window_cross_entropy / window_tokens,
-        math.exp(window_cross_entropy / window_tokens),
-        sum(float(m["kl_sum"]) for m in window) / window_tokens, tokens_per_second,
-        _format_seconds(eta),
-    )
+      totals[k] += interval[k]
+    if reporter is not None:
+      loss = interval["cross_entropy_sum"] / interval["num_tokens"]
+      reporter.add({
+          "kind": "train",
+          "epoch": epoch,
+          "step": (epoch - 1) * num_steps + step,
+          "step_in_epoch": step,
+          "loss": loss,
+          "perplexity": math.exp(loss),
+          "kl": interval["kl_sum"] / interval["num_tokens"],
+          "grad_norm": float(np.mean([float(m["grad_norm"]) for m in window])),
+          "learning_rate": learning_rate,
+          "tokens_per_second": interval["num_tokens"] / (time.time() - interval_start),
+          "nonfinite_steps": int(interval["nonfinite_steps"]),
+      })
+    interval_start = time.time()
     if stopping:
       break
   return state, carry, totals, step
@@ -546,12 +558,6 @@ def _interrupted(signum: int, step: int, checkpoints: Checkpoints) -> Interrupte
   )
 
 
-def _format_seconds(seconds: float) -> str:
-  minutes, seconds = divmod(int(seconds), 60)
-  hours, minutes = divmod(minutes, 60)
-  return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
-
-
 def check_workdir_writable(workdir: Path) -> None:
   """Refuses a workdir that cannot be created or written, before any work."""
   existing = workdir
@@ -588,8 +594,9 @@ def _local_carry(carry: Any, like: models.Carry) -> models.Carry:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains, evaluates every epoch, checkpoints, and tests the best params.
 
-  Writes `workdir/metrics.jsonl` (one object per finished epoch) and
-  `workdir/results.json`, and returns the results. Running it again on the
+  Writes `workdir/metrics.jsonl` (the records of `tied_lm.reporting`),
+  TensorBoard events in `workdir/tensorboard/` and `workdir/results.json`,
+  and returns the results. Running it again on the
   same workdir resumes from the last checkpoint: mid-epoch ones included, with
   the data position, the recurrent state and the epoch's running sums.
 
@@ -603,6 +610,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   corpus = data.load_corpus(config.dataset, config.data_dir, config.max_vocab_size)
   inputs, targets = data.train_windows(corpus.train, config.batch_size, config.num_steps)
   workdir.mkdir(parents=True, exist_ok=True)
+  if jax.process_index() == 0:  # the config in effect, for tied_lm.summarize and readers
+    atomic_write(workdir / "config.json", config.to_json(indent=2) + "\n")
   device_inputs, device_targets = (
       data.device_windows(x, jax.process_index(), jax.process_count(), jax.local_device_count())
       for x in (inputs, targets)
@@ -641,13 +650,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       "epoch_train_seconds": 0.0,
       "best_epoch": 0,
       "best_valid_perplexity": None,
-      "history": [],
+      "records": [],  # what metrics.jsonl holds, see tied_lm.reporting
       "config": config.to_dict(),
   }
   restored = checkpoints.restore_latest(
       arrays, lambda saved: check_same_shape(config, saved.get("config", {}))
   )
   carry = zero_carry()
+  restored_step = None
   if restored is not None:
     restored_step, arrays, meta = restored
     meta["config"] = config.to_dict()
@@ -658,100 +668,90 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "resumed from checkpoint %d in %s (epoch %d, window %d)", restored_step,
         checkpoints.directory, meta["epoch"] + 1, meta["step_in_epoch"],
     )
+  # Records of a finished run's earlier test are replaced by this one's.
+  meta["records"] = [r for r in meta["records"] if r["kind"] != "test"]
+  reporter = reporting.Reporter(
+      workdir, meta["records"], writer=jax.process_index() == 0, config=config,
+      resumed_step=restored_step,
+  )
 
   p_train_step = pmap_train_step(config.loss, skip_nonfinite=config.on_nonfinite == "skip")
   state = flax.jax_utils.replicate(state)
   dropout_key = jax.random.key(config.seed + 1)
   schedule = learning_rate_schedule(config.optim, steps_per_epoch)
 
-  def save(epoch_done: int, step_in_epoch: int) -> int:
+  def save(epoch_done: int, step_in_epoch: int, state, carry) -> int:
+    """Checkpoints the replicated state and carry after this many steps; returns the step."""
     step = epoch_done * steps_per_epoch + step_in_epoch
     arrays["state"] = to_numpy(first_replica(state))
     arrays["carry"] = _gather_carry(carry)
     meta.update(epoch=epoch_done, step_in_epoch=step_in_epoch)
     checkpoints.save(step, arrays, meta)
+    reporter.write_metrics()  # metrics.jsonl always matches the newest checkpoint
     return step
 
-  with StopSignals() as signals:
-    for epoch in range(meta["epoch"] + 1, config.num_epochs + 1):
-      learning_rate = float(schedule((epoch - 1) * steps_per_epoch))
-      step_in_epoch = meta["step_in_epoch"]
-      totals = meta["epoch_totals"]
-      segment_start = time.time()
-
-      def stop_after(step, epoch=epoch):
-        every = config.checkpoint_every_steps
-        stop = signals.stop_at((epoch - 1) * steps_per_epoch + step + 1)
-        return stop or bool(every and (step + 1) % every == 0)
-
-      while True:
-        try:
-          state, carry, totals, step_in_epoch = train_epoch(
-              p_train_step, state, carry, device_inputs, device_targets, dropout_key,
-              first_step=step_in_epoch, totals=totals, stop_after=stop_after,
-              log_every_steps=config.log_every_steps, on_nonfinite=config.on_nonfinite,
-              log_prefix=f"epoch {epoch} lr {learning_rate:.4g}",
-          )
-        except NonFiniteError as error:
-          kept = checkpoints.latest_step()
-          raise NonFiniteError(
-              f"epoch {epoch}: {error}; "
-              + (f"checkpoint {kept} in {checkpoints.directory} is kept"
-                 if kept is not None else "no checkpoint was written yet")
-              + "; --config.on_nonfinite=skip skips such steps instead"
-          ) from None
-        meta["epoch_train_seconds"] += time.time() - segment_start
-        segment_start = time.time()
-        if step_in_epoch == steps_per_epoch:
-          break
-        meta["epoch_totals"] = totals
-        saved = save(epoch - 1, step_in_epoch)
-        if signals.received is not None:
+  try:
+    with StopSignals() as signals:
+      for epoch in range(meta["epoch"] + 1, config.num_epochs + 1):
+        state, carry = _train_one_epoch(
+            epoch, state, carry, p_train_step, device_inputs, device_targets, dropout_key,
+            config=config, meta=meta, schedule=schedule, reporter=reporter, signals=signals,
+            save=save, checkpoints=checkpoints,
+        )
+        params = first_replica(state.params)
+        eval_start = time.time()
+        valid_perplexity, valid_tokens = evaluate(
+            model, params, corpus.valid, config.eval_batch_size, config.num_steps
+        )
+        if (meta["best_valid_perplexity"] is None
+            or valid_perplexity < meta["best_valid_perplexity"]):
+          meta.update(best_epoch=epoch, best_valid_perplexity=valid_perplexity)
+          arrays["best_params"] = to_numpy(params)
+        totals = meta["epoch_totals"]
+        epoch_seconds = meta["epoch_train_seconds"] + (time.time() - eval_start)
+        history = [r for r in meta["records"] if r["kind"] == "epoch"]
+        reporter.add({
+            "kind": "epoch",
+            "epoch": epoch,
+            "step": epoch * steps_per_epoch,
+            "learning_rate": float(schedule((epoch - 1) * steps_per_epoch)),
+            "train_perplexity": math.exp(totals["cross_entropy_sum"] / totals["num_tokens"]),
+            "train_kl": totals["kl_sum"] / totals["num_tokens"],
+            "nonfinite_steps": int(totals["nonfinite_steps"]),
+            "valid_perplexity": valid_perplexity,
+            "valid_tokens_scored": valid_tokens,
+            "best_valid_perplexity": meta["best_valid_perplexity"],
+            "best_epoch": meta["best_epoch"],
+            "train_tokens_per_second": totals["num_tokens"] / meta["epoch_train_seconds"],
+            "epoch_seconds": epoch_seconds,
+            "wall_seconds": (history[-1]["wall_seconds"] if history else 0.0) + epoch_seconds,
+        })
+        meta.update(epoch_totals=None, epoch_train_seconds=0.0)
+        carry = zero_carry()
+        saved = save(epoch, 0, state, carry)
+        if signals.received is not None and epoch < config.num_epochs:
           raise _interrupted(signals.received, saved, checkpoints)
 
-      train_perplexity = math.exp(totals["cross_entropy_sum"] / totals["num_tokens"])
-      params = first_replica(state.params)
-      valid_perplexity, valid_tokens = evaluate(
-          model, params, corpus.valid, config.eval_batch_size, config.num_steps
-      )
-      if (meta["best_valid_perplexity"] is None
-          or valid_perplexity < meta["best_valid_perplexity"]):
-        meta.update(best_epoch=epoch, best_valid_perplexity=valid_perplexity)
-        arrays["best_params"] = to_numpy(params)
-      epoch_seconds = meta["epoch_train_seconds"] + (time.time() - segment_start)
-      previous_wall_seconds = meta["history"][-1]["wall_seconds"] if meta["history"] else 0.0
-      meta["history"].append({
-          "epoch": epoch,
-          "learning_rate": learning_rate,
-          "train_perplexity": train_perplexity,
-          "train_kl": totals["kl_sum"] / totals["num_tokens"],
-          "nonfinite_steps": int(totals["nonfinite_steps"]),
-          "valid_perplexity": valid_perplexity,
-          "valid_tokens_scored": valid_tokens,
-          "train_tokens_per_second": totals["num_tokens"] / meta["epoch_train_seconds"],
-          "epoch_seconds": epoch_seconds,
-          "wall_seconds": previous_wall_seconds + epoch_seconds,
-      })
-      logging.info(
-          "epoch %d done | train ppl %.2f | valid ppl %.2f (%d tokens) | best %.2f (epoch %d)",
-          epoch, train_perplexity, valid_perplexity, valid_tokens,
-          meta["best_valid_perplexity"], meta["best_epoch"],
-      )
-      meta.update(epoch_totals=None, epoch_train_seconds=0.0)
-      carry = zero_carry()
-      saved = save(epoch, 0)
-      if jax.process_index() == 0:
-        atomic_write(
-            workdir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in meta["history"])
-        )
-      if signals.received is not None and epoch < config.num_epochs:
-        raise _interrupted(signals.received, saved, checkpoints)
-
-  best_params = arrays["best_params"]
-  test_perplexity, test_tokens = evaluate(
-      model, best_params, corpus.test, config.eval_batch_size, config.num_steps
-  )
-  history = meta["history"]
+    test_perplexity, test_tokens = evaluate(
+        model, arrays["best_params"], corpus.test, config.eval_batch_size, config.num_steps
+    )
+    reporter.add({
+        "kind": "test",
+        "step": meta["epoch"] * steps_per_epoch,
+        "best_epoch": meta["best_epoch"],
+        "best_valid_perplexity": meta["best_valid_perplexity"],
+        "test_perplexity": test_perplexity,
+        "test_tokens_scored": test_tokens,
+    })
+    reporter.write_metrics()
+  except BaseException:
+    reporter.close()
+    raise
+  reporter.close({
+      "hparam/valid_perplexity": meta["best_valid_perplexity"],
+      "hparam/test_perplexity": test_perplexity,
+  })
+  history = [r for r in meta["records"] if r["kind"] == "epoch"]
   results = {
       "dataset": config.dataset,
       "valid_perplexity": meta["best_valid_perplexity"],
@@ -770,11 +770,57 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       "devices": [str(d) for d in jax.devices()],
       "config": config.to_dict(),
   }
-  logging.info(
-      "best valid ppl %.2f (epoch %d), test ppl %.2f over %d tokens (eval batch %d)",
-      results["valid_perplexity"], results["best_epoch"], test_perplexity, test_tokens,
-      config.eval_batch_size,
-  )
   if jax.process_index() == 0:
     atomic_write(workdir / "results.json", json.dumps(results, indent=2) + "\n")
   return results
+
+
+def _train_one_epoch(
+    epoch, state, carry, p_train_step, device_inputs, device_targets, dropout_key, *,
+    config, meta, schedule, reporter, signals, save, checkpoints,
+):
+  """The steps of one epoch from meta's position, with the checkpoints within it.
+
+  Leaves the epoch's sums in meta["epoch_totals"] and its training time in
+  meta["epoch_train_seconds"]; raises Interrupted after a signal's checkpoint.
+  """
+  steps_per_epoch = len(device_inputs)
+  learning_rate = float(schedule((epoch - 1) * steps_per_epoch))
+  step_in_epoch = meta["step_in_epoch"]
+  totals = meta["epoch_totals"]
+  segment_start = time.time()
+
+  def stop_after(step):
+    every = config.checkpoint_every_steps
+    stop = signals.stop_at((epoch - 1) * steps_per_epoch + step + 1)
+    return stop or bool(every and (step + 1) % every == 0)
+
+  reporter.start_epoch(epoch, steps_per_epoch, step_in_epoch)
+  try:
+    while True:
+      try:
+        state, carry, totals, step_in_epoch = train_epoch(
+            p_train_step, state, carry, device_inputs, device_targets, dropout_key,
+            first_step=step_in_epoch, totals=totals, stop_after=stop_after,
+            log_every_steps=config.log_every_steps, on_nonfinite=config.on_nonfinite,
+            reporter=reporter, epoch=epoch, learning_rate=learning_rate,
+        )
+      except NonFiniteError as error:
+        kept = checkpoints.latest_step()
+        raise NonFiniteError(
+            f"epoch {epoch}: {error}; "
+            + (f"checkpoint {kept} in {checkpoints.directory} is kept"
+               if kept is not None else "no checkpoint was written yet")
+            + "; --config.on_nonfinite=skip skips such steps instead"
+        ) from None
+      meta["epoch_train_seconds"] += time.time() - segment_start
+      segment_start = time.time()
+      meta["epoch_totals"] = totals
+      if step_in_epoch == steps_per_epoch:
+        break
+      saved = save(epoch - 1, step_in_epoch, state, carry)
+      if signals.received is not None:
+        raise _interrupted(signals.received, saved, checkpoints)
+  finally:
+    reporter.end_epoch()
+  return state, carry

@@ -1,0 +1,92 @@
+"""TensorBoard scalars and log lines carry the same numbers as metrics.jsonl."""
+
+import io
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from configs import default
+from tied_lm import reporting, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  config = default.get_config()
+  config.num_epochs, config.max_steps_per_epoch, config.log_every_steps = 2, 20, 5
+  workdir = tmp_path_factory.mktemp("run")
+  train.train_and_evaluate(config, str(workdir))
+  return workdir
+
+
+def test_tensorboard_scalars_equal_the_records_of_metrics_jsonl(finished_run):
+  event_accumulator = pytest.importorskip(
+      "tensorboard.backend.event_processing.event_accumulator"
+  )
+  events = event_accumulator.EventAccumulator(
+      str(finished_run / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0}
+  )
+  events.Reload()
+  records = reporting.read_records(finished_run)
+  assert [r["kind"] for r in records].count("train") == 8  # 2 epochs x 20 steps / 5
+  assert [r["kind"] for r in records][-3:] == ["train", "epoch", "test"]
+  for kind, scalars in reporting.SCALARS.items():
+    of_kind = [r for r in records if r["kind"] == kind]
+    for key, tag in scalars.items():
+      logged = events.Scalars(tag)
+      assert [e.step for e in logged] == [r["step"] for r in of_kind], tag
+      for event, record in zip(logged, of_kind, strict=True):
+        assert event.value == pytest.approx(record[key], rel=1e-6), tag
+  assert "config/text_summary" in events.Tags()["tensors"]
+  train_records = [r for r in records if r["kind"] == "train"]
+  assert [r["step"] for r in train_records] == [5, 10, 15, 20, 25, 30, 35, 40]
+  for r in train_records:
+    assert r["perplexity"] == pytest.approx(math.exp(r["loss"]))
+    assert r["learning_rate"] == (1.0 if r["epoch"] == 1 else 0.5)
+
+
+def test_progress_in_a_non_terminal_is_plain_lines_with_the_records_numbers(tmp_path):
+  workdir = tmp_path / "run"
+  result = subprocess.run(
+      [sys.executable, "-m", "tied_lm.main", "--config=configs/default.py",
+       f"--workdir={workdir}", "--config.num_epochs=1", "--config.max_steps_per_epoch=12",
+       "--config.log_every_steps=4"],
+      cwd=REPO, capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  output = result.stdout + result.stderr
+  assert "\r" not in output
+  logged = re.findall(
+      r"epoch 1 lr 1 step (\d+)/12 \| loss ([\d.]+) ppl ([\d.]+) kl ([\d.]+)", output
+  )
+  records = reporting.read_records(workdir, "train")
+  assert [int(step) for step, *_ in logged] == [4, 8, 12]
+  for (_, loss, perplexity, kl), record in zip(logged, records, strict=True):
+    assert (loss, perplexity, kl) == (
+        f"{record['loss']:.3f}", f"{record['perplexity']:.2f}", f"{record['kl']:.4f}"
+    )
+
+
+def test_a_progress_bar_shows_the_interval_numbers(tmp_path, monkeypatch):
+  stdout = io.StringIO()
+  monkeypatch.setattr(sys, "stdout", stdout)
+  reporter = reporting.Reporter(
+      tmp_path, [], writer=False, config=default.get_config(), progress_bar=True
+  )
+  reporter.start_epoch(epoch=3, num_steps=10, first_step=4)
+  for _ in range(6):
+    reporter.advance()
+  reporter.add({"kind": "train", "epoch": 3, "step": 30, "step_in_epoch": 10, "loss": 2.0,
+                "perplexity": math.exp(2.0), "kl": 0.01, "grad_norm": 1.0,
+                "learning_rate": 0.5, "tokens_per_second": 1234.0, "nonfinite_steps": 0})
+  reporter.end_epoch()
+  shown = stdout.getvalue()
+  assert "epoch 3" in shown and "10/10" in shown
+  assert "ppl=7.39" in shown and "tok_s=1234" in shown

@@ -1,0 +1,82 @@
+"""The run table: its numbers, the paper's names, plots and one-line errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from configs import default, paper
+from tied_lm import summarize, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("size", list(paper.SIZES))
+@pytest.mark.parametrize("variant", list(paper.VARIANTS))
+def test_describe_names_every_paper_config(size, variant):
+  config = paper.get_config("ptb", f"{size},{variant}")
+  assert summarize.describe(config.to_dict()) == (size, variant)
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+  runs = []
+  for name, augmented in (("tiny_re", False), ("tiny_real", True)):
+    config = default.get_config()
+    config.num_epochs, config.max_steps_per_epoch = 2, 15
+    config.loss.augmented = augmented
+    workdir = tmp_path_factory.mktemp("runs") / name
+    runs.append((workdir, train.train_and_evaluate(config, str(workdir))))
+  return runs
+
+
+def summarize_cli(*args):
+  return subprocess.run(
+      [sys.executable, "-m", "tied_lm.summarize", *map(str, args)],
+      cwd=REPO, capture_output=True, text=True, timeout=120,
+  )
+
+
+def test_summarize_prints_the_runs_numbers_and_plots_them(two_runs, tmp_path):
+  plot = tmp_path / "curves.png"
+  result = summarize_cli(*(w for w, _ in two_runs), f"--plot={plot}")
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.splitlines()
+  assert lines[0].startswith("| run | dataset | size | variant | epochs | best valid ppl")
+  for (workdir, results), line in zip(two_runs, lines[2:4], strict=True):
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    variant = "real" if workdir.name == "tiny_real" else "re"
+    assert cells[:5] == [workdir.name, "ptb", "64 units", variant, "2"]
+    assert cells[5] == f"{results['valid_perplexity']:.2f} ({results['best_epoch']})"
+    assert cells[6] == f"{results['test_perplexity']:.2f}"
+    assert cells[7] == "82,429"
+    assert cells[8] == f"{results['num_params'] / 1e6:.2f}M"
+  assert plot.stat().st_size > 10_000 and plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_run_in_progress_has_no_test_perplexity(two_runs, tmp_path):
+  workdir, _ = two_runs[0]
+  partial = tmp_path / "partial"
+  partial.mkdir()
+  (partial / "config.json").write_text((workdir / "config.json").read_text())
+  lines = (workdir / "metrics.jsonl").read_text().splitlines()
+  kinds = [json.loads(line)["kind"] for line in lines]
+  first_epoch = lines[: kinds.index("epoch") + 1]  # as if stopped during epoch 2
+  (partial / "metrics.jsonl").write_text("\n".join(first_epoch) + "\n")
+  run = summarize.load_run(partial)
+  assert run["epochs"] == 1 and run["test_perplexity"] is None
+  assert "| - | - | - |" in summarize.table([run])
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda d: None, "is not a directory"),
+    (lambda d: d.mkdir(), "is not a tied_lm run (no config.json or results.json)"),
+])
+def test_a_folder_that_is_not_a_run_is_one_line(tmp_path, make, message):
+  folder = tmp_path / "folder"
+  make(folder)
+  result = summarize_cli(folder)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [f"error: {folder} {message}"]

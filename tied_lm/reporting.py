@@ -1,0 +1,186 @@
+"""Where a run's metrics go: metrics.jsonl, TensorBoard and the terminal, fed from one place.
+
+A run's metrics are records, dicts with a "kind":
+  train: one per logging interval: epoch, step (global, after the interval),
+    step_in_epoch, loss (cross-entropy per token), perplexity, kl, grad_norm
+    (mean over the interval), learning_rate, tokens_per_second, nonfinite_steps;
+  epoch: one per epoch: train_perplexity, train_kl, valid_perplexity,
+    valid_tokens_scored, train_tokens_per_second, epoch_seconds, wall_seconds...;
+  test: one at the end: test_perplexity and test_tokens_scored of the best params.
+`Reporter.add(record)` is the only entry point. The record list is part of
+every checkpoint and is written to `metrics.jsonl` (the source of truth);
+TensorBoard gets the same numbers as scalars.
+"""
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+import tensorboardX
+import tqdm
+from absl import logging
+
+from tied_lm.fileio import atomic_write
+
+# record kind -> {record key: TensorBoard tag}
+SCALARS = {
+    "train": {
+        "loss": "train/loss",
+        "perplexity": "train/perplexity",
+        "kl": "train/kl",
+        "grad_norm": "train/grad_norm",
+        "learning_rate": "train/learning_rate",
+        "tokens_per_second": "train/tokens_per_second",
+    },
+    "epoch": {
+        "train_perplexity": "epoch/train_perplexity",
+        "valid_perplexity": "valid/perplexity",
+    },
+    "test": {"test_perplexity": "test/perplexity"},
+}
+
+
+def flat_config(config: ml_collections.ConfigDict) -> dict[str, bool | int | float | str]:
+  """{"model.hidden_size": 200, ...}, the form TensorBoard's hparams take."""
+
+  def flatten(prefix, node):
+    for key, value in node.items():
+      if isinstance(value, dict):
+        yield from flatten(f"{prefix}{key}.", value)
+      else:
+        yield f"{prefix}{key}", value if isinstance(value, bool | int | float | str) else str(value)
+
+  return dict(flatten("", config.to_dict()))
+
+
+class Reporter:
+  """Keeps the records and shows them: TensorBoard, a progress bar or plain log lines.
+
+  Args:
+    workdir: the run directory (`metrics.jsonl` and `tensorboard/` go there).
+    records: the records so far (restored from a checkpoint when resuming).
+    writer: True on the process that writes files (process 0).
+    config: written to TensorBoard as text once, and as hparams at the end.
+    resumed_step: the global step of the checkpoint resumed from; TensorBoard
+      drops what an earlier attempt logged after it.
+    progress_bar: a tqdm bar per epoch; default: when stdout is a terminal.
+      Otherwise (CI, nohup, a log file) one plain log line per interval.
+  """
+
+  def __init__(
+      self,
+      workdir: Path,
+      records: list[dict[str, Any]],
+      *,
+      writer: bool,
+      config: ml_collections.ConfigDict,
+      resumed_step: int | None = None,
+      progress_bar: bool | None = None,
+  ):
+    self.records = records
+    self._workdir = workdir
+    self._writer = None
+    self._is_writer = writer
+    self._config = config
+    if writer:
+      self._writer = tensorboardX.SummaryWriter(
+          str(workdir / "tensorboard"), purge_step=resumed_step, flush_secs=30
+      )
+      if resumed_step is None:
+        self._writer.add_text("config", f"```\n{config.to_json(indent=2)}\n```", 0)
+    self._progress_bar = (
+        writer and sys.stdout.isatty() if progress_bar is None else progress_bar
+    )
+    self._bar = None
+    self._epoch = self._num_steps = self._first_step = 0
+    self._epoch_start = 0.0
+
+  def start_epoch(self, epoch: int, num_steps: int, first_step: int) -> None:
+    self._epoch, self._num_steps, self._first_step = epoch, num_steps, first_step
+    self._epoch_start = time.time()
+    if self._progress_bar:
+      self._bar = tqdm.tqdm(
+          total=num_steps, initial=first_step, desc=f"epoch {epoch}", unit="step",
+          file=sys.stdout, dynamic_ncols=True,
+      )
+
+  def advance(self) -> None:
+    """One step done (no device sync: only the bar moves)."""
+    if self._bar is not None:
+      self._bar.update(1)
+
+  def end_epoch(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+      self._bar = None
+
+  def add(self, record: dict[str, Any]) -> None:
+    """The one way a metric enters the run: kept, sent to TensorBoard, shown."""
+    self.records.append(record)
+    if self._writer is not None:
+      for key, tag in SCALARS[record["kind"]].items():
+        self._writer.add_scalar(tag, record[key], record["step"])
+    self._show(record)
+
+  def _show(self, record: dict[str, Any]) -> None:
+    kind = record["kind"]
+    if kind == "train" and self._bar is not None:
+      self._bar.set_postfix(
+          ppl=f"{record['perplexity']:.2f}", kl=f"{record['kl']:.4f}",
+          tok_s=f"{record['tokens_per_second']:.0f}", refresh=False,
+      )
+    elif kind == "train":
+      done = record["step_in_epoch"] - self._first_step
+      seconds_per_step = (time.time() - self._epoch_start) / max(done, 1)
+      logging.info(
+          "epoch %d lr %.4g step %d/%d | loss %.3f ppl %.2f kl %.4f | %.0f tok/s | eta %s",
+          record["epoch"], record["learning_rate"], record["step_in_epoch"], self._num_steps,
+          record["loss"], record["perplexity"], record["kl"], record["tokens_per_second"],
+          format_seconds((self._num_steps - record["step_in_epoch"]) * seconds_per_step),
+      )
+    elif kind == "epoch":
+      logging.info(
+          "epoch %d done | train ppl %.2f | valid ppl %.2f (%d tokens) | best %.2f (epoch %d)",
+          record["epoch"], record["train_perplexity"], record["valid_perplexity"],
+          record["valid_tokens_scored"], record["best_valid_perplexity"], record["best_epoch"],
+      )
+    elif kind == "test":
+      logging.info(
+          "best valid ppl %.2f (epoch %d), test ppl %.2f over %d tokens (eval batch %d)",
+          record["best_valid_perplexity"], record["best_epoch"], record["test_perplexity"],
+          record["test_tokens_scored"], self._config.eval_batch_size,
+      )
+
+  def write_metrics(self) -> None:
+    """Rewrites `metrics.jsonl` from the records, atomically (writer process only)."""
+    if self._is_writer:
+      atomic_write(
+          self._workdir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.records)
+      )
+
+  def close(self, final_metrics: dict[str, float] | None = None) -> None:
+    """Flushes TensorBoard; with `final_metrics`, records the config as hparams with them."""
+    self.end_epoch()
+    if self._writer is not None:
+      if final_metrics:
+        self._writer.add_hparams(flat_config(self._config), final_metrics, name=".")
+      self._writer.close()
+
+
+def format_seconds(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  minutes, seconds = divmod(int(seconds), 60)
+  hours, minutes = divmod(minutes, 60)
+  return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
+
+
+def read_records(workdir: Path, kind: str | None = None) -> list[dict[str, Any]]:
+  """The records of `workdir/metrics.jsonl`, all or those of one kind."""
+  lines = (Path(workdir) / "metrics.jsonl").read_text().splitlines()
+  records = [json.loads(line) for line in lines if line.strip()]
+  return [r for r in records if kind is None or r.get("kind") == kind]

@@ -1,0 +1,139 @@
+"""A table of runs, and their validation curves: python -m tied_lm.summarize WORKDIR [...].
+
+  python -m tied_lm.summarize /tmp/ptb_small_vd /tmp/ptb_small_real --plot=curves.png
+
+Prints a Markdown table (dataset, size, variant, epochs, best valid
+perplexity, test perplexity, tokens scored, parameters, tokens/s, wall time)
+that pastes into a paper or a bug report. A run still in progress shows its
+epochs so far and no test perplexity. `--plot` needs matplotlib
+(`pip install -e ".[plot]"`).
+"""
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from absl import app, flags
+
+from tied_lm import reporting
+from tied_lm.errors import UserError
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("plot", None, "Also draw the runs' validation curves into this PNG.")
+
+# (hidden size -> name) and ((tie, bias, augmented) -> name) as in configs/paper.py;
+# tests/test_summarize.py checks that the two agree.
+SIZES = {200: "small", 650: "medium", 1500: "large"}
+VARIANTS = {
+    (False, True, False): "vd",
+    (False, True, True): "al",
+    (True, False, False): "re",
+    (True, False, True): "real",
+}
+
+
+def describe(config: dict[str, Any]) -> tuple[str, str]:
+  """(size, variant) of a config dict, in the paper's names where they apply."""
+  model = config["model"]
+  size = SIZES.get(model["hidden_size"], f"{model['hidden_size']} units")
+  if model["embed_dim"] != model["hidden_size"]:
+    size = f"{model['embed_dim']}/{model['hidden_size']} units"
+  key = (model["tie_embeddings"], model["output_bias"], config["loss"]["augmented"])
+  return size, VARIANTS.get(key, "custom")
+
+
+def load_run(workdir: Path) -> dict[str, Any]:
+  """What the table shows of one run directory; UserError if it is not one."""
+  if not workdir.is_dir():
+    raise UserError(f"{workdir} is not a directory")
+  config_file, results_file = workdir / "config.json", workdir / "results.json"
+  results = json.loads(results_file.read_text()) if results_file.is_file() else None
+  if config_file.is_file():
+    config = json.loads(config_file.read_text())
+  elif results is not None:
+    config = results["config"]
+  else:
+    raise UserError(f"{workdir} is not a tied_lm run (no config.json or results.json)")
+  records = reporting.read_records(workdir) if (workdir / "metrics.jsonl").is_file() else []
+  # Runs from before records had a kind hold one line per epoch.
+  epochs = [r for r in records if r.get("kind", "epoch") == "epoch"]
+  if not epochs:
+    raise UserError(f"{workdir} has no finished epoch yet")
+  best = min(epochs, key=lambda r: r["valid_perplexity"])
+  size, variant = describe(config)
+  return {
+      "run": workdir.name,
+      "dataset": config["dataset"],
+      "size": size,
+      "variant": variant,
+      "epochs": len(epochs),
+      "best_valid_perplexity": best["valid_perplexity"],
+      "best_epoch": best["epoch"],
+      "test_perplexity": results["test_perplexity"] if results else None,
+      "test_tokens_scored": results["test_tokens_scored"] if results else None,
+      "num_params": results["num_params"] if results else None,
+      "tokens_per_second": sorted(r["train_tokens_per_second"] for r in epochs)[len(epochs) // 2],
+      "wall_seconds": epochs[-1]["wall_seconds"],
+      "curve": [(r["epoch"], r["valid_perplexity"]) for r in epochs],
+  }
+
+
+def table(runs: list[dict[str, Any]]) -> str:
+  """The runs as a Markdown table."""
+  header = ("run", "dataset", "size", "variant", "epochs", "best valid ppl (epoch)",
+            "test ppl", "test tokens", "params", "train tok/s", "wall")
+  rows = [header, tuple("---" for _ in header)]
+  for run in runs:
+    rows.append((
+        run["run"], run["dataset"], run["size"], run["variant"], str(run["epochs"]),
+        f"{run['best_valid_perplexity']:.2f} ({run['best_epoch']})",
+        "-" if run["test_perplexity"] is None else f"{run['test_perplexity']:.2f}",
+        "-" if run["test_tokens_scored"] is None else f"{run['test_tokens_scored']:,}",
+        "-" if run["num_params"] is None else f"{run['num_params'] / 1e6:.2f}M",
+        f"{run['tokens_per_second']:,.0f}", reporting.format_seconds(run["wall_seconds"]),
+    ))
+  return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+
+
+def plot_curves(runs: list[dict[str, Any]], path: Path, title: str = "") -> None:
+  """Validation perplexity against epoch, one line per run, into a PNG."""
+  try:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    raise UserError('plotting needs matplotlib: pip install -e ".[plot]"') from None
+  figure, axes = plt.subplots(figsize=(6.4, 4.0))
+  for run in runs:
+    epochs, perplexities = zip(*run["curve"], strict=True)
+    axes.plot(epochs, perplexities, marker="o", markersize=3,
+              label=f"{run['run']} ({run['size']}, {run['variant']})")
+  axes.set_xlabel("epoch")
+  axes.set_ylabel("validation perplexity")
+  axes.set_yscale("log")
+  axes.set_title(title or "validation perplexity")
+  axes.grid(True, which="both", alpha=0.3)
+  axes.legend()
+  figure.tight_layout()
+  figure.savefig(path, dpi=120)
+  plt.close(figure)
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) < 2:
+    raise app.UsageError("usage: python -m tied_lm.summarize WORKDIR [WORKDIR...] [--plot=F]")
+  try:
+    runs = [load_run(Path(directory)) for directory in argv[1:]]
+    print(table(runs))
+    if FLAGS.plot:
+      plot_curves(runs, Path(FLAGS.plot))
+      print(f"wrote {FLAGS.plot}")
+  except UserError as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)
