@@ -100,6 +100,7 @@ def plot_curves(runs: list[dict[str, Any]], path: Path, title: str = "") -> None
   """Validation perplexity against epoch, one line per run, into a PNG."""
   try:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -113,6 +114,10 @@ def plot_curves(runs: list[dict[str, Any]], path: Path, title: str = "") -> None
   axes.set_xlabel("epoch")
   axes.set_ylabel("validation perplexity")
   axes.set_yscale("log")
+  # Plain numbers on the log axis, minor ticks included (perplexity curves span <1 decade).
+  plain = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}")
+  axes.yaxis.set_major_formatter(plain)
+  axes.yaxis.set_minor_formatter(plain)
   axes.set_title(title or "validation perplexity")
   axes.grid(True, which="both", alpha=0.3)
   axes.legend()
