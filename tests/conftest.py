@@ -10,3 +10,18 @@ os.environ["XLA_FLAGS"] = (
 _SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 if "TIED_LM_DATA_DIR" not in os.environ and _SHARED_DATA.is_dir():
   os.environ["TIED_LM_DATA_DIR"] = str(_SHARED_DATA)
+
+
+import pytest  # noqa: E402 -- after the XLA flags above
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+  """A finished tiny PTB run (1 epoch of 40 steps): its workdir and results."""
+  from configs import default
+  from tied_lm import train
+
+  config = default.get_config()
+  config.num_epochs, config.max_steps_per_epoch = 1, 40
+  workdir = tmp_path_factory.mktemp("trained") / "run"
+  return workdir, train.train_and_evaluate(config, str(workdir))

@@ -20,7 +20,11 @@ from tied_lm import reporting
 from tied_lm.errors import UserError
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("plot", None, "Also draw the runs' validation curves into this PNG.")
+
+
+def define_flags() -> None:
+  """The command's flags; defined only when it runs, so that the module imports cleanly."""
+  flags.DEFINE_string("plot", None, "Also draw the runs' validation curves into this PNG.")
 
 # (hidden size -> name) and ((tie, bias, augmented) -> name) as in configs/paper.py;
 # tests/test_summarize.py checks that the two agree.
@@ -141,4 +145,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -12,7 +12,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import jax
@@ -386,6 +386,14 @@ class Checkpoints:
           + (f"checkpoint {max(previous)} is intact" if previous else "no earlier checkpoint")
       ) from error
 
+  def restore_best_params(self) -> tuple[int, Any]:
+    """(step, best params as NumPy arrays) of the newest checkpoint, read without a template."""
+    step = self._manager.latest_step()
+    restored = self._manager.restore(
+        step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore())
+    )
+    return step, restored["arrays"]["best_params"]
+
   def restore_latest(
       self, arrays_like: dict[str, Any], check_meta: Any
   ) -> tuple[int, dict[str, Any], dict] | None:
@@ -556,6 +564,40 @@ def _interrupted(signum: int, step: int, checkpoints: Checkpoints) -> Interrupte
       f"{checkpoints.directory}; run the same command again to resume",
       signum,
   )
+
+
+class TrainedRun(NamedTuple):
+  """A run directory's best parameters with what it takes to use them."""
+
+  config: ml_collections.ConfigDict
+  corpus: data.Corpus
+  model: models.LSTMLanguageModel
+  params: Any
+  checkpoint_step: int
+
+
+def load_trained(workdir: str | Path) -> TrainedRun:
+  """The best parameters so far of a run directory, with its config, corpus and model.
+
+  Raises UserError (one line) for a folder that is not a run or has no checkpoint yet.
+  """
+  workdir = Path(workdir).expanduser()
+  config_file = workdir / "config.json"
+  if not workdir.is_dir():
+    raise UserError(f"{workdir} is not a directory")
+  if not config_file.is_file():
+    raise UserError(f"{workdir} is not a tied_lm run (no config.json)")
+  checkpoint_dir = workdir / "checkpoints"
+  if not checkpoint_dir.is_dir() or not any(d.name.isdigit() for d in checkpoint_dir.iterdir()):
+    raise UserError(
+        f"{workdir} has no checkpoint yet: training writes the first one after "
+        "checkpoint_every_steps steps or one epoch"
+    )
+  config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
+  corpus = data.load_corpus(config.dataset, config.data_dir, config.max_vocab_size)
+  model = make_model(config, corpus.vocab_size)
+  step, params = Checkpoints(workdir).restore_best_params()
+  return TrainedRun(config, corpus, model, jax.tree.map(jnp.asarray, params), step)
 
 
 def check_workdir_writable(workdir: Path) -> None:

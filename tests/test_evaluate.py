@@ -1,0 +1,53 @@
+"""python -m tied_lm.evaluate: the run's own numbers, any batch size, one-line errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def evaluate_cli(*args):
+  return subprocess.run(
+      [sys.executable, "-m", "tied_lm.evaluate", *args],
+      cwd=REPO, capture_output=True, text=True, timeout=300,
+  )
+
+
+def test_evaluate_reproduces_the_runs_test_perplexity(trained_run):
+  workdir, results = trained_run
+  result = evaluate_cli(f"--workdir={workdir}", "--split=test", "--eval_batch_size=10")
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.startswith(
+      f"test perplexity {results['test_perplexity']:.2f} over 82,429 tokens (eval batch 10"
+  )
+  saved = json.loads((workdir / "eval_test_batch10.json").read_text())
+  assert saved["perplexity"] == pytest.approx(results["test_perplexity"], rel=1e-6)
+  assert saved["tokens_scored"] == 82_429 == results["test_tokens_scored"]
+
+
+def test_batch_one_scores_the_same_tokens(trained_run):
+  workdir, results = trained_run
+  result = evaluate_cli(f"--workdir={workdir}", "--split=valid", "--eval_batch_size=1")
+  assert result.returncode == 0, result.stderr
+  saved = json.loads((workdir / "eval_valid_batch1.json").read_text())
+  assert saved["tokens_scored"] == results["valid_tokens_scored"] == 73_759
+  # Full history for every token can only help a trained model a little, never by much.
+  assert saved["perplexity"] == pytest.approx(results["valid_perplexity"], rel=0.05)
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda d: d.mkdir(), "is not a tied_lm run (no config.json)"),
+    (lambda d: (d.mkdir(), (d / "config.json").write_text("{}")),
+     "has no checkpoint yet: training writes the first one after checkpoint_every_steps "
+     "steps or one epoch"),
+])
+def test_a_folder_without_a_checkpoint_is_one_line(tmp_path, make, message):
+  folder = tmp_path / "run"
+  make(folder)
+  result = evaluate_cli(f"--workdir={folder}")
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [f"error: {folder} {message}"]

@@ -1,0 +1,69 @@
+"""python -m tied_lm.sample: the model's own logits, top-k, <unk> prompts, determinism."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tied_lm import sample, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def sample_cli(workdir, *args):
+  return subprocess.run(
+      [sys.executable, "-m", "tied_lm.sample", f"--workdir={workdir}", *args],
+      cwd=REPO, capture_output=True, text=True, timeout=300,
+  )
+
+
+def test_word_by_word_logits_are_the_models_logits_over_the_window(trained_run):
+  run = train.load_trained(trained_run[0])
+  tokens = sample.encode_prompt("the company said it expects", run.corpus.vocab)
+  window_logits, _ = run.model.apply(
+      {"params": run.params}, jnp.asarray([tokens]), run.model.initial_carry(1),
+      deterministic=True,
+  )
+  carry = run.model.initial_carry(1)
+  for position, token in enumerate(tokens):
+    logits, carry = sample.next_word_logits(run.params, jnp.int32(token), carry, model=run.model)
+    np.testing.assert_allclose(logits, window_logits[0, position], rtol=1e-5, atol=1e-5)
+
+
+def test_top_k_samples_only_among_the_k_largest():
+  logits = jnp.asarray([0.0, 3.0, 1.0, 2.5, -1.0])
+  drawn = {int(sample.sample_word(jax.random.key(i), logits, 1.0, 2)) for i in range(200)}
+  assert drawn == {1, 3}
+  assert {int(sample.sample_word(jax.random.key(i), logits, 1.0, 1)) for i in range(20)} == {1}
+  # Without top-k every word can come up.
+  assert len({int(sample.sample_word(jax.random.key(i), logits, 5.0, 0))
+              for i in range(400)}) == 5
+
+
+def test_sampling_is_deterministic_per_seed_and_maps_unknown_words(trained_run):
+  workdir, _ = trained_run
+  args = ["--prompt=the zzyzx company", "--num_words=20", "--seed=3"]
+  first, second = sample_cli(workdir, *args), sample_cli(workdir, *args)
+  assert first.returncode == 0, first.stderr
+  assert first.stdout == second.stdout
+  assert "not in the vocabulary, read as <unk>: zzyzx" in first.stderr
+  words = sample.generate(train.load_trained(workdir), "the zzyzx company", 20, 1.0, 0, 3)
+  assert len(words) == 20
+  assert first.stdout.strip() == sample.as_lines(["the", "zzyzx", "company", *words])
+  other_seed = sample_cli(workdir, *args[:-1], "--seed=4")
+  assert other_seed.stdout != first.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--temperature=0"], "temperature=0.0 must be > 0"),
+    (["--top_k=-1"], "top_k=-1 must be in [0, 10000]"),
+    (["--prompt= "], "the prompt is empty"),
+])
+def test_bad_sampling_arguments_are_one_line(trained_run, args, message):
+  result = sample_cli(trained_run[0], *args)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1] == f"error: {message}"

@@ -1,0 +1,60 @@
+"""Perplexity of a run's best parameters: python -m tied_lm.evaluate --workdir=DIR.
+
+  python -m tied_lm.evaluate --workdir=/tmp/ptb_small_real --split=test --eval_batch_size=1
+
+Prints the perplexity and the number of target tokens scored, and writes them
+to DIR/eval_SPLIT_batchB.json. Batch 1 conditions every token on its whole
+history; larger batches start each row from a zero state (faster).
+"""
+
+import json
+import sys
+from pathlib import Path
+
+from absl import app, flags
+
+from tied_lm import train
+from tied_lm.errors import UserError
+from tied_lm.fileio import atomic_write
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command's flags; defined only when it runs, so that the module imports cleanly."""
+  flags.DEFINE_string("workdir", None, "A run directory of tied_lm.main.")
+  flags.DEFINE_enum("split", "test", ["train", "valid", "test"], "Which split to score.")
+  flags.DEFINE_integer("eval_batch_size", None, "Rows scored in parallel (default: the run's).")
+  flags.mark_flag_as_required("workdir")
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    run = train.load_trained(FLAGS.workdir)
+    batch_size = FLAGS.eval_batch_size or run.config.eval_batch_size
+    if batch_size <= 0:
+      raise UserError(f"eval_batch_size={batch_size} must be positive")
+    perplexity, tokens = train.evaluate(
+        run.model, run.params, run.corpus.split(FLAGS.split), batch_size, run.config.num_steps
+    )
+  except UserError as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+  result = {
+      "split": FLAGS.split,
+      "perplexity": perplexity,
+      "tokens_scored": tokens,
+      "eval_batch_size": batch_size,
+      "checkpoint_step": run.checkpoint_step,
+  }
+  output = Path(FLAGS.workdir).expanduser() / f"eval_{FLAGS.split}_batch{batch_size}.json"
+  atomic_write(output, json.dumps(result, indent=2) + "\n")
+  print(f"{FLAGS.split} perplexity {perplexity:.2f} over {tokens:,} tokens "
+        f"(eval batch {batch_size}, checkpoint {run.checkpoint_step}); wrote {output}")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

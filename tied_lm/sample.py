@@ -1,0 +1,111 @@
+"""Text from a run's best parameters: python -m tied_lm.sample --workdir=DIR --prompt="...".
+
+  python -m tied_lm.sample --workdir=/tmp/ptb_small_real --prompt="the company said" \
+      --num_words=50 --temperature=1.0 --top_k=0 --seed=0
+
+Every next word comes from the model's own logits function (`model.apply`,
+the one the loss trains), one word at a time with the recurrent state carried.
+Prompt words outside the vocabulary become <unk>, with a warning. The same
+seed gives the same text.
+"""
+
+import functools
+import sys
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags, logging
+
+from tied_lm import data, models, train
+from tied_lm.errors import UserError
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command's flags; defined only when it runs, so that the module imports cleanly."""
+  flags.DEFINE_string("workdir", None, "A run directory of tied_lm.main.")
+  flags.DEFINE_string("prompt", "the", "Words to start from, separated by spaces.")
+  flags.DEFINE_integer("num_words", 50, "How many words to generate.")
+  flags.DEFINE_float("temperature", 1.0, "Softmax temperature (> 0); lower is more conservative.")
+  flags.DEFINE_integer("top_k", 0, "Sample among the k most likely words only (0: all).")
+  flags.DEFINE_integer("seed", 0, "Random seed.")
+  flags.mark_flag_as_required("workdir")
+
+
+@functools.partial(jax.jit, static_argnames="model")
+def next_word_logits(
+    params, token: jax.Array, carry: models.Carry, *, model: models.LSTMLanguageModel
+) -> tuple[jax.Array, models.Carry]:
+  """The model's logits [V] after one more word, and the new carry (batch of one)."""
+  logits, carry = model.apply({"params": params}, token.reshape(1, 1), carry, deterministic=True)
+  return logits[0, -1], carry
+
+
+@functools.partial(jax.jit, static_argnames="top_k")
+def sample_word(key: jax.Array, logits: jax.Array, temperature: float, top_k: int) -> jax.Array:
+  """A word id from softmax(logits / temperature), among the top_k most likely (0: all)."""
+  logits = logits / temperature
+  if top_k:
+    kth_largest = jax.lax.top_k(logits, top_k)[0][-1]
+    logits = jnp.where(logits >= kth_largest, logits, -jnp.inf)
+  return jax.random.categorical(key, logits)
+
+
+def encode_prompt(prompt: str, vocab: Sequence[str]) -> list[int]:
+  """Word ids of the prompt; unknown words become <unk>, with a warning."""
+  index = {word: i for i, word in enumerate(vocab)}
+  words = prompt.split()
+  if not words:
+    raise UserError("the prompt is empty")
+  unknown = [w for w in words if w not in index]
+  if unknown:
+    if data.UNK not in index:
+      raise UserError(f"{', '.join(unknown)} not in the vocabulary, which has no {data.UNK}")
+    logging.warning("not in the vocabulary, read as %s: %s", data.UNK, ", ".join(unknown))
+  return [index.get(w, index.get(data.UNK)) for w in words]
+
+
+def generate(
+    run: train.TrainedRun, prompt: str, num_words: int, temperature: float, top_k: int, seed: int
+) -> list[str]:
+  """The generated words (without the prompt)."""
+  if temperature <= 0:
+    raise UserError(f"temperature={temperature} must be > 0")
+  if not 0 <= top_k <= run.corpus.vocab_size:
+    raise UserError(f"top_k={top_k} must be in [0, {run.corpus.vocab_size}]")
+  carry = run.model.initial_carry(1)
+  for token in encode_prompt(prompt, run.corpus.vocab):
+    logits, carry = next_word_logits(run.params, jnp.int32(token), carry, model=run.model)
+  words, key = [], jax.random.key(seed)
+  for _ in range(num_words):
+    key, subkey = jax.random.split(key)
+    token = sample_word(subkey, logits, temperature, top_k)
+    words.append(run.corpus.vocab[int(token)])
+    logits, carry = next_word_logits(run.params, token, carry, model=run.model)
+  return words
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    run = train.load_trained(FLAGS.workdir)
+    words = generate(
+        run, FLAGS.prompt, FLAGS.num_words, FLAGS.temperature, FLAGS.top_k, FLAGS.seed
+    )
+  except UserError as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+  print(as_lines([*FLAGS.prompt.split(), *words]))
+
+
+def as_lines(words: Sequence[str]) -> str:
+  """Words joined by spaces, with a line break for each <eos>."""
+  return "\n".join(" ".join(line.split()) for line in " ".join(words).split(data.EOS))
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
