@@ -50,6 +50,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.output_dropout = 0.0
   # Time steps per iteration of the recurrent loop (speed only, same numbers).
   config.model.unroll = 1
+  # "bfloat16": mixed precision (bf16 matmul inputs, float32 parameters,
+  # accumulation and losses); evaluation always runs in float32.
+  config.model.compute_dtype = "float32"
 
   config.loss = ml_collections.ConfigDict()
   config.loss.augmented = True

@@ -40,9 +40,12 @@ class TorchLanguageModel(torch.nn.Module):
       hidden_dropout: float = 0.0,
       output_dropout: float = 0.0,
       unroll: int = 1,
+      compute_dtype: str = "float32",
   ):
     del unroll  # a speed knob of the JAX scan; nn.LSTM has its own loop
     super().__init__()
+    # "bfloat16": torch's own mixed precision, autocast (see `make_train_step`).
+    self.autocast_dtype = torch.bfloat16 if compute_dtype == "bfloat16" else None
     if tie_embeddings and hidden_size != embed_dim and not output_projection:
       raise ValueError("tie_embeddings needs hidden_size == embed_dim or a projection")
     self.embed = torch.nn.Embedding(vocab_size, embed_dim)
@@ -141,12 +144,16 @@ def make_train_step(model: TorchLanguageModel, config: Any):
     model.train()
     state = [(h.detach(), c.detach()) for h, c in state]
     optimizer.zero_grad(set_to_none=True)
-    logits, bias_free_logits, state = model(inputs, state)
-    cross_entropy, kl = loss_terms(
-        logits, bias_free_logits, targets, model.embed.weight,
-        augmented=config.loss.augmented, tau=config.loss.tau,
-        stop_gradient_target=config.loss.stop_gradient_target,
-    )
+    with torch.autocast(
+        inputs.device.type, dtype=model.autocast_dtype or torch.float32,
+        enabled=model.autocast_dtype is not None,
+    ):
+      logits, bias_free_logits, state = model(inputs, state)
+      cross_entropy, kl = loss_terms(
+          logits, bias_free_logits, targets, model.embed.weight,
+          augmented=config.loss.augmented, tau=config.loss.tau,
+          stop_gradient_target=config.loss.stop_gradient_target,
+      )
     loss = (cross_entropy + alpha * kl).sum() / inputs.shape[0]
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.clip_norm)

@@ -260,3 +260,23 @@ def test_unroll_changes_no_output():
   ]
   for out in outputs[1:]:
     np.testing.assert_allclose(out, outputs[0], rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_compute_stays_close_to_float32_and_keeps_float32_params_and_grads():
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, V, (B, T)), jnp.int32)
+  params = init(make_model())
+  targets = jnp.roll(tokens, -1, axis=1)
+
+  def loss(params, dtype):
+    model = make_model(compute_dtype=dtype)
+    logits, _ = model.apply({"params": params}, tokens, model.initial_carry(B), deterministic=True)
+    return losses.cross_entropy(logits, targets).mean(), logits
+
+  (loss32, logits32), grads32 = jax.value_and_grad(loss, has_aux=True)(params, "float32")
+  (loss16, logits16), grads16 = jax.value_and_grad(loss, has_aux=True)(params, "bfloat16")
+  assert logits16.dtype == jnp.bfloat16 and loss16.dtype == jnp.float32
+  np.testing.assert_allclose(logits16.astype(jnp.float32), logits32, atol=3e-2)
+  np.testing.assert_allclose(loss16, loss32, rtol=1e-2)
+  for g16, g32 in zip(jax.tree.leaves(grads16), jax.tree.leaves(grads32), strict=True):
+    assert g16.dtype == jnp.float32
+    np.testing.assert_allclose(g16, g32, atol=2e-2 * float(jnp.abs(g32).max()) + 1e-6)

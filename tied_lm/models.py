@@ -74,10 +74,19 @@ def _lstm_cell(gates: jax.Array, c: jax.Array) -> tuple[jax.Array, jax.Array, ja
   return activations, c, o * jnp.tanh(c)
 
 
-def _lstm_recurrence_fwd(projected_inputs, recurrent_kernel, carry, recurrent_mask, unroll):
+def _matmul(x: jax.Array, y: jax.Array, dtype: str) -> jax.Array:
+  """x @ y with inputs in `dtype` and a float32 result (the bf16 mode's matmuls)."""
+  return jnp.matmul(x.astype(dtype), y.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _lstm_recurrence_fwd(
+    projected_inputs, recurrent_kernel, carry, recurrent_mask, unroll, compute_dtype
+):
+  kernel = recurrent_kernel.astype(compute_dtype)
+
   def step(state, projected_input):
     c, h = state
-    gates = projected_input + _apply_mask(h, recurrent_mask) @ recurrent_kernel
+    gates = projected_input + _matmul(_apply_mask(h, recurrent_mask), kernel, compute_dtype)
     activations, c, h = _lstm_cell(gates, c)
     return (c, h), (h, c, activations)
 
@@ -88,13 +97,14 @@ def _lstm_recurrence_fwd(projected_inputs, recurrent_kernel, carry, recurrent_ma
   return (outputs, final_carry), residuals
 
 
-def _lstm_recurrence_bwd(unroll, residuals, grads):
+def _lstm_recurrence_bwd(unroll, compute_dtype, residuals, grads):
   recurrent_kernel, (initial_c, initial_h), recurrent_mask, outputs, cells, activations = (
       residuals
   )
   grad_outputs, (grad_final_c, grad_final_h) = grads
   previous_cells = jnp.concatenate([initial_c[None], cells[:-1]])
   previous_h = _apply_mask(jnp.concatenate([initial_h[None], outputs[:-1]]), recurrent_mask)
+  kernel_t = recurrent_kernel.T.astype(compute_dtype)
 
   def step(state, inputs):
     grad_c, grad_h_recurrent = state
@@ -109,7 +119,7 @@ def _lstm_recurrence_bwd(unroll, residuals, grads):
         grad_c * i * (1 - g**2),
         grad_h * tanh_c * o * (1 - o),
     ], axis=-1)
-    grad_previous_h = _apply_mask(grad_gates @ recurrent_kernel.T, recurrent_mask)
+    grad_previous_h = _apply_mask(_matmul(grad_gates, kernel_t, compute_dtype), recurrent_mask)
     return (grad_c * f, grad_previous_h), grad_gates
 
   (grad_initial_c, grad_initial_h), grad_gates = jax.lax.scan(
@@ -120,18 +130,22 @@ def _lstm_recurrence_bwd(unroll, residuals, grads):
       unroll=unroll,
   )
   # The weight gradient as one [H, T*B] x [T*B, 4H] matmul, not T small ones.
-  grad_kernel = jnp.einsum("tbh,tbg->hg", previous_h, grad_gates)
+  grad_kernel = jnp.einsum(
+      "tbh,tbg->hg", previous_h.astype(compute_dtype), grad_gates.astype(compute_dtype),
+      preferred_element_type=jnp.float32,
+  )
   grad_mask = None if recurrent_mask is None else jnp.zeros_like(recurrent_mask)
   return grad_gates, grad_kernel, (grad_initial_c, grad_initial_h), grad_mask
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def lstm_recurrence(
     projected_inputs: jax.Array,
     recurrent_kernel: jax.Array,
     carry: tuple[jax.Array, jax.Array],
     recurrent_mask: jax.Array | None,
     unroll: int = 1,
+    compute_dtype: str = "float32",
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
   """The recurrent part of an LSTM layer over a window, with a hand-written gradient.
 
@@ -147,16 +161,18 @@ def lstm_recurrence(
     carry: (c, h), each [B, H].
     recurrent_mask: [B, H] variational mask on h for its recurrent use, or None.
     unroll: time steps per loop iteration (speed only).
+    compute_dtype: the matmuls' input type ("bfloat16" for mixed precision);
+      they accumulate in float32, and gates, cells and gradients stay float32.
 
   Returns:
     outputs [T, B, H] (the unmasked h_t) and the final (c, h).
   """
-  return _lstm_recurrence_fwd(projected_inputs, recurrent_kernel, carry, recurrent_mask, unroll)[0]
+  return _lstm_recurrence_fwd(
+      projected_inputs, recurrent_kernel, carry, recurrent_mask, unroll, compute_dtype
+  )[0]
 
 
-lstm_recurrence.defvjp(
-    lambda *args: _lstm_recurrence_fwd(*args[:4], args[4]), _lstm_recurrence_bwd
-)
+lstm_recurrence.defvjp(_lstm_recurrence_fwd, _lstm_recurrence_bwd)
 
 
 class LSTMLayer(nn.Module):
@@ -169,6 +185,7 @@ class LSTMLayer(nn.Module):
   hidden_size: int
   init_scale: float
   unroll: int = 1
+  compute_dtype: str = "float32"
 
   @nn.compact
   def __call__(
@@ -196,8 +213,14 @@ class LSTMLayer(nn.Module):
     )
     bias = self.param("bias", init, (num_gates,))
 
-    projected_inputs = jnp.einsum("tbd,dg->tbg", inputs, input_kernel) + bias
-    return lstm_recurrence(projected_inputs, recurrent_kernel, carry, recurrent_mask, self.unroll)
+    dtype = self.compute_dtype
+    projected_inputs = jnp.einsum(
+        "tbd,dg->tbg", inputs.astype(dtype), input_kernel.astype(dtype),
+        preferred_element_type=jnp.float32,
+    ) + bias
+    return lstm_recurrence(
+        projected_inputs, recurrent_kernel, carry, recurrent_mask, self.unroll, dtype
+    )
 
 
 class LSTMLanguageModel(nn.Module):
@@ -225,6 +248,9 @@ class LSTMLanguageModel(nn.Module):
   output_dropout: float = 0.0
   # Time steps per iteration of the scan's loop; a speed knob only.
   unroll: int = 1
+  # "bfloat16": matmul inputs in bf16 (float32 accumulation); parameters, LSTM
+  # gates and cells, and the losses stay float32.
+  compute_dtype: str = "float32"
 
   def setup(self):
     if (
@@ -237,19 +263,25 @@ class LSTMLanguageModel(nn.Module):
           f" != {self.embed_dim}); set output_projection=True to add a projection"
       )
     init = uniform_init(self.init_scale)
-    self.embed = nn.Embed(self.vocab_size, self.embed_dim, embedding_init=init)
+    self.embed = nn.Embed(
+        self.vocab_size, self.embed_dim, embedding_init=init, dtype=self.compute_dtype
+    )
     self.layers = [
-        LSTMLayer(self.hidden_size, self.init_scale, self.unroll, name=f"lstm_{i}")
+        LSTMLayer(
+            self.hidden_size, self.init_scale, self.unroll, self.compute_dtype, name=f"lstm_{i}"
+        )
         for i in range(self.num_layers)
     ]
     if self.tie_embeddings:
       self.projection = (
-          nn.Dense(self.embed_dim, use_bias=False, kernel_init=init)
+          nn.Dense(self.embed_dim, use_bias=False, kernel_init=init, dtype=self.compute_dtype)
           if self.hidden_size != self.embed_dim
           else None
       )
     else:
-      self.output_kernel = nn.Dense(self.vocab_size, use_bias=False, kernel_init=init)
+      self.output_kernel = nn.Dense(
+          self.vocab_size, use_bias=False, kernel_init=init, dtype=self.compute_dtype
+      )
     if self.output_bias:
       self.bias = self.param("output_bias", init, (self.vocab_size,))
 

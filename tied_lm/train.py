@@ -63,6 +63,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
        f"batch_size={config.batch_size} is not divisible by the {num_devices} devices"),
       (config.model.init_scale > 0, f"model.init_scale={config.model.init_scale} must be > 0"),
       (config.model.unroll > 0, f"model.unroll={config.model.unroll} must be positive"),
+      (config.model.compute_dtype in ("float32", "bfloat16"),
+       f"model.compute_dtype={config.model.compute_dtype!r} must be 'float32' or 'bfloat16'"),
       (config.loss.tau > 0, f"loss.tau={config.loss.tau} must be > 0"),
       (config.loss.gamma >= 0, f"loss.gamma={config.loss.gamma} must be >= 0"),
       (config.optim.learning_rate > 0,
@@ -267,7 +269,8 @@ def evaluate(
   inputs, targets, weights = data.eval_windows(ids, batch_size, num_steps)
   # The forward-only loop is unrolled in full: same numbers, and on a CPU the
   # per-iteration cost of 2 * num_steps tiny steps dominates evaluation.
-  model = model.clone(unroll=num_steps)
+  # Reported perplexities are float32, whatever the training precision.
+  model = model.clone(unroll=num_steps, compute_dtype="float32")
   carry = model.initial_carry(batch_size)
   nll_sum = jnp.zeros((), jnp.float32)
   for window in range(len(inputs)):
