@@ -274,9 +274,26 @@ def test_bfloat16_compute_stays_close_to_float32_and_keeps_float32_params_and_gr
 
   (loss32, logits32), grads32 = jax.value_and_grad(loss, has_aux=True)(params, "float32")
   (loss16, logits16), grads16 = jax.value_and_grad(loss, has_aux=True)(params, "bfloat16")
-  assert logits16.dtype == jnp.bfloat16 and loss16.dtype == jnp.float32
-  np.testing.assert_allclose(logits16.astype(jnp.float32), logits32, atol=3e-2)
+  assert logits16.dtype == loss16.dtype == jnp.float32
+  np.testing.assert_allclose(logits16, logits32, atol=3e-2)
+  assert not np.array_equal(logits16, logits32)  # the bf16 mode did round
   np.testing.assert_allclose(loss16, loss32, rtol=1e-2)
   for g16, g32 in zip(jax.tree.leaves(grads16), jax.tree.leaves(grads32), strict=True):
     assert g16.dtype == jnp.float32
     np.testing.assert_allclose(g16, g32, atol=2e-2 * float(jnp.abs(g32).max()) + 1e-6)
+
+
+def test_mixed_matmul_rounds_inputs_and_cotangents_to_bfloat16_and_accumulates_in_float32():
+  keys = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(keys[0], (2, 3, 40))
+  y = jax.random.normal(keys[1], (40, 7))
+  cotangent = jax.random.normal(keys[2], (2, 3, 7))
+  out, vjp = jax.vjp(lambda x, y: models.mixed_matmul(x, y, "bfloat16"), x, y)
+  rounded = [a.astype(jnp.bfloat16).astype(jnp.float32) for a in (x, y, cotangent)]
+  np.testing.assert_allclose(out, rounded[0] @ rounded[1], rtol=1e-5, atol=1e-5)
+  grad_x, grad_y = vjp(cotangent)
+  assert out.dtype == grad_x.dtype == grad_y.dtype == jnp.float32
+  np.testing.assert_allclose(grad_x, rounded[2] @ rounded[1].T, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+      grad_y, jnp.einsum("abk,abn->kn", rounded[0], rounded[2]), rtol=1e-5, atol=1e-4
+  )

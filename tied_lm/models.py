@@ -75,8 +75,39 @@ def _lstm_cell(gates: jax.Array, c: jax.Array) -> tuple[jax.Array, jax.Array, ja
 
 
 def _matmul(x: jax.Array, y: jax.Array, dtype: str) -> jax.Array:
-  """x @ y with inputs in `dtype` and a float32 result (the bf16 mode's matmuls)."""
+  """x @ y with inputs in `dtype` and a float32 result (no gradient rule of its own)."""
   return jnp.matmul(x.astype(dtype), y.astype(dtype), preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def mixed_matmul(x: jax.Array, y: jax.Array, dtype: str) -> jax.Array:
+  """x [..., K] @ y [K, N] for the bf16 mode: `dtype` inputs, float32 results.
+
+  Its gradient's two matmuls also take `dtype` inputs (the float32 cotangent
+  is rounded), which autodiff of a mixed-type matmul would run in float32.
+  """
+  return _matmul(x, y, dtype)
+
+
+def _mixed_matmul_fwd(x, y, dtype):
+  x, y = x.astype(dtype), y.astype(dtype)  # kept in `dtype`: half the memory
+  return _matmul(x, y, dtype), (x, y)
+
+
+def _mixed_matmul_bwd(dtype, residuals, grad):
+  x, y = residuals
+  grad = grad.astype(dtype)
+  grad_x = _matmul(grad, y.T, dtype)
+  grad_y = _matmul(x.reshape(-1, x.shape[-1]).T, grad.reshape(-1, grad.shape[-1]), dtype)
+  return grad_x, grad_y
+
+
+mixed_matmul.defvjp(_mixed_matmul_fwd, _mixed_matmul_bwd)
+
+
+def _dense(x: jax.Array, kernel: jax.Array, dtype: str) -> jax.Array:
+  """x @ kernel: plain in float32, `mixed_matmul` otherwise."""
+  return x @ kernel if dtype == "float32" else mixed_matmul(x, kernel, dtype)
 
 
 def _lstm_recurrence_fwd(
@@ -213,13 +244,9 @@ class LSTMLayer(nn.Module):
     )
     bias = self.param("bias", init, (num_gates,))
 
-    dtype = self.compute_dtype
-    projected_inputs = jnp.einsum(
-        "tbd,dg->tbg", inputs.astype(dtype), input_kernel.astype(dtype),
-        preferred_element_type=jnp.float32,
-    ) + bias
+    projected_inputs = _dense(inputs, input_kernel, self.compute_dtype) + bias
     return lstm_recurrence(
-        projected_inputs, recurrent_kernel, carry, recurrent_mask, self.unroll, dtype
+        projected_inputs, recurrent_kernel, carry, recurrent_mask, self.unroll, self.compute_dtype
     )
 
 
@@ -263,8 +290,12 @@ class LSTMLanguageModel(nn.Module):
           f" != {self.embed_dim}); set output_projection=True to add a projection"
       )
     init = uniform_init(self.init_scale)
-    self.embed = nn.Embed(
-        self.vocab_size, self.embed_dim, embedding_init=init, dtype=self.compute_dtype
+    self.embed = nn.Embed(self.vocab_size, self.embed_dim, embedding_init=init)
+    # nn.Dense's own dot of bf16 inputs would give bf16 logits, and XLA:CPU runs it in fp32.
+    dtype = self.compute_dtype
+    dense_options = (
+        {} if dtype == "float32"
+        else {"dot_general": lambda x, kernel, *_, **__: mixed_matmul(x, kernel, dtype)}
     )
     self.layers = [
         LSTMLayer(
@@ -274,13 +305,13 @@ class LSTMLanguageModel(nn.Module):
     ]
     if self.tie_embeddings:
       self.projection = (
-          nn.Dense(self.embed_dim, use_bias=False, kernel_init=init, dtype=self.compute_dtype)
+          nn.Dense(self.embed_dim, use_bias=False, kernel_init=init, **dense_options)
           if self.hidden_size != self.embed_dim
           else None
       )
     else:
       self.output_kernel = nn.Dense(
-          self.vocab_size, use_bias=False, kernel_init=init, dtype=self.compute_dtype
+          self.vocab_size, use_bias=False, kernel_init=init, **dense_options
       )
     if self.output_bias:
       self.bias = self.param("output_bias", init, (self.vocab_size,))
@@ -342,7 +373,10 @@ class LSTMLanguageModel(nn.Module):
     if self.tie_embeddings:
       if self.projection is not None:
         x = self.projection(x)
-      bias_free_logits = self.embed.attend(x)
+      bias_free_logits = (
+          self.embed.attend(x) if self.compute_dtype == "float32"
+          else mixed_matmul(x, self.embed.embedding.T, self.compute_dtype)
+      )
     else:
       bias_free_logits = self.output_kernel(x)
     bias = self.bias if self.output_bias else None
