@@ -75,7 +75,9 @@ def load_config(spec: str, overrides: list[str]) -> ml_collections.ConfigDict:
   return config
 
 
-def step_flops(config: ml_collections.ConfigDict, vocab_size: int, batch_size: int) -> dict:
+def step_flops(
+    config: ml_collections.ConfigDict, vocab_size: int, batch_size: int, eval_batch_size: int
+) -> dict:
   """Matmul FLOPs of one train step and one eval step (2 per multiply-add).
 
   Training costs 3x the forward matmuls (forward, input gradient, weight
@@ -95,7 +97,7 @@ def step_flops(config: ml_collections.ConfigDict, vocab_size: int, batch_size: i
   forward = tokens * (lstm + projection + 2 * output_width * vocab_size)
   target_scores = tokens * 2 * m.embed_dim * vocab_size if config.loss.augmented else 0
   train_flops = 3 * forward + (1 if config.loss.stop_gradient_target else 3) * target_scores
-  eval_tokens = FLAGS.eval_batch_size * config.num_steps
+  eval_tokens = eval_batch_size * config.num_steps
   return {"train": train_flops, "eval": forward // tokens * eval_tokens}
 
 
@@ -353,7 +355,7 @@ def main(argv):
     config = load_config(spec, FLAGS.set)
     corpus = data.load_corpus(config.dataset, config.data_dir, config.max_vocab_size)
     for batch_size in [int(b) for b in FLAGS.batch_sizes] or [config.batch_size]:
-      flops = step_flops(config, corpus.vocab_size, batch_size)
+      flops = step_flops(config, corpus.vocab_size, batch_size, FLAGS.eval_batch_size)
       for num_devices in [int(n) for n in FLAGS.num_devices]:
         train.validate_config(config, num_devices)
         ours = OurTrainer(config, corpus, batch_size, num_devices)

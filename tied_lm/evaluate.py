@@ -8,13 +8,12 @@ history; larger batches start each row from a zero state (faster).
 """
 
 import json
-import sys
 from pathlib import Path
 
 from absl import app, flags
 
 from tied_lm import train
-from tied_lm.errors import UserError
+from tied_lm.errors import UserError, fail
 from tied_lm.fileio import atomic_write
 
 FLAGS = flags.FLAGS
@@ -40,8 +39,7 @@ def main(argv: list[str]) -> None:
         run.model, run.params, run.corpus.split(FLAGS.split), batch_size, run.config.num_steps
     )
   except UserError as error:
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(2)
+    fail(str(error))
   result = {
       "split": FLAGS.split,
       "perplexity": perplexity,

@@ -38,14 +38,17 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
 
 
+def _target_scores(embedding: jax.Array, targets: jax.Array) -> jax.Array:
+  """L[y] Lᵀ in >= float32; [...] ids -> [..., V]."""
+  embedding = _at_least_float32(embedding)
+  return jnp.einsum("...e,ve->...v", jnp.take(embedding, targets, axis=0), embedding)
+
+
 def _target_log_distribution(
     embedding: jax.Array, targets: jax.Array, tau: float
 ) -> jax.Array:
   """log ỹ = log_softmax(L[y] Lᵀ / τ); [...] ids -> [..., V] float32."""
-  embedding = _at_least_float32(embedding)
-  target_vectors = jnp.take(embedding, targets, axis=0)  # [..., E]
-  scores = jnp.einsum("...e,ve->...v", target_vectors, embedding)
-  return jax.nn.log_softmax(scores / tau, axis=-1)
+  return jax.nn.log_softmax(_target_scores(embedding, targets) / tau, axis=-1)
 
 
 @jax.jit
@@ -138,8 +141,7 @@ def cross_entropy_and_kl(
   if not augmented:
     cross_entropy = _fused_cross_entropy(logits, bias, targets)
     return cross_entropy.reshape(batch_shape), jnp.zeros(batch_shape, cross_entropy.dtype)
-  embedding = _at_least_float32(embedding)
-  target_scores = jnp.take(embedding, targets, axis=0) @ embedding.T  # [N, V]
+  target_scores = _target_scores(embedding, targets)  # [N, V]
   if stop_gradient_target:
     target_scores = jax.lax.stop_gradient(target_scores)
   cross_entropy, kl = _fused_cross_entropy_and_kl(logits, bias, target_scores, targets, tau)

@@ -19,7 +19,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from tied_lm import train
-from tied_lm.errors import UserError
+from tied_lm.errors import UserError, fail
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics; rerun to resume.")
@@ -29,12 +29,6 @@ flags.DEFINE_bool(
     "Call jax.distributed.initialize() (implied by JAX_COORDINATOR_ADDRESS in the environment).",
 )
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def fail(message: str) -> None:
-  """Bad input costs the user one line on stderr and exit status 2."""
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

@@ -6,7 +6,6 @@ Neighbours by cosine similarity between rows of the input embedding L (with
 tying, also the output classifier's rows).
 """
 
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +13,7 @@ import numpy as np
 from absl import app, flags
 
 from tied_lm import train
-from tied_lm.errors import UserError
+from tied_lm.errors import UserError, fail
 
 FLAGS = flags.FLAGS
 
@@ -56,8 +55,7 @@ def main(argv: list[str]) -> None:
         run.params["embed"]["embedding"], run.corpus.vocab, FLAGS.words, FLAGS.k
     )
   except UserError as error:
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(2)
+    fail(str(error))
   for word, found in neighbors.items():
     print(f"{word}: " + ", ".join(f"{w} ({s:.3f})" for w, s in found))
 

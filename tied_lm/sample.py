@@ -10,7 +10,6 @@ seed gives the same text.
 """
 
 import functools
-import sys
 from collections.abc import Sequence
 
 import jax
@@ -18,7 +17,7 @@ import jax.numpy as jnp
 from absl import app, flags, logging
 
 from tied_lm import data, models, train
-from tied_lm.errors import UserError
+from tied_lm.errors import UserError, fail
 
 FLAGS = flags.FLAGS
 
@@ -96,8 +95,7 @@ def main(argv: list[str]) -> None:
         run, FLAGS.prompt, FLAGS.num_words, FLAGS.temperature, FLAGS.top_k, FLAGS.seed
     )
   except UserError as error:
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(2)
+    fail(str(error))
   print(as_lines([*FLAGS.prompt.split(), *words]))
 
 

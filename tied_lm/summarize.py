@@ -10,14 +10,13 @@ epochs so far and no test perplexity. `--plot` needs matplotlib
 """
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 from absl import app, flags
 
 from tied_lm import reporting
-from tied_lm.errors import UserError
+from tied_lm.errors import UserError, fail
 
 FLAGS = flags.FLAGS
 
@@ -140,8 +139,7 @@ def main(argv: list[str]) -> None:
       plot_curves(runs, Path(FLAGS.plot))
       print(f"wrote {FLAGS.plot}")
   except UserError as error:
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(2)
+    fail(str(error))
 
 
 if __name__ == "__main__":
