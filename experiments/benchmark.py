@@ -19,9 +19,7 @@ XLA_FLAGS=--xla_force_host_platform_device_count=2 and --num_devices=1,2.
 
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,9 +30,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import app, flags, logging
 
+from experiments import provenance
 from tied_lm import data, train
 
 FLAGS = flags.FLAGS
@@ -55,7 +53,7 @@ flags.DEFINE_string(
     "output", "", "JSON path (default experiments/results/benchmark_<platform>.json)."
 )
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = provenance.REPO
 
 
 def load_config(spec: str, overrides: list[str]) -> ml_collections.ConfigDict:
@@ -311,37 +309,12 @@ def benchmark_pair(ours, theirs, tokens_per_step: int) -> tuple[dict, dict | Non
   return stats[0], stats[1]
 
 
-def git_commit() -> str:
-  def git(*args):
-    return subprocess.run(
-        ["git", *args], cwd=REPO, capture_output=True, text=True, check=False
-    ).stdout.strip()
-
-  commit = git("rev-parse", "HEAD")
-  return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
-
-
-def hardware() -> dict:
-  device = jax.local_devices()[0]
-  cpu = platform.processor()
-  try:
-    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-      if line.startswith("Model name:"):
-        cpu = line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return {
-      "platform": device.platform, "device_kind": device.device_kind,
-      "local_devices": jax.local_device_count(), "cpu": cpu, "cpu_count": os.cpu_count(),
-  }
-
-
 def main(argv):
   del argv
   start = time.time()
   platform_name = jax.local_devices()[0].platform
   torch_device = "cuda" if platform_name == "gpu" else "cpu"
-  versions = {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__}
+  versions = provenance.versions()
   peak = {"jax": measure_matmul_peak(FLAGS.matmul_size)}
   if FLAGS.compare == "torch":
     import torch
@@ -402,8 +375,8 @@ def main(argv):
 
   results = {
       "command": " ".join(["python -m experiments.benchmark", *sys.argv[1:]]),
-      "commit": git_commit(),
-      "hardware": hardware(),
+      "commit": provenance.git_commit(),
+      "hardware": provenance.hardware(),
       "versions": versions,
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "matmul_peak_flops": peak,

@@ -1,0 +1,53 @@
+"""Where a result came from: commit, hardware and library versions, for results JSON."""
+
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import flax
+import jax
+import optax
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def git_commit() -> str:
+  """HEAD (+dirty for uncommitted tracked changes), or $TIED_LM_COMMIT where there is no .git.
+
+  A copy of the tree without its history (e.g. shipped to a remote machine) names its
+  commit through the environment variable.
+  """
+
+  def git(*args):
+    try:
+      return subprocess.run(
+          ["git", *args], cwd=REPO, capture_output=True, text=True, check=False
+      ).stdout.strip()
+    except OSError:
+      return ""
+
+  commit = git("rev-parse", "HEAD")
+  if not commit:
+    return os.environ.get("TIED_LM_COMMIT", "unknown")
+  return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def hardware() -> dict:
+  """The first device's platform and kind, the device count and the CPU model."""
+  device = jax.local_devices()[0]
+  cpu = platform.processor()
+  try:
+    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+      if line.startswith("Model name:"):
+        cpu = line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return {
+      "platform": device.platform, "device_kind": device.device_kind,
+      "local_devices": jax.local_device_count(), "cpu": cpu, "cpu_count": os.cpu_count(),
+  }
+
+
+def versions() -> dict:
+  return {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__}
