@@ -49,6 +49,11 @@ flags.DEFINE_integer("repeats", 5, "Timed repeats; the median is reported.")
 flags.DEFINE_integer("steps_per_repeat", 10, "Steps per timed repeat.")
 flags.DEFINE_integer("matmul_size", 4096, "N of the N x N x N fp32 matmul that sets the peak.")
 flags.DEFINE_multi_string("set", [], "Config overrides KEY=VALUE, e.g. model.unroll=2.")
+flags.DEFINE_enum(
+    "fp32_matmuls", "default", ["default", "strict"],
+    "default: each library's own choice for fp32 matmuls (on NVIDIA GPUs JAX uses TF32, "
+    "PyTorch full fp32 for matmuls and TF32 in cuDNN); strict: full fp32 in both.",
+)
 flags.DEFINE_string(
     "output", "", "JSON path (default experiments/results/benchmark_<platform>.json)."
 )
@@ -315,11 +320,16 @@ def main(argv):
   platform_name = jax.local_devices()[0].platform
   torch_device = "cuda" if platform_name == "gpu" else "cpu"
   versions = provenance.versions()
+  if FLAGS.fp32_matmuls == "strict":
+    jax.config.update("jax_default_matmul_precision", "highest")
   peak = {"jax": measure_matmul_peak(FLAGS.matmul_size)}
   if FLAGS.compare == "torch":
     import torch
 
     versions["torch"] = torch.__version__
+    if FLAGS.fp32_matmuls == "strict":
+      torch.backends.cuda.matmul.allow_tf32 = False
+      torch.backends.cudnn.allow_tf32 = False
     peak["torch"] = measure_torch_matmul_peak(FLAGS.matmul_size, torch_device)
   logging.info("fp32 matmul peak: %s", {k: f"{v / 1e9:.0f} GFLOP/s" for k, v in peak.items()})
 
@@ -379,6 +389,7 @@ def main(argv):
       "hardware": provenance.hardware(),
       "versions": versions,
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "fp32_matmuls": FLAGS.fp32_matmuls,
       "matmul_peak_flops": peak,
       "rows": rows,
       "wall_seconds": time.time() - start,

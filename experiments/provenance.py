@@ -13,11 +13,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def git_commit() -> str:
-  """HEAD (+dirty for uncommitted tracked changes), or $TIED_LM_COMMIT where there is no .git.
+  """$TIED_LM_COMMIT if set, else HEAD (+dirty for uncommitted tracked changes).
 
-  A copy of the tree without its history (e.g. shipped to a remote machine) names its
-  commit through the environment variable.
+  A copy of the tree shipped to another machine names its commit through the
+  environment variable: the copy's own .git, if any, need not match its files.
   """
+  if os.environ.get("TIED_LM_COMMIT"):
+    return os.environ["TIED_LM_COMMIT"]
 
   def git(*args):
     try:
@@ -29,23 +31,27 @@ def git_commit() -> str:
 
   commit = git("rev-parse", "HEAD")
   if not commit:
-    return os.environ.get("TIED_LM_COMMIT", "unknown")
+    return "unknown"
   return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def cpu_model() -> str:
+  """The host CPU's model name (lscpu), or what `platform` knows."""
+  try:
+    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+      if line.startswith("Model name:"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor()
 
 
 def hardware() -> dict:
   """The first device's platform and kind, the device count and the CPU model."""
   device = jax.local_devices()[0]
-  cpu = platform.processor()
-  try:
-    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-      if line.startswith("Model name:"):
-        cpu = line.split(":", 1)[1].strip()
-  except OSError:
-    pass
   return {
       "platform": device.platform, "device_kind": device.device_kind,
-      "local_devices": jax.local_device_count(), "cpu": cpu, "cpu_count": os.cpu_count(),
+      "local_devices": jax.local_device_count(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
   }
 
 

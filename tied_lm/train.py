@@ -813,6 +813,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       "wall_seconds": history[-1]["wall_seconds"],
       "versions": {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__},
       "devices": [str(d) for d in jax.devices()],
+      "device_kind": jax.devices()[0].device_kind,
       "config": config.to_dict(),
   }
   if jax.process_index() == 0:

@@ -1,0 +1,306 @@
+r"""Reproduces the paper's tables: trains a grid of runs, then reports them beside the paper.
+
+  python -m experiments.reproduce --root=$HOME/tied_lm_runs --datasets=ptb \
+      --sizes=small --variants=vd,al,re,real --parallel=2
+
+Each run of the grid `datasets x sizes x variants` is
+
+  python -m tied_lm.main --config=configs/DATASET.py:SIZE,VARIANT \
+      --workdir=ROOT/DATASET_SIZE_VARIANT [--config.KEY=VALUE for each --set]
+
+with its output in ROOT/DATASET_SIZE_VARIANT/train.log. A finished run
+(results.json) is skipped; a killed one resumes from its last checkpoint when
+the harness is run again. `--parallel` runs several at once (on one GPU each
+child is given 0.9/parallel of its memory). `--rescore` then scores each
+finished run's best checkpoint on valid and test with eval_batch_size=1, so
+every token is conditioned on its whole history (`python -m tied_lm.evaluate`).
+
+The report step (always run; `--train=false` for it alone) reads every run
+under ROOT and writes, for each, RESULTS_DIR/DATASET_SIZE_VARIANT.json (final
+and best-epoch perplexities, tokens scored, eval batch sizes, parameters,
+epochs, wall time, hardware, versions, commit, commands and the per-epoch
+curve). From all such files in RESULTS_DIR, including those made on other
+machines, it writes TABLE.md (ours beside the paper, in the paper's layout,
+"not run" with the command for the rest) and one PNG of validation curves per
+dataset and size (needs matplotlib: `pip install -e ".[plot]"`).
+"""
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from absl import app, flags
+
+from experiments import provenance
+from tied_lm import reporting, summarize
+from tied_lm.errors import UserError, fail
+from tied_lm.fileio import atomic_write
+
+FLAGS = flags.FLAGS
+
+DATASETS = ("ptb", "wikitext2")
+SIZES = ("small", "medium", "large")
+VARIANTS = ("vd", "al", "re", "real")
+# Inan et al. 2017, tables 1-3: (valid, test) perplexity, and the paper's parameter count.
+PAPER = {
+    ("ptb", "small", "vd"): (92.6, 87.3), ("ptb", "small", "al"): (86.3, 82.9),
+    ("ptb", "small", "re"): (89.9, 85.1), ("ptb", "small", "real"): (86.3, 82.7),
+    ("ptb", "medium", "vd"): (82.0, 77.7), ("ptb", "medium", "al"): (77.4, 74.7),
+    ("ptb", "medium", "re"): (77.1, 73.9), ("ptb", "medium", "real"): (75.7, 73.2),
+    ("ptb", "large", "vd"): (76.8, 72.6), ("ptb", "large", "al"): (74.5, 71.2),
+    ("ptb", "large", "re"): (72.5, 69.0), ("ptb", "large", "real"): (71.1, 68.5),
+    ("wikitext2", "small", "al"): (110.3, 103.8), ("wikitext2", "small", "re"): (106.1, 100.5),
+    ("wikitext2", "small", "real"): (105.6, 98.9), ("wikitext2", "medium", "al"): (98.8, 93.1),
+    ("wikitext2", "medium", "re"): (92.3, 87.7), ("wikitext2", "medium", "real"): (91.5, 87.0),
+}
+PAPER_PARAMS = {("medium", "vd"): "20M", ("medium", "real"): "14M",
+                ("large", "vd"): "66M", ("large", "real"): "51M"}
+
+
+def define_flags() -> None:
+  """The command's flags; defined only when it runs, so that the module imports cleanly."""
+  flags.DEFINE_string("root", None, "Directory holding one workdir per run.")
+  flags.DEFINE_list("datasets", ["ptb"], f"Any of {', '.join(DATASETS)}.")
+  flags.DEFINE_list("sizes", ["small"], f"Any of {', '.join(SIZES)}.")
+  flags.DEFINE_list("variants", list(VARIANTS), f"Any of {', '.join(VARIANTS)}.")
+  flags.DEFINE_multi_string("set", [], "Config override KEY=VALUE for every run, e.g. "
+                            "model.unroll=5 (passed as --config.KEY=VALUE).")
+  flags.DEFINE_integer("parallel", 1, "Runs trained at the same time.")
+  flags.DEFINE_bool("train", True, "Train the grid's unfinished runs before reporting.")
+  flags.DEFINE_bool("rescore", False, "Score finished runs on valid and test at batch 1.")
+  flags.DEFINE_string("results_dir", str(provenance.REPO / "experiments/results"),
+                      "Where the per-run JSON, TABLE.md and the PNGs go.")
+  flags.mark_flag_as_required("root")
+
+
+def run_name(dataset: str, size: str, variant: str) -> str:
+  return f"{dataset}_{size}_{variant}"
+
+
+def train_command(dataset: str, size: str, variant: str, workdir: Path,
+                  overrides: list[str]) -> list[str]:
+  """The tied_lm.main command line of one run."""
+  command = [sys.executable, "-m", "tied_lm.main",
+             f"--config=configs/{dataset}.py:{size},{variant}", f"--workdir={workdir}"]
+  for override in overrides:
+    if "=" not in override:
+      raise UserError(f"--set {override!r} must be KEY=VALUE, e.g. model.unroll=5")
+    command.append(f"--config.{override}")
+  return command
+
+
+def shell(command: list[str]) -> str:
+  """A command as one would type it (`python` for the interpreter)."""
+  return shlex.join(["python", *command[1:]] if command[0] == sys.executable else command)
+
+
+def record_launch(workdir: Path, command: list[str]) -> None:
+  """Appends this launch (command, commit, host, time) to workdir/launches.jsonl."""
+  workdir.mkdir(parents=True, exist_ok=True)
+  launch = {"command": shell(command), "harness": shell([sys.executable, *sys.argv]),
+            "commit": provenance.git_commit(), "host_cpu": provenance.cpu_model(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+  with open(workdir / "launches.jsonl", "a") as f:
+    f.write(json.dumps(launch) + "\n")
+
+
+def child_environment(parallel: int) -> dict[str, str]:
+  """The environment of a training child; on a shared GPU each takes a share of memory."""
+  environment = dict(os.environ)
+  if parallel > 1:
+    environment.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / parallel:.3f}")
+  return environment
+
+
+def run_all(commands: list[tuple[Path, list[str]]], parallel: int) -> list[Path]:
+  """Runs the commands, `parallel` at a time, each logging to WORKDIR/train.log.
+
+  Returns the workdirs whose command failed.
+  """
+  pending, running, failed = list(commands), [], []
+  environment = child_environment(parallel)
+  while pending or running:
+    while pending and len(running) < parallel:
+      workdir, command = pending.pop(0)
+      record_launch(workdir, command)
+      log = open(workdir / "train.log", "a")
+      print(f"start {workdir.name}: {shell(command)}", flush=True)
+      running.append((workdir, subprocess.Popen(
+          command, stdout=log, stderr=subprocess.STDOUT, env=environment,
+          cwd=provenance.REPO), log, time.time()))
+    time.sleep(1.0)
+    for item in list(running):
+      workdir, process, log, started = item
+      if process.poll() is None:
+        continue
+      running.remove(item)
+      log.close()
+      took = reporting.format_seconds(time.time() - started)
+      if process.returncode == 0:
+        print(f"done  {workdir.name} in {took}", flush=True)
+      else:
+        print(f"FAIL  {workdir.name} (exit {process.returncode} after {took}); "
+              f"see {workdir / 'train.log'}", flush=True)
+        failed.append(workdir)
+  return failed
+
+
+def rescore(workdir: Path) -> None:
+  """Batch-1 perplexity of the best checkpoint on valid and test (skips what exists)."""
+  for split in ("valid", "test"):
+    if (workdir / f"eval_{split}_batch1.json").is_file():
+      continue
+    command = [sys.executable, "-m", "tied_lm.evaluate", f"--workdir={workdir}",
+               f"--split={split}", "--eval_batch_size=1"]
+    print(f"rescore {workdir.name} {split}: {shell(command)}", flush=True)
+    subprocess.run(command, check=True, cwd=provenance.REPO)
+
+
+def run_report(workdir: Path) -> dict[str, Any]:
+  """The per-run results file's contents, from a finished run's workdir."""
+  results = json.loads((workdir / "results.json").read_text())
+  epochs = [r for r in reporting.read_records(workdir) if r["kind"] == "epoch"]
+  launches = [json.loads(line) for line in (workdir / "launches.jsonl").read_text().splitlines()
+              if line.strip()] if (workdir / "launches.jsonl").is_file() else []
+  size, variant = summarize.describe(results["config"])
+  report = {
+      "dataset": results["dataset"], "size": size, "variant": variant,
+      "valid_perplexity": results["valid_perplexity"],
+      "valid_tokens_scored": results["valid_tokens_scored"],
+      "test_perplexity": results["test_perplexity"],
+      "test_tokens_scored": results["test_tokens_scored"],
+      "eval_batch_size": results["eval_batch_size"],
+      "best_epoch": results["best_epoch"], "epochs": results["epochs_completed"],
+      "num_params": results["num_params"],
+      "train_tokens_per_second": results["train_tokens_per_second"],
+      "wall_seconds": results["wall_seconds"],
+      "hardware": {"device_kind": results.get("device_kind"), "devices": results["devices"],
+                   "host_cpu": launches[-1]["host_cpu"] if launches else None},
+      "versions": results["versions"],
+      "commit": launches[-1]["commit"] if launches else None,
+      "commands": launches,
+      "config": results["config"],
+      "curve": [{k: r[k] for k in ("epoch", "learning_rate", "train_perplexity",
+                                   "valid_perplexity", "wall_seconds") if k in r}
+                for r in epochs],
+  }
+  for split in ("valid", "test"):
+    rescored = workdir / f"eval_{split}_batch1.json"
+    if rescored.is_file():
+      result = json.loads(rescored.read_text())
+      report[f"{split}_perplexity_batch1"] = result["perplexity"]
+      report[f"{split}_tokens_scored_batch1"] = result["tokens_scored"]
+  return report
+
+
+def _cell(report: dict[str, Any] | None, key: str) -> str:
+  if report is None or report.get(f"valid_{key}") is None:
+    return "-"
+  return f"{report[f'valid_{key}']:.1f} / {report[f'test_{key}']:.1f}"
+
+
+def table(reports: dict[tuple[str, str, str], dict[str, Any]], root_hint: str) -> str:
+  """TABLE.md: per dataset, the paper's rows (size x variant) with ours beside them."""
+  lines = ["# Reproducing Inan et al. 2017: perplexity, validation / test", "",
+           "Written by `python -m experiments.reproduce` from the JSON files beside it.",
+           "Ours: the epoch with the best validation perplexity, and test at that epoch.",
+           "`ours` is the training run's own evaluation at its eval batch size (each row",
+           "starts from a zero state); `ours, batch 1` rescores the same checkpoint with",
+           "every token conditioned on its whole history, where that was run.", ""]
+  for dataset in DATASETS:
+    keys = [k for k in PAPER if k[0] == dataset] + [
+        k for k in reports if k[0] == dataset and k not in PAPER]
+    if not keys:
+      continue
+    lines += [f"## {dataset}", "",
+              "| size | variant | paper | ours | eval batch | ours, batch 1 | params "
+              "| epochs (best) | hardware | wall |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for key in keys:
+      _, size, variant = key
+      paper = PAPER.get(key)
+      paper_cell = f"{paper[0]} / {paper[1]}" if paper else "-"
+      report = reports.get(key)
+      if report is None:
+        command = (f"python -m experiments.reproduce --root={root_hint} --datasets={dataset} "
+                   f"--sizes={size} --variants={variant} --rescore")
+        lines.append(f"| {size} | {variant.upper()} | {paper_cell} | not run: `{command}` "
+                     f"| | | {PAPER_PARAMS.get((size, variant), '')} | | | |")
+        continue
+      lines.append(
+          f"| {size} | {variant.upper()} | {paper_cell} | {_cell(report, 'perplexity')} "
+          f"| {report['eval_batch_size']} | {_cell(report, 'perplexity_batch1')} "
+          f"| {report['num_params'] / 1e6:.1f}M "
+          f"| {report['epochs']} ({report['best_epoch']}) "
+          f"| {report['hardware']['device_kind']} "
+          f"| {reporting.format_seconds(report['wall_seconds'])} |")
+    lines.append("")
+  return "\n".join(lines)
+
+
+def write_reports(root: Path, results_dir: Path) -> None:
+  """Per-run JSON for every finished run under root, then TABLE.md and the PNGs."""
+  results_dir.mkdir(parents=True, exist_ok=True)
+  for workdir in sorted(p for p in root.iterdir() if (p / "results.json").is_file()):
+    report = run_report(workdir)
+    output = results_dir / f"{workdir.name}.json"
+    atomic_write(output, json.dumps(report, indent=2) + "\n")
+    print(f"wrote {output}")
+  reports = {}
+  for path in sorted(results_dir.glob("*.json")):
+    parts = tuple(path.stem.split("_"))
+    if len(parts) == 3 and parts[0] in DATASETS and parts[1] in SIZES and parts[2] in VARIANTS:
+      reports[parts] = json.loads(path.read_text())
+  atomic_write(results_dir / "TABLE.md", table(reports, "$HOME/tied_lm_runs") + "\n")
+  print(f"wrote {results_dir / 'TABLE.md'}")
+  for dataset in DATASETS:
+    for size in SIZES:
+      runs = [{"run": variant, "size": size, "variant": variant,
+               "curve": [(c["epoch"], c["valid_perplexity"]) for c in reports[key]["curve"]]}
+              for variant in VARIANTS if (key := (dataset, size, variant)) in reports]
+      if runs:
+        output = results_dir / f"curves_{dataset}_{size}.png"
+        summarize.plot_curves(runs, output, f"{dataset} {size}: validation perplexity")
+        print(f"wrote {output}")
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    for name, values, allowed in (("datasets", FLAGS.datasets, DATASETS),
+                                  ("sizes", FLAGS.sizes, SIZES),
+                                  ("variants", FLAGS.variants, VARIANTS)):
+      unknown = sorted(set(values) - set(allowed))
+      if unknown:
+        raise UserError(f"--{name}: unknown {', '.join(unknown)}; choose from "
+                        f"{', '.join(allowed)}")
+    if FLAGS.parallel < 1:
+      raise UserError(f"--parallel={FLAGS.parallel} must be at least 1")
+    root = Path(FLAGS.root).expanduser().resolve()
+    grid = [(d, s, v) for d in FLAGS.datasets for s in FLAGS.sizes for v in FLAGS.variants]
+    workdirs = [root / run_name(*key) for key in grid]
+    if FLAGS.train:
+      commands = [(workdir, train_command(*key, workdir, FLAGS.set))
+                  for key, workdir in zip(grid, workdirs, strict=True)
+                  if not (workdir / "results.json").is_file()]
+      failed = run_all(commands, FLAGS.parallel)
+      if failed:
+        raise UserError(f"{len(failed)} run(s) failed: {', '.join(w.name for w in failed)}")
+    if FLAGS.rescore:
+      for workdir in workdirs:
+        if (workdir / "results.json").is_file():
+          rescore(workdir)
+    if root.is_dir():
+      write_reports(root, Path(FLAGS.results_dir))
+  except UserError as error:
+    fail(str(error))
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
