@@ -102,7 +102,8 @@ def shell(command: list[str]) -> str:
 def record_launch(workdir: Path, command: list[str]) -> None:
   """Appends this launch (command, commit, host, time) to workdir/launches.jsonl."""
   workdir.mkdir(parents=True, exist_ok=True)
-  launch = {"command": shell(command), "harness": shell([sys.executable, *sys.argv]),
+  harness = ["python", "-m", "experiments.reproduce", *sys.argv[1:]]
+  launch = {"command": shell(command), "harness": shell(harness),
             "commit": provenance.git_commit(), "host_cpu": provenance.cpu_model(),
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
   with open(workdir / "launches.jsonl", "a") as f:
@@ -199,15 +200,17 @@ def run_report(workdir: Path) -> dict[str, Any]:
 
 
 def _cell(report: dict[str, Any] | None, key: str) -> str:
-  if report is None or report.get(f"valid_{key}") is None:
+  if report is None or None in (report.get(f"valid_{key}"), report.get(f"test_{key}")):
     return "-"
   return f"{report[f'valid_{key}']:.1f} / {report[f'test_{key}']:.1f}"
 
 
-def table(reports: dict[tuple[str, str, str], dict[str, Any]], root_hint: str) -> str:
+def table(reports: dict[tuple[str, str, str], dict[str, Any]], root_hint: str,
+          notes: str = "") -> str:
   """TABLE.md: per dataset, the paper's rows (size x variant) with ours beside them."""
   lines = ["# Reproducing Inan et al. 2017: perplexity, validation / test", "",
-           "Written by `python -m experiments.reproduce` from the JSON files beside it.",
+           "Written by `python -m experiments.reproduce` from the JSON files beside it",
+           "(and from TABLE_NOTES.md, copied in at the end). Params: ours (the paper's).",
            "Ours: the epoch with the best validation perplexity, and test at that epoch.",
            "`ours` is the training run's own evaluation at its eval batch size (each row",
            "starts from a zero state); `ours, batch 1` rescores the same checkpoint with",
@@ -229,16 +232,19 @@ def table(reports: dict[tuple[str, str, str], dict[str, Any]], root_hint: str) -
         command = (f"python -m experiments.reproduce --root={root_hint} --datasets={dataset} "
                    f"--sizes={size} --variants={variant} --rescore")
         lines.append(f"| {size} | {variant.upper()} | {paper_cell} | not run: `{command}` "
-                     f"| | | {PAPER_PARAMS.get((size, variant), '')} | | | |")
+                     f"| | | ({PAPER_PARAMS.get((size, variant), '')}) | | | |")
         continue
       lines.append(
           f"| {size} | {variant.upper()} | {paper_cell} | {_cell(report, 'perplexity')} "
           f"| {report['eval_batch_size']} | {_cell(report, 'perplexity_batch1')} "
-          f"| {report['num_params'] / 1e6:.1f}M "
+          f"| {report['num_params'] / 1e6:.1f}M"
+          f"{f' ({paper_params})' if (paper_params := PAPER_PARAMS.get((size, variant))) else ''} "
           f"| {report['epochs']} ({report['best_epoch']}) "
           f"| {report['hardware']['device_kind']} "
           f"| {reporting.format_seconds(report['wall_seconds'])} |")
     lines.append("")
+  if notes:
+    lines += ["## Notes", "", notes.strip(), ""]
   return "\n".join(lines)
 
 
@@ -255,7 +261,9 @@ def write_reports(root: Path, results_dir: Path) -> None:
     parts = tuple(path.stem.split("_"))
     if len(parts) == 3 and parts[0] in DATASETS and parts[1] in SIZES and parts[2] in VARIANTS:
       reports[parts] = json.loads(path.read_text())
-  atomic_write(results_dir / "TABLE.md", table(reports, "$HOME/tied_lm_runs") + "\n")
+  notes_file = results_dir / "TABLE_NOTES.md"
+  notes = notes_file.read_text() if notes_file.is_file() else ""
+  atomic_write(results_dir / "TABLE.md", table(reports, "$HOME/tied_lm_runs", notes))
   print(f"wrote {results_dir / 'TABLE.md'}")
   for dataset in DATASETS:
     for size in SIZES:

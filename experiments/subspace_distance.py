@@ -1,0 +1,159 @@
+r"""Does W move towards Lᵀ? The paper's section-5 check, at small scale on a CPU.
+
+  python -m experiments.subspace_distance --seeds=0,1,2
+
+Trains an untied 2-layer LSTM (no dropout, no output bias, rows of L kept at
+norm 1) on the first --num_words tokens of PTB's training text, with its own
+vocabulary (the words of the slice), under
+J_tot = β·J_aug·τ²·|V| + (1−β)·J for each β and τ, and measures the normalized
+subspace distance between the column spaces of L and W (`tied_lm.analysis`).
+The paper reports about 1 at β = 0 and about 0.06 at β = 1, τ = 10, smaller
+for larger τ. β = 0 does not depend on τ, so it is trained once per seed.
+
+Writes JSON (every run's per-epoch J, J_aug and distance, with command,
+commit, hardware and versions), a Markdown table (mean ± std over seeds) and
+a PNG (needs matplotlib) under experiments/results/.
+"""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from absl import app, flags, logging
+
+from experiments import provenance
+from tied_lm import analysis, data
+from tied_lm.errors import UserError, fail
+from tied_lm.fileio import atomic_write
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  flags.DEFINE_list("betas", ["0", "0.25", "0.5", "0.75", "1"], "Weights β of J_aug.")
+  flags.DEFINE_list("taus", ["2", "5", "10"], "Temperatures τ.")
+  flags.DEFINE_list("seeds", ["0", "1", "2"], "Initialisation seeds.")
+  flags.DEFINE_integer("num_words", 20000, "Tokens of PTB train to train on.")
+  flags.DEFINE_integer("hidden_size", 300, "Units (= embedding size) of each layer.")
+  flags.DEFINE_integer("num_epochs", 30, "Passes over the slice.")
+  flags.DEFINE_float("learning_rate", 1.0, "SGD's learning rate (gradients clipped at norm 5).")
+  flags.DEFINE_string("output", str(provenance.REPO / "experiments/results/subspace_distance"),
+                      "Path prefix: PREFIX.json, PREFIX.md, PREFIX.png.")
+
+
+def slice_ids(ids: np.ndarray, num_words: int) -> tuple[np.ndarray, int]:
+  """The first num_words ids, renumbered 0..V-1 over the words they use; and V."""
+  if num_words < 2:
+    raise UserError(f"--num_words={num_words} must be at least 2")
+  words = np.asarray(ids[:num_words])
+  used, compact = np.unique(words, return_inverse=True)
+  return compact.astype(np.int32), len(used)
+
+
+def table(results: dict) -> str:
+  """Markdown: rows β, columns τ, cells mean ± std of the final distance over seeds."""
+  taus = results["taus"]
+  lines = ["| β | " + " | ".join(f"τ = {t:g}" for t in taus) + " |",
+           "|---|" + "---|" * len(taus)]
+  for beta in results["betas"]:
+    cells = []
+    for tau in taus:
+      finals = [r["distance"][-1] for r in results["runs"]
+                if r["beta"] == beta and (r["tau"] == tau or beta == 0)]
+      cells.append(f"{np.mean(finals):.3f} ± {np.std(finals):.3f}")
+    lines.append(f"| {beta:g} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+  """Final distance against β, one line per τ, with each seed's point."""
+  try:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    raise UserError('plotting needs matplotlib: pip install -e ".[plot]"') from None
+  figure, axes = plt.subplots(figsize=(6.4, 4.0))
+  for tau in results["taus"]:
+    betas, means, points = [], [], []
+    for beta in results["betas"]:
+      finals = [r["distance"][-1] for r in results["runs"]
+                if r["beta"] == beta and (r["tau"] == tau or beta == 0)]
+      betas.append(beta)
+      means.append(np.mean(finals))
+      points += [(beta, f) for f in finals]
+    line, = axes.plot(betas, means, marker="o", label=f"τ = {tau:g}")
+    axes.scatter(*zip(*points, strict=True), color=line.get_color(), alpha=0.4, s=12)
+  axes.set_xlabel("β (weight of J_aug·τ²·|V|)")
+  axes.set_ylabel("normalized subspace distance(L, W)")
+  axes.set_ylim(0, 1.05)
+  axes.set_title(f"W vs Lᵀ after {results['num_epochs']} epochs, "
+                 f"{len(results['seeds'])} seeds (points)")
+  axes.grid(True, alpha=0.3)
+  axes.legend()
+  figure.tight_layout()
+  figure.savefig(path, dpi=120)
+  plt.close(figure)
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    betas = [float(b) for b in FLAGS.betas]
+    taus = [float(t) for t in FLAGS.taus]
+    seeds = [int(s) for s in FLAGS.seeds]
+    if any(not 0 <= b <= 1 for b in betas) or any(t <= 0 for t in taus):
+      raise UserError("every β must be in [0, 1] and every τ > 0")
+    corpus = data.load_corpus("ptb")
+    ids, vocab_size = slice_ids(corpus.train, FLAGS.num_words)
+  except (UserError, ValueError, data.DataError) as error:
+    fail(str(error))
+  start = time.time()
+  runs = []
+  for seed in seeds:
+    for beta in betas:
+      for tau in taus[:1] if beta == 0 else taus:
+        run_start = time.time()
+        run = analysis.train_theory_model(
+            ids, vocab_size, tau=tau, beta=beta, seed=seed, hidden_size=FLAGS.hidden_size,
+            num_epochs=FLAGS.num_epochs, learning_rate=FLAGS.learning_rate)
+        runs.append({"beta": beta, "tau": None if beta == 0 else tau, "seed": seed,
+                     "cross_entropy": run.cross_entropy, "kl": run.kl,
+                     "distance": run.distance, "seconds": time.time() - run_start})
+        logging.info("seed %d β %g τ %g: distance %.3f, J %.3f, J_aug %.2e (%.0f s)",
+                     seed, beta, tau, run.distance[-1], run.cross_entropy[-1], run.kl[-1],
+                     time.time() - run_start)
+  results = {
+      "command": " ".join(["python -m experiments.subspace_distance", *sys.argv[1:]]),
+      "commit": provenance.git_commit(), "hardware": provenance.hardware(),
+      "versions": provenance.versions(), "num_words": FLAGS.num_words,
+      "vocab_size": vocab_size, "hidden_size": FLAGS.hidden_size,
+      "num_epochs": FLAGS.num_epochs, "learning_rate": FLAGS.learning_rate,
+      "betas": betas, "taus": taus, "seeds": seeds, "runs": runs,
+      "wall_seconds": time.time() - start,
+  }
+  prefix = Path(FLAGS.output)
+  prefix.parent.mkdir(parents=True, exist_ok=True)
+  atomic_write(prefix.with_suffix(".json"), json.dumps(results, indent=2) + "\n")
+  markdown = table(results)
+  atomic_write(prefix.with_suffix(".md"), (
+      f"Normalized subspace distance between the column spaces of L and W, mean ± std over "
+      f"seeds {seeds}, after {FLAGS.num_epochs} epochs on the first {FLAGS.num_words:,} "
+      f"words of PTB train ({vocab_size:,}-word vocabulary), {FLAGS.hidden_size} units.\n"
+      f"Command: `{results['command']}`, commit `{results['commit'][:7]}`, "
+      f"{results['hardware']['cpu']}, {results['wall_seconds']:.0f} s.\n\n{markdown}\n"))
+  print(markdown)
+  try:
+    plot(results, prefix.with_suffix(".png"))
+  except UserError as error:
+    fail(str(error))
+  print(f"wrote {prefix}.json, .md and .png")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
