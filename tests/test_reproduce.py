@@ -1,0 +1,81 @@
+"""experiments/reproduce.py: the grid's commands, the table, and a tiny grid end to end."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from experiments import reproduce
+from tied_lm.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["model.embed_dim=16", "model.hidden_size=16", "num_epochs=1",
+        "max_steps_per_epoch=5", "eval_batch_size=400"]
+
+
+def test_train_command_passes_overrides_as_config_flags(tmp_path):
+  command = reproduce.train_command("ptb", "medium", "real", tmp_path, ["model.unroll=5"])
+  assert command[1:] == ["-m", "tied_lm.main", "--config=configs/ptb.py:medium,real",
+                         f"--workdir={tmp_path}", "--config.model.unroll=5"]
+  with pytest.raises(UserError, match="KEY=VALUE"):
+    reproduce.train_command("ptb", "small", "vd", tmp_path, ["model.unroll"])
+
+
+def _report(valid, test, **extra):
+  return {"valid_perplexity": valid, "test_perplexity": test, "eval_batch_size": 10,
+          "num_params": 13.3e6, "epochs": 60, "best_epoch": 58,
+          "hardware": {"device_kind": "cpu"}, "wall_seconds": 75.0, **extra}
+
+
+def test_table_puts_ours_beside_the_paper_and_says_what_was_not_run():
+  reports = {("ptb", "medium", "real"): _report(78.61, 75.92, valid_perplexity_batch1=78.0,
+                                                test_perplexity_batch1=75.5)}
+  text = reproduce.table(reports, "ROOT", notes="Why it misses.")
+  ptb = text.split("## wikitext2")[0]
+  rows = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in ptb.splitlines()
+          if line.startswith("| ")}
+  real = rows[("medium", "REAL")]
+  assert "75.7 / 73.2" in real and "78.6 / 75.9" in real and "78.0 / 75.5" in real
+  assert "13.3M (14M)" in real and "60 (58)" in real
+  assert ("python -m experiments.reproduce --root=ROOT --datasets=ptb --sizes=small "
+          "--variants=vd --rescore") in rows[("small", "VD")]
+  assert "wikitext2" in text and text.rstrip().endswith("Why it misses.")
+
+
+def _harness(*args):
+  return subprocess.run(
+      [sys.executable, "-m", "experiments.reproduce", *args], cwd=REPO, capture_output=True,
+      text=True, check=False)
+
+
+def test_a_tiny_grid_trains_in_parallel_reports_and_is_not_retrained(tmp_path):
+  root, results_dir = tmp_path / "runs", tmp_path / "results"
+  args = [f"--root={root}", f"--results_dir={results_dir}", "--sizes=small",
+          "--variants=vd,real", "--parallel=2", *(f"--set={s}" for s in TINY)]
+  first = _harness(*args)
+  assert first.returncode == 0, first.stdout + first.stderr
+  assert first.stdout.count("start ") == 2 and first.stdout.count("done ") == 2
+  for variant in ("vd", "real"):
+    results = json.loads((root / f"ptb_small_{variant}" / "results.json").read_text())
+    report = json.loads((results_dir / f"ptb_small_{variant}.json").read_text())
+    assert report["variant"] == variant
+    assert report["test_perplexity"] == results["test_perplexity"]
+    assert report["test_tokens_scored"] == 82429 and report["valid_tokens_scored"] == 73759
+    assert report["commands"][0]["command"].startswith(
+        f"python -m tied_lm.main --config=configs/ptb.py:small,{variant}")
+    assert [c["epoch"] for c in report["curve"]] == [1]
+  table = (results_dir / "TABLE.md").read_text()
+  assert "| small | VD | 92.6 / 87.3 |" in table and "| small | REAL | 86.3 / 82.7 |" in table
+  assert (results_dir / "curves_ptb_small.png").stat().st_size > 0
+
+  again = _harness(*args)  # finished runs are skipped
+  assert again.returncode == 0 and "start " not in again.stdout
+
+
+def test_bad_grid_is_a_one_line_error(tmp_path):
+  result = _harness(f"--root={tmp_path}", "--variants=vd,tied")
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1] == (
+      "error: --variants: unknown tied; choose from vd, al, re, real")
