@@ -1,0 +1,110 @@
+r"""What trained models predict: the paper's qualitative comparison of VD and REAL.
+
+  python -m experiments.predictions \
+      --workdirs=$HOME/tied_lm_runs/ptb_small_vd,$HOME/tied_lm_runs/ptb_small_real
+
+For each run's best checkpoint it measures, over every position of the
+validation split, the average predicted probability of <unk> and of the five
+most frequent training words, and lists the ten most likely next words after
+each prompt (`tied_lm.analysis`). The paper found that REAL gives less
+probability to <unk> and to very frequent words, and puts semantically close
+words in its top ten. Writes JSON and a Markdown table (--output prefix).
+"""
+
+import collections
+import json
+import sys
+import time
+from pathlib import Path
+
+from absl import app, flags
+
+from experiments import provenance
+from tied_lm import analysis, data, sample, summarize, train
+from tied_lm.errors import UserError, fail
+from tied_lm.fileio import atomic_write
+
+FLAGS = flags.FLAGS
+PROMPTS = ("the company said", "the stock market", "he said the", "in new york")
+
+
+def define_flags() -> None:
+  flags.DEFINE_list("workdirs", None, "Run directories of tied_lm.main (e.g. vd and real).")
+  flags.DEFINE_multi_string("prompt", list(PROMPTS), "Prompts for the top-10 next words.")
+  flags.DEFINE_integer("num_frequent", 5, "How many of the most frequent words to track.")
+  flags.DEFINE_string("output", str(provenance.REPO / "experiments/results/predictions"),
+                      "Path prefix: PREFIX.json and PREFIX.md.")
+  flags.mark_flag_as_required("workdirs")
+
+
+def frequent_words(corpus: data.Corpus, count: int) -> list[int]:
+  """Ids of the `count` most frequent words of the training split, <unk> excluded."""
+  counts = collections.Counter(corpus.train.tolist())
+  unk = corpus.vocab.index(data.UNK) if data.UNK in corpus.vocab else None
+  return [word for word, _ in counts.most_common(count + 1) if word != unk][:count]
+
+
+def describe_run(workdir: str, prompts: list[str], num_frequent: int) -> dict:
+  """One run's average probabilities and top-10 lists."""
+  run = train.load_trained(workdir)
+  vocab = run.corpus.vocab
+  tracked = ([vocab.index(data.UNK)] if data.UNK in vocab else []) + frequent_words(
+      run.corpus, num_frequent)
+  averages = analysis.average_probabilities(
+      run.model, run.params, run.corpus.valid, tracked, num_steps=run.config.num_steps)
+  size, variant = summarize.describe(run.config.to_dict())
+  return {
+      "workdir": str(workdir), "size": size, "variant": variant,
+      "checkpoint_step": run.checkpoint_step,
+      "average_probability": {vocab[w]: float(p) for w, p in zip(tracked, averages,
+                                                                 strict=True)},
+      "top_next_words": {
+          prompt: analysis.top_next_words(
+              run.model, run.params, vocab, sample.encode_prompt(prompt, vocab))
+          for prompt in prompts},
+  }
+
+
+def markdown(runs: list[dict]) -> str:
+  words = list(runs[0]["average_probability"])
+  lines = ["| run | variant | " + " | ".join(f"p({w})" for w in words) + " |",
+           "|---|---|" + "---|" * len(words)]
+  for run in runs:
+    cells = " | ".join(f"{run['average_probability'].get(w, float('nan')):.4f}" for w in words)
+    lines.append(f"| {Path(run['workdir']).name} | {run['variant']} | {cells} |")
+  for prompt in runs[0]["top_next_words"]:
+    lines += ["", f"Top 10 after *{prompt}*:", ""]
+    for run in runs:
+      top = ", ".join(f"{word} {p:.3f}" for word, p in run["top_next_words"][prompt])
+      lines.append(f"- {run['variant']}: {top}")
+  return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  start = time.time()
+  try:
+    runs = [describe_run(w, FLAGS.prompt, FLAGS.num_frequent) for w in FLAGS.workdirs]
+  except UserError as error:
+    fail(str(error))
+  results = {
+      "command": " ".join(["python -m experiments.predictions", *sys.argv[1:]]),
+      "commit": provenance.git_commit(), "hardware": provenance.hardware(),
+      "versions": provenance.versions(), "runs": runs, "wall_seconds": time.time() - start,
+  }
+  prefix = Path(FLAGS.output)
+  prefix.parent.mkdir(parents=True, exist_ok=True)
+  atomic_write(prefix.with_suffix(".json"), json.dumps(results, indent=2) + "\n")
+  table = markdown(runs)
+  atomic_write(prefix.with_suffix(".md"), (
+      f"Average predicted probability over the validation split, and the ten most likely "
+      f"next words. Command: `{results['command']}`, commit `{results['commit'][:7]}`.\n\n"
+      f"{table}\n"))
+  print(table)
+  print(f"wrote {prefix}.json and .md")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

@@ -1,0 +1,36 @@
+"""experiments/predictions.py on a tiny trained run."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_predictions_cli_reports_probabilities_and_top_words(trained_run, tmp_path):
+  workdir = trained_run[0]
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.predictions", f"--workdirs={workdir}",
+       "--prompt=the company said", "--prompt=zzzz market", f"--output={tmp_path / 'p'}"],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr
+  assert "read as <unk>: zzzz" in result.stderr  # unknown prompt words, with a warning
+  run = json.loads((tmp_path / "p.json").read_text())["runs"][0]
+  # <unk>, then PTB's five most frequent training words.
+  assert list(run["average_probability"]) == ["<unk>", "the", "<eos>", "N", "of", "to"]
+  assert all(0 < p < 1 for p in run["average_probability"].values())
+  top = run["top_next_words"]["the company said"]
+  assert len(top) == 10
+  probabilities = [p for _, p in top]
+  assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) <= 1
+  assert "| run | variant | p(<unk>) |" in (tmp_path / "p.md").read_text()
+
+
+def test_predictions_of_a_folder_that_is_not_a_run_is_one_line(tmp_path):
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.predictions", f"--workdirs={tmp_path}"],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2
+  assert len(result.stderr.strip().splitlines()) == 1
+  assert result.stderr.startswith("error: ")
