@@ -3,7 +3,8 @@ r"""Reproduces the paper's tables: trains a grid of runs, then reports them besi
   python -m experiments.reproduce --root=$HOME/tied_lm_runs --datasets=ptb \
       --sizes=small --variants=vd,al,re,real --parallel=2
 
-Each run of the grid `datasets x sizes x variants` is
+Each run of the grid `datasets x sizes x variants` (x every combination of
+`--sweep` values, for tuning) is
 
   python -m tied_lm.main --config=configs/DATASET.py:SIZE,VARIANT \
       --workdir=ROOT/DATASET_SIZE_VARIANT [--config.KEY=VALUE for each --set]
@@ -22,7 +23,11 @@ epochs, wall time, hardware, versions, commit, commands and the per-epoch
 curve). From all such files in RESULTS_DIR, including those made on other
 machines, it writes TABLE.md (ours beside the paper, in the paper's layout,
 "not run" with the command for the rest) and one PNG of validation curves per
-dataset and size (needs matplotlib: `pip install -e ".[plot]"`).
+dataset and size (needs matplotlib: `pip install -e ".[plot]"`); the tagged
+runs of sweeps go to SWEEP.md instead, to be chosen on validation:
+
+  python -m experiments.reproduce --root=$HOME/tied_lm_runs --variants=real \
+      --sweep=loss.tau=5,10,20 --sweep=loss.gamma=0.5,0.65,0.8 --parallel=3
 """
 
 import json
@@ -70,6 +75,9 @@ def define_flags() -> None:
   flags.DEFINE_list("variants", list(VARIANTS), f"Any of {', '.join(VARIANTS)}.")
   flags.DEFINE_multi_string("set", [], "Config override KEY=VALUE for every run, e.g. "
                             "model.unroll=5 (passed as --config.KEY=VALUE).")
+  flags.DEFINE_multi_string("sweep", [], "KEY=V1,V2,...: also vary this config field; the "
+                            "grid takes every combination, each run named by a tag such as "
+                            "_tau5_gamma0.5 and reported in SWEEP.md, not TABLE.md.")
   flags.DEFINE_integer("parallel", 1, "Runs trained at the same time.")
   flags.DEFINE_bool("train", True, "Train the grid's unfinished runs before reporting.")
   flags.DEFINE_bool("rescore", False, "Score finished runs on valid and test at batch 1.")
@@ -78,8 +86,24 @@ def define_flags() -> None:
   flags.mark_flag_as_required("root")
 
 
-def run_name(dataset: str, size: str, variant: str) -> str:
-  return f"{dataset}_{size}_{variant}"
+def run_name(dataset: str, size: str, variant: str, tag: str = "") -> str:
+  return f"{dataset}_{size}_{variant}" + (f"_{tag}" if tag else "")
+
+
+def sweep_points(sweeps: list[str]) -> list[tuple[str, list[str]]]:
+  """['loss.tau=5,10', 'loss.gamma=0.5'] -> [('tau5_gamma0.5', [overrides]), ...].
+
+  Without sweeps: one point, no tag and no overrides.
+  """
+  points = [("", [])]
+  for sweep in sweeps:
+    key, _, values = sweep.partition("=")
+    if not key or not values:
+      raise UserError(f"--sweep {sweep!r} must be KEY=V1,V2,..., e.g. loss.tau=5,10,20")
+    name = key.rsplit(".", 1)[-1]
+    points = [("_".join(filter(None, (tag, f"{name}{value}"))), [*overrides, f"{key}={value}"])
+              for tag, overrides in points for value in values.split(",")]
+  return points
 
 
 def train_command(dataset: str, size: str, variant: str, workdir: Path,
@@ -248,6 +272,27 @@ def table(reports: dict[tuple[str, str, str], dict[str, Any]], root_hint: str,
   return "\n".join(lines)
 
 
+_GRID = {(d, s, v) for d in DATASETS for s in SIZES for v in VARIANTS}
+
+
+def sweep_table(swept: dict[str, dict[str, Any]]) -> str:
+  """SWEEP.md: the tagged runs, best validation perplexity first within each model."""
+  lines = ["# Sweeps: choose on validation", "",
+           "Written by `python -m experiments.reproduce` from the tagged JSON files beside it.",
+           "", "| run | valid (best epoch) | test | epochs | hardware | wall |",
+           "|---|---|---|---|---|---|"]
+  def order(item):
+    name, report = item
+    return name.split("_", 3)[:3], report["valid_perplexity"]
+  for name, report in sorted(swept.items(), key=order):
+    lines.append(
+        f"| {name} | {report['valid_perplexity']:.2f} ({report['best_epoch']}) "
+        f"| {report['test_perplexity']:.2f} | {report['epochs']} "
+        f"| {report['hardware']['device_kind']} "
+        f"| {reporting.format_seconds(report['wall_seconds'])} |")
+  return "\n".join(lines) + "\n"
+
+
 def write_reports(root: Path, results_dir: Path) -> None:
   """Per-run JSON for every finished run under root, then TABLE.md and the PNGs."""
   results_dir.mkdir(parents=True, exist_ok=True)
@@ -256,11 +301,18 @@ def write_reports(root: Path, results_dir: Path) -> None:
     output = results_dir / f"{workdir.name}.json"
     atomic_write(output, json.dumps(report, indent=2) + "\n")
     print(f"wrote {output}")
-  reports = {}
+  reports, swept = {}, {}
   for path in sorted(results_dir.glob("*.json")):
-    parts = tuple(path.stem.split("_"))
-    if len(parts) == 3 and parts[0] in DATASETS and parts[1] in SIZES and parts[2] in VARIANTS:
+    parts = tuple(path.stem.split("_", 3))
+    if len(parts) < 3 or (parts[0], parts[1], parts[2]) not in _GRID:
+      continue
+    if len(parts) == 3:
       reports[parts] = json.loads(path.read_text())
+    else:
+      swept[path.stem] = json.loads(path.read_text())
+  if swept:
+    atomic_write(results_dir / "SWEEP.md", sweep_table(swept))
+    print(f"wrote {results_dir / 'SWEEP.md'}")
   notes_file = results_dir / "TABLE_NOTES.md"
   notes = notes_file.read_text() if notes_file.is_file() else ""
   atomic_write(results_dir / "TABLE.md", table(reports, "$HOME/tied_lm_runs", notes))
@@ -290,11 +342,12 @@ def main(argv: list[str]) -> None:
     if FLAGS.parallel < 1:
       raise UserError(f"--parallel={FLAGS.parallel} must be at least 1")
     root = Path(FLAGS.root).expanduser().resolve()
-    grid = [(d, s, v) for d in FLAGS.datasets for s in FLAGS.sizes for v in FLAGS.variants]
-    workdirs = [root / run_name(*key) for key in grid]
+    grid = [(d, s, v, point) for d in FLAGS.datasets for s in FLAGS.sizes
+            for v in FLAGS.variants for point in sweep_points(FLAGS.sweep)]
+    workdirs = [root / run_name(d, s, v, tag) for d, s, v, (tag, _) in grid]
     if FLAGS.train:
-      commands = [(workdir, train_command(*key, workdir, FLAGS.set))
-                  for key, workdir in zip(grid, workdirs, strict=True)
+      commands = [(workdir, train_command(d, s, v, workdir, [*FLAGS.set, *overrides]))
+                  for (d, s, v, (_, overrides)), workdir in zip(grid, workdirs, strict=True)
                   if not (workdir / "results.json").is_file()]
       failed = run_all(commands, FLAGS.parallel)
       if failed:

@@ -23,6 +23,24 @@ def test_train_command_passes_overrides_as_config_flags(tmp_path):
     reproduce.train_command("ptb", "small", "vd", tmp_path, ["model.unroll"])
 
 
+def test_sweep_points_take_every_combination_with_a_tag_each():
+  points = reproduce.sweep_points(["loss.tau=5,10", "loss.gamma=0.5"])
+  assert points == [("tau5_gamma0.5", ["loss.tau=5", "loss.gamma=0.5"]),
+                    ("tau10_gamma0.5", ["loss.tau=10", "loss.gamma=0.5"])]
+  assert reproduce.sweep_points([]) == [("", [])]
+  assert reproduce.run_name("ptb", "small", "real", "tau5") == "ptb_small_real_tau5"
+  with pytest.raises(UserError, match="KEY=V1,V2"):
+    reproduce.sweep_points(["loss.tau"])
+
+
+def test_sweep_table_ranks_each_model_by_validation():
+  swept = {"ptb_small_real_tau5": _report(95.0, 91.0), "ptb_small_real_tau10": _report(93.0, 90.0),
+           "ptb_small_al_tau5": _report(99.0, 94.0)}
+  rows = [line.split("|")[1].strip() for line in reproduce.sweep_table(swept).splitlines()
+          if line.startswith("| ptb")]
+  assert rows == ["ptb_small_al_tau5", "ptb_small_real_tau10", "ptb_small_real_tau5"]
+
+
 def _report(valid, test, **extra):
   return {"valid_perplexity": valid, "test_perplexity": test, "eval_batch_size": 10,
           "num_params": 13.3e6, "epochs": 60, "best_epoch": 58,
