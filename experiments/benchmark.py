@@ -317,6 +317,7 @@ def benchmark_pair(ours, theirs, tokens_per_step: int) -> tuple[dict, dict | Non
 def main(argv):
   del argv
   start = time.time()
+  commit = provenance.git_commit()  # what runs, whatever HEAD is at the end
   platform_name = jax.local_devices()[0].platform
   torch_device = "cuda" if platform_name == "gpu" else "cpu"
   versions = provenance.versions()
@@ -385,7 +386,7 @@ def main(argv):
 
   results = {
       "command": " ".join(["python -m experiments.benchmark", *sys.argv[1:]]),
-      "commit": provenance.git_commit(),
+      "commit": commit,
       "hardware": provenance.hardware(),
       "versions": versions,
       "xla_flags": os.environ.get("XLA_FLAGS", ""),

@@ -84,13 +84,14 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   start = time.time()
+  commit = provenance.git_commit()  # what runs, whatever HEAD is at the end
   try:
     runs = [describe_run(w, FLAGS.prompt, FLAGS.num_frequent) for w in FLAGS.workdirs]
   except UserError as error:
     fail(str(error))
   results = {
       "command": " ".join(["python -m experiments.predictions", *sys.argv[1:]]),
-      "commit": provenance.git_commit(), "hardware": provenance.hardware(),
+      "commit": commit, "hardware": provenance.hardware(),
       "versions": provenance.versions(), "runs": runs, "wall_seconds": time.time() - start,
   }
   prefix = Path(FLAGS.output)

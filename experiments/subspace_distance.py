@@ -113,6 +113,7 @@ def main(argv: list[str]) -> None:
   except (UserError, ValueError, data.DataError) as error:
     fail(str(error))
   start = time.time()
+  commit = provenance.git_commit()  # what runs, whatever HEAD is at the end
   runs = []
   for seed in seeds:
     for beta in betas:
@@ -129,7 +130,7 @@ def main(argv: list[str]) -> None:
                      time.time() - run_start)
   results = {
       "command": " ".join(["python -m experiments.subspace_distance", *sys.argv[1:]]),
-      "commit": provenance.git_commit(), "hardware": provenance.hardware(),
+      "commit": commit, "hardware": provenance.hardware(),
       "versions": provenance.versions(), "num_words": FLAGS.num_words,
       "vocab_size": vocab_size, "hidden_size": FLAGS.hidden_size,
       "num_epochs": FLAGS.num_epochs, "learning_rate": FLAGS.learning_rate,
