@@ -12,7 +12,6 @@ words in its top ten. Writes JSON and a Markdown table (--output prefix).
 """
 
 import collections
-import json
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,6 @@ from absl import app, flags
 from experiments import provenance
 from tied_lm import analysis, data, sample, summarize, train
 from tied_lm.errors import UserError, fail
-from tied_lm.fileio import atomic_write
 
 FLAGS = flags.FLAGS
 PROMPTS = ("the company said", "the stock market", "he said the", "in new york")
@@ -95,10 +93,8 @@ def main(argv: list[str]) -> None:
       "versions": provenance.versions(), "runs": runs, "wall_seconds": time.time() - start,
   }
   prefix = Path(FLAGS.output)
-  prefix.parent.mkdir(parents=True, exist_ok=True)
-  atomic_write(prefix.with_suffix(".json"), json.dumps(results, indent=2) + "\n")
   table = markdown(runs)
-  atomic_write(prefix.with_suffix(".md"), (
+  provenance.write_results(prefix, results, (
       f"Average predicted probability over the validation split, and the ten most likely "
       f"next words. Command: `{results['command']}`, commit `{results['commit'][:7]}`.\n\n"
       f"{table}\n"))

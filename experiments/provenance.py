@@ -1,5 +1,6 @@
 """Where a result came from: commit, hardware and library versions, for results JSON."""
 
+import json
 import os
 import platform
 import subprocess
@@ -8,6 +9,8 @@ from pathlib import Path
 import flax
 import jax
 import optax
+
+from tied_lm.fileio import atomic_write
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -57,3 +60,10 @@ def hardware() -> dict:
 
 def versions() -> dict:
   return {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__}
+
+
+def write_results(prefix: Path, results: dict, markdown: str) -> None:
+  """PREFIX.json (the results) and PREFIX.md (their table), each written atomically."""
+  prefix.parent.mkdir(parents=True, exist_ok=True)
+  atomic_write(prefix.with_suffix(".json"), json.dumps(results, indent=2) + "\n")
+  atomic_write(prefix.with_suffix(".md"), markdown)

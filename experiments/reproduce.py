@@ -41,6 +41,7 @@ from typing import Any
 
 from absl import app, flags
 
+from configs import paper
 from experiments import provenance
 from tied_lm import reporting, summarize
 from tied_lm.errors import UserError, fail
@@ -48,9 +49,10 @@ from tied_lm.fileio import atomic_write
 
 FLAGS = flags.FLAGS
 
-DATASETS = ("ptb", "wikitext2")
-SIZES = ("small", "medium", "large")
-VARIANTS = ("vd", "al", "re", "real")
+# The grid's names are those of configs/paper.py, which builds each run's config.
+DATASETS = tuple(paper.DATASETS)
+SIZES = tuple(paper.SIZES)
+VARIANTS = tuple(paper.VARIANTS)
 # Inan et al. 2017, tables 1-3: (valid, test) perplexity, and the paper's parameter count.
 PAPER = {
     ("ptb", "small", "vd"): (92.6, 87.3), ("ptb", "small", "al"): (86.3, 82.9),

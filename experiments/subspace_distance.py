@@ -15,7 +15,6 @@ commit, hardware and versions), a Markdown table (mean ± std over seeds) and
 a PNG (needs matplotlib) under experiments/results/.
 """
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,6 @@ from absl import app, flags, logging
 from experiments import provenance
 from tied_lm import analysis, data
 from tied_lm.errors import UserError, fail
-from tied_lm.fileio import atomic_write
 
 FLAGS = flags.FLAGS
 
@@ -138,10 +136,8 @@ def main(argv: list[str]) -> None:
       "wall_seconds": time.time() - start,
   }
   prefix = Path(FLAGS.output)
-  prefix.parent.mkdir(parents=True, exist_ok=True)
-  atomic_write(prefix.with_suffix(".json"), json.dumps(results, indent=2) + "\n")
   markdown = table(results)
-  atomic_write(prefix.with_suffix(".md"), (
+  provenance.write_results(prefix, results, (
       f"Normalized subspace distance between the column spaces of L and W, mean ± std over "
       f"seeds {seeds}, after {FLAGS.num_epochs} epochs on the first {FLAGS.num_words:,} "
       f"words of PTB train ({vocab_size:,}-word vocabulary), {FLAGS.hidden_size} units.\n"
