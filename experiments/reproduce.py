@@ -277,16 +277,25 @@ def table(reports: dict[tuple[str, str, str], dict[str, Any]], root_hint: str,
 _GRID = {(d, s, v) for d in DATASETS for s in SIZES for v in VARIANTS}
 
 
-def sweep_table(swept: dict[str, dict[str, Any]]) -> str:
-  """SWEEP.md: the tagged runs, best validation perplexity first within each model."""
+def sweep_table(swept: dict[str, dict[str, Any]],
+                reports: dict[tuple[str, str, str], dict[str, Any]]) -> str:
+  """SWEEP.md: the tagged runs, best validation perplexity first within each model.
+
+  Each model's untagged run (configs/paper.py's settings), where there is one,
+  is ranked with its sweep for reference.
+  """
   lines = ["# Sweeps: choose on validation", "",
-           "Written by `python -m experiments.reproduce` from the tagged JSON files beside it.",
+           "Written by `python -m experiments.reproduce` from the tagged JSON files beside it,",
+           "each model's sweep ranked with its untagged run (configs/paper.py's settings).",
            "", "| run | valid (best epoch) | test | epochs | hardware | wall |",
            "|---|---|---|---|---|---|"]
+  models = {tuple(name.split("_", 3)[:3]) for name in swept}
+  rows = dict(swept)
+  rows.update({"_".join(key): reports[key] for key in models if key in reports})
   def order(item):
     name, report = item
     return name.split("_", 3)[:3], report["valid_perplexity"]
-  for name, report in sorted(swept.items(), key=order):
+  for name, report in sorted(rows.items(), key=order):
     lines.append(
         f"| {name} | {report['valid_perplexity']:.2f} ({report['best_epoch']}) "
         f"| {report['test_perplexity']:.2f} | {report['epochs']} "
@@ -313,7 +322,7 @@ def write_reports(root: Path, results_dir: Path) -> None:
     else:
       swept[path.stem] = json.loads(path.read_text())
   if swept:
-    atomic_write(results_dir / "SWEEP.md", sweep_table(swept))
+    atomic_write(results_dir / "SWEEP.md", sweep_table(swept, reports))
     print(f"wrote {results_dir / 'SWEEP.md'}")
   notes_file = results_dir / "TABLE_NOTES.md"
   notes = notes_file.read_text() if notes_file.is_file() else ""

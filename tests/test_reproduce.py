@@ -33,12 +33,16 @@ def test_sweep_points_take_every_combination_with_a_tag_each():
     reproduce.sweep_points(["loss.tau"])
 
 
-def test_sweep_table_ranks_each_model_by_validation():
-  swept = {"ptb_small_real_tau5": _report(95.0, 91.0), "ptb_small_real_tau10": _report(93.0, 90.0),
+def test_sweep_table_ranks_each_model_by_validation_with_its_untagged_run():
+  swept = {"ptb_small_real_tau5": _report(95.0, 91.0), "ptb_small_real_tau20": _report(93.0, 90.0),
            "ptb_small_al_tau5": _report(99.0, 94.0)}
-  rows = [line.split("|")[1].strip() for line in reproduce.sweep_table(swept).splitlines()
+  reports = {("ptb", "small", "real"): _report(94.0, 90.5),
+             ("ptb", "small", "vd"): _report(92.0, 88.0)}  # no sweep of vd: not listed
+  rows = [line.split("|")[1:3] for line in reproduce.sweep_table(swept, reports).splitlines()
           if line.startswith("| ptb")]
-  assert rows == ["ptb_small_al_tau5", "ptb_small_real_tau10", "ptb_small_real_tau5"]
+  assert [(name.strip(), valid.strip()) for name, valid in rows] == [
+      ("ptb_small_al_tau5", "99.00 (58)"), ("ptb_small_real_tau20", "93.00 (58)"),
+      ("ptb_small_real", "94.00 (58)"), ("ptb_small_real_tau5", "95.00 (58)")]
 
 
 def _report(valid, test, **extra):

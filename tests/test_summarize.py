@@ -20,6 +20,14 @@ def test_describe_names_every_paper_config(size, variant):
   assert summarize.describe(config.to_dict()) == (size, variant)
 
 
+@pytest.mark.parametrize("variant, flipped", [("re", "re+bias"), ("real", "real+bias"),
+                                              ("vd", "vd-bias"), ("al", "al-bias")])
+def test_describe_names_the_output_bias_when_it_differs_from_the_paper(variant, flipped):
+  config = paper.get_config("ptb", f"small,{variant}")
+  config.model.output_bias = not config.model.output_bias
+  assert summarize.describe(config.to_dict()) == ("small", flipped)
+
+
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
   runs = []

@@ -37,13 +37,16 @@ VARIANTS = {
 
 
 def describe(config: dict[str, Any]) -> tuple[str, str]:
-  """(size, variant) of a config dict, in the paper's names where they apply."""
+  """(size, variant) of a config dict, in the paper's names ('real+bias' for tied with a bias)."""
   model = config["model"]
   size = SIZES.get(model["hidden_size"], f"{model['hidden_size']} units")
   if model["embed_dim"] != model["hidden_size"]:
     size = f"{model['embed_dim']}/{model['hidden_size']} units"
-  key = (model["tie_embeddings"], model["output_bias"], config["loss"]["augmented"])
-  return size, VARIANTS.get(key, "custom")
+  tie, bias, augmented = model["tie_embeddings"], model["output_bias"], config["loss"]["augmented"]
+  if (tie, bias, augmented) in VARIANTS:
+    return size, VARIANTS[tie, bias, augmented]
+  # The paper's variant with the output bias switched from the paper's choice.
+  return size, VARIANTS[tie, not bias, augmented] + ("+bias" if bias else "-bias")
 
 
 def load_run(workdir: Path) -> dict[str, Any]:
