@@ -34,6 +34,7 @@ from absl import app, flags, logging
 
 from experiments import provenance
 from tied_lm import data, train
+from tied_lm.fileio import atomic_write
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string(
@@ -334,6 +335,17 @@ def main(argv):
     peak["torch"] = measure_torch_matmul_peak(FLAGS.matmul_size, torch_device)
   logging.info("fp32 matmul peak: %s", {k: f"{v / 1e9:.0f} GFLOP/s" for k, v in peak.items()})
 
+  output = Path(FLAGS.output or REPO / f"experiments/results/benchmark_{platform_name}.json")
+  command = " ".join(["python -m experiments.benchmark", *sys.argv[1:]])
+
+  def results(rows: list[dict], complete: bool) -> dict[str, Any]:
+    return {
+        "command": command, "commit": commit, "hardware": provenance.hardware(),
+        "versions": versions, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "fp32_matmuls": FLAGS.fp32_matmuls, "matmul_peak_flops": peak, "rows": rows,
+        "complete": complete, "wall_seconds": time.time() - start,
+    }
+
   rows = []
   for spec in FLAGS.configs:
     config = load_config(spec, FLAGS.set)
@@ -381,25 +393,23 @@ def main(argv):
             row[f"{kind}_ratio_vs_torch"] = (
                 row[kind]["tokens_per_second"] / row[f"torch_{kind}"]["tokens_per_second"]
             )
+            # Each repeat of ours ran beside one of torch's: their spread is the noise.
+            paired = [theirs_seconds / ours_seconds for ours_seconds, theirs_seconds in zip(
+                row[kind]["repeat_seconds"], row[f"torch_{kind}"]["repeat_seconds"], strict=True)]
+            row[f"{kind}_ratio_vs_torch_range"] = [min(paired), max(paired)]
         rows.append(row)
         print_row(row)
+        # Written after every row, so that a run cut short keeps what it measured.
+        write(output, results(rows, complete=False))
 
-  results = {
-      "command": " ".join(["python -m experiments.benchmark", *sys.argv[1:]]),
-      "commit": commit,
-      "hardware": provenance.hardware(),
-      "versions": versions,
-      "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      "fp32_matmuls": FLAGS.fp32_matmuls,
-      "matmul_peak_flops": peak,
-      "rows": rows,
-      "wall_seconds": time.time() - start,
-  }
-  output = Path(FLAGS.output or REPO / f"experiments/results/benchmark_{platform_name}.json")
-  output.parent.mkdir(parents=True, exist_ok=True)
-  output.write_text(json.dumps(results, indent=2) + "\n")
-  print_table(results)
+  write(output, results(rows, complete=True))
+  print_table(results(rows, complete=True))
   print(f"wrote {output}")
+
+
+def write(output: Path, results: dict[str, Any]) -> None:
+  output.parent.mkdir(parents=True, exist_ok=True)
+  atomic_write(output, json.dumps(results, indent=2) + "\n")
 
 
 def _fmt(row: dict, kind: str) -> str:
@@ -409,7 +419,7 @@ def _fmt(row: dict, kind: str) -> str:
 
 def print_row(row: dict) -> None:
   logging.info("%s batch %d x%d devices: %s", row["config"], row["batch_size"],
-               row["num_devices"], {k: row[k] for k in row if k.endswith("ratio_vs_torch")})
+               row["num_devices"], {k: row[k] for k in row if "ratio_vs_torch" in k})
 
 
 def print_table(results: dict) -> None:

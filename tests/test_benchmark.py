@@ -1,0 +1,47 @@
+"""experiments/benchmark.py: its FLOP count by hand, and a tiny end-to-end run."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from configs import default
+from experiments import benchmark
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_step_flops_counts_the_matmuls_by_hand():
+  config = default.get_config()
+  config.num_steps = 3
+  config.model.embed_dim = config.model.hidden_size = 4
+  config.model.num_layers = 1
+  # Per token: the fused gates 2·(4 + 4)·16 = 256, the tied logits 2·4·10 = 80.
+  flops = benchmark.step_flops(config, vocab_size=10, batch_size=2, eval_batch_size=1)
+  # 6 tokens: 3x the forward (336 each), plus 3x the target scores L[y] Lᵀ (80 each).
+  assert flops == {"train": 3 * 6 * 336 + 3 * 6 * 80, "eval": 3 * 336}
+  config.loss.stop_gradient_target = True  # ỹ a constant: its scores only run forward
+  assert benchmark.step_flops(config, 10, 2, 1)["train"] == 3 * 6 * 336 + 6 * 80
+  config.loss.augmented = False
+  assert benchmark.step_flops(config, 10, 2, 1)["train"] == 3 * 6 * 336
+
+
+def test_benchmark_writes_its_rows_with_provenance(tmp_path):
+  output = tmp_path / "bench.json"
+  result = subprocess.run(
+      [sys.executable, "-m", "experiments.benchmark", "--configs=configs/default.py",
+       "--repeats=2", "--steps_per_repeat=2", "--warmup=1", "--matmul_size=256",
+       f"--output={output}"],
+      cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr
+  results = json.loads(output.read_text())
+  assert results["complete"] and results["commit"] and results["versions"]["jax"]
+  (row,) = results["rows"]
+  train = row["train"]
+  assert len(train["repeat_seconds"]) == 2
+  tokens = row["batch_size"] * row["num_steps"]
+  assert abs(train["tokens_per_second"] * train["step_ms"] / 1e3 - tokens) < 1e-6 * tokens
+  assert row["train_flops_per_step"] == benchmark.step_flops(
+      default.get_config(), row["vocab_size"], row["batch_size"], 10)["train"]
+  assert 0 < train["peak_fraction"] and row["eval"]["tokens_per_second"] > 0
+  assert "configs/default.py" in result.stdout  # the printed table
