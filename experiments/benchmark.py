@@ -20,7 +20,6 @@ XLA_FLAGS=--xla_force_host_platform_device_count=2 and --num_devices=1,2.
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -336,12 +335,11 @@ def main(argv):
   logging.info("fp32 matmul peak: %s", {k: f"{v / 1e9:.0f} GFLOP/s" for k, v in peak.items()})
 
   output = Path(FLAGS.output or REPO / f"experiments/results/benchmark_{platform_name}.json")
-  command = " ".join(["python -m experiments.benchmark", *sys.argv[1:]])
+  header = provenance.header("experiments.benchmark", commit, versions)
 
   def results(rows: list[dict], complete: bool) -> dict[str, Any]:
     return {
-        "command": command, "commit": commit, "hardware": provenance.hardware(),
-        "versions": versions, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        **header, "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "fp32_matmuls": FLAGS.fp32_matmuls, "matmul_peak_flops": peak, "rows": rows,
         "complete": complete, "wall_seconds": time.time() - start,
     }

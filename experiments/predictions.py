@@ -12,7 +12,6 @@ words in its top ten. Writes JSON and a Markdown table (--output prefix).
 """
 
 import collections
-import sys
 import time
 from pathlib import Path
 
@@ -88,9 +87,8 @@ def main(argv: list[str]) -> None:
   except UserError as error:
     fail(str(error))
   results = {
-      "command": " ".join(["python -m experiments.predictions", *sys.argv[1:]]),
-      "commit": commit, "hardware": provenance.hardware(),
-      "versions": provenance.versions(), "runs": runs, "wall_seconds": time.time() - start,
+      **provenance.header("experiments.predictions", commit),
+      "runs": runs, "wall_seconds": time.time() - start,
   }
   prefix = Path(FLAGS.output)
   table = markdown(runs)

@@ -4,6 +4,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 
 import flax
@@ -60,6 +61,15 @@ def hardware() -> dict:
 
 def versions() -> dict:
   return {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__}
+
+
+def header(module: str, commit: str, library_versions: dict | None = None) -> dict:
+  """What every results file starts with: the command as typed, commit, hardware, versions.
+
+  `commit` is read by the caller when it starts (what ran, whatever HEAD is at the end).
+  """
+  return {"command": " ".join([f"python -m {module}", *sys.argv[1:]]), "commit": commit,
+          "hardware": hardware(), "versions": library_versions or versions()}
 
 
 def write_results(prefix: Path, results: dict, markdown: str) -> None:

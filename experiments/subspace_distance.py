@@ -15,7 +15,6 @@ commit, hardware and versions), a Markdown table (mean ± std over seeds) and
 a PNG (needs matplotlib) under experiments/results/.
 """
 
-import sys
 import time
 from pathlib import Path
 
@@ -127,9 +126,8 @@ def main(argv: list[str]) -> None:
                      seed, beta, tau, run.distance[-1], run.cross_entropy[-1], run.kl[-1],
                      time.time() - run_start)
   results = {
-      "command": " ".join(["python -m experiments.subspace_distance", *sys.argv[1:]]),
-      "commit": commit, "hardware": provenance.hardware(),
-      "versions": provenance.versions(), "num_words": FLAGS.num_words,
+      **provenance.header("experiments.subspace_distance", commit),
+      "num_words": FLAGS.num_words,
       "vocab_size": vocab_size, "hidden_size": FLAGS.hidden_size,
       "num_epochs": FLAGS.num_epochs, "learning_rate": FLAGS.learning_rate,
       "betas": betas, "taus": taus, "seeds": seeds, "runs": runs,
