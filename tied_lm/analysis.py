@@ -114,11 +114,12 @@ def train_theory_model(
   history = TheoryRun(params, [], [], [])
   for _ in range(num_epochs):
     carry = model.initial_carry(batch_size)
-    sums = np.zeros(2)
+    sums = jnp.zeros(2, jnp.float32)  # on device: no host sync per step
     for window in range(len(inputs)):
       params, opt_state, carry, terms = step(
           params, opt_state, carry, inputs[window], targets[window])
-      sums += np.asarray(terms)
+      sums = sums + terms
+    sums = np.asarray(sums, np.float64)
     history.cross_entropy.append(float(sums[0] / len(inputs)))
     history.kl.append(float(sums[1] / len(inputs)))
     history.distance.append(
