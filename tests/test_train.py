@@ -346,6 +346,19 @@ def test_a_torn_checkpoint_is_set_aside_and_the_previous_one_used(tmp_path, capl
     assert resumed[key] == straight[key]
 
 
+def test_a_save_cut_short_leaves_no_tmp_directory_after_resuming(tmp_path):
+  write_tiny_corpus(tmp_path / "corpus")
+  straight = train.train_and_evaluate(tiny_run_config(tmp_path / "corpus", 3), str(tmp_path / "a"))
+  train.train_and_evaluate(tiny_run_config(tmp_path / "corpus", 2), str(tmp_path / "b"))
+  checkpoints = tmp_path / "b" / "checkpoints"
+  torn = checkpoints / "999.orbax-checkpoint-tmp-1732760000"  # as orbax names a save in flight
+  (torn / "state").mkdir(parents=True)
+  (torn / "state" / "half_written").write_bytes(b"\0" * 100)
+  resumed = train.train_and_evaluate(tiny_run_config(tmp_path / "corpus", 3), str(tmp_path / "b"))
+  assert not torn.exists()
+  assert resumed["test_perplexity"] == straight["test_perplexity"]
+
+
 def test_a_workdir_of_another_model_shape_is_refused_by_name(tmp_path):
   write_tiny_corpus(tmp_path / "corpus")
   train.train_and_evaluate(tiny_run_config(tmp_path / "corpus", 1), str(tmp_path / "run"))

@@ -367,7 +367,10 @@ class Checkpoints:
 
   def _open(self) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
+        self.directory,
+        # A kill during a save leaves a half-written tmp directory; orbax removes it.
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=2, create=True, cleanup_tmp_directories=True),
     )
 
   def latest_step(self) -> int | None:
