@@ -278,7 +278,10 @@ def check_torch_matches(config, corpus, params, device: str) -> float:
 
 
 def device_peak_bytes() -> int | None:
-  """The allocator's peak on the first device so far (GPU/TPU; None on CPU)."""
+  """The allocator's peak on the first device so far in this process (GPU/TPU; None on CPU).
+
+  JAX cannot reset it, so a row's value also covers the rows before it.
+  """
   stats = jax.local_devices()[0].memory_stats()
   return stats.get("peak_bytes_in_use") if stats else None
 
@@ -365,6 +368,8 @@ def main(argv):
           row["torch_loss_relative_difference"] = check_torch_matches(
               config, corpus, ours.params, torch_device
           )
+          if torch_device == "cuda":  # each row's torch peak is its own
+            torch.cuda.reset_peak_memory_stats()
           theirs = TorchTrainer(config, corpus, batch_size, torch_device, ours.params)
         tokens = batch_size * config.num_steps
         row["train"], row["torch_train"] = benchmark_pair(ours, theirs, tokens)
