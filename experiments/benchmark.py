@@ -33,7 +33,6 @@ from absl import app, flags, logging
 
 from experiments import provenance
 from tied_lm import data, train
-from tied_lm.fileio import atomic_write
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string(
@@ -403,16 +402,12 @@ def main(argv):
         rows.append(row)
         print_row(row)
         # Written after every row, so that a run cut short keeps what it measured.
-        write(output, results(rows, complete=False))
+        provenance.write_json(output, results(rows, complete=False))
 
-  write(output, results(rows, complete=True))
-  print_table(results(rows, complete=True))
+  final = results(rows, complete=True)
+  provenance.write_json(output, final)
+  print_table(final)
   print(f"wrote {output}")
-
-
-def write(output: Path, results: dict[str, Any]) -> None:
-  output.parent.mkdir(parents=True, exist_ok=True)
-  atomic_write(output, json.dumps(results, indent=2) + "\n")
 
 
 def _fmt(row: dict, kind: str) -> str:

@@ -72,8 +72,13 @@ def header(module: str, commit: str, library_versions: dict | None = None) -> di
           "hardware": hardware(), "versions": library_versions or versions()}
 
 
+def write_json(path: Path, results: dict) -> None:
+  """The results as indented JSON, written atomically (its folder made if need be)."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  atomic_write(path, json.dumps(results, indent=2) + "\n")
+
+
 def write_results(prefix: Path, results: dict, markdown: str) -> None:
   """PREFIX.json (the results) and PREFIX.md (their table), each written atomically."""
-  prefix.parent.mkdir(parents=True, exist_ok=True)
-  atomic_write(prefix.with_suffix(".json"), json.dumps(results, indent=2) + "\n")
+  write_json(prefix.with_suffix(".json"), results)
   atomic_write(prefix.with_suffix(".md"), markdown)

@@ -310,7 +310,7 @@ def write_reports(root: Path, results_dir: Path) -> None:
   for workdir in sorted(p for p in root.iterdir() if (p / "results.json").is_file()):
     report = run_report(workdir)
     output = results_dir / f"{workdir.name}.json"
-    atomic_write(output, json.dumps(report, indent=2) + "\n")
+    provenance.write_json(output, report)
     print(f"wrote {output}")
   reports, swept = {}, {}
   for path in sorted(results_dir.glob("*.json")):
