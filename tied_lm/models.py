@@ -79,6 +79,18 @@ def _matmul(x: jax.Array, y: jax.Array, dtype: str) -> jax.Array:
   return jnp.matmul(x.astype(dtype), y.astype(dtype), preferred_element_type=jnp.float32)
 
 
+def _matmul_transposed(x: jax.Array, y: jax.Array, dtype: str) -> jax.Array:
+  """x [B, N] @ y [K, N]ᵀ as `_matmul`, contracting y's last axis in place.
+
+  Written as `x @ y.T` with y loop-invariant, XLA:CPU hoists the transpose out
+  of the loop and copies y twice into a transposed layout; this form copies nothing.
+  """
+  return jax.lax.dot_general(
+      x.astype(dtype), y.astype(dtype), (((1,), (1,)), ((), ())),
+      preferred_element_type=jnp.float32,
+  )
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def mixed_matmul(x: jax.Array, y: jax.Array, dtype: str) -> jax.Array:
   """x [..., K] @ y [K, N] for the bf16 mode: `dtype` inputs, float32 results.
@@ -135,7 +147,7 @@ def _lstm_recurrence_bwd(unroll, compute_dtype, residuals, grads):
   grad_outputs, (grad_final_c, grad_final_h) = grads
   previous_cells = jnp.concatenate([initial_c[None], cells[:-1]])
   previous_h = _apply_mask(jnp.concatenate([initial_h[None], outputs[:-1]]), recurrent_mask)
-  kernel_t = recurrent_kernel.T.astype(compute_dtype)
+  kernel = recurrent_kernel.astype(compute_dtype)
 
   def step(state, inputs):
     grad_c, grad_h_recurrent = state
@@ -150,7 +162,9 @@ def _lstm_recurrence_bwd(unroll, compute_dtype, residuals, grads):
         grad_c * i * (1 - g**2),
         grad_h * tanh_c * o * (1 - o),
     ], axis=-1)
-    grad_previous_h = _apply_mask(_matmul(grad_gates, kernel_t, compute_dtype), recurrent_mask)
+    grad_previous_h = _apply_mask(
+        _matmul_transposed(grad_gates, kernel, compute_dtype), recurrent_mask
+    )
     return (grad_c * f, grad_previous_h), grad_gates
 
   (grad_initial_c, grad_initial_h), grad_gates = jax.lax.scan(
