@@ -92,6 +92,19 @@ def run_name(dataset: str, size: str, variant: str, tag: str = "") -> str:
   return f"{dataset}_{size}_{variant}" + (f"_{tag}" if tag else "")
 
 
+_GRID = {(d, s, v) for d in DATASETS for s in SIZES for v in VARIANTS}
+
+
+def parse_run_name(name: str) -> tuple[tuple[str, str, str], str] | None:
+  """The inverse of `run_name`: 'ptb_small_al_tau5' -> (('ptb', 'small', 'al'), 'tau5').
+
+  None for a name outside the grid (another results file).
+  """
+  dataset, size, variant, tag = (name.split("_", 3) + ["", "", ""])[:4]
+  model = (dataset, size, variant)
+  return (model, tag) if model in _GRID else None
+
+
 def sweep_points(sweeps: list[str]) -> list[tuple[str, list[str]]]:
   """['loss.tau=5,10', 'loss.gamma=0.5'] -> [('tau5_gamma0.5', [overrides]), ...].
 
@@ -274,7 +287,6 @@ def table(reports: dict[tuple[str, str, str], dict[str, Any]], root_hint: str,
   return "\n".join(lines)
 
 
-_GRID = {(d, s, v) for d in DATASETS for s in SIZES for v in VARIANTS}
 
 
 def sweep_table(swept: dict[str, dict[str, Any]],
@@ -289,12 +301,12 @@ def sweep_table(swept: dict[str, dict[str, Any]],
            "each model's sweep ranked with its untagged run (configs/paper.py's settings).",
            "", "| run | valid (best epoch) | test | epochs | hardware | wall |",
            "|---|---|---|---|---|---|"]
-  models = {tuple(name.split("_", 3)[:3]) for name in swept}
+  models = {parse_run_name(name)[0] for name in swept}
   rows = dict(swept)
-  rows.update({"_".join(key): reports[key] for key in models if key in reports})
+  rows.update({run_name(*key): reports[key] for key in models if key in reports})
   def order(item):
     name, report = item
-    return name.split("_", 3)[:3], report["valid_perplexity"]
+    return parse_run_name(name)[0], report["valid_perplexity"]
   for name, report in sorted(rows.items(), key=order):
     lines.append(
         f"| {name} | {report['valid_perplexity']:.2f} ({report['best_epoch']}) "
@@ -314,13 +326,14 @@ def write_reports(root: Path, results_dir: Path) -> None:
     print(f"wrote {output}")
   reports, swept = {}, {}
   for path in sorted(results_dir.glob("*.json")):
-    parts = tuple(path.stem.split("_", 3))
-    if len(parts) < 3 or (parts[0], parts[1], parts[2]) not in _GRID:
+    parsed = parse_run_name(path.stem)
+    if parsed is None:
       continue
-    if len(parts) == 3:
-      reports[parts] = json.loads(path.read_text())
-    else:
+    model, tag = parsed
+    if tag:
       swept[path.stem] = json.loads(path.read_text())
+    else:
+      reports[model] = json.loads(path.read_text())
   if swept:
     atomic_write(results_dir / "SWEEP.md", sweep_table(swept, reports))
     print(f"wrote {results_dir / 'SWEEP.md'}")

@@ -33,6 +33,14 @@ def test_sweep_points_take_every_combination_with_a_tag_each():
     reproduce.sweep_points(["loss.tau"])
 
 
+def test_parse_run_name_inverts_run_name_and_skips_other_files():
+  for tag in ("", "tau5", "output_biasTrue_gamma0.3"):
+    name = reproduce.run_name("wikitext2", "medium", "real", tag)
+    assert reproduce.parse_run_name(name) == (("wikitext2", "medium", "real"), tag)
+  for other in ("benchmark_cpu_intel", "ptb_small", "ptb", "ptb_tiny_al", "predictions"):
+    assert reproduce.parse_run_name(other) is None
+
+
 def test_sweep_table_ranks_each_model_by_validation_with_its_untagged_run():
   swept = {"ptb_small_real_tau5": _report(95.0, 91.0), "ptb_small_real_tau20": _report(93.0, 90.0),
            "ptb_small_al_tau5": _report(99.0, 94.0)}
