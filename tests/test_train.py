@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 
 from configs import default, ptb, wikitext2
@@ -371,7 +372,7 @@ def test_a_checkpoint_that_cannot_be_written_is_one_clear_error(tmp_path, monkey
   def full_disk(self, *args, **kwargs):
     raise OSError(28, "No space left on device")
 
-  monkeypatch.setattr(train.ocp.CheckpointManager, "save", full_disk)
+  monkeypatch.setattr(ocp.CheckpointManager, "save", full_disk)
   with pytest.raises(UserError, match=(
       r"could not write checkpoint \d+ in .*checkpoints: \[Errno 28\] No space left on "
       r"device; no earlier checkpoint")):

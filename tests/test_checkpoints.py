@@ -1,0 +1,51 @@
+import numpy as np
+import pytest
+
+from tied_lm.checkpoints import Checkpoints
+from tied_lm.errors import UserError
+
+
+def _arrays(value: float) -> dict:
+  return {"state": {"w": np.full((3, 2), value, np.float32)},
+          "best_params": {"w": np.full((3, 2), -value, np.float32)}}
+
+
+def test_restore_latest_returns_the_newest_save_and_keeps_two(tmp_path):
+  checkpoints = Checkpoints(tmp_path)
+  assert checkpoints.restore_latest(_arrays(0.0), lambda meta: None) is None
+  for step in (10, 20, 30):
+    checkpoints.save(step, _arrays(float(step)), {"epoch": step // 10})
+  assert checkpoints.latest_step() == 30
+  assert sorted(int(p.name) for p in checkpoints.directory.iterdir()) == [20, 30]
+  step, arrays, meta = Checkpoints(tmp_path).restore_latest(_arrays(0.0), lambda meta: None)
+  assert (step, meta) == (30, {"epoch": 3})
+  np.testing.assert_array_equal(arrays["state"]["w"], np.full((3, 2), 30.0))
+  best_step, best = Checkpoints(tmp_path).restore_best_params()
+  assert best_step == 30
+  np.testing.assert_array_equal(best["w"], np.full((3, 2), -30.0))
+
+
+def test_an_unreadable_checkpoint_is_set_aside_and_the_previous_one_used(tmp_path):
+  checkpoints = Checkpoints(tmp_path)
+  checkpoints.save(1, _arrays(1.0), {"epoch": 1})
+  checkpoints.save(2, _arrays(2.0), {"epoch": 2})
+  for path in (checkpoints.directory / "2" / "arrays").rglob("*"):
+    if path.is_file():
+      path.write_bytes(b"torn")
+  step, arrays, meta = Checkpoints(tmp_path).restore_latest(_arrays(0.0), lambda meta: None)
+  assert (step, meta) == (1, {"epoch": 1})
+  np.testing.assert_array_equal(arrays["state"]["w"], np.full((3, 2), 1.0))
+  assert [p.name.split(".")[0] for p in (tmp_path / "torn_checkpoints").iterdir()] == ["2"]
+  assert sorted(p.name for p in checkpoints.directory.iterdir()) == ["1"]
+
+
+def test_a_refused_meta_is_the_callers_error_and_moves_nothing(tmp_path):
+  Checkpoints(tmp_path).save(5, _arrays(5.0), {"epoch": 1, "units": 200})
+
+  def refuse(meta):
+    raise UserError(f"the workdir holds checkpoints of another model: units {meta['units']}")
+
+  with pytest.raises(UserError, match="units 200"):
+    Checkpoints(tmp_path).restore_latest(_arrays(0.0), refuse)
+  assert not (tmp_path / "torn_checkpoints").exists()
+  assert Checkpoints(tmp_path).latest_step() == 5

@@ -1,0 +1,92 @@
+"""Orbax checkpoints of a run directory: save, restore the newest readable, set torn ones aside."""
+
+import time
+from pathlib import Path
+from typing import Any
+
+import orbax.checkpoint as ocp
+from absl import logging
+
+from tied_lm.errors import UserError
+
+
+class Checkpoints:
+  """Orbax checkpoints of the train state, the best params, the carry and the run's meta.
+
+  Checkpoints are numbered by global step. A checkpoint that cannot be read
+  (torn by a kill during a save, or damaged) is moved to `torn_checkpoints/`
+  and the previous one is used.
+  """
+
+  def __init__(self, workdir: Path):
+    self.directory = (workdir / "checkpoints").resolve()
+    self._torn_directory = workdir.resolve() / "torn_checkpoints"
+    self._manager = self._open()
+
+  def _open(self) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        self.directory,
+        # A kill during a save leaves a half-written tmp directory; orbax removes it.
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=2, create=True, cleanup_tmp_directories=True),
+    )
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, arrays: dict[str, Any], meta: dict[str, Any]) -> None:
+    try:
+      self._manager.save(
+          step,
+          args=ocp.args.Composite(
+              arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)
+          ),
+      )
+      self._manager.wait_until_finished()
+    except OSError as error:
+      previous = [s for s in self._manager.all_steps() if s != step]
+      raise UserError(
+          f"could not write checkpoint {step} in {self.directory}: {error}; "
+          + (f"checkpoint {max(previous)} is intact" if previous else "no earlier checkpoint")
+      ) from error
+
+  def restore_best_params(self) -> tuple[int, Any]:
+    """(step, best params as NumPy arrays) of the newest checkpoint, read without a template."""
+    step = self._manager.latest_step()
+    restored = self._manager.restore(
+        step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore())
+    )
+    return step, restored["arrays"]["best_params"]
+
+  def restore_latest(
+      self, arrays_like: dict[str, Any], check_meta: Any
+  ) -> tuple[int, dict[str, Any], dict] | None:
+    """(step, arrays, meta) of the newest readable checkpoint, or None if there is none.
+
+    `check_meta(meta)` runs before the arrays are read, so that a workdir of
+    another config is refused with its own message, not orbax's.
+    """
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        meta = self._manager.restore(
+            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+        )["meta"]
+        check_meta(meta)
+        arrays = self._manager.restore(
+            step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore(arrays_like))
+        )["arrays"]
+      except UserError:
+        raise
+      except Exception as error:  # noqa: BLE001 -- any unreadable checkpoint is set aside
+        self._torn_directory.mkdir(exist_ok=True)
+        destination = self._torn_directory / f"{step}.{int(time.time())}"
+        (self.directory / str(step)).rename(destination)
+        logging.warning(
+            "checkpoint %d in %s cannot be read (%s: %s); moved it to %s and trying the "
+            "previous one", step, self.directory, type(error).__name__,
+            str(error).splitlines()[0][:200] if str(error) else "", destination,
+        )
+        self._manager = self._open()
+        continue
+      return step, arrays, meta
+    return None
