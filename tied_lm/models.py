@@ -118,8 +118,15 @@ mixed_matmul.defvjp(_mixed_matmul_fwd, _mixed_matmul_bwd)
 
 
 def _dense(x: jax.Array, kernel: jax.Array, dtype: str) -> jax.Array:
-  """x @ kernel: plain in float32, `mixed_matmul` otherwise."""
-  return x @ kernel if dtype == "float32" else mixed_matmul(x, kernel, dtype)
+  """x [..., K] @ kernel [K, N]: plain in float32, `mixed_matmul` otherwise.
+
+  Flattened to one [rows, K] matmul: with x's leading axes kept, XLA:CPU
+  contracts both of them in the kernel's gradient and copies the [T, B, N]
+  cotangent into a transposed layout first.
+  """
+  flat = x.reshape(-1, x.shape[-1])
+  out = flat @ kernel if dtype == "float32" else mixed_matmul(flat, kernel, dtype)
+  return out.reshape(*x.shape[:-1], kernel.shape[-1])
 
 
 def _lstm_recurrence_fwd(
@@ -174,9 +181,13 @@ def _lstm_recurrence_bwd(unroll, compute_dtype, residuals, grads):
       reverse=True,
       unroll=unroll,
   )
-  # The weight gradient as one [H, T*B] x [T*B, 4H] matmul, not T small ones.
-  grad_kernel = jnp.einsum(
-      "tbh,tbg->hg", previous_h.astype(compute_dtype), grad_gates.astype(compute_dtype),
+  # The weight gradient as one [H, T*B] x [T*B, 4H] matmul, not T small ones, on
+  # flattened operands: contracting (t, b) as two axes made XLA:CPU copy both
+  # operands into a (b, t) order first.
+  grad_kernel = jax.lax.dot_general(
+      previous_h.reshape(-1, previous_h.shape[-1]).astype(compute_dtype),
+      grad_gates.reshape(-1, grad_gates.shape[-1]).astype(compute_dtype),
+      (((0,), (0,)), ((), ())),
       preferred_element_type=jnp.float32,
   )
   grad_mask = None if recurrent_mask is None else jnp.zeros_like(recurrent_mask)
