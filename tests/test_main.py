@@ -198,8 +198,9 @@ def test_kill_9_then_the_same_command_ends_like_an_uninterrupted_run(reference_r
   assert _curve(workdir, ("train",)) == _curve(reference_runs[0], ("train",))
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_sigterm_or_sigint_saves_a_checkpoint_and_exits_cleanly(reference_runs, tmp_path, signum):
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(reference_runs, tmp_path):
+  # SIGINT takes the same path (tests/test_train.py checks StopSignals for both).
+  signum = signal.SIGTERM
   workdir = tmp_path / "run"
   process = _start(workdir)
   _wait_for_checkpoint(process, workdir)

@@ -1,6 +1,7 @@
 """The train step's objective and pmap equivalence, evaluation bookkeeping, configs, and runs."""
 
 import json
+import signal
 
 import flax
 import jax
@@ -383,3 +384,21 @@ def test_an_unwritable_workdir_is_refused_before_any_work(tmp_path):
   (tmp_path / "file").write_text("")
   with pytest.raises(UserError, match="cannot write the workdir .*file/run: .*file is not a dir"):
     train.train_and_evaluate(default.get_config(), str(tmp_path / "file" / "run"))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_stop_signals_turn_the_first_signal_into_a_stop_and_restore_the_handlers(signum):
+  before = signal.getsignal(signum)
+  with train.StopSignals() as signals:
+    assert not signals.stop_at(0)
+    signal.raise_signal(signum)
+    assert signals.received == signum
+    assert signals.stop_at(1)
+  assert signal.getsignal(signum) is before
+
+
+def test_a_second_sigint_interrupts_at_once():
+  with train.StopSignals(), pytest.raises(KeyboardInterrupt):
+    signal.raise_signal(signal.SIGINT)
+    signal.raise_signal(signal.SIGINT)
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
