@@ -287,8 +287,6 @@ def table(reports: dict[tuple[str, str, str], dict[str, Any]], root_hint: str,
   return "\n".join(lines)
 
 
-
-
 def sweep_table(swept: dict[str, dict[str, Any]],
                 reports: dict[tuple[str, str, str], dict[str, Any]]) -> str:
   """SWEEP.md: the tagged runs, best validation perplexity first within each model.
