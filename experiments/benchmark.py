@@ -85,7 +85,8 @@ def step_flops(
   Training costs 3x the forward matmuls (forward, input gradient, weight
   gradient). The augmented loss adds the target scores L[y] Lᵀ: forward only
   when ỹ is a constant (stop_gradient_target), else 3x. Elementwise work
-  (gates, softmaxes) is not counted.
+  (gates, softmaxes) is not counted. "train_lstm" and "train_output" split
+  "train" into the LSTM stack and the rest (projection, logits, loss).
   """
   m = config.model
   tokens = batch_size * config.num_steps
@@ -96,11 +97,13 @@ def step_flops(
   projected = m.tie_embeddings and m.hidden_size != m.embed_dim
   projection = 2 * m.hidden_size * m.embed_dim if projected else 0
   output_width = m.embed_dim if m.tie_embeddings else m.hidden_size
-  forward = tokens * (lstm + projection + 2 * output_width * vocab_size)
+  output = tokens * (projection + 2 * output_width * vocab_size)
   target_scores = tokens * 2 * m.embed_dim * vocab_size if config.loss.augmented else 0
-  train_flops = 3 * forward + (1 if config.loss.stop_gradient_target else 3) * target_scores
+  train_lstm = 3 * tokens * lstm
+  train_output = 3 * output + (1 if config.loss.stop_gradient_target else 3) * target_scores
   eval_tokens = eval_batch_size * config.num_steps
-  return {"train": train_flops, "eval": forward // tokens * eval_tokens}
+  return {"train": train_lstm + train_output, "train_lstm": train_lstm,
+          "train_output": train_output, "eval": (tokens * lstm + output) // tokens * eval_tokens}
 
 
 def measure_matmul_peak(size: int) -> float:

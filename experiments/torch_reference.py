@@ -74,13 +74,10 @@ class TorchLanguageModel(torch.nn.Module):
     keep = torch.empty_like(x[:1]).bernoulli_(1.0 - rate) / (1.0 - rate)
     return x * keep
 
-  def forward(
+  def hidden_states(
       self, tokens: torch.Tensor, state: list[tuple[torch.Tensor, torch.Tensor]]
-  ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """tokens [B, T] -> (logits [B, T, V], bias-free logits, new state).
-
-    state: per layer (h, c), each [1, B, H].
-    """
+  ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Embedding and LSTM stack: tokens [B, T] -> (masked last h [B, T, H], new state)."""
     input_rate, hidden_rate, output_rate = self.dropouts
     x = self._mask(self.embed(tokens.t()), input_rate)  # [T, B, E]
     new_state = []
@@ -89,10 +86,23 @@ class TorchLanguageModel(torch.nn.Module):
       new_state.append(layer_state)
       if i + 1 < len(self.layers):
         x = self._mask(x, hidden_rate)
-    x = self._mask(x, output_rate).transpose(0, 1)  # [B, T, H]
+    return self._mask(x, output_rate).transpose(0, 1), new_state
+
+  def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    """The bias-free logits: hidden [B, T, H] -> [B, T, V]."""
     if self.projection is not None:
-      x = self.projection(x)
-    bias_free_logits = self.decoder(x)
+      hidden = self.projection(hidden)
+    return self.decoder(hidden)
+
+  def forward(
+      self, tokens: torch.Tensor, state: list[tuple[torch.Tensor, torch.Tensor]]
+  ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """tokens [B, T] -> (logits [B, T, V], bias-free logits, new state).
+
+    state: per layer (h, c), each [1, B, H].
+    """
+    hidden, new_state = self.hidden_states(tokens, state)
+    bias_free_logits = self.output_logits(hidden)
     logits = bias_free_logits if self.output_bias is None else bias_free_logits + self.output_bias
     return logits, bias_free_logits, new_state
 

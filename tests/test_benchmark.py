@@ -19,7 +19,8 @@ def test_step_flops_counts_the_matmuls_by_hand():
   # Per token: the fused gates 2·(4 + 4)·16 = 256, the tied logits 2·4·10 = 80.
   flops = benchmark.step_flops(config, vocab_size=10, batch_size=2, eval_batch_size=1)
   # 6 tokens: 3x the forward (336 each), plus 3x the target scores L[y] Lᵀ (80 each).
-  assert flops == {"train": 3 * 6 * 336 + 3 * 6 * 80, "eval": 3 * 336}
+  assert flops == {"train": 3 * 6 * 336 + 3 * 6 * 80, "train_lstm": 3 * 6 * 256,
+                   "train_output": 3 * 6 * 80 + 3 * 6 * 80, "eval": 3 * 336}
   config.loss.stop_gradient_target = True  # ỹ a constant: its scores only run forward
   assert benchmark.step_flops(config, 10, 2, 1)["train"] == 3 * 6 * 336 + 6 * 80
   config.loss.augmented = False

@@ -367,6 +367,31 @@ class LSTMLanguageModel(nn.Module):
         output=mask(self.output_dropout, self.hidden_size),
     )
 
+  def hidden_states(
+      self, tokens: jax.Array, carry: Carry, masks: DropoutMasks
+  ) -> tuple[jax.Array, Carry]:
+    """Embedding and LSTM stack: tokens [B, T] -> (last layer's masked h [B, T, H], carry)."""
+    x = _apply_mask(self.embed(tokens.T), masks.input)  # [T, B, E], time-major
+    new_carry = []
+    for i, (layer, layer_carry, mask) in enumerate(
+        zip(self.layers, carry, masks.hidden, strict=True)
+    ):
+      h, layer_carry = layer(x, layer_carry, mask)
+      new_carry.append(layer_carry)
+      # The next layer sees h through the same mask as the recurrence.
+      x = _apply_mask(h, mask) if i + 1 < self.num_layers else h
+    return _apply_mask(x, masks.output).transpose(1, 0, 2), tuple(new_carry)
+
+  def output_logits(self, hidden: jax.Array) -> jax.Array:
+    """The bias-free logits W h: hidden [B, T, H] -> [B, T, V] (W = Lᵀ when tied)."""
+    if self.tie_embeddings:
+      if self.projection is not None:
+        hidden = self.projection(hidden)
+      if self.compute_dtype == "float32":
+        return self.embed.attend(hidden)
+      return mixed_matmul(hidden, self.embed.embedding.T, self.compute_dtype)
+    return self.output_kernel(hidden)
+
   def outputs(
       self,
       tokens: jax.Array,
@@ -385,28 +410,11 @@ class LSTMLanguageModel(nn.Module):
     """
     if masks is None:
       masks = self.dropout_masks(tokens.shape[0], deterministic=deterministic)
-    x = _apply_mask(self.embed(tokens.T), masks.input)  # [T, B, E], time-major
-    new_carry = []
-    for i, (layer, layer_carry, mask) in enumerate(
-        zip(self.layers, carry, masks.hidden, strict=True)
-    ):
-      h, layer_carry = layer(x, layer_carry, mask)
-      new_carry.append(layer_carry)
-      # The next layer sees h through the same mask as the recurrence.
-      x = _apply_mask(h, mask) if i + 1 < self.num_layers else h
-    x = _apply_mask(x, masks.output).transpose(1, 0, 2)  # [B, T, H]
-    if self.tie_embeddings:
-      if self.projection is not None:
-        x = self.projection(x)
-      bias_free_logits = (
-          self.embed.attend(x) if self.compute_dtype == "float32"
-          else mixed_matmul(x, self.embed.embedding.T, self.compute_dtype)
-      )
-    else:
-      bias_free_logits = self.output_kernel(x)
+    hidden, new_carry = self.hidden_states(tokens, carry, masks)
+    bias_free_logits = self.output_logits(hidden)
     bias = self.bias if self.output_bias else None
     logits = bias_free_logits if bias is None else bias_free_logits + bias
-    return LMOutputs(logits, bias_free_logits, bias, self.embed.embedding, tuple(new_carry))
+    return LMOutputs(logits, bias_free_logits, bias, self.embed.embedding, new_carry)
 
   def __call__(
       self, tokens: jax.Array, carry: Carry, *, deterministic: bool

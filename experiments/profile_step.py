@@ -1,0 +1,219 @@
+r"""Times the blocks of one train step, ours beside PyTorch's: where does the time go?
+
+  python -m experiments.profile_step --configs=configs/ptb.py:medium,real --compare=torch
+
+Each block is a forward and backward pass on fixed inputs, jitted for ours:
+  lstm    embedding lookup, dropout masks and the LSTM stack -> h [B, T, H],
+          then the gradient of <h, R> (R fixed) w.r.t. all parameters;
+  output  fixed h -> [projection] -> logits -> sum_t [CE + γτ KL] / B, the
+          gradient w.r.t. h and the output parameters (embedding, bias...);
+  step    the whole train step, exactly as `experiments.benchmark` times it
+          (plus clipping, the SGD update and the feeding of batches).
+With --compare=torch the torch blocks run the same computation through
+`experiments/torch_reference.py` on the same parameters, and repeats alternate
+ours and torch, as in the benchmark, whose flags this module shares (--configs,
+--set, --batch_sizes, --compare, --repeats, --steps_per_repeat, --warmup,
+--matmul_size, --output). It prints the median ms per call, the ratio
+torch/ours (> 1: ours is faster) and each block's share of the measured matmul
+peak, and writes them as JSON (default experiments/results/profile_<platform>.json).
+"""
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, logging
+
+from experiments import benchmark, provenance
+from tied_lm import data, models, train
+
+FLAGS = benchmark.FLAGS
+BLOCKS = ("lstm", "output", "step")
+
+
+class Calls:
+  """A benchmark runner that calls `fn` n times, then waits for the last result."""
+
+  def __init__(self, fn: Callable[[], Any], sync: Callable[[Any], Any]):
+    self.fn, self.sync = fn, sync
+
+  def run(self, num_steps: int) -> None:
+    for _ in range(num_steps):
+      result = self.fn()
+    self.sync(result)
+
+
+def our_blocks(config, model, params, inputs: np.ndarray, targets: np.ndarray) -> dict:
+  """Runners for our lstm and output blocks on one window [B, T]."""
+  batch_size = inputs.shape[0]
+  carry = model.initial_carry(batch_size)
+  alpha = config.loss.gamma * config.loss.tau
+  key = jax.random.key(0)
+  hidden_shape = (batch_size, config.num_steps, config.model.hidden_size)
+  cotangent = jax.random.normal(key, hidden_shape)
+
+  def hidden_states(params, key):
+    masks = model.apply({"params": params}, batch_size, deterministic=False,
+                        rngs={"dropout": key}, method=model.dropout_masks)
+    return model.apply({"params": params}, inputs, carry, masks, method=model.hidden_states)[0]
+
+  @jax.jit
+  def lstm(params, key):
+    return jax.grad(lambda p: jnp.vdot(hidden_states(p, key), cotangent))(params)
+
+  output_params = {k: v for k, v in params.items() if not k.startswith("lstm_")}
+
+  @jax.jit
+  def output(output_params, hidden):
+    def objective(output_params, hidden):
+      all_params = {**params, **output_params}
+      bias_free_logits = model.apply({"params": all_params}, hidden, method=model.output_logits)
+      bias = all_params.get("output_bias")
+      logits = bias_free_logits if bias is None else bias_free_logits + bias
+      outputs = models.LMOutputs(
+          logits, bias_free_logits, bias, all_params["embed"]["embedding"], carry
+      )
+      cross_entropy, kl = train.loss_terms(outputs, targets, config.loss)
+      return jnp.sum(cross_entropy + alpha * kl) / batch_size
+
+    return jax.grad(objective, argnums=(0, 1))(output_params, hidden)
+
+  hidden = hidden_states(params, key)
+  sync = jax.block_until_ready
+  return {"lstm": Calls(lambda: lstm(params, key), sync),
+          "output": Calls(lambda: output(output_params, hidden), sync)}
+
+
+def torch_blocks(config, model, inputs: np.ndarray, targets: np.ndarray, device: str) -> dict:
+  """Runners for the same two blocks through the PyTorch reference."""
+  import torch
+
+  from experiments import torch_reference
+
+  batch_size = inputs.shape[0]
+  tokens = torch.from_numpy(inputs).long().to(device)
+  target_ids = torch.from_numpy(targets).long().to(device)
+  state = model.initial_state(batch_size)
+  alpha = config.loss.gamma * config.loss.tau
+  hidden_shape = (batch_size, config.num_steps, config.model.hidden_size)
+  cotangent = torch.randn(hidden_shape, device=device)
+  fixed_hidden = torch.randn(hidden_shape, device=device)
+  model.train()
+
+  def lstm():
+    model.zero_grad(set_to_none=True)
+    hidden, _ = model.hidden_states(tokens, state)
+    (hidden * cotangent).sum().backward()
+
+  def output():
+    model.zero_grad(set_to_none=True)
+    hidden = fixed_hidden.detach().requires_grad_()
+    bias_free_logits = model.output_logits(hidden)
+    bias = model.output_bias
+    logits = bias_free_logits if bias is None else bias_free_logits + bias
+    cross_entropy, kl = torch_reference.loss_terms(
+        logits, bias_free_logits, target_ids, model.embed.weight,
+        augmented=config.loss.augmented, tau=config.loss.tau,
+        stop_gradient_target=config.loss.stop_gradient_target,
+    )
+    ((cross_entropy + alpha * kl).sum() / batch_size).backward()
+
+  def sync(_):
+    if device == "cuda":
+      torch.cuda.synchronize()
+
+  return {"lstm": Calls(lstm, sync), "output": Calls(output, sync)}
+
+
+def profile_config(spec: str, batch_size: int | None, peak: float, torch_device: str) -> dict:
+  """One config's row: per block, our ms per call, and torch's and the ratio if compared."""
+  config = benchmark.load_config(spec, FLAGS.set)
+  corpus = data.load_corpus(config.dataset, config.data_dir, config.max_vocab_size)
+  batch_size = batch_size or config.batch_size
+  flops = benchmark.step_flops(config, corpus.vocab_size, batch_size, FLAGS.eval_batch_size)
+  ours_step = benchmark.OurTrainer(config, corpus, batch_size, 1)
+  inputs, targets = (x[0] for x in data.train_windows(corpus.train, batch_size, config.num_steps))
+  ours = {**our_blocks(config, ours_step.model, ours_step.params, inputs, targets),
+          "step": ours_step}
+  theirs = dict.fromkeys(BLOCKS)
+  if FLAGS.compare == "torch":
+    torch_step = benchmark.TorchTrainer(
+        config, corpus, batch_size, torch_device, ours_step.params
+    )
+    theirs = {**torch_blocks(config, torch_step.model, inputs, targets, torch_device),
+              "step": torch_step}
+  block_flops = {"lstm": flops["train_lstm"], "output": flops["train_output"],
+                 "step": flops["train"]}
+  row = {"config": spec, "overrides": FLAGS.set, "batch_size": batch_size,
+         "num_steps": config.num_steps, "blocks": {}}
+  for block in BLOCKS:
+    our_stats, torch_stats = benchmark.benchmark_pair(
+        ours[block], theirs[block], batch_size * config.num_steps
+    )
+    stats = row["blocks"][block] = {
+        "ms": our_stats["step_ms"], "flops": block_flops[block],
+        "peak_fraction": block_flops[block] / (our_stats["step_ms"] / 1e3) / peak,
+        "repeat_seconds": our_stats["repeat_seconds"],
+    }
+    if torch_stats is not None:
+      paired = [theirs_seconds / ours_seconds for ours_seconds, theirs_seconds in zip(
+          our_stats["repeat_seconds"], torch_stats["repeat_seconds"], strict=True)]
+      stats.update({
+          "torch_ms": torch_stats["step_ms"],
+          "ratio_vs_torch": torch_stats["step_ms"] / our_stats["step_ms"],
+          "ratio_vs_torch_range": [min(paired), max(paired)],
+          "torch_repeat_seconds": torch_stats["repeat_seconds"],
+      })
+  return row
+
+
+def print_row(row: dict) -> None:
+  print(f"{row['config']} batch {row['batch_size']}")
+  print(f"  {'block':<7} {'ours ms':>8} {'torch ms':>8} {'ratio':>5} {'range':>11} {'%peak':>5}")
+  for block, stats in row["blocks"].items():
+    if "torch_ms" in stats:
+      low, high = stats["ratio_vs_torch_range"]
+      torch_columns = (f"{stats['torch_ms']:>8.1f} {stats['ratio_vs_torch']:>5.2f} "
+                       f"{low:>5.2f}-{high:<5.2f}")
+    else:
+      torch_columns = f"{'-':>8} {'-':>5} {'-':>11}"
+    print(f"  {block:<7} {stats['ms']:>8.1f} {torch_columns} "
+          f"{100 * stats['peak_fraction']:>5.1f}")
+
+
+def main(argv):
+  del argv
+  start = time.time()
+  commit = provenance.git_commit()
+  platform_name = jax.local_devices()[0].platform
+  torch_device = "cuda" if platform_name == "gpu" else "cpu"
+  versions = provenance.versions()
+  if FLAGS.compare == "torch":
+    import torch
+
+    versions["torch"] = torch.__version__
+  peak = benchmark.measure_matmul_peak(FLAGS.matmul_size)
+  logging.info("fp32 matmul peak: %.0f GFLOP/s", peak / 1e9)
+  output = Path(
+      FLAGS.output or benchmark.REPO / f"experiments/results/profile_{platform_name}.json"
+  )
+  rows = []
+  for spec in FLAGS.configs:
+    for batch_size in [int(b) for b in FLAGS.batch_sizes] or [None]:
+      if FLAGS.compare == "torch":
+        torch.manual_seed(0)
+      rows.append(profile_config(spec, batch_size, peak, torch_device))
+      print_row(rows[-1])
+      provenance.write_json(output, {
+          **provenance.header("experiments.profile_step", commit, versions),
+          "matmul_peak_flops": peak, "rows": rows, "wall_seconds": time.time() - start,
+      })
+  print(f"wrote {output}")
+
+
+if __name__ == "__main__":
+  app.run(main)
