@@ -133,10 +133,7 @@ def cross_entropy_and_kl(
   """
   batch_shape, vocab_size = targets.shape, logits.shape[-1]
   logits = _at_least_float32(logits).reshape(-1, vocab_size)
-  bias = (
-      jnp.zeros((vocab_size,), logits.dtype) if output_bias is None
-      else _at_least_float32(output_bias)
-  )
+  bias = None if output_bias is None else _at_least_float32(output_bias)
   targets = targets.reshape(-1)
   if not augmented:
     cross_entropy = _fused_cross_entropy(logits, bias, targets)
@@ -148,20 +145,55 @@ def cross_entropy_and_kl(
   return cross_entropy.reshape(batch_shape), kl.reshape(batch_shape)
 
 
-def _logsumexp(x: jax.Array, scale: float | jax.Array = 1.0) -> jax.Array:
-  """logsumexp(scale * x) over the last axis of [N, V], for scale > 0.
+# How the fused passes are written for XLA:CPU. Each row reduction over an [N, V]
+# array runs as one YNNPACK pass with its elementwise producers fused in, as long
+# as nothing in it is shared with another pass: a shared expression, or even a
+# shared broadcast of a scalar or of a row vector, is written out as a whole
+# [N, V] array first, an extra write and read of the largest arrays of the step.
+# Every pass therefore takes its inputs through `_unshared`, and the backward
+# pass puts the target rows in with a scatter, which runs in place, rather than
+# a compare against iota, which slowed the elementwise loop about 2x.
 
-  The scale is applied inside the fused passes (max(scale * x) = scale * max(x)),
+
+def _unshared(*arrays):
+  """The arrays behind an optimization barrier: aliases (no copy) that XLA cannot merge
+  with other uses of the same values, so the pass reading them fuses on its own."""
+  return jax.lax.optimization_barrier(arrays)
+
+
+def _logsumexp(x: jax.Array, scale: jax.Array | None = None) -> jax.Array:
+  """logsumexp(scale * x) over the last axis of [N, V], for scale > 0 (None: 1).
+
+  The scale is applied inside the fused pass (max(scale * x) = scale * max(x)),
   so no scaled copy of x is materialised. No autodiff passes through it: its
   callers are custom_vjp functions.
   """
-  row_max = jnp.max(x, axis=-1)
-  return scale * row_max + jnp.log(jnp.sum(jnp.exp((x - row_max[:, None]) * scale), axis=-1))
+  row_max = jnp.max(_unshared(x)[0], axis=-1)
+  x, row_max, scale = _unshared(x, row_max, scale)
+  shifted = x - row_max[:, None]
+  if scale is None:
+    return row_max + jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))
+  return scale * row_max + jnp.log(jnp.sum(jnp.exp(shifted * scale), axis=-1))
 
 
-def _one_hot_mask(targets: jax.Array, vocab_size: int) -> jax.Array:
-  # A compare against iota fuses into the elementwise pass; a scatter would not.
-  return targets[:, None] == jnp.arange(vocab_size, dtype=targets.dtype)
+def _cross_entropy_log_normalizer(logits: jax.Array, bias: jax.Array | None) -> jax.Array:
+  """logsumexp(logits + bias) over the last axis of [N, V], bias [V] or None."""
+  if bias is None:
+    return _logsumexp(logits)
+  logits_for_max, bias_for_max = _unshared(logits, bias)
+  row_max = jnp.max(logits_for_max + bias_for_max, axis=-1)
+  logits, bias, row_max = _unshared(logits, bias, row_max)
+  return row_max + jnp.log(jnp.sum(jnp.exp(logits + bias - row_max[:, None]), axis=-1))
+
+
+def _target_logits(logits: jax.Array, bias: jax.Array | None, targets: jax.Array) -> jax.Array:
+  """(logits + bias)[n, targets[n]] for each row n: [N]."""
+  target_logits = jnp.take_along_axis(logits, targets[:, None], -1)[:, 0]
+  return target_logits if bias is None else target_logits + bias[targets]
+
+
+def _inverse(tau: float | jax.Array, dtype) -> jax.Array:
+  return (1.0 / jnp.asarray(tau, dtype)).astype(dtype)
 
 
 @jax.custom_vjp
@@ -170,22 +202,39 @@ def _fused_cross_entropy(logits, bias, targets):
 
 
 def _fused_cross_entropy_fwd(logits, bias, targets):
-  scores = logits + bias
-  log_normalizer = _logsumexp(scores)
-  cross_entropy = log_normalizer - jnp.take_along_axis(scores, targets[:, None], -1)[:, 0]
+  log_normalizer = _cross_entropy_log_normalizer(logits, bias)
+  cross_entropy = log_normalizer - _target_logits(logits, bias, targets)
   return cross_entropy, (logits, bias, targets, log_normalizer)
 
 
-def _cross_entropy_grad(logits, bias, targets, log_normalizer, grad_cross_entropy):
-  """d(sum g * CE)/d logits = g * (softmax(logits + bias) - onehot(targets))."""
-  probs = jnp.exp(logits + bias - log_normalizer[:, None])
-  return grad_cross_entropy[:, None] * (probs - _one_hot_mask(targets, logits.shape[-1]))
+def _weighted_softmax(logits, bias, log_normalizer, weight):
+  """weight[:, None] * softmax(logits + bias), [N, V], in a pass of its own."""
+  logits, bias, log_normalizer, weight = _unshared(logits, bias, log_normalizer, weight)
+  scores = logits if bias is None else logits + bias
+  return weight[:, None] * jnp.exp(scores - log_normalizer[:, None])
+
+
+def _cross_entropy_grad(logits, bias, targets, log_normalizer, grad_cross_entropy, extra=None):
+  """d(sum g * CE)/d logits = g * (softmax(logits + bias) - onehot(targets)), plus `extra`.
+
+  `extra(logits)` adds further [N, V] terms inside the same elementwise pass.
+  """
+  grad = _weighted_softmax(logits, bias, log_normalizer, grad_cross_entropy)
+  if extra is not None:
+    grad = grad + extra(_unshared(logits)[0])
+  return grad.at[jnp.arange(targets.shape[0]), targets].add(-grad_cross_entropy)
+
+
+def _cross_entropy_bias_grad(logits, bias, targets, log_normalizer, grad_cross_entropy):
+  """d(sum g * CE)/d bias: [V], the column sums of `_cross_entropy_grad` without `extra`."""
+  softmax_sum = _weighted_softmax(logits, bias, log_normalizer, grad_cross_entropy).sum(0)
+  return softmax_sum.at[targets].add(-grad_cross_entropy)
 
 
 def _fused_cross_entropy_bwd(residuals, grad_cross_entropy):
   logits, bias, targets, log_normalizer = residuals
   grad_logits = _cross_entropy_grad(logits, bias, targets, log_normalizer, grad_cross_entropy)
-  return grad_logits, grad_logits.sum(0), None
+  return grad_logits, None if bias is None else grad_logits.sum(0), None
 
 
 _fused_cross_entropy.defvjp(_fused_cross_entropy_fwd, _fused_cross_entropy_bwd)
@@ -198,12 +247,16 @@ def _fused_cross_entropy_and_kl(logits, bias, target_scores, targets, tau):
 
 def _fused_cross_entropy_and_kl_fwd(logits, bias, target_scores, targets, tau):
   cross_entropy, (_, _, _, log_normalizer) = _fused_cross_entropy_fwd(logits, bias, targets)
-  model_log_normalizer = _logsumexp(logits, 1.0 / tau)
-  target_log_normalizer = _logsumexp(target_scores, 1.0 / tau)
-  target_probs = jnp.exp(target_scores / tau - target_log_normalizer[:, None])
+  inverse_tau = _inverse(tau, logits.dtype)
+  model_log_normalizer = _logsumexp(logits, inverse_tau)
+  target_log_normalizer = _logsumexp(target_scores, inverse_tau)
   # KL = sum ỹ (log ỹ - log ŷ), with log ỹ - log ŷ = (s - z) / τ - lse(s/τ) + lse(z/τ).
+  scores, kl_logits, scale, normalizer = _unshared(
+      target_scores, logits, inverse_tau, target_log_normalizer
+  )
+  target_probs = jnp.exp(scores * scale - normalizer[:, None])
   kl = (
-      jnp.sum(target_probs * (target_scores - logits), axis=-1) / tau
+      scale * jnp.sum(target_probs * (scores - kl_logits), axis=-1)
       - target_log_normalizer + model_log_normalizer
   )
   residuals = (
@@ -217,17 +270,34 @@ def _fused_cross_entropy_and_kl_bwd(residuals, grads):
   (logits, bias, target_scores, targets, tau, log_normalizer, model_log_normalizer,
    target_log_normalizer, kl) = residuals
   grad_cross_entropy, grad_kl = grads
-  grad_scores = _cross_entropy_grad(logits, bias, targets, log_normalizer, grad_cross_entropy)
-  model_probs = jnp.exp(logits / tau - model_log_normalizer[:, None])
-  target_probs = jnp.exp(target_scores / tau - target_log_normalizer[:, None])
-  kl_weight = (grad_kl / tau)[:, None]
-  # dKL/dz = (ŷ - ỹ) / τ; dKL/ds = ỹ (log ỹ - log ŷ - KL) / τ.
-  grad_logits = grad_scores + kl_weight * (model_probs - target_probs)
-  log_ratio_minus_kl = (target_scores - logits) / tau - (
-      target_log_normalizer - model_log_normalizer + kl
-  )[:, None]
-  grad_target_scores = kl_weight * target_probs * log_ratio_minus_kl
-  return grad_logits, grad_scores.sum(0), grad_target_scores, None, jnp.zeros_like(tau)
+  inverse_tau = _inverse(tau, logits.dtype)
+  kl_weight = grad_kl * inverse_tau
+
+  def kl_grad_logits(logits):  # dKL/dz = (ŷ - ỹ) / τ
+    scores, scale, model_normalizer, target_normalizer, weight = _unshared(
+        target_scores, inverse_tau, model_log_normalizer, target_log_normalizer, kl_weight
+    )
+    return weight[:, None] * (
+        jnp.exp(logits * scale - model_normalizer[:, None])
+        - jnp.exp(scores * scale - target_normalizer[:, None])
+    )
+
+  grad_logits = _cross_entropy_grad(
+      logits, bias, targets, log_normalizer, grad_cross_entropy, kl_grad_logits
+  )
+  # dKL/ds = ỹ (log ỹ - log ŷ - KL) / τ
+  scores, kl_logits, scale, model_normalizer, target_normalizer, row_kl, weight = _unshared(
+      target_scores, logits, inverse_tau, model_log_normalizer, target_log_normalizer, kl,
+      kl_weight,
+  )
+  grad_target_scores = weight[:, None] * jnp.exp(scores * scale - target_normalizer[:, None]) * (
+      (scores - kl_logits) * scale - (target_normalizer - model_normalizer + row_kl)[:, None]
+  )
+  grad_bias = (  # the bias enters the cross-entropy only
+      None if bias is None
+      else _cross_entropy_bias_grad(logits, bias, targets, log_normalizer, grad_cross_entropy)
+  )
+  return grad_logits, grad_bias, grad_target_scores, None, jnp.zeros_like(tau)
 
 
 _fused_cross_entropy_and_kl.defvjp(_fused_cross_entropy_and_kl_fwd, _fused_cross_entropy_and_kl_bwd)
