@@ -14,8 +14,9 @@ With --compare=torch the torch blocks run the same computation through
 ours and torch, as in the benchmark, whose flags this module shares (--configs,
 --set, --batch_sizes, --compare, --repeats, --steps_per_repeat, --warmup,
 --matmul_size, --output). It prints the median ms per call, the ratio
-torch/ours (> 1: ours is faster) and each block's share of the measured matmul
-peak, and writes them as JSON (default experiments/results/profile_<platform>.json).
+torch/ours (> 1: ours is faster) and each block's share of the matmul peak
+(measured before each row), and writes them as JSON (default
+experiments/results/profile_<platform>.json).
 """
 
 import time
@@ -196,8 +197,6 @@ def main(argv):
     import torch
 
     versions["torch"] = torch.__version__
-  peak = benchmark.measure_matmul_peak(FLAGS.matmul_size)
-  logging.info("fp32 matmul peak: %.0f GFLOP/s", peak / 1e9)
   output = Path(
       FLAGS.output or benchmark.REPO / f"experiments/results/profile_{platform_name}.json"
   )
@@ -206,11 +205,15 @@ def main(argv):
     for batch_size in [int(b) for b in FLAGS.batch_sizes] or [None]:
       if FLAGS.compare == "torch":
         torch.manual_seed(0)
-      rows.append(profile_config(spec, batch_size, peak, torch_device))
+      # Measured afresh for each row: this machine's speed drifts within a run.
+      peak = benchmark.measure_matmul_peak(FLAGS.matmul_size)
+      logging.info("fp32 matmul peak: %.0f GFLOP/s", peak / 1e9)
+      rows.append({**profile_config(spec, batch_size, peak, torch_device),
+                   "matmul_peak_flops": peak})
       print_row(rows[-1])
       provenance.write_json(output, {
           **provenance.header("experiments.profile_step", commit, versions),
-          "matmul_peak_flops": peak, "rows": rows, "wall_seconds": time.time() - start,
+          "rows": rows, "wall_seconds": time.time() - start,
       })
   print(f"wrote {output}")
 
