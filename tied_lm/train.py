@@ -254,8 +254,16 @@ def eval_step(
     model: models.LSTMLanguageModel,
 ) -> tuple[models.Carry, jax.Array]:
   """One window: (new carry, weighted NLL sum). inputs/targets/weights: [B, T]."""
-  logits, carry = model.apply({"params": params}, inputs, carry, deterministic=True)
-  return carry, jnp.sum(losses.cross_entropy(logits, targets) * weights)
+  outputs = model.apply(
+      {"params": params}, inputs, carry, deterministic=True,
+      method=models.LSTMLanguageModel.outputs,
+  )
+  # The fused pass: neither logits + bias nor the log-softmax is written out.
+  cross_entropy, _ = losses.cross_entropy_and_kl(
+      outputs.bias_free_logits, targets, outputs.embedding, 1.0,
+      output_bias=outputs.output_bias, augmented=False,
+  )
+  return outputs.carry, jnp.sum(cross_entropy * weights)
 
 
 def evaluate(
