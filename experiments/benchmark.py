@@ -319,16 +319,11 @@ def benchmark_pair(ours, theirs, tokens_per_step: int) -> tuple[dict, dict | Non
   return stats[0], stats[1]
 
 
-def main(argv):
-  del argv
-  start = time.time()
-  commit = provenance.git_commit()  # what runs, whatever HEAD is at the end
-  platform_name = jax.local_devices()[0].platform
-  torch_device = "cuda" if platform_name == "gpu" else "cpu"
+def library_versions() -> dict:
+  """Our libraries' versions, with torch's under --compare=torch; applies --fp32_matmuls."""
   versions = provenance.versions()
   if FLAGS.fp32_matmuls == "strict":
     jax.config.update("jax_default_matmul_precision", "highest")
-  peak = {"jax": measure_matmul_peak(FLAGS.matmul_size)}
   if FLAGS.compare == "torch":
     import torch
 
@@ -336,6 +331,18 @@ def main(argv):
     if FLAGS.fp32_matmuls == "strict":
       torch.backends.cuda.matmul.allow_tf32 = False
       torch.backends.cudnn.allow_tf32 = False
+  return versions
+
+
+def main(argv):
+  del argv
+  start = time.time()
+  commit = provenance.git_commit()  # what runs, whatever HEAD is at the end
+  platform_name = jax.local_devices()[0].platform
+  torch_device = "cuda" if platform_name == "gpu" else "cpu"
+  versions = library_versions()
+  peak = {"jax": measure_matmul_peak(FLAGS.matmul_size)}
+  if FLAGS.compare == "torch":
     peak["torch"] = measure_torch_matmul_peak(FLAGS.matmul_size, torch_device)
   logging.info("fp32 matmul peak: %s", {k: f"{v / 1e9:.0f} GFLOP/s" for k, v in peak.items()})
 

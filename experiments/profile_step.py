@@ -12,8 +12,8 @@ Each block is a forward and backward pass on fixed inputs, jitted for ours:
 With --compare=torch the torch blocks run the same computation through
 `experiments/torch_reference.py` on the same parameters, and repeats alternate
 ours and torch, as in the benchmark, whose flags this module shares (--configs,
---set, --batch_sizes, --compare, --repeats, --steps_per_repeat, --warmup,
---matmul_size, --output). It prints the median ms per call, the ratio
+--set, --batch_sizes, --compare, --fp32_matmuls, --repeats, --steps_per_repeat,
+--warmup, --matmul_size, --output). It prints the median ms per call, the ratio
 torch/ours (> 1: ours is faster) and each block's share of the matmul peak
 (measured before each row), and writes them as JSON (default
 experiments/results/profile_<platform>.json).
@@ -192,11 +192,7 @@ def main(argv):
   commit = provenance.git_commit()
   platform_name = jax.local_devices()[0].platform
   torch_device = "cuda" if platform_name == "gpu" else "cpu"
-  versions = provenance.versions()
-  if FLAGS.compare == "torch":
-    import torch
-
-    versions["torch"] = torch.__version__
+  versions = benchmark.library_versions()
   output = Path(
       FLAGS.output or benchmark.REPO / f"experiments/results/profile_{platform_name}.json"
   )
@@ -204,6 +200,8 @@ def main(argv):
   for spec in FLAGS.configs:
     for batch_size in [int(b) for b in FLAGS.batch_sizes] or [None]:
       if FLAGS.compare == "torch":
+        import torch
+
         torch.manual_seed(0)
       # Measured afresh for each row: this machine's speed drifts within a run.
       peak = benchmark.measure_matmul_peak(FLAGS.matmul_size)
@@ -213,7 +211,7 @@ def main(argv):
       print_row(rows[-1])
       provenance.write_json(output, {
           **provenance.header("experiments.profile_step", commit, versions),
-          "rows": rows, "wall_seconds": time.time() - start,
+          "fp32_matmuls": FLAGS.fp32_matmuls, "rows": rows, "wall_seconds": time.time() - start,
       })
   print(f"wrote {output}")
 
