@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -159,7 +158,7 @@ class OurTrainer:
     )
     state = train.create_train_state(config, self.model, len(inputs))
     self.params = state.params
-    self.state = flax.jax_utils.replicate(state, devices)
+    self.state = train.replicate(state, devices)
     self.devices = devices
     self.step = train.pmap_train_step(config.loss, devices)
     self.key = jax.random.key(1)
@@ -174,7 +173,7 @@ class OurTrainer:
 
   def _carry(self):
     # The step donates the carry, and train_epoch starts each call from zeros.
-    return flax.jax_utils.replicate(self.model.initial_carry(self.inputs.shape[2]), self.devices)
+    return train.replicate(self.model.initial_carry(self.inputs.shape[2]), self.devices)
 
   def run(self, num_steps: int) -> None:
     if self.position + num_steps > len(self.inputs):

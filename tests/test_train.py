@@ -63,8 +63,8 @@ def test_train_step_is_sgd_on_time_summed_batch_averaged_loss(augmented):
   expected = jax.tree.map(lambda p, g: p - 0.3 * g, state.params, jax.grad(objective)(state.params))
   step = train.pmap_train_step(config.loss, jax.devices()[:1])
   new_state, _, metrics = step(
-      flax.jax_utils.replicate(state, jax.devices()[:1]),
-      flax.jax_utils.replicate(model.initial_carry(B), jax.devices()[:1]),
+      train.replicate(state, jax.devices()[:1]),
+      train.replicate(model.initial_carry(B), jax.devices()[:1]),
       inputs[None], targets[None], jax.random.key(0),
   )
   jax.tree.map(
@@ -80,6 +80,31 @@ def test_train_step_is_sgd_on_time_summed_batch_averaged_loss(augmented):
   assert (float(metrics["kl_sum"]) > 0) == augmented
 
 
+def test_the_step_fed_its_own_outputs_does_not_compile_again():
+  # train.replicate lays state and carry out as the step returns them; with
+  # flax.jax_utils.replicate's layout the step compiled twice more.
+  compiles, counting = [], [False]
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda name, secs, **kwargs: compiles.append(name)
+      if counting[0] and name == "/jax/core/compile/backend_compile_duration" else None
+  )
+  config = small_config()
+  model = train.make_model(config, V)
+  step = train.pmap_train_step(config.loss)
+  devices = jax.local_devices()
+  inputs, targets = (np.stack(np.split(x, len(devices))) for x in batch())
+  key = jax.random.key(0)
+  state = train.replicate(train.create_train_state(config, model, steps_per_epoch=10))
+  state, carry, _ = step(
+      state, train.replicate(model.initial_carry(B // len(devices))), inputs, targets, key
+  )
+  counting[0] = True
+  state, carry, _ = step(state, carry, inputs, targets, key)
+  step(state, train.replicate(model.initial_carry(B // len(devices))), inputs, targets, key)
+  counting[0] = False
+  assert compiles == []
+
+
 def test_gradients_are_clipped_to_the_global_norm():
   config = small_config()
   config.optim.clip_norm = 1e-3
@@ -88,8 +113,8 @@ def test_gradients_are_clipped_to_the_global_norm():
   inputs, targets = batch()
   devices = jax.devices()[:1]
   new_state, _, metrics = train.pmap_train_step(config.loss, devices)(
-      flax.jax_utils.replicate(state, devices),
-      flax.jax_utils.replicate(model.initial_carry(B), devices),
+      train.replicate(state, devices),
+      train.replicate(model.initial_carry(B), devices),
       inputs[None], targets[None], jax.random.key(0),
   )
   update = jax.tree.map(lambda a, b: a[0] - b, new_state.params, state.params)
@@ -106,8 +131,8 @@ def test_two_devices_give_the_same_steps_as_one():
   for num_devices in (1, 2):
     devices = jax.devices()[:num_devices]
     step = train.pmap_train_step(config.loss, devices)
-    s = flax.jax_utils.replicate(state, devices)
-    carry = flax.jax_utils.replicate(model.initial_carry(B // num_devices), devices)
+    s = train.replicate(state, devices)
+    carry = train.replicate(model.initial_carry(B // num_devices), devices)
     for seed in range(3):  # the carry flows between steps, device by device
       inputs, targets = batch(seed)
       split = lambda x, n=num_devices: x.reshape(n, B // n, T)  # noqa: E731
@@ -128,8 +153,8 @@ def test_each_device_draws_its_own_dropout_masks():
   inputs, targets = batch()
   same_rows = np.stack([inputs[:2], inputs[:2]])
   _, carry, _ = train.pmap_train_step(config.loss, devices)(
-      flax.jax_utils.replicate(state, devices),
-      flax.jax_utils.replicate(model.initial_carry(2), devices),
+      train.replicate(state, devices),
+      train.replicate(model.initial_carry(2), devices),
       same_rows, np.stack([targets[:2], targets[:2]]), jax.random.key(0),
   )
   h = np.asarray(carry[-1][1])
@@ -287,13 +312,13 @@ def test_missing_data_is_a_clear_error(tmp_path, monkeypatch):
 def test_a_step_with_a_non_finite_gradient_is_skipped_or_reported():
   config = small_config()
   model = train.make_model(config, V)
-  state = flax.jax_utils.replicate(train.create_train_state(config, model, steps_per_epoch=10))
+  state = train.replicate(train.create_train_state(config, model, steps_per_epoch=10))
   inputs, targets = batch()
   key = jax.random.key(0)
 
   def run(state, skip):
     step = train.pmap_train_step(config.loss, jax.local_devices()[:1], skip_nonfinite=skip)
-    carry = flax.jax_utils.replicate(model.initial_carry(B), jax.local_devices()[:1])
+    carry = train.replicate(model.initial_carry(B), jax.local_devices()[:1])
     return step(
         jax.tree.map(lambda x: x[:1], state), carry, inputs[None], targets[None], key
     )

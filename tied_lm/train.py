@@ -552,14 +552,32 @@ def _gather_carry(carry: models.Carry) -> list:
   return multihost_utils.process_allgather(local, tiled=True)
 
 
+def _pmap_sharding(devices: list[jax.Device]) -> jax.NamedSharding:
+  """The layout of the pmapped step's per-device inputs and outputs: axis AXIS over `devices`."""
+  return jax.NamedSharding(jax.sharding.Mesh(np.array(devices), (AXIS,)), jax.P(AXIS))
+
+
+def replicate(tree: Any, devices: list[jax.Device] | None = None) -> Any:
+  """One copy of `tree` per device (default: this process's), stacked on a leading axis.
+
+  Laid out as the pmapped step returns its state and carry, so that the step
+  fed its own outputs reuses the program compiled for its first call; with
+  flax.jax_utils.replicate's layout the step compiled three times.
+  """
+  devices = devices or jax.local_devices()
+  sharding = _pmap_sharding(devices)
+  return jax.tree.map(
+      lambda x: jax.device_put(np.broadcast_to(np.asarray(x), (len(devices), *np.shape(x))),
+                               sharding),
+      tree,
+  )
+
+
 def _local_carry(carry: Any, like: models.Carry) -> models.Carry:
   """This process's slice of a gathered carry, on its local devices, structured like `like`."""
   count = jax.local_device_count()
   start = jax.process_index() * count
-  # The layout flax.jax_utils.replicate gives a pmap input: leading axis over local devices.
-  sharding = jax.NamedSharding(
-      jax.sharding.Mesh(np.array(jax.local_devices()), ("devices",)), jax.P("devices")
-  )
+  sharding = _pmap_sharding(jax.local_devices())
   leaves = [jax.device_put(np.asarray(x)[start : start + count], sharding)
             for x in jax.tree.leaves(carry)]
   return jax.tree.unflatten(jax.tree.structure(like), leaves)
@@ -609,7 +627,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   rows_per_device = device_inputs.shape[2]
 
   def zero_carry() -> models.Carry:  # a new one each time: the step donates its carry
-    return flax.jax_utils.replicate(model.initial_carry(rows_per_device))
+    return replicate(model.initial_carry(rows_per_device))
 
   checkpoints = Checkpoints(workdir)
   arrays = {
@@ -650,7 +668,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   )
 
   p_train_step = pmap_train_step(config.loss, skip_nonfinite=config.on_nonfinite == "skip")
-  state = flax.jax_utils.replicate(state)
+  state = replicate(state)
   dropout_key = jax.random.key(config.seed + 1)
   schedule = learning_rate_schedule(config.optim, steps_per_epoch)
 
