@@ -19,6 +19,9 @@ REPO = Path(__file__).resolve().parent.parent
 def git_commit() -> str:
   """$TIED_LM_COMMIT if set, else HEAD (+dirty for uncommitted tracked changes).
 
+  Changes under experiments/results/ do not count: one harness rewriting its
+  results there would otherwise mark the next one's run dirty.
+
   A copy of the tree shipped to another machine names its commit through the
   environment variable: the copy's own .git, if any, need not match its files.
   """
@@ -36,7 +39,9 @@ def git_commit() -> str:
   commit = git("rev-parse", "HEAD")
   if not commit:
     return "unknown"
-  return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+  changes = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                ":(exclude)experiments/results")
+  return commit + ("+dirty" if changes else "")
 
 
 def cpu_model() -> str:
