@@ -53,6 +53,10 @@ def get_config() -> ml_collections.ConfigDict:
   # "bfloat16": mixed precision (bf16 matmul inputs, float32 parameters,
   # accumulation and losses); evaluation always runs in float32.
   config.model.compute_dtype = "float32"
+  # "cudnn": each LSTM layer as one jax.experimental.rnn call (NVIDIA GPUs,
+  # float32 only). cuDNN takes no recurrent dropout mask: the hidden mask then
+  # drops only the next layer's input (the PyTorch reference's placement).
+  config.model.lstm_implementation = "scan"
 
   config.loss = ml_collections.ConfigDict()
   config.loss.augmented = True

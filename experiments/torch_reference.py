@@ -41,8 +41,9 @@ class TorchLanguageModel(torch.nn.Module):
       output_dropout: float = 0.0,
       unroll: int = 1,
       compute_dtype: str = "float32",
+      lstm_implementation: str = "scan",
   ):
-    del unroll  # a speed knob of the JAX scan; nn.LSTM has its own loop
+    del unroll, lstm_implementation  # speed knobs of the JAX model; nn.LSTM has its own
     super().__init__()
     # "bfloat16": torch's own mixed precision, autocast (see `make_train_step`).
     self.autocast_dtype = torch.bfloat16 if compute_dtype == "bfloat16" else None

@@ -297,3 +297,64 @@ def test_mixed_matmul_rounds_inputs_and_cotangents_to_bfloat16_and_accumulates_i
   np.testing.assert_allclose(
       grad_y, jnp.einsum("abk,abn->kn", rounded[0], rounded[2]), rtol=1e-5, atol=1e-4
   )
+
+
+
+def _reference_cudnn_lstm(x, h_0, c_0, weights, seq_lengths, input_size, hidden_size,
+                          num_layers, dropout, bidirectional):
+  """jax.experimental.rnn's own pure-JAX reference, on the flat cuDNN weight vector."""
+  from jax.experimental import rnn
+
+  unpacked = rnn.unpack_lstm_weights(weights, input_size, hidden_size, num_layers, bidirectional)
+  return rnn.lstm_ref(x, h_0, c_0, *unpacked, seq_lengths, input_size, hidden_size, num_layers,
+                      dropout, bidirectional)
+
+
+def _loss_and_grads(model, params, tokens, masks):
+  def loss(params):
+    out = model.apply({"params": params}, tokens, model.initial_carry(B), deterministic=False,
+                      masks=masks, method=model.outputs)
+    carry_sum = sum(jnp.sum(c) + 2 * jnp.sum(h) for c, h in out.carry)
+    return jnp.sum(jnp.sin(out.logits)) + carry_sum, (out.logits, out.carry)
+
+  return jax.value_and_grad(loss, has_aux=True)(params)
+
+
+def _check_cudnn_layers():
+  """The cuDNN model against the scan: same function without recurrent masks, and its
+  hidden mask on the next layer's input only."""
+  scan = make_model(input_dropout=0.2, hidden_dropout=0.3, output_dropout=0.4)
+  cudnn = scan.clone(lstm_implementation="cudnn")
+  params = init(scan)
+  tokens = jax.random.randint(jax.random.key(1), (B, T), 0, V)
+  masks = jax.tree.map(jnp.asarray, scan.apply(
+      {"params": params}, B, deterministic=False, rngs={"dropout": jax.random.key(5)},
+      method=scan.dropout_masks,
+  ))
+  unmasked = masks._replace(hidden=(None, None))
+  (_, (logits, carry)), grads = _loss_and_grads(cudnn, params, tokens, unmasked)
+  (_, (scan_logits, scan_carry)), scan_grads = _loss_and_grads(scan, params, tokens, unmasked)
+  for got, expected in zip(jax.tree.leaves((logits, carry, grads)),
+                           jax.tree.leaves((scan_logits, scan_carry, scan_grads)), strict=True):
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+  # With the hidden masks: layer 0's output is masked before layer 1, never on the recurrence.
+  (_, (logits, _)), _ = _loss_and_grads(cudnn, params, tokens, masks)
+  x = scan.apply({"params": params}, tokens.T, method=lambda m, t: m.embed(t)) * masks.input
+  carry = scan.initial_carry(B)
+  layer = models.LSTMLayer(E, 0.3)
+  h, _ = layer.apply({"params": params["lstm_0"]}, x, carry[0], None)
+  h, _ = layer.apply({"params": params["lstm_1"]}, h * masks.hidden[0], carry[1], None)
+  expected = (h * masks.output).transpose(1, 0, 2) @ params["embed"]["embedding"].T
+  np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_cudnn_layers_equal_the_scan_without_recurrent_masks(monkeypatch):
+  # On CPU, jax.experimental.rnn's pure-JAX reference stands in for the cuDNN call:
+  # this checks our weight packing, layouts, carry order and mask placement.
+  monkeypatch.setattr(models.rnn, "lstm", _reference_cudnn_lstm)
+  _check_cudnn_layers()
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN needs an NVIDIA GPU")
+def test_cudnn_kernel_equals_the_scan_on_gpu():
+  _check_cudnn_layers()

@@ -202,6 +202,9 @@ def test_evaluation_with_batch_one_equals_scoring_the_whole_stream_at_once():
         ("checkpoint_every_steps", -5, "checkpoint_every_steps=-5 must be >= 0"),
         ("on_nonfinite", "ignore", "on_nonfinite='ignore' must be 'stop' or 'skip'"),
         ("optim.decay_rate", 1.5, r"optim.decay_rate=1.5 must be in \(0, 1\]"),
+        ("model.lstm_implementation", "cuda", "model.lstm_implementation='cuda' must be"),
+        ("model.lstm_implementation", "cudnn",
+         "model.lstm_implementation='cudnn' needs an NVIDIA GPU .* devices are cpu"),
     ],
 )
 def test_bad_configs_are_refused_with_a_clear_message(field, value, message):

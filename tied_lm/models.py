@@ -11,6 +11,7 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.experimental import rnn
 
 # One (c, h) pair of [B, H] arrays per layer.
 Carry = tuple[tuple[jax.Array, jax.Array], ...]
@@ -231,17 +232,35 @@ def lstm_recurrence(
 lstm_recurrence.defvjp(_lstm_recurrence_fwd, _lstm_recurrence_bwd)
 
 
+def cudnn_weights(
+    input_kernel: jax.Array, recurrent_kernel: jax.Array, bias: jax.Array
+) -> jax.Array:
+  """Our layer's parameters as the flat weight vector of a one-layer `jax.experimental.rnn.lstm`.
+
+  cuDNN's layout (as `rnn.unpack_lstm_weights` reads it): W_ih [4H, D], W_hh
+  [4H, H], b_ih [4H], b_hh [4H], gate order (i, f, g, o) as ours; our single
+  bias goes in b_ih and b_hh is zero.
+  """
+  return jnp.concatenate([
+      input_kernel.T.reshape(-1), recurrent_kernel.T.reshape(-1), bias, jnp.zeros_like(bias)
+  ])
+
+
 class LSTMLayer(nn.Module):
   """One LSTM layer with fused gates (order i, f, g, o) and a single bias.
 
   The input-to-hidden matmul for all time steps is one large matmul outside
-  the time loop; only the recurrent matmul runs inside `lax.scan`.
+  the time loop; only the recurrent matmul runs inside `lax.scan`. With
+  implementation="cudnn" the whole layer is one `jax.experimental.rnn.lstm`
+  call (cuDNN, NVIDIA GPUs only) on the same parameters, which takes no
+  recurrent dropout mask.
   """
 
   hidden_size: int
   init_scale: float
   unroll: int = 1
   compute_dtype: str = "float32"
+  implementation: str = "scan"
 
   @nn.compact
   def __call__(
@@ -269,6 +288,16 @@ class LSTMLayer(nn.Module):
     )
     bias = self.param("bias", init, (num_gates,))
 
+    if self.implementation == "cudnn":
+      c, h = carry
+      batch_size, input_size = inputs.shape[1], inputs.shape[2]
+      outputs, h, c = rnn.lstm(
+          inputs.transpose(1, 0, 2), h[None], c[None],
+          cudnn_weights(input_kernel, recurrent_kernel, bias),
+          jnp.full((batch_size,), inputs.shape[0], jnp.int32),
+          input_size, self.hidden_size, 1, 0.0, False,
+      )
+      return outputs.transpose(1, 0, 2), (c[0], h[0])
     projected_inputs = _dense(inputs, input_kernel, self.compute_dtype) + bias
     return lstm_recurrence(
         projected_inputs, recurrent_kernel, carry, recurrent_mask, self.unroll, self.compute_dtype
@@ -303,6 +332,10 @@ class LSTMLanguageModel(nn.Module):
   # "bfloat16": matmul inputs in bf16 (float32 accumulation); parameters, LSTM
   # gates and cells, and the losses stay float32.
   compute_dtype: str = "float32"
+  # "cudnn": each LSTM layer is one cuDNN call (NVIDIA GPUs, float32). cuDNN
+  # takes no recurrent dropout mask, so each layer's hidden mask then drops only
+  # the next layer's input, as in experiments/torch_reference.py.
+  lstm_implementation: str = "scan"
 
   def setup(self):
     if (
@@ -324,7 +357,8 @@ class LSTMLanguageModel(nn.Module):
     )
     self.layers = [
         LSTMLayer(
-            self.hidden_size, self.init_scale, self.unroll, self.compute_dtype, name=f"lstm_{i}"
+            self.hidden_size, self.init_scale, self.unroll, self.compute_dtype,
+            self.lstm_implementation, name=f"lstm_{i}",
         )
         for i in range(self.num_layers)
     ]

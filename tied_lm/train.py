@@ -65,6 +65,15 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
       (config.model.unroll > 0, f"model.unroll={config.model.unroll} must be positive"),
       (config.model.compute_dtype in ("float32", "bfloat16"),
        f"model.compute_dtype={config.model.compute_dtype!r} must be 'float32' or 'bfloat16'"),
+      (config.model.lstm_implementation in ("scan", "cudnn"),
+       f"model.lstm_implementation={config.model.lstm_implementation!r} must be 'scan' or "
+       "'cudnn'"),
+      (config.model.lstm_implementation != "cudnn" or jax.default_backend() == "gpu",
+       "model.lstm_implementation='cudnn' needs an NVIDIA GPU (jax.experimental.rnn); this "
+       f"run's devices are {jax.default_backend()}"),
+      (config.model.lstm_implementation != "cudnn" or config.model.compute_dtype == "float32",
+       "model.lstm_implementation='cudnn' runs in float32 only; set "
+       "model.compute_dtype=float32"),
       (config.loss.tau > 0, f"loss.tau={config.loss.tau} must be > 0"),
       (config.loss.gamma >= 0, f"loss.gamma={config.loss.gamma} must be >= 0"),
       (config.optim.learning_rate > 0,
