@@ -161,29 +161,23 @@ def _unshared(*arrays):
   return jax.lax.optimization_barrier(arrays)
 
 
-def _logsumexp(x: jax.Array, scale: jax.Array | None = None) -> jax.Array:
-  """logsumexp(scale * x) over the last axis of [N, V], for scale > 0 (None: 1).
+def _logsumexp(
+    x: jax.Array, scale: jax.Array | None = None, bias: jax.Array | None = None
+) -> jax.Array:
+  """logsumexp(scale * (x + bias)) over the last axis of [N, V], for scale > 0.
 
-  The scale is applied inside the fused pass (max(scale * x) = scale * max(x)),
-  so no scaled copy of x is materialised. No autodiff passes through it: its
-  callers are custom_vjp functions.
+  scale None means 1, bias ([V]) None means 0. The scale is applied inside the
+  fused pass (max(scale * y) = scale * max(y)), so no scaled copy of x is
+  materialised. No autodiff passes through it: its callers are custom_vjp
+  functions.
   """
-  row_max = jnp.max(_unshared(x)[0], axis=-1)
-  x, row_max, scale = _unshared(x, row_max, scale)
-  shifted = x - row_max[:, None]
+  x_for_max, bias_for_max = _unshared(x, bias)
+  row_max = jnp.max(x_for_max if bias is None else x_for_max + bias_for_max, axis=-1)
+  x, bias, row_max, scale = _unshared(x, bias, row_max, scale)
+  shifted = (x if bias is None else x + bias) - row_max[:, None]
   if scale is None:
     return row_max + jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))
   return scale * row_max + jnp.log(jnp.sum(jnp.exp(shifted * scale), axis=-1))
-
-
-def _cross_entropy_log_normalizer(logits: jax.Array, bias: jax.Array | None) -> jax.Array:
-  """logsumexp(logits + bias) over the last axis of [N, V], bias [V] or None."""
-  if bias is None:
-    return _logsumexp(logits)
-  logits_for_max, bias_for_max = _unshared(logits, bias)
-  row_max = jnp.max(logits_for_max + bias_for_max, axis=-1)
-  logits, bias, row_max = _unshared(logits, bias, row_max)
-  return row_max + jnp.log(jnp.sum(jnp.exp(logits + bias - row_max[:, None]), axis=-1))
 
 
 def _target_logits(logits: jax.Array, bias: jax.Array | None, targets: jax.Array) -> jax.Array:
@@ -202,7 +196,7 @@ def _fused_cross_entropy(logits, bias, targets):
 
 
 def _fused_cross_entropy_fwd(logits, bias, targets):
-  log_normalizer = _cross_entropy_log_normalizer(logits, bias)
+  log_normalizer = _logsumexp(logits, bias=bias)
   cross_entropy = log_normalizer - _target_logits(logits, bias, targets)
   return cross_entropy, (logits, bias, targets, log_normalizer)
 
