@@ -333,6 +333,17 @@ def library_versions() -> dict:
   return versions
 
 
+def paired_ratio_range(ours: dict, theirs: dict) -> list[float]:
+  """[min, max] over the repeats of theirs/ours seconds, from `benchmark_pair` stats.
+
+  Each repeat of ours ran beside one of theirs: the spread of the paired ratios
+  is the machine's noise.
+  """
+  paired = [theirs_seconds / ours_seconds for ours_seconds, theirs_seconds in zip(
+      ours["repeat_seconds"], theirs["repeat_seconds"], strict=True)]
+  return [min(paired), max(paired)]
+
+
 def main(argv):
   del argv
   start = time.time()
@@ -404,10 +415,9 @@ def main(argv):
             row[f"{kind}_ratio_vs_torch"] = (
                 row[kind]["tokens_per_second"] / row[f"torch_{kind}"]["tokens_per_second"]
             )
-            # Each repeat of ours ran beside one of torch's: their spread is the noise.
-            paired = [theirs_seconds / ours_seconds for ours_seconds, theirs_seconds in zip(
-                row[kind]["repeat_seconds"], row[f"torch_{kind}"]["repeat_seconds"], strict=True)]
-            row[f"{kind}_ratio_vs_torch_range"] = [min(paired), max(paired)]
+            row[f"{kind}_ratio_vs_torch_range"] = paired_ratio_range(
+                row[kind], row[f"torch_{kind}"]
+            )
         rows.append(row)
         print_row(row)
         # Written after every row, so that a run cut short keeps what it measured.
