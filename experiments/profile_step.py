@@ -30,7 +30,7 @@ import numpy as np
 from absl import app, logging
 
 from experiments import benchmark, provenance
-from tied_lm import data, models, train
+from tied_lm import data, train
 
 FLAGS = benchmark.FLAGS
 BLOCKS = ("lstm", "output", "step")
@@ -71,12 +71,8 @@ def our_blocks(config, model, params, inputs: np.ndarray, targets: np.ndarray) -
   @jax.jit
   def output(output_params, hidden):
     def objective(output_params, hidden):
-      all_params = {**params, **output_params}
-      bias_free_logits = model.apply({"params": all_params}, hidden, method=model.output_logits)
-      bias = all_params.get("output_bias")
-      logits = bias_free_logits if bias is None else bias_free_logits + bias
-      outputs = models.LMOutputs(
-          logits, bias_free_logits, bias, all_params["embed"]["embedding"], carry
+      outputs = model.apply(
+          {"params": {**params, **output_params}}, hidden, carry, method=model.output_terms
       )
       cross_entropy, kl = train.loss_terms(outputs, targets, config.loss)
       return jnp.sum(cross_entropy + alpha * kl) / batch_size
@@ -112,10 +108,7 @@ def torch_blocks(config, model, inputs: np.ndarray, targets: np.ndarray, device:
 
   def output():
     model.zero_grad(set_to_none=True)
-    hidden = fixed_hidden.detach().requires_grad_()
-    bias_free_logits = model.output_logits(hidden)
-    bias = model.output_bias
-    logits = bias_free_logits if bias is None else bias_free_logits + bias
+    logits, bias_free_logits = model.output_logits(fixed_hidden.detach().requires_grad_())
     cross_entropy, kl = torch_reference.loss_terms(
         logits, bias_free_logits, target_ids, model.embed.weight,
         augmented=config.loss.augmented, tau=config.loss.tau,
@@ -161,12 +154,10 @@ def profile_config(spec: str, batch_size: int | None, peak: float, torch_device:
         "repeat_seconds": our_stats["repeat_seconds"],
     }
     if torch_stats is not None:
-      paired = [theirs_seconds / ours_seconds for ours_seconds, theirs_seconds in zip(
-          our_stats["repeat_seconds"], torch_stats["repeat_seconds"], strict=True)]
       stats.update({
           "torch_ms": torch_stats["step_ms"],
           "ratio_vs_torch": torch_stats["step_ms"] / our_stats["step_ms"],
-          "ratio_vs_torch_range": [min(paired), max(paired)],
+          "ratio_vs_torch_range": benchmark.paired_ratio_range(our_stats, torch_stats),
           "torch_repeat_seconds": torch_stats["repeat_seconds"],
       })
   return row

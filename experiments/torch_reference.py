@@ -89,11 +89,13 @@ class TorchLanguageModel(torch.nn.Module):
         x = self._mask(x, hidden_rate)
     return self._mask(x, output_rate).transpose(0, 1), new_state
 
-  def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-    """The bias-free logits: hidden [B, T, H] -> [B, T, V]."""
+  def output_logits(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden [B, T, H] -> (logits [B, T, V], bias-free logits)."""
     if self.projection is not None:
       hidden = self.projection(hidden)
-    return self.decoder(hidden)
+    bias_free_logits = self.decoder(hidden)
+    logits = bias_free_logits if self.output_bias is None else bias_free_logits + self.output_bias
+    return logits, bias_free_logits
 
   def forward(
       self, tokens: torch.Tensor, state: list[tuple[torch.Tensor, torch.Tensor]]
@@ -103,9 +105,7 @@ class TorchLanguageModel(torch.nn.Module):
     state: per layer (h, c), each [1, B, H].
     """
     hidden, new_state = self.hidden_states(tokens, state)
-    bias_free_logits = self.output_logits(hidden)
-    logits = bias_free_logits if self.output_bias is None else bias_free_logits + self.output_bias
-    return logits, bias_free_logits, new_state
+    return *self.output_logits(hidden), new_state
 
   def initial_state(self, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     device = self.embed.weight.device

@@ -444,11 +444,14 @@ class LSTMLanguageModel(nn.Module):
     """
     if masks is None:
       masks = self.dropout_masks(tokens.shape[0], deterministic=deterministic)
-    hidden, new_carry = self.hidden_states(tokens, carry, masks)
+    return self.output_terms(*self.hidden_states(tokens, carry, masks))
+
+  def output_terms(self, hidden: jax.Array, carry: Carry) -> LMOutputs:
+    """The LMOutputs of the last layer's masked h [B, T, H], with `carry` passed through."""
     bias_free_logits = self.output_logits(hidden)
     bias = self.bias if self.output_bias else None
     logits = bias_free_logits if bias is None else bias_free_logits + bias
-    return LMOutputs(logits, bias_free_logits, bias, self.embed.embedding, new_carry)
+    return LMOutputs(logits, bias_free_logits, bias, self.embed.embedding, carry)
 
   def __call__(
       self, tokens: jax.Array, carry: Carry, *, deterministic: bool
