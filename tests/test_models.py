@@ -221,6 +221,21 @@ def reference_recurrence(projected_inputs, recurrent_kernel, carry, recurrent_ma
   return outputs, carry
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("unroll", [1, 3])
+def test_prefetched_scan_equals_lax_scan(reverse, unroll):
+  xs = {"a": jnp.arange(7.0), "b": jnp.arange(14.0).reshape(7, 2)}
+
+  def step(carry, x):  # order-sensitive: each step sees the carry of the previous one
+    carry = 2.0 * carry + x["a"] + x["b"]
+    return carry, (carry, x["a"])
+
+  expected = jax.lax.scan(step, jnp.zeros(2), xs, reverse=reverse)
+  got = models._scan_prefetched(step, jnp.zeros(2), xs, reverse=reverse, unroll=unroll)
+  for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+    np.testing.assert_array_equal(g, e)
+
+
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("unroll", [1, 3])
 def test_lstm_recurrence_gradient_equals_autodiff_of_the_plain_scan(masked, unroll):
