@@ -22,7 +22,7 @@ import os
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -76,33 +76,83 @@ def load_config(spec: str, overrides: list[str]) -> ml_collections.ConfigDict:
   return config
 
 
+class Matmul(NamedTuple):
+  """`count` products [m, k] @ [k, n] of one train step; count > 1 is a recurrence,
+  each product's input depending on the one before."""
+
+  block: str  # "lstm" or "output" (projection, logits, target scores)
+  name: str
+  count: int
+  m: int
+  k: int
+  n: int
+
+  @property
+  def flops(self) -> int:
+    return 2 * self.count * self.m * self.k * self.n
+
+
+def step_matmuls(
+    config: ml_collections.ConfigDict, vocab_size: int, batch_size: int
+) -> list[Matmul]:
+  """The matmuls of one train step, in the shapes our step runs them.
+
+  Each forward product y = x w of the step has its input gradient and its
+  weight gradient. In the LSTM the recurrent products run one time step at a
+  time, [B, H] x [H, 4H] forward and [B, 4H] x [4H, H] backward, and the
+  recurrent weight gradient is one product over all tokens. The augmented loss
+  adds the target scores L[y] Lᵀ, with gradients unless ỹ is a constant.
+  """
+  m = config.model
+  tokens, gates = batch_size * config.num_steps, 4 * m.hidden_size
+
+  def forward_and_gradients(block, name, rows, inputs, outputs):
+    return [Matmul(block, name, 1, rows, inputs, outputs),
+            Matmul(block, f"{name}, input gradient", 1, rows, outputs, inputs),
+            Matmul(block, f"{name}, weight gradient", 1, inputs, rows, outputs)]
+
+  matmuls = []
+  for layer in range(m.num_layers):
+    width = m.embed_dim if layer == 0 else m.hidden_size
+    matmuls += forward_and_gradients("lstm", f"layer {layer} input", tokens, width, gates)
+    matmuls += [
+        Matmul("lstm", f"layer {layer} recurrent", config.num_steps,
+               batch_size, m.hidden_size, gates),
+        Matmul("lstm", f"layer {layer} recurrent, input gradient", config.num_steps,
+               batch_size, gates, m.hidden_size),
+        Matmul("lstm", f"layer {layer} recurrent, weight gradient", 1,
+               m.hidden_size, tokens, gates),
+    ]
+  if m.tie_embeddings and m.hidden_size != m.embed_dim:
+    matmuls += forward_and_gradients(
+        "output", "projection", tokens, m.hidden_size, m.embed_dim
+    )
+  output_width = m.embed_dim if m.tie_embeddings else m.hidden_size
+  matmuls += forward_and_gradients("output", "logits", tokens, output_width, vocab_size)
+  if config.loss.augmented:
+    scores = forward_and_gradients("output", "target scores", tokens, m.embed_dim, vocab_size)
+    matmuls += scores[:1] if config.loss.stop_gradient_target else scores
+  return matmuls
+
+
 def step_flops(
     config: ml_collections.ConfigDict, vocab_size: int, batch_size: int, eval_batch_size: int
 ) -> dict:
-  """Matmul FLOPs of one train step and one eval step (2 per multiply-add).
+  """Matmul FLOPs of one train step and one eval step (2 per multiply-add), from
+  `step_matmuls`. Elementwise work (gates, softmaxes) is not counted.
 
-  Training costs 3x the forward matmuls (forward, input gradient, weight
-  gradient). The augmented loss adds the target scores L[y] Lᵀ: forward only
-  when ỹ is a constant (stop_gradient_target), else 3x. Elementwise work
-  (gates, softmaxes) is not counted. "train_lstm" and "train_output" split
-  "train" into the LSTM stack and the rest (projection, logits, loss).
+  "train_lstm" and "train_output" split "train" into the LSTM stack and the
+  rest (projection, logits, loss). The eval step runs the forward products
+  other than the target scores, at its own batch size.
   """
-  m = config.model
-  tokens = batch_size * config.num_steps
-  lstm = sum(
-      2 * ((m.embed_dim if i == 0 else m.hidden_size) + m.hidden_size) * 4 * m.hidden_size
-      for i in range(m.num_layers)
+  matmuls = step_matmuls(config, vocab_size, batch_size)
+  forward = sum(
+      mm.flops for mm in matmuls if "gradient" not in mm.name and mm.name != "target scores"
   )
-  projected = m.tie_embeddings and m.hidden_size != m.embed_dim
-  projection = 2 * m.hidden_size * m.embed_dim if projected else 0
-  output_width = m.embed_dim if m.tie_embeddings else m.hidden_size
-  output = tokens * (projection + 2 * output_width * vocab_size)
-  target_scores = tokens * 2 * m.embed_dim * vocab_size if config.loss.augmented else 0
-  train_lstm = 3 * tokens * lstm
-  train_output = 3 * output + (1 if config.loss.stop_gradient_target else 3) * target_scores
-  eval_tokens = eval_batch_size * config.num_steps
-  return {"train": train_lstm + train_output, "train_lstm": train_lstm,
-          "train_output": train_output, "eval": (tokens * lstm + output) // tokens * eval_tokens}
+  train = {block: sum(mm.flops for mm in matmuls if mm.block == block)
+           for block in ("lstm", "output")}
+  return {"train": train["lstm"] + train["output"], "train_lstm": train["lstm"],
+          "train_output": train["output"], "eval": forward // batch_size * eval_batch_size}
 
 
 def measure_matmul_peak(size: int) -> float:

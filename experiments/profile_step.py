@@ -8,7 +8,11 @@ Each block is a forward and backward pass on fixed inputs, jitted for ours:
   output  fixed h -> [projection] -> logits -> sum_t [CE + γτ KL] / B, the
           gradient w.r.t. h and the output parameters (embedding, bias...);
   step    the whole train step, exactly as `experiments.benchmark` times it
-          (plus clipping, the SGD update and the feeding of batches).
+          (plus clipping, the SGD update and the feeding of batches);
+  matmuls the step's matmuls alone (`benchmark.step_matmuls`: same shapes, on
+          random operands, the per-time-step ones chained as in a recurrence),
+          so each library's matmul speed on these shapes, and the share of
+          the peak that the step could reach if nothing else took time.
 With --compare=torch the torch blocks run the same computation through
 `experiments/torch_reference.py` on the same parameters, and repeats alternate
 ours and torch, as in the benchmark, whose flags this module shares (--configs,
@@ -33,7 +37,7 @@ from experiments import benchmark, provenance
 from tied_lm import data, train
 
 FLAGS = benchmark.FLAGS
-BLOCKS = ("lstm", "output", "step")
+BLOCKS = ("lstm", "output", "step", "matmuls")
 
 
 class Calls:
@@ -85,6 +89,40 @@ def our_blocks(config, model, params, inputs: np.ndarray, targets: np.ndarray) -
           "output": Calls(lambda: output(output_params, hidden), sync)}
 
 
+def _next_input(y, width: int, repeat: Callable[[Any, int], Any]):
+  """A recurrent product's output y [m, n] as the next input [m, width]: its first
+  `width` columns, or y repeated `repeat(y, times)` along columns when narrower."""
+  return (repeat(y, width // y.shape[1]) if y.shape[1] < width else y)[:, :width]
+
+
+def matmul_operands(matmuls: list[benchmark.Matmul]) -> list[tuple[np.ndarray, np.ndarray]]:
+  """Random fp32 operands for each product, distinct so that no two can be merged."""
+  rng = np.random.default_rng(0)
+  return [(rng.standard_normal((mm.m, mm.k), np.float32),
+           rng.standard_normal((mm.k, mm.n), np.float32)) for mm in matmuls]
+
+
+def our_matmuls(matmuls: list[benchmark.Matmul], operands) -> Calls:
+  """One jitted call that runs every product of the step."""
+  counts = [mm.count for mm in matmuls]
+
+  @jax.jit
+  def run(operands):
+    results = []
+    for count, (x, w) in zip(counts, operands, strict=True):
+      if count == 1:
+        results.append(x @ w)
+      else:
+        def step(x, _, w=w):
+          return _next_input(x @ w, w.shape[0], lambda y, n: jnp.tile(y, (1, n))), None
+
+        results.append(jax.lax.scan(step, x, length=count)[0])
+    return results
+
+  device_operands = jax.device_put(operands)
+  return Calls(lambda: run(device_operands), jax.block_until_ready)
+
+
 def torch_blocks(config, model, inputs: np.ndarray, targets: np.ndarray, device: str) -> dict:
   """Runners for the same two blocks through the PyTorch reference."""
   import torch
@@ -123,6 +161,28 @@ def torch_blocks(config, model, inputs: np.ndarray, targets: np.ndarray, device:
   return {"lstm": Calls(lstm, sync), "output": Calls(output, sync)}
 
 
+def torch_matmuls(matmuls: list[benchmark.Matmul], operands, device: str) -> Calls:
+  """The same products through torch, one call after another."""
+  import torch
+
+  device_operands = [
+      (torch.from_numpy(x).to(device), torch.from_numpy(w).to(device)) for x, w in operands
+  ]
+
+  @torch.no_grad()
+  def run():
+    for mm, (x, w) in zip(matmuls, device_operands, strict=True):
+      for _ in range(mm.count):
+        x = _next_input(x @ w, mm.k, lambda y, n: y.repeat(1, n)) if mm.count > 1 else x @ w
+    return x
+
+  def sync(_):
+    if device == "cuda":
+      torch.cuda.synchronize()
+
+  return Calls(run, sync)
+
+
 def profile_config(spec: str, batch_size: int | None, peak: float, torch_device: str) -> dict:
   """One config's row: per block, our ms per call, and torch's and the ratio if compared."""
   config = benchmark.load_config(spec, FLAGS.set)
@@ -131,19 +191,22 @@ def profile_config(spec: str, batch_size: int | None, peak: float, torch_device:
   flops = benchmark.step_flops(config, corpus.vocab_size, batch_size, FLAGS.eval_batch_size)
   ours_step = benchmark.OurTrainer(config, corpus, batch_size, 1)
   inputs, targets = (x[0] for x in data.train_windows(corpus.train, batch_size, config.num_steps))
+  matmuls = benchmark.step_matmuls(config, corpus.vocab_size, batch_size)
+  operands = matmul_operands(matmuls)
   ours = {**our_blocks(config, ours_step.model, ours_step.params, inputs, targets),
-          "step": ours_step}
+          "step": ours_step, "matmuls": our_matmuls(matmuls, operands)}
   theirs = dict.fromkeys(BLOCKS)
   if FLAGS.compare == "torch":
     torch_step = benchmark.TorchTrainer(
         config, corpus, batch_size, torch_device, ours_step.params
     )
     theirs = {**torch_blocks(config, torch_step.model, inputs, targets, torch_device),
-              "step": torch_step}
+              "step": torch_step, "matmuls": torch_matmuls(matmuls, operands, torch_device)}
   block_flops = {"lstm": flops["train_lstm"], "output": flops["train_output"],
-                 "step": flops["train"]}
+                 "step": flops["train"], "matmuls": flops["train"]}
   row = {"config": spec, "overrides": FLAGS.set, "batch_size": batch_size,
-         "num_steps": config.num_steps, "blocks": {}}
+         "num_steps": config.num_steps, "matmuls": [mm._asdict() for mm in matmuls],
+         "blocks": {}}
   for block in BLOCKS:
     our_stats, torch_stats = benchmark.benchmark_pair(
         ours[block], theirs[block], batch_size * config.num_steps

@@ -27,6 +27,23 @@ def test_step_flops_counts_the_matmuls_by_hand():
   assert benchmark.step_flops(config, 10, 2, 1)["train"] == 3 * 6 * 336
 
 
+def test_step_matmuls_run_the_recurrence_one_time_step_at_a_time():
+  config = default.get_config()
+  config.num_steps = 3
+  config.model.embed_dim = config.model.hidden_size = 4
+  config.model.num_layers = 1
+  matmuls = {mm.name: mm for mm in benchmark.step_matmuls(config, vocab_size=10, batch_size=2)}
+  # (count, m, k, n): 3 time steps of [2, 4] x [4, 16], then back; one weight gradient.
+  assert matmuls["layer 0 recurrent"][2:] == (3, 2, 4, 16)
+  assert matmuls["layer 0 recurrent, input gradient"][2:] == (3, 2, 16, 4)
+  assert matmuls["layer 0 recurrent, weight gradient"][2:] == (1, 4, 6, 16)
+  assert matmuls["logits"][2:] == (1, 6, 4, 10)
+  assert matmuls["target scores, weight gradient"][2:] == (1, 4, 6, 10)
+  assert [name for name, mm in matmuls.items() if mm.block == "output"] == [
+      "logits", "logits, input gradient", "logits, weight gradient",
+      "target scores", "target scores, input gradient", "target scores, weight gradient"]
+
+
 def test_benchmark_writes_its_rows_with_provenance(tmp_path):
   output = tmp_path / "bench.json"
   result = subprocess.run(

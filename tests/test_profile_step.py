@@ -23,10 +23,12 @@ def test_profile_step_times_each_block(tmp_path):
   assert results["commit"] and results["command"].startswith("python -m experiments.profile_step")
   (row,) = results["rows"]
   blocks = row["blocks"]
-  assert list(blocks) == ["lstm", "output", "step"]
+  assert list(blocks) == ["lstm", "output", "step", "matmuls"]
   flops = benchmark.step_flops(default.get_config(), 10000, row["batch_size"], 10)
   assert blocks["lstm"]["flops"] + blocks["output"]["flops"] == blocks["step"]["flops"]
-  assert blocks["step"]["flops"] == flops["train"]
+  assert blocks["step"]["flops"] == blocks["matmuls"]["flops"] == flops["train"]
+  assert sum(2 * mm["count"] * mm["m"] * mm["k"] * mm["n"] for mm in row["matmuls"]) == (
+      flops["train"])
   for stats in blocks.values():
     assert len(stats["repeat_seconds"]) == 2 and stats["ms"] > 0
     assert "torch_ms" not in stats  # torch only with --compare=torch
