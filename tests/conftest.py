@@ -1,6 +1,9 @@
 """Test setup: two host CPU devices for the pmap tests, and the shared data."""
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 # Must happen before jax is imported anywhere.
@@ -25,3 +28,22 @@ def trained_run(tmp_path_factory):
   config.num_epochs, config.max_steps_per_epoch = 1, 40
   workdir = tmp_path_factory.mktemp("trained") / "run"
   return workdir, train.train_and_evaluate(config, str(workdir))
+
+
+@pytest.fixture
+def run_tiny_timing(tmp_path):
+  """Runs `python -m experiments.<module>` (the benchmark, or profile_step, which shares
+  its flags) on configs/default.py with the fewest, shortest repeats; checks that it
+  exits 0 and returns (its stdout, the JSON it wrote)."""
+
+  def run(module: str) -> tuple[str, dict]:
+    output = tmp_path / f"{module}.json"
+    result = subprocess.run(
+        [sys.executable, "-m", f"experiments.{module}", "--configs=configs/default.py",
+         "--repeats=2", "--steps_per_repeat=2", "--warmup=1", "--matmul_size=256",
+         f"--output={output}"],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result.stdout, json.loads(output.read_text())
+
+  return run

@@ -1,14 +1,7 @@
 """experiments/benchmark.py: its FLOP count by hand, and a tiny end-to-end run."""
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
 from configs import default
 from experiments import benchmark
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_step_flops_counts_the_matmuls_by_hand():
@@ -44,15 +37,8 @@ def test_step_matmuls_run_the_recurrence_one_time_step_at_a_time():
       "target scores", "target scores, input gradient", "target scores, weight gradient"]
 
 
-def test_benchmark_writes_its_rows_with_provenance(tmp_path):
-  output = tmp_path / "bench.json"
-  result = subprocess.run(
-      [sys.executable, "-m", "experiments.benchmark", "--configs=configs/default.py",
-       "--repeats=2", "--steps_per_repeat=2", "--warmup=1", "--matmul_size=256",
-       f"--output={output}"],
-      cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0, result.stderr
-  results = json.loads(output.read_text())
+def test_benchmark_writes_its_rows_with_provenance(run_tiny_timing):
+  stdout, results = run_tiny_timing("benchmark")
   assert results["complete"] and results["commit"] and results["versions"]["jax"]
   (row,) = results["rows"]
   train = row["train"]
@@ -62,4 +48,4 @@ def test_benchmark_writes_its_rows_with_provenance(tmp_path):
   assert row["train_flops_per_step"] == benchmark.step_flops(
       default.get_config(), row["vocab_size"], row["batch_size"], 10)["train"]
   assert 0 < train["peak_fraction"] and row["eval"]["tokens_per_second"] > 0
-  assert "configs/default.py" in result.stdout  # the printed table
+  assert "configs/default.py" in stdout  # the printed table
