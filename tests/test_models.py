@@ -236,6 +236,25 @@ def test_prefetched_scan_equals_lax_scan(reverse, unroll):
     np.testing.assert_array_equal(g, e)
 
 
+def test_embedding_scores_and_their_gradient_equal_the_plain_product():
+  keys = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(keys[0], (2, 3, 5))  # leading axes are flattened in the gradient
+  embedding = jax.random.normal(keys[1], (11, 5))
+  weights = jax.random.normal(keys[2], (2, 3, 11))
+
+  def objective(scores):
+    return lambda x, embedding: jnp.sum(weights * jnp.sin(scores(x, embedding)))
+
+  plain = lambda x, embedding: jnp.einsum("bte,ve->btv", x, embedding)  # noqa: E731
+  np.testing.assert_allclose(models.embedding_scores(x, embedding), plain(x, embedding),
+                             rtol=1e-6)
+  got = jax.grad(objective(models.embedding_scores), argnums=(0, 1))(x, embedding)
+  expected = jax.grad(objective(plain), argnums=(0, 1))(x, embedding)
+  for g, e in zip(got, expected, strict=True):
+    assert g.shape == e.shape
+    np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("unroll", [1, 3])
 def test_lstm_recurrence_gradient_equals_autodiff_of_the_plain_scan(masked, unroll):

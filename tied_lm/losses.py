@@ -17,6 +17,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from tied_lm.models import embedding_scores
+
 
 def _at_least_float32(x: jax.Array) -> jax.Array:
   """bf16/fp16 inputs are upcast so that losses are always computed in >= fp32."""
@@ -41,7 +43,7 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
 def _target_scores(embedding: jax.Array, targets: jax.Array) -> jax.Array:
   """L[y] Lᵀ in >= float32; [...] ids -> [..., V]."""
   embedding = _at_least_float32(embedding)
-  return jnp.einsum("...e,ve->...v", jnp.take(embedding, targets, axis=0), embedding)
+  return embedding_scores(jnp.take(embedding, targets, axis=0), embedding)
 
 
 def _target_log_distribution(

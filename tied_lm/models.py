@@ -92,6 +92,42 @@ def _matmul_transposed(x: jax.Array, y: jax.Array, dtype: str) -> jax.Array:
   )
 
 
+@jax.custom_vjp
+def embedding_scores(x: jax.Array, embedding: jax.Array) -> jax.Array:
+  """x [..., E] · embedding [V, E]ᵀ -> [..., V]: logits, or the augmented loss's L[y] Lᵀ.
+
+  Autodiff gives the same gradient; this one writes x's gradient as
+  (embedding contracted with g over V) [E, N], then transposed. XLA runs that
+  product as one Eigen contraction, which on XLA:CPU is about 1.4x as fast as
+  the YNNPACK [N, V] x [V, E] product that autodiff's form becomes, and XLA
+  no longer copies g into a transposed layout for the embedding's gradient.
+  """
+  return jnp.einsum("...e,ve->...v", x, embedding)
+
+
+def _embedding_scores_fwd(x, embedding):
+  return embedding_scores(x, embedding), (x, embedding)
+
+
+def _embedding_scores_bwd(residuals, grad):
+  x, embedding = residuals
+  flat_x, flat_grad = x.reshape(-1, x.shape[-1]), grad.reshape(-1, embedding.shape[0])
+  # The barrier keeps XLA from folding the transpose back into the product.
+  grad_x = jax.lax.optimization_barrier(jnp.einsum("ve,nv->en", embedding, flat_grad)).T
+  return grad_x.reshape(x.shape), jnp.einsum("nv,ne->ve", flat_grad, flat_x)
+
+
+embedding_scores.defvjp(_embedding_scores_fwd, _embedding_scores_bwd)
+
+
+class TiedEmbed(nn.Embed):
+  """`nn.Embed` whose `attend`, the tied output layer, is `embedding_scores`."""
+
+  def attend(self, query: jax.Array) -> jax.Array:
+    query, embedding = self.promote_dtype(query, self.embedding, dtype=self.dtype)
+    return embedding_scores(query, embedding)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def mixed_matmul(x: jax.Array, y: jax.Array, dtype: str) -> jax.Array:
   """x [..., K] @ y [K, N] for the bf16 mode: `dtype` inputs, float32 results.
@@ -375,7 +411,7 @@ class LSTMLanguageModel(nn.Module):
           f" != {self.embed_dim}); set output_projection=True to add a projection"
       )
     init = uniform_init(self.init_scale)
-    self.embed = nn.Embed(self.vocab_size, self.embed_dim, embedding_init=init)
+    self.embed = TiedEmbed(self.vocab_size, self.embed_dim, embedding_init=init)
     # nn.Dense's own dot of bf16 inputs would give bf16 logits, and XLA:CPU runs it in fp32.
     dtype = self.compute_dtype
     dense_options = (
