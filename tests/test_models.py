@@ -236,7 +236,7 @@ def test_prefetched_scan_equals_lax_scan(reverse, unroll):
     np.testing.assert_array_equal(g, e)
 
 
-def test_embedding_scores_and_their_gradient_equal_the_plain_product():
+def test_output_scores_and_their_gradient_equal_the_plain_product():
   keys = jax.random.split(jax.random.key(0), 3)
   x = jax.random.normal(keys[0], (2, 3, 5))  # leading axes are flattened in the gradient
   embedding = jax.random.normal(keys[1], (11, 5))
@@ -246,9 +246,9 @@ def test_embedding_scores_and_their_gradient_equal_the_plain_product():
     return lambda x, embedding: jnp.sum(weights * jnp.sin(scores(x, embedding)))
 
   plain = lambda x, embedding: jnp.einsum("bte,ve->btv", x, embedding)  # noqa: E731
-  np.testing.assert_allclose(models.embedding_scores(x, embedding), plain(x, embedding),
+  np.testing.assert_allclose(models.output_scores(x, embedding), plain(x, embedding),
                              rtol=1e-6)
-  got = jax.grad(objective(models.embedding_scores), argnums=(0, 1))(x, embedding)
+  got = jax.grad(objective(models.output_scores), argnums=(0, 1))(x, embedding)
   expected = jax.grad(objective(plain), argnums=(0, 1))(x, embedding)
   for g, e in zip(got, expected, strict=True):
     assert g.shape == e.shape

@@ -17,7 +17,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from tied_lm.models import embedding_scores
+from tied_lm.models import output_scores
 
 
 def _at_least_float32(x: jax.Array) -> jax.Array:
@@ -43,7 +43,7 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
 def _target_scores(embedding: jax.Array, targets: jax.Array) -> jax.Array:
   """L[y] Lᵀ in >= float32; [...] ids -> [..., V]."""
   embedding = _at_least_float32(embedding)
-  return embedding_scores(jnp.take(embedding, targets, axis=0), embedding)
+  return output_scores(jnp.take(embedding, targets, axis=0), embedding)
 
 
 def _target_log_distribution(

@@ -93,39 +93,40 @@ def _matmul_transposed(x: jax.Array, y: jax.Array, dtype: str) -> jax.Array:
 
 
 @jax.custom_vjp
-def embedding_scores(x: jax.Array, embedding: jax.Array) -> jax.Array:
-  """x [..., E] · embedding [V, E]ᵀ -> [..., V]: logits, or the augmented loss's L[y] Lᵀ.
+def output_scores(x: jax.Array, table: jax.Array) -> jax.Array:
+  """x [..., E] · table [V, E]ᵀ -> [..., V], with a gradient written for XLA:CPU.
 
-  Autodiff gives the same gradient; this one writes x's gradient as
-  (embedding contracted with g over V) [E, N], then transposed. XLA runs that
-  product as one Eigen contraction, which on XLA:CPU is about 1.4x as fast as
-  the YNNPACK [N, V] x [V, E] product that autodiff's form becomes, and XLA
-  no longer copies g into a transposed layout for the embedding's gradient.
+  The output layer's logits (table: the embedding L when tied, the output
+  kernel's transpose otherwise) and the augmented loss's target scores L[y] Lᵀ.
+  The gradient equals autodiff's, but x's is written as (table contracted
+  with g over V) [E, N], then transposed: autodiff's [N, V] x [V, E] form,
+  K = V, ran about 1.4x slower on XLA:CPU, and for the tied table XLA also
+  copied g into a transposed layout for the table's gradient.
   """
-  return jnp.einsum("...e,ve->...v", x, embedding)
+  return jnp.einsum("...e,ve->...v", x, table)
 
 
-def _embedding_scores_fwd(x, embedding):
-  return embedding_scores(x, embedding), (x, embedding)
+def _output_scores_fwd(x, table):
+  return output_scores(x, table), (x, table)
 
 
-def _embedding_scores_bwd(residuals, grad):
-  x, embedding = residuals
-  flat_x, flat_grad = x.reshape(-1, x.shape[-1]), grad.reshape(-1, embedding.shape[0])
+def _output_scores_bwd(residuals, grad):
+  x, table = residuals
+  flat_x, flat_grad = x.reshape(-1, x.shape[-1]), grad.reshape(-1, table.shape[0])
   # The barrier keeps XLA from folding the transpose back into the product.
-  grad_x = jax.lax.optimization_barrier(jnp.einsum("ve,nv->en", embedding, flat_grad)).T
+  grad_x = jax.lax.optimization_barrier(jnp.einsum("ve,nv->en", table, flat_grad)).T
   return grad_x.reshape(x.shape), jnp.einsum("nv,ne->ve", flat_grad, flat_x)
 
 
-embedding_scores.defvjp(_embedding_scores_fwd, _embedding_scores_bwd)
+output_scores.defvjp(_output_scores_fwd, _output_scores_bwd)
 
 
 class TiedEmbed(nn.Embed):
-  """`nn.Embed` whose `attend`, the tied output layer, is `embedding_scores`."""
+  """`nn.Embed` whose `attend`, the tied output layer, is `output_scores`."""
 
   def attend(self, query: jax.Array) -> jax.Array:
     query, embedding = self.promote_dtype(query, self.embedding, dtype=self.dtype)
-    return embedding_scores(query, embedding)
+    return output_scores(query, embedding)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -432,8 +433,11 @@ class LSTMLanguageModel(nn.Module):
           else None
       )
     else:
+      output_options = dense_options or {  # float32: output_scores' gradient
+          "dot_general": lambda x, kernel, *_, **__: output_scores(x, kernel.T)
+      }
       self.output_kernel = nn.Dense(
-          self.vocab_size, use_bias=False, kernel_init=init, **dense_options
+          self.vocab_size, use_bias=False, kernel_init=init, **output_options
       )
     if self.output_bias:
       self.bias = self.param("output_bias", init, (self.vocab_size,))
