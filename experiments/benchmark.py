@@ -8,7 +8,9 @@ median tokens/s over timed repeats (after warm-up, synchronised on the
 device), the memory XLA plans for the step (and the allocator's peak on
 GPU/TPU, with torch's on CUDA), and the achieved matmul FLOP/s
 (analytic count, see `step_flops`) as a fraction of the peak fp32 matmul
-FLOP/s that it measures on the same device. With `--compare=torch` it first
+FLOP/s that it measures on the same device: the best of its measurements
+before, between and after the configs, since this machine's speed drifts
+within a run. With `--compare=torch` it first
 checks that `experiments/torch_reference.py` computes the same loss on the
 same parameters, then alternates the two implementations repeat by repeat and
 reports ours/torch. Results go to JSON (hardware, versions, commit, command).
@@ -401,18 +403,30 @@ def main(argv):
   platform_name = jax.local_devices()[0].platform
   torch_device = "cuda" if platform_name == "gpu" else "cpu"
   versions = library_versions()
-  peak = {"jax": measure_matmul_peak(FLAGS.matmul_size)}
-  if FLAGS.compare == "torch":
-    peak["torch"] = measure_torch_matmul_peak(FLAGS.matmul_size, torch_device)
-  logging.info("fp32 matmul peak: %s", {k: f"{v / 1e9:.0f} GFLOP/s" for k, v in peak.items()})
+  peak_samples = {"jax": []} | ({"torch": []} if FLAGS.compare == "torch" else {})
+
+  def sample_peak() -> None:
+    peak_samples["jax"].append(measure_matmul_peak(FLAGS.matmul_size))
+    if "torch" in peak_samples:
+      peak_samples["torch"].append(measure_torch_matmul_peak(FLAGS.matmul_size, torch_device))
+    logging.info("fp32 matmul peak: %s",
+                 {k: f"{v[-1] / 1e9:.0f} GFLOP/s" for k, v in peak_samples.items()})
+
+  sample_peak()
 
   output = Path(FLAGS.output or REPO / f"experiments/results/benchmark_{platform_name}.json")
   header = provenance.header("experiments.benchmark", commit, versions)
 
   def results(rows: list[dict], complete: bool) -> dict[str, Any]:
+    peak = {k: max(v) for k, v in peak_samples.items()}
+    for row in rows:
+      for kind in ("train", "eval"):
+        if kind in row:
+          row[kind]["peak_fraction"] = row[kind]["achieved_flops"] / peak["jax"]
     return {
         **header, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "fp32_matmuls": FLAGS.fp32_matmuls, "matmul_peak_flops": peak, "rows": rows,
+        "fp32_matmuls": FLAGS.fp32_matmuls, "matmul_peak_flops": peak,
+        "matmul_peak_samples": peak_samples, "rows": rows,
         "complete": complete, "wall_seconds": time.time() - start,
     }
 
@@ -424,6 +438,8 @@ def main(argv):
       flops = step_flops(config, corpus.vocab_size, batch_size, FLAGS.eval_batch_size)
       for num_devices in [int(n) for n in FLAGS.num_devices]:
         train.validate_config(config, num_devices)
+        if rows:
+          sample_peak()
         ours = OurTrainer(config, corpus, batch_size, num_devices)
         theirs = None
         row = {"config": spec, "overrides": FLAGS.set, "batch_size": batch_size,
@@ -447,7 +463,6 @@ def main(argv):
         if theirs is not None and torch_device == "cuda":
           row["torch_peak_bytes"] = torch.cuda.max_memory_allocated()
         row["train"]["achieved_flops"] = flops["train"] / (row["train"]["step_ms"] / 1e3)
-        row["train"]["peak_fraction"] = row["train"]["achieved_flops"] / peak["jax"]
         if num_devices == 1:
           eval_batch = FLAGS.eval_batch_size
           evaluators = (
@@ -459,7 +474,6 @@ def main(argv):
               *evaluators, eval_batch * config.num_steps
           )
           row["eval"]["achieved_flops"] = flops["eval"] / (row["eval"]["step_ms"] / 1e3)
-          row["eval"]["peak_fraction"] = row["eval"]["achieved_flops"] / peak["jax"]
         for kind in ("train", "eval"):
           if row.get(f"torch_{kind}"):
             row[f"{kind}_ratio_vs_torch"] = (
@@ -473,6 +487,7 @@ def main(argv):
         # Written after every row, so that a run cut short keeps what it measured.
         provenance.write_json(output, results(rows, complete=False))
 
+  sample_peak()
   final = results(rows, complete=True)
   provenance.write_json(output, final)
   print_table(final)

@@ -1,5 +1,7 @@
 """experiments/benchmark.py: its FLOP count by hand, and a tiny end-to-end run."""
 
+import pytest
+
 from configs import default
 from experiments import benchmark
 
@@ -47,5 +49,11 @@ def test_benchmark_writes_its_rows_with_provenance(run_tiny_timing):
   assert abs(train["tokens_per_second"] * train["step_ms"] / 1e3 - tokens) < 1e-6 * tokens
   assert row["train_flops_per_step"] == benchmark.step_flops(
       default.get_config(), row["vocab_size"], row["batch_size"], 10)["train"]
-  assert 0 < train["peak_fraction"] and row["eval"]["tokens_per_second"] > 0
+  assert row["eval"]["tokens_per_second"] > 0
+  # The peak is the best of the measurements before and after the one config.
+  samples = results["matmul_peak_samples"]["jax"]
+  assert len(samples) == 2 and results["matmul_peak_flops"]["jax"] == max(samples)
+  for kind in ("train", "eval"):
+    assert row[kind]["peak_fraction"] == pytest.approx(
+        row[kind]["achieved_flops"] / max(samples))
   assert "configs/default.py" in stdout  # the printed table
