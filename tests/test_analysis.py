@@ -87,3 +87,19 @@ def test_average_probabilities_and_top_next_words_match_a_direct_softmax():
   expected = np.argsort(-last)[:3]
   assert [word for word, _ in top] == [vocab[i] for i in expected]
   np.testing.assert_allclose([p for _, p in top], last[expected], rtol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_size", [2, 4096])
+def test_target_sharpness_of_orthogonal_words_by_hand(chunk_size):
+  # L = c·I: each word's score is c² for itself and 0 for the two others.
+  scale, tau = 2.0, 4.0
+  embedding = scale * np.eye(3, dtype=np.float32)
+  sharpness = analysis.target_sharpness(embedding, np.array([0, 1, 2, 2, 1]), tau, chunk_size)
+  own = np.exp(scale**2 / tau) / (np.exp(scale**2 / tau) + 2)
+  other = 1 / (np.exp(scale**2 / tau) + 2)
+  np.testing.assert_allclose(sharpness.target_probability, own, rtol=1e-6)
+  np.testing.assert_allclose(sharpness.entropy, -own * np.log(own) - 2 * other * np.log(other),
+                             rtol=1e-6)
+  # A zero embedding gives the uniform ỹ.
+  uniform = analysis.target_sharpness(np.zeros((3, 2), np.float32), np.array([0, 1]), tau)
+  np.testing.assert_allclose(uniform, (np.log(3), 1 / 3), rtol=1e-6)

@@ -11,6 +11,9 @@ measures how far the two column spaces are apart.
 `average_probabilities` and `top_next_words` are the qualitative comparison:
 how much probability a model gives to <unk> and frequent words, and what it
 predicts after a prompt.
+
+`target_sharpness` asks what the augmented loss teaches: how far the target
+distribution ỹ = softmax(L[y] Lᵀ / τ) is from uniform for an embedding L.
 """
 
 import functools
@@ -185,3 +188,42 @@ def top_next_words(
   probabilities = jax.nn.softmax(logits[0, -1].astype(jnp.float32))
   values, indices = jax.lax.top_k(probabilities, k)
   return [(vocab[int(i)], float(p)) for p, i in zip(values, indices, strict=True)]
+
+
+class TargetSharpness(NamedTuple):
+  """Means over the given target tokens of the augmented loss's ỹ.
+
+  entropy: nats; log V for a uniform ỹ.
+  target_probability: ỹ's probability of the target word itself.
+  """
+
+  entropy: float
+  target_probability: float
+
+
+def target_sharpness(
+    embedding: np.ndarray, targets: np.ndarray, tau: float, chunk_size: int = 4096
+) -> TargetSharpness:
+  """How peaked ỹ = softmax(L[y] Lᵀ / τ) is, averaged over targets.
+
+  Args:
+    embedding: [V, E] the input embedding L.
+    targets: [N] word ids y (a stretch of text weights words by frequency).
+    tau: temperature τ > 0.
+    chunk_size: targets per [chunk, V] block, to bound memory.
+  """
+  embedding = jnp.asarray(embedding, jnp.float32)
+  totals = np.zeros(2)
+  for start in range(0, len(targets), chunk_size):
+    chunk = jnp.asarray(targets[start:start + chunk_size], jnp.int32)
+    totals += np.asarray(_target_sharpness_sums(embedding, chunk, tau), np.float64)
+  entropy, target_probability = totals / len(targets)
+  return TargetSharpness(float(entropy), float(target_probability))
+
+
+@jax.jit
+def _target_sharpness_sums(embedding, targets, tau):
+  probabilities = losses.target_distribution(embedding, targets, tau)
+  entropy = jnp.sum(jax.scipy.special.entr(probabilities), axis=-1)
+  own = jnp.take_along_axis(probabilities, targets[:, None], axis=-1)[:, 0]
+  return jnp.stack([entropy.sum(), own.sum()])

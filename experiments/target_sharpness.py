@@ -1,0 +1,81 @@
+r"""How much does the augmented loss's target say? ỹ's sharpness in trained runs.
+
+  python -m experiments.target_sharpness --workdirs=/tmp/runs/ptb_small_al \
+      --taus=1,2,5,10,20
+
+For each run's best checkpoint and each τ, the mean over the validation text's
+tokens y of the entropy of ỹ = softmax(L[y] Lᵀ / τ) and of ỹ's probability of y
+itself, beside the mean |L[y]|². A ỹ near uniform (entropy near log V) carries
+no word similarity for the KL to teach. Writes PREFIX.json (with command,
+commit, hardware and versions) and PREFIX.md.
+"""
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+from absl import app, flags
+
+from experiments import provenance
+from tied_lm import analysis, train
+from tied_lm.errors import UserError, fail
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  flags.DEFINE_list("workdirs", None, "Run directories of tied_lm.main.")
+  flags.DEFINE_list("taus", ["1", "2", "5", "10", "20"], "Temperatures τ.")
+  flags.DEFINE_string("output", str(provenance.REPO / "experiments/results/target_sharpness"),
+                      "Path prefix: PREFIX.json, PREFIX.md.")
+  flags.mark_flag_as_required("workdirs")
+
+
+def run_rows(workdir: str, taus: list[float]) -> list[dict]:
+  """One row per τ for the run in `workdir`, on its validation text."""
+  run = train.load_trained(workdir)
+  embedding = np.asarray(run.params["embed"]["embedding"], np.float32)
+  targets = np.asarray(run.corpus.valid)
+  mean_squared_norm = float(np.mean(np.sum(embedding[targets] ** 2, axis=-1)))
+  common = {"workdir": workdir, "config_tau": run.config.loss.tau, "step": run.checkpoint_step,
+            "vocab_size": run.corpus.vocab_size, "tokens": len(targets),
+            "mean_squared_norm": mean_squared_norm}
+  return [{**common, "tau": tau, **analysis.target_sharpness(embedding, targets, tau)._asdict()}
+          for tau in taus]
+
+
+def table(rows: list[dict]) -> str:
+  lines = ["| run | step | mean \\|L[y]\\|² | τ | entropy of ỹ (nats) | ỹ(y) |",
+           "|---|---|---|---|---|---|"]
+  for row in rows:
+    lines.append(f"| {row['workdir']} | {row['step']} | {row['mean_squared_norm']:.2f} | "
+                 f"{row['tau']:g} | {row['entropy']:.3f} of {math.log(row['vocab_size']):.3f} | "
+                 f"{row['target_probability']:.4f} |")
+  return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  start = time.time()
+  commit = provenance.git_commit()
+  try:
+    taus = [float(t) for t in FLAGS.taus]
+    if any(t <= 0 for t in taus):
+      raise UserError(f"--taus={','.join(FLAGS.taus)}: every τ must be positive")
+    rows = [row for workdir in FLAGS.workdirs for row in run_rows(workdir, taus)]
+  except ValueError as error:
+    fail(f"--taus: {error}")
+  except UserError as error:
+    fail(str(error))
+  markdown = table(rows)
+  provenance.write_results(Path(FLAGS.output), {
+      **provenance.header("experiments.target_sharpness", commit), "rows": rows,
+      "wall_seconds": time.time() - start}, markdown)
+  print(markdown, end="")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

@@ -1,0 +1,51 @@
+"""python -m experiments.target_sharpness: ỹ's entropy in a trained run, against NumPy."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-m", "experiments.target_sharpness", *args],
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_matches_numpy_on_a_trained_run(trained_run, tmp_path):
+  from tied_lm import train
+
+  workdir = str(trained_run[0])
+  result = _run(f"--workdirs={workdir}", "--taus=0.05,10", f"--output={tmp_path / 'sharp'}")
+  assert result.returncode == 0, result.stderr
+  rows = json.loads((tmp_path / "sharp.json").read_text())["rows"]
+  assert (tmp_path / "sharp.md").read_text() == result.stdout
+  run = train.load_trained(workdir)
+  embedding = np.asarray(run.params["embed"]["embedding"], np.float64)
+  targets = np.asarray(run.corpus.valid)
+  for row, tau in zip(rows, [0.05, 10.0], strict=True):
+    assert row["tau"] == tau and row["tokens"] == len(targets)
+    entropy = own = 0.0
+    for chunk in np.array_split(targets, 20):
+      log_target = embedding[chunk] @ embedding.T / tau
+      log_target -= log_target.max(1, keepdims=True)
+      log_target -= np.log(np.exp(log_target).sum(1, keepdims=True))
+      entropy -= (np.exp(log_target) * log_target).sum()
+      own += np.exp(log_target[np.arange(len(chunk)), chunk]).sum()
+    np.testing.assert_allclose(row["entropy"], entropy / len(targets), rtol=1e-4)
+    np.testing.assert_allclose(row["target_probability"], own / len(targets), rtol=1e-4)
+  np.testing.assert_allclose(
+      rows[0]["mean_squared_norm"],
+      (np.asarray(run.params["embed"]["embedding"])[run.corpus.valid] ** 2).sum(1).mean(),
+      rtol=1e-5)
+  # At a tiny τ ỹ puts nearly all its mass on the target; at τ = 10 it is near uniform.
+  assert rows[0]["target_probability"] > rows[1]["target_probability"]
+
+
+def test_cli_refuses_a_bad_tau_in_one_line(trained_run):
+  result = _run(f"--workdirs={trained_run[0]}", "--taus=0")
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == ["error: --taus=0: every τ must be positive"]
