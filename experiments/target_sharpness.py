@@ -62,11 +62,12 @@ def main(argv: list[str]) -> None:
   commit = provenance.git_commit()
   try:
     taus = [float(t) for t in FLAGS.taus]
+  except ValueError as error:
+    fail(f"--taus: {error}")
+  try:
     if any(t <= 0 for t in taus):
       raise UserError(f"--taus={','.join(FLAGS.taus)}: every τ must be positive")
     rows = [row for workdir in FLAGS.workdirs for row in run_rows(workdir, taus)]
-  except ValueError as error:
-    fail(f"--taus: {error}")
   except UserError as error:
     fail(str(error))
   markdown = table(rows)
