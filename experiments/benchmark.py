@@ -34,6 +34,7 @@ from absl import app, flags, logging
 
 from experiments import provenance
 from tied_lm import data, train
+from tied_lm.errors import UserError, fail
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string(
@@ -42,12 +43,14 @@ flags.DEFINE_multi_string(
 )
 flags.DEFINE_list("batch_sizes", [], "Train batch sizes to time (default: each config's).")
 flags.DEFINE_list("num_devices", ["1"], "Local device counts for the pmapped train step.")
-flags.DEFINE_integer("eval_batch_size", 10, "Batch size of the timed eval step.")
+flags.DEFINE_integer("eval_batch_size", 10, "Batch size of the timed eval step.", lower_bound=1)
 flags.DEFINE_enum("compare", "", ["", "torch"], "Also time the PyTorch reference.")
-flags.DEFINE_integer("warmup", 3, "Untimed steps before timing (after compilation).")
-flags.DEFINE_integer("repeats", 5, "Timed repeats; the median is reported.")
-flags.DEFINE_integer("steps_per_repeat", 10, "Steps per timed repeat.")
-flags.DEFINE_integer("matmul_size", 4096, "N of the N x N x N fp32 matmul that sets the peak.")
+flags.DEFINE_integer("warmup", 3, "Untimed steps before timing (after compilation).",
+                     lower_bound=0)
+flags.DEFINE_integer("repeats", 5, "Timed repeats; the median is reported.", lower_bound=1)
+flags.DEFINE_integer("steps_per_repeat", 10, "Steps per timed repeat.", lower_bound=1)
+flags.DEFINE_integer("matmul_size", 4096, "N of the N x N x N fp32 matmul that sets the peak.",
+                     lower_bound=1)
 flags.DEFINE_multi_string("set", [], "Config overrides KEY=VALUE, e.g. model.unroll=2.")
 flags.DEFINE_enum(
     "fp32_matmuls", "default", ["default", "strict"],
@@ -64,17 +67,32 @@ REPO = provenance.REPO
 def load_config(spec: str, overrides: list[str]) -> ml_collections.ConfigDict:
   """'configs/ptb.py:medium,real' -> its get_config(args), with KEY=VALUE overrides."""
   path, _, args = spec.partition(":")
+  if not (REPO / path).is_file():
+    raise UserError(f"config {spec!r}: no file {path} in {REPO}")
   namespace: dict[str, Any] = {}
   source = (REPO / path).read_text()
   exec(compile(source, path, "exec"), namespace)  # noqa: S102 -- our own config files
   config = namespace["get_config"](args) if args else namespace["get_config"]()
   for override in overrides:
-    key, _, value = override.partition("=")
+    key, equals, value = override.partition("=")
     node = config
     *parents, leaf = key.split(".")
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = type(node[leaf])(json.loads(value) if not isinstance(node[leaf], str) else value)
+    try:
+      for parent in parents:
+        node = node[parent]
+      kind = type(node[leaf])
+    except (KeyError, TypeError):
+      kind = None
+    if not equals or kind is None or isinstance(node[leaf], ml_collections.ConfigDict):
+      raise UserError(f"--set {override!r} must be KEY=VALUE with KEY a config field, "
+                      "e.g. model.unroll=5")
+    try:
+      if kind is bool:  # True/False as in --config.KEY=VALUE, or JSON's true/false
+        node[leaf] = {"true": True, "false": False}[value.lower()]
+      else:
+        node[leaf] = kind(json.loads(value) if kind is not str else value)
+    except (ValueError, TypeError, KeyError):
+      raise UserError(f"--set {override!r}: {value!r} is not of type {kind.__name__}") from None
   return config
 
 
@@ -353,7 +371,8 @@ def benchmark_pair(ours, theirs, tokens_per_step: int) -> tuple[dict, dict | Non
       stats.append(None)
       continue
     first = time_runner(runner, 1)  # compiles (ours) or warms the allocator (torch)
-    time_runner(runner, FLAGS.warmup)
+    if FLAGS.warmup:
+      time_runner(runner, FLAGS.warmup)
     stats.append({"first_step_seconds": first, "repeat_seconds": []})
   for _ in range(FLAGS.repeats):
     for runner, stat in zip((ours, theirs), stats, strict=True):
@@ -397,7 +416,15 @@ def paired_ratio_range(ours: dict, theirs: dict) -> list[float]:
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    run_benchmark()
+  except UserError as error:
+    fail(str(error))
+
+
+def run_benchmark() -> None:
   start = time.time()
   commit = provenance.git_commit()  # what runs, whatever HEAD is at the end
   platform_name = jax.local_devices()[0].platform

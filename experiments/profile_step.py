@@ -35,6 +35,7 @@ from absl import app, logging
 
 from experiments import benchmark, provenance
 from tied_lm import data, train
+from tied_lm.errors import UserError, fail
 
 FLAGS = benchmark.FLAGS
 BLOCKS = ("lstm", "output", "step", "matmuls")
@@ -186,6 +187,7 @@ def torch_matmuls(matmuls: list[benchmark.Matmul], operands, device: str) -> Cal
 def profile_config(spec: str, batch_size: int | None, peak: float, torch_device: str) -> dict:
   """One config's row: per block, our ms per call, and torch's and the ratio if compared."""
   config = benchmark.load_config(spec, FLAGS.set)
+  train.validate_config(config, 1)
   corpus = data.load_corpus(config.dataset, config.data_dir, config.max_vocab_size)
   batch_size = batch_size or config.batch_size
   flops = benchmark.step_flops(config, corpus.vocab_size, batch_size, FLAGS.eval_batch_size)
@@ -241,7 +243,15 @@ def print_row(row: dict) -> None:
 
 
 def main(argv):
-  del argv
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    run_profile()
+  except UserError as error:
+    fail(str(error))
+
+
+def run_profile() -> None:
   start = time.time()
   commit = provenance.git_commit()
   platform_name = jax.local_devices()[0].platform

@@ -33,14 +33,14 @@ def trained_run(tmp_path_factory):
 @pytest.fixture
 def run_tiny_timing(tmp_path):
   """Runs `python -m experiments.<module>` (the benchmark, or profile_step, which shares
-  its flags) on configs/default.py with the fewest, shortest repeats; checks that it
-  exits 0 and returns (its stdout, the JSON it wrote)."""
+  its flags) on configs/default.py with the fewest, shortest repeats and no warm-up;
+  checks that it exits 0 and returns (its stdout, the JSON it wrote)."""
 
   def run(module: str) -> tuple[str, dict]:
     output = tmp_path / f"{module}.json"
     result = subprocess.run(
         [sys.executable, "-m", f"experiments.{module}", "--configs=configs/default.py",
-         "--repeats=2", "--steps_per_repeat=2", "--warmup=1", "--matmul_size=256",
+         "--repeats=2", "--steps_per_repeat=2", "--warmup=0", "--matmul_size=256",
          f"--output={output}"],
         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr

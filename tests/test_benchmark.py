@@ -4,6 +4,7 @@ import pytest
 
 from configs import default
 from experiments import benchmark
+from tied_lm.errors import UserError
 
 
 def test_step_flops_counts_the_matmuls_by_hand():
@@ -37,6 +38,27 @@ def test_step_matmuls_run_the_recurrence_one_time_step_at_a_time():
   assert [name for name, mm in matmuls.items() if mm.block == "output"] == [
       "logits", "logits, input gradient", "logits, weight gradient",
       "target scores", "target scores, input gradient", "target scores, weight gradient"]
+
+
+def test_load_config_applies_overrides_with_the_fields_types():
+  config = benchmark.load_config("configs/ptb.py:small,real",
+                                 ["model.unroll=5", "loss.tau=2", "model.output_bias=True"])
+  assert config.model.unroll == 5 and isinstance(config.model.unroll, int)
+  assert config.loss.tau == 2.0 and isinstance(config.loss.tau, float)
+  assert config.model.output_bias is True
+
+
+@pytest.mark.parametrize("spec, overrides, message", [
+    ("configs/nope.py:small", [], "no file configs/nope.py"),
+    ("configs/ptb.py:small,real", ["model.nope=1"], "KEY a config field"),
+    ("configs/ptb.py:small,real", ["model.unroll"], "KEY a config field"),
+    ("configs/ptb.py:small,real", ["model=3"], "KEY a config field"),
+    ("configs/ptb.py:small,real", ["model.unroll=x"], "'x' is not of type int"),
+    ("configs/ptb.py:small,real", ["model.output_bias=yes"], "'yes' is not of type bool"),
+])
+def test_load_config_refuses_bad_input_in_one_line(spec, overrides, message):
+  with pytest.raises(UserError, match=message):
+    benchmark.load_config(spec, overrides)
 
 
 def test_benchmark_writes_its_rows_with_provenance(run_tiny_timing):
