@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# The GPU work that is still open, as unattended commands sized for a short lease of one
+# NVIDIA GPU (each part ends in about 8 minutes on an H100/H200; see the README).
+#
+#   bash experiments/gpu_session.sh checks OUT_DIR   # issue 3: ~4 min
+#   bash experiments/gpu_session.sh runs OUT_DIR     # issue 5: ~8 min
+#
+# checks: the cuDNN LSTM test against the scan; the README's GPU benchmark with TF32 off
+#   in both libraries (--fp32_matmuls=strict), then the same with cuDNN's LSTM kernel on
+#   our side; then the per-block profile of large,real at batch 20 (the one fp32 row
+#   under 1.0x PyTorch).
+# runs: four 40-epoch PTB small runs at once (τ = 2 for AL and REAL + bias, and a second
+#   seed of each at the paper's other settings), then their JSON files in
+#   OUT_DIR/results.tgz; `python -m experiments.reproduce --train=false` on the unpacked
+#   files beside the committed ones rewrites TABLE.md and SWEEP.md.
+#
+# Needs: a Python with the package's dependencies (and torch for checks), TIED_LM_DATA_DIR
+# pointing at the corpora. Run directories go to RUN_ROOT (default /tmp/tied_lm_runs):
+# outside the repository, so that nothing of a run is left in the working copy. Every step
+# writes into OUT_DIR as it finishes, so a command cut short keeps what it measured.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+part="${1:?usage: gpu_session.sh checks|runs OUT_DIR}"
+out="${2:?usage: gpu_session.sh checks|runs OUT_DIR}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+: "${TIED_LM_DATA_DIR:?set TIED_LM_DATA_DIR to the directory holding the corpora}"
+run_root="${RUN_ROOT:-/tmp/tied_lm_runs}"
+# Extra flags for every benchmark and reproduce command, e.g. for a dry run on a CPU:
+# EXTRA_FLAGS="--set=num_epochs=1 --set=max_steps_per_epoch=3".
+read -r -a extra <<< "${EXTRA_FLAGS:-}"
+gpu="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 \
+  | tr -cd 'A-Za-z0-9' | tr 'A-Z' 'a-z')"
+gpu="${gpu#nvidia}"
+gpu="${gpu:-cpu}"
+
+step() {  # step NAME COMMAND...: run one step, its output to OUT_DIR/NAME.log
+  local name="$1"; shift
+  echo "== $name: $*"
+  local start=$SECONDS
+  "$@" > "$out/$name.log" 2>&1
+  local rc=$?
+  echo "   exit $rc after $((SECONDS - start)) s"
+  tail -n 25 "$out/$name.log"
+}
+
+case "$part" in
+  checks)
+    step cudnn_test python -m pytest -q -rs tests/test_models.py -k cudnn
+    bench=(python -m experiments.benchmark --compare=torch --fp32_matmuls=strict
+           --configs=configs/ptb.py:medium,real --configs=configs/ptb.py:large,real
+           --batch_sizes=20,128 "${extra[@]}")
+    step benchmark_strict "${bench[@]}" --output="$out/benchmark_gpu_${gpu}_strict.json"
+    step benchmark_cudnn "${bench[@]}" --set=model.lstm_implementation=cudnn \
+      --output="$out/benchmark_gpu_${gpu}_strict_cudnn.json"
+    step profile_large python -m experiments.profile_step --compare=torch --fp32_matmuls=strict \
+      --configs=configs/ptb.py:large,real --batch_sizes=20 \
+      "${extra[@]}" --output="$out/profile_gpu_${gpu}_large_strict.json"
+    ;;
+  runs)
+    results="$run_root/results"
+    mkdir -p "$results"
+    reproduce=(python -m experiments.reproduce --root="$run_root" --results_dir="$results"
+               --sizes=small --set=model.unroll=5 "${extra[@]}")
+    # Four runs share the GPU, each with a fifth of its memory.
+    export XLA_PYTHON_CLIENT_MEM_FRACTION=0.2
+    step al_tau2 "${reproduce[@]}" --variants=al --sweep=loss.tau=2 &
+    step real_bias_tau2 "${reproduce[@]}" --variants=real --sweep=model.output_bias=True \
+      --sweep=loss.tau=2 &
+    step al_seed1 "${reproduce[@]}" --variants=al --sweep=seed=1 &
+    step real_bias_seed1 "${reproduce[@]}" --variants=real --sweep=model.output_bias=True \
+      --sweep=seed=1 &
+    wait
+    # Each invocation rewrote SWEEP.md with its own run; one report over all of them.
+    step report python -m experiments.reproduce --root="$run_root" --results_dir="$results" \
+      --train=false
+    tar -czf "$out/results.tgz" -C "$results" .
+    ;;
+  *)
+    echo "unknown part $part: use checks or runs" >&2
+    exit 2
+    ;;
+esac
