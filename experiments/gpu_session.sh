@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The GPU work that is still open, as unattended commands sized for a short lease of one
-# NVIDIA GPU (each part ends in about 8 minutes on an H100/H200; see the README).
+# The GPU work that is still open, as unattended commands for a short lease of one NVIDIA
+# GPU. Each part is meant to fit one 10-minute command; neither has run on a GPU yet. The
+# sizes come from earlier GPU runs (TABLE.md: 40-epoch small runs took 3m21s two at a time
+# on an H100, 10-12 min seven at a time on an H200; README: the GPU benchmark took 116 s).
 #
-#   bash experiments/gpu_session.sh checks OUT_DIR   # issue 3: ~4 min
-#   bash experiments/gpu_session.sh runs OUT_DIR     # issue 5: ~8 min
+#   bash experiments/gpu_session.sh checks OUT_DIR   # issue 3
+#   bash experiments/gpu_session.sh runs OUT_DIR     # issue 5
 #
 # checks: the cuDNN LSTM test against the scan; the README's GPU benchmark with TF32 off
 #   in both libraries (--fp32_matmuls=strict), then the same with cuDNN's LSTM kernel on
