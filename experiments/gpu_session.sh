@@ -12,9 +12,10 @@
 #   our side; then the per-block profile of large,real at batch 20 (the one fp32 row
 #   under 1.0x PyTorch).
 # runs: four 40-epoch PTB small runs at once (τ = 2 for AL and REAL + bias, and a second
-#   seed of each at the paper's other settings), then their JSON files in
-#   OUT_DIR/results.tgz; `python -m experiments.reproduce --train=false` on the unpacked
-#   files beside the committed ones rewrites TABLE.md and SWEEP.md.
+#   seed of each at the paper's other settings), then the finished runs' JSON files in
+#   OUT_DIR/results.tgz and every run's metrics and logs in OUT_DIR/metrics.tgz;
+#   `python -m experiments.reproduce --train=false` on the unpacked JSON files beside the
+#   committed ones rewrites TABLE.md and SWEEP.md.
 #
 # Needs: a Python with the package's dependencies (and torch for checks), TIED_LM_DATA_DIR
 # pointing at the corpora. Run directories go to RUN_ROOT (default /tmp/tied_lm_runs):
@@ -65,19 +66,24 @@ case "$part" in
     mkdir -p "$results"
     reproduce=(python -m experiments.reproduce --root="$run_root" --results_dir="$results"
                --sizes=small --set=model.unroll=5 "${extra[@]}")
-    # Four runs share the GPU, each with a fifth of its memory.
+    # Four runs share the GPU, each with a fifth of its memory. Training stops after
+    # RUNS_SECONDS (default 540, for a 10-minute command); a run stopped early keeps its
+    # curve so far in metrics.tgz, and only finished runs get a JSON in results.tgz.
     export XLA_PYTHON_CLIENT_MEM_FRACTION=0.2
-    step al_tau2 "${reproduce[@]}" --variants=al --sweep=loss.tau=2 &
-    step real_bias_tau2 "${reproduce[@]}" --variants=real --sweep=model.output_bias=True \
-      --sweep=loss.tau=2 &
-    step al_seed1 "${reproduce[@]}" --variants=al --sweep=seed=1 &
-    step real_bias_seed1 "${reproduce[@]}" --variants=real --sweep=model.output_bias=True \
-      --sweep=seed=1 &
+    budget=(timeout --kill-after=20 "${RUNS_SECONDS:-540}")
+    step al_tau2 "${budget[@]}" "${reproduce[@]}" --variants=al --sweep=loss.tau=2 &
+    step real_bias_tau2 "${budget[@]}" "${reproduce[@]}" --variants=real \
+      --sweep=model.output_bias=True --sweep=loss.tau=2 &
+    step al_seed1 "${budget[@]}" "${reproduce[@]}" --variants=al --sweep=seed=1 &
+    step real_bias_seed1 "${budget[@]}" "${reproduce[@]}" --variants=real \
+      --sweep=model.output_bias=True --sweep=seed=1 &
     wait
     # Each invocation rewrote SWEEP.md with its own run; one report over all of them.
     step report python -m experiments.reproduce --root="$run_root" --results_dir="$results" \
       --train=false
     tar -czf "$out/results.tgz" -C "$results" .
+    tar -czf "$out/metrics.tgz" -C "$run_root" --exclude=./results --exclude=checkpoints \
+      --exclude=tensorboard .
     ;;
   *)
     echo "unknown part $part: use checks or runs" >&2
