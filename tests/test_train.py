@@ -282,13 +282,25 @@ def tiny_run_config(data_dir, num_epochs):
   return config
 
 
-def test_a_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path):
+def test_a_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path, monkeypatch):
   write_tiny_corpus(tmp_path / "corpus")
   straight = train.train_and_evaluate(tiny_run_config(tmp_path / "corpus", 3), str(tmp_path / "a"))
 
   train.train_and_evaluate(tiny_run_config(tmp_path / "corpus", 1), str(tmp_path / "b"))
   assert len(reporting.read_records(tmp_path / "b", "epoch")) == 1
+  assert (tmp_path / "b/results.json").is_file()
+  # While the run trains on to 3 epochs, the 1-epoch results.json is gone: an
+  # interruption must not leave it looking like the result of the longer run.
+  results_while_training = []
+
+  def train_one_epoch(*args, **kwargs):
+    results_while_training.append((tmp_path / "b/results.json").exists())
+    return train_one_epoch_unpatched(*args, **kwargs)
+
+  train_one_epoch_unpatched = train._train_one_epoch
+  monkeypatch.setattr(train, "_train_one_epoch", train_one_epoch)
   resumed = train.train_and_evaluate(tiny_run_config(tmp_path / "corpus", 3), str(tmp_path / "b"))
+  assert results_while_training == [False, False]
 
   def curve(workdir):
     return [{k: v for k, v in json.loads(line).items() if "second" not in k}

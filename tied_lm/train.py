@@ -671,6 +671,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
   # Records of a finished run's earlier test are replaced by this one's.
   meta["records"] = [r for r in meta["records"] if r["kind"] != "test"]
+  if meta["epoch"] < config.num_epochs and jax.process_index() == 0:
+    # A finished run given more epochs: its results.json describes the shorter run and
+    # would outlive an interruption of the longer one (readers take it as the result).
+    (workdir / "results.json").unlink(missing_ok=True)
   reporter = reporting.Reporter(
       workdir, meta["records"], writer=jax.process_index() == 0, config=config,
       resumed_step=restored_step,
