@@ -83,7 +83,7 @@ def load_config(spec: str, overrides: list[str]) -> ml_collections.ConfigDict:
       kind = type(node[leaf])
     except (KeyError, TypeError):
       kind = None
-    if not equals or kind is None or isinstance(node[leaf], ml_collections.ConfigDict):
+    if not equals or kind is None or issubclass(kind, ml_collections.ConfigDict):
       raise UserError(f"--set {override!r} must be KEY=VALUE with KEY a config field, "
                       "e.g. model.unroll=5")
     try:

@@ -31,7 +31,8 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 : "${TIED_LM_DATA_DIR:?set TIED_LM_DATA_DIR to the directory holding the corpora}"
 run_root="${RUN_ROOT:-/tmp/tied_lm_runs}"
 # Extra flags for every benchmark and reproduce command, e.g. for a dry run on a CPU:
-# EXTRA_FLAGS="--set=num_epochs=1 --set=max_steps_per_epoch=3".
+# EXTRA_FLAGS="--set=num_epochs=1 --set=max_steps_per_epoch=3" (runs), or
+# EXTRA_FLAGS="--repeats=1 --steps_per_repeat=1 --warmup=0" (checks).
 read -r -a extra <<< "${EXTRA_FLAGS:-}"
 gpu="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 \
   | tr -cd 'A-Za-z0-9' | tr 'A-Z' 'a-z')"

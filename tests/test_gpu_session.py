@@ -14,9 +14,9 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "experiments/gpu_session.sh"
 
 
-def run(*args: str, **env: str) -> subprocess.CompletedProcess:
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
   return subprocess.run(["bash", str(SCRIPT), *args], cwd=REPO, capture_output=True,
-                        text=True, timeout=60, env={**os.environ, **env})
+                        text=True, timeout=60, env=os.environ if env is None else env)
 
 
 def test_script_parses():
@@ -24,7 +24,7 @@ def test_script_parses():
 
 
 def test_unknown_part_is_refused(tmp_path):
-  result = run("nope", str(tmp_path / "out"), TIED_LM_DATA_DIR=str(tmp_path))
+  result = run("nope", str(tmp_path / "out"), env={**os.environ, "TIED_LM_DATA_DIR": str(tmp_path)})
   assert result.returncode == 2
   assert result.stderr.strip() == "unknown part nope: use checks or runs"
 
@@ -38,7 +38,6 @@ def test_missing_arguments_name_the_usage(args):
 
 def test_missing_data_dir_is_refused(tmp_path):
   env = {k: v for k, v in os.environ.items() if k != "TIED_LM_DATA_DIR"}
-  result = subprocess.run(["bash", str(SCRIPT), "runs", str(tmp_path / "out")], cwd=REPO,
-                          capture_output=True, text=True, timeout=60, env=env)
+  result = run("runs", str(tmp_path / "out"), env=env)
   assert result.returncode != 0
   assert "set TIED_LM_DATA_DIR" in result.stderr
