@@ -33,8 +33,8 @@ import numpy as np
 from absl import app, flags, logging
 
 from experiments import provenance
-from tied_lm import data, train
-from tied_lm.errors import UserError, fail
+from tied_lm import data, errors, train
+from tied_lm.errors import UserError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string(
@@ -415,13 +415,10 @@ def paired_ratio_range(ours: dict, theirs: dict) -> list[float]:
   return [min(paired), max(paired)]
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  try:
-    run_benchmark()
-  except UserError as error:
-    fail(str(error))
+@errors.command
+def main(argv: list[str]) -> None:
+  errors.no_positional_arguments(argv)
+  run_benchmark()
 
 
 def run_benchmark() -> None:

@@ -18,8 +18,7 @@ from pathlib import Path
 from absl import app, flags
 
 from experiments import provenance
-from tied_lm import analysis, data, sample, summarize, train
-from tied_lm.errors import UserError, fail
+from tied_lm import analysis, data, errors, sample, summarize, train
 
 FLAGS = flags.FLAGS
 PROMPTS = ("the company said", "the stock market", "he said the", "in new york")
@@ -77,15 +76,12 @@ def markdown(runs: list[dict]) -> str:
   return "\n".join(lines)
 
 
+@errors.command
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  errors.no_positional_arguments(argv)
   start = time.time()
   commit = provenance.git_commit()  # what runs, whatever HEAD is at the end
-  try:
-    runs = [describe_run(w, FLAGS.prompt, FLAGS.num_frequent) for w in FLAGS.workdirs]
-  except UserError as error:
-    fail(str(error))
+  runs = [describe_run(w, FLAGS.prompt, FLAGS.num_frequent) for w in FLAGS.workdirs]
   results = {
       **provenance.header("experiments.predictions", commit),
       "runs": runs, "wall_seconds": time.time() - start,

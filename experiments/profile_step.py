@@ -34,8 +34,7 @@ import numpy as np
 from absl import app, logging
 
 from experiments import benchmark, provenance
-from tied_lm import data, train
-from tied_lm.errors import UserError, fail
+from tied_lm import data, errors, train
 
 FLAGS = benchmark.FLAGS
 BLOCKS = ("lstm", "output", "step", "matmuls")
@@ -242,13 +241,10 @@ def print_row(row: dict) -> None:
           f"{100 * stats['peak_fraction']:>5.1f}")
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  try:
-    run_profile()
-  except UserError as error:
-    fail(str(error))
+@errors.command
+def main(argv: list[str]) -> None:
+  errors.no_positional_arguments(argv)
+  run_profile()
 
 
 def run_profile() -> None:

@@ -43,8 +43,8 @@ from absl import app, flags
 
 from configs import paper
 from experiments import provenance
-from tied_lm import reporting, summarize
-from tied_lm.errors import UserError, fail
+from tied_lm import errors, reporting, summarize
+from tied_lm.errors import UserError
 from tied_lm.fileio import atomic_write
 
 FLAGS = flags.FLAGS
@@ -350,38 +350,35 @@ def write_reports(root: Path, results_dir: Path) -> None:
         print(f"wrote {output}")
 
 
+@errors.command
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  try:
-    for name, values, allowed in (("datasets", FLAGS.datasets, DATASETS),
-                                  ("sizes", FLAGS.sizes, SIZES),
-                                  ("variants", FLAGS.variants, VARIANTS)):
-      unknown = sorted(set(values) - set(allowed))
-      if unknown:
-        raise UserError(f"--{name}: unknown {', '.join(unknown)}; choose from "
-                        f"{', '.join(allowed)}")
-    if FLAGS.parallel < 1:
-      raise UserError(f"--parallel={FLAGS.parallel} must be at least 1")
-    root = Path(FLAGS.root).expanduser().resolve()
-    grid = [(d, s, v, point) for d in FLAGS.datasets for s in FLAGS.sizes
-            for v in FLAGS.variants for point in sweep_points(FLAGS.sweep)]
-    workdirs = [root / run_name(d, s, v, tag) for d, s, v, (tag, _) in grid]
-    if FLAGS.train:
-      commands = [(workdir, train_command(d, s, v, workdir, [*FLAGS.set, *overrides]))
-                  for (d, s, v, (_, overrides)), workdir in zip(grid, workdirs, strict=True)
-                  if not (workdir / "results.json").is_file()]
-      failed = run_all(commands, FLAGS.parallel)
-      if failed:
-        raise UserError(f"{len(failed)} run(s) failed: {', '.join(w.name for w in failed)}")
-    if FLAGS.rescore:
-      for workdir in workdirs:
-        if (workdir / "results.json").is_file():
-          rescore(workdir)
-    if root.is_dir():
-      write_reports(root, Path(FLAGS.results_dir))
-  except UserError as error:
-    fail(str(error))
+  errors.no_positional_arguments(argv)
+  for name, values, allowed in (("datasets", FLAGS.datasets, DATASETS),
+                                ("sizes", FLAGS.sizes, SIZES),
+                                ("variants", FLAGS.variants, VARIANTS)):
+    unknown = sorted(set(values) - set(allowed))
+    if unknown:
+      raise UserError(f"--{name}: unknown {', '.join(unknown)}; choose from "
+                      f"{', '.join(allowed)}")
+  if FLAGS.parallel < 1:
+    raise UserError(f"--parallel={FLAGS.parallel} must be at least 1")
+  root = Path(FLAGS.root).expanduser().resolve()
+  grid = [(d, s, v, point) for d in FLAGS.datasets for s in FLAGS.sizes
+          for v in FLAGS.variants for point in sweep_points(FLAGS.sweep)]
+  workdirs = [root / run_name(d, s, v, tag) for d, s, v, (tag, _) in grid]
+  if FLAGS.train:
+    commands = [(workdir, train_command(d, s, v, workdir, [*FLAGS.set, *overrides]))
+                for (d, s, v, (_, overrides)), workdir in zip(grid, workdirs, strict=True)
+                if not (workdir / "results.json").is_file()]
+    failed = run_all(commands, FLAGS.parallel)
+    if failed:
+      raise UserError(f"{len(failed)} run(s) failed: {', '.join(w.name for w in failed)}")
+  if FLAGS.rescore:
+    for workdir in workdirs:
+      if (workdir / "results.json").is_file():
+        rescore(workdir)
+  if root.is_dir():
+    write_reports(root, Path(FLAGS.results_dir))
 
 
 if __name__ == "__main__":

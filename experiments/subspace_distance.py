@@ -22,8 +22,8 @@ import numpy as np
 from absl import app, flags, logging
 
 from experiments import provenance
-from tied_lm import analysis, data
-from tied_lm.errors import UserError, fail
+from tied_lm import analysis, data, errors
+from tied_lm.errors import UserError
 
 FLAGS = flags.FLAGS
 
@@ -96,19 +96,19 @@ def plot(results: dict, path: Path) -> None:
   plt.close(figure)
 
 
+@errors.command
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  errors.no_positional_arguments(argv)
   try:
     betas = [float(b) for b in FLAGS.betas]
     taus = [float(t) for t in FLAGS.taus]
     seeds = [int(s) for s in FLAGS.seeds]
-    if any(not 0 <= b <= 1 for b in betas) or any(t <= 0 for t in taus):
-      raise UserError("every β must be in [0, 1] and every τ > 0")
-    corpus = data.load_corpus("ptb")
-    ids, vocab_size = slice_ids(corpus.train, FLAGS.num_words)
-  except (UserError, ValueError, data.DataError) as error:
-    fail(str(error))
+  except ValueError as error:
+    raise UserError(f"--betas, --taus and --seeds take numbers: {error}") from None
+  if any(not 0 <= b <= 1 for b in betas) or any(t <= 0 for t in taus):
+    raise UserError("every β must be in [0, 1] and every τ > 0")
+  corpus = data.load_corpus("ptb")
+  ids, vocab_size = slice_ids(corpus.train, FLAGS.num_words)
   start = time.time()
   commit = provenance.git_commit()  # what runs, whatever HEAD is at the end
   runs = []
@@ -142,10 +142,7 @@ def main(argv: list[str]) -> None:
       f"Command: `{results['command']}`, commit `{results['commit'][:7]}`, "
       f"{results['hardware']['cpu']}, {results['wall_seconds']:.0f} s.\n\n{markdown}\n"))
   print(markdown)
-  try:
-    plot(results, prefix.with_suffix(".png"))
-  except UserError as error:
-    fail(str(error))
+  plot(results, prefix.with_suffix(".png"))
   print(f"wrote {prefix}.json, .md and .png")
 
 

@@ -18,8 +18,8 @@ import numpy as np
 from absl import app, flags
 
 from experiments import provenance
-from tied_lm import analysis, train
-from tied_lm.errors import UserError, fail
+from tied_lm import analysis, errors, train
+from tied_lm.errors import UserError
 
 FLAGS = flags.FLAGS
 
@@ -55,21 +55,18 @@ def table(rows: list[dict]) -> str:
   return "\n".join(lines) + "\n"
 
 
+@errors.command
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  errors.no_positional_arguments(argv)
   start = time.time()
   commit = provenance.git_commit()
   try:
     taus = [float(t) for t in FLAGS.taus]
   except ValueError as error:
-    fail(f"--taus: {error}")
-  try:
-    if any(t <= 0 for t in taus):
-      raise UserError(f"--taus={','.join(FLAGS.taus)}: every τ must be positive")
-    rows = [row for workdir in FLAGS.workdirs for row in run_rows(workdir, taus)]
-  except UserError as error:
-    fail(str(error))
+    raise UserError(f"--taus: {error}") from None
+  if any(t <= 0 for t in taus):
+    raise UserError(f"--taus={','.join(FLAGS.taus)}: every τ must be positive")
+  rows = [row for workdir in FLAGS.workdirs for row in run_rows(workdir, taus)]
   markdown = table(rows)
   provenance.write_results(Path(FLAGS.output), {
       **provenance.header("experiments.target_sharpness", commit), "rows": rows,

@@ -44,3 +44,13 @@ def test_neighbors_cli_matches_numpy(trained_run):
     expected = [vocab[i] for i in np.argsort(-similarity)[:5]]
     assert line.startswith(f"{word}: ")
     assert [item.split(" (")[0] for item in line[len(word) + 2:].split(", ")] == expected
+
+
+def test_neighbors_of_a_word_outside_the_vocabulary_is_one_line(trained_run):
+  result = subprocess.run(
+      [sys.executable, "-m", "tied_lm.neighbors", f"--workdir={trained_run[0]}",
+       "--words=the,notaword"],
+      cwd=REPO, capture_output=True, text=True, timeout=300,
+  )
+  assert result.returncode == 2
+  assert result.stderr == "error: not in the vocabulary: notaword\n"

@@ -1,7 +1,23 @@
 """The one error type for bad user input, and how every command reports it."""
 
+import functools
+import logging as python_logging
+import os
 import sys
+from collections.abc import Callable
 from typing import NoReturn
+
+from absl import app, logging
+
+# Where our own log lines come from: the package, and the experiments beside it in a checkout.
+_OUR_SOURCES = tuple(
+    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), folder, "")
+    for folder in ("tied_lm", "experiments")
+)
+
+
+def _ours_or_a_warning(record: python_logging.LogRecord) -> bool:
+  return record.levelno >= python_logging.WARNING or record.pathname.startswith(_OUR_SOURCES)
 
 
 class UserError(Exception):
@@ -12,3 +28,27 @@ def fail(message: str) -> NoReturn:
   """Bad input costs the user one line on stderr and exit status 2."""
   print(f"error: {message}", file=sys.stderr)
   sys.exit(2)
+
+
+def command(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
+  """Wraps a command's `main(argv)` for `app.run`: a UserError it raises is `fail`ed.
+
+  Other libraries' INFO lines (orbax logs several per checkpoint) are dropped, so that
+  stderr holds our progress, their warnings and, on bad input, the one error line.
+  """
+
+  @functools.wraps(main)
+  def wrapped(argv: list[str]) -> None:
+    logging.get_absl_handler().addFilter(_ours_or_a_warning)
+    try:
+      main(argv)
+    except UserError as error:
+      fail(str(error))
+
+  return wrapped
+
+
+def no_positional_arguments(argv: list[str]) -> None:
+  """For commands driven by flags alone: anything else on the line is a usage error."""
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")

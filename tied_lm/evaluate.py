@@ -12,8 +12,8 @@ from pathlib import Path
 
 from absl import app, flags
 
-from tied_lm import train
-from tied_lm.errors import UserError, fail
+from tied_lm import errors, train
+from tied_lm.errors import UserError
 from tied_lm.fileio import atomic_write
 
 FLAGS = flags.FLAGS
@@ -27,19 +27,16 @@ def define_flags() -> None:
   flags.mark_flag_as_required("workdir")
 
 
+@errors.command
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  try:
-    run = train.load_trained(FLAGS.workdir)
-    batch_size = FLAGS.eval_batch_size or run.config.eval_batch_size
-    if batch_size <= 0:
-      raise UserError(f"eval_batch_size={batch_size} must be positive")
-    perplexity, tokens = train.evaluate(
-        run.model, run.params, run.corpus.split(FLAGS.split), batch_size, run.config.num_steps
-    )
-  except UserError as error:
-    fail(str(error))
+  errors.no_positional_arguments(argv)
+  run = train.load_trained(FLAGS.workdir)
+  batch_size = FLAGS.eval_batch_size or run.config.eval_batch_size
+  if batch_size <= 0:
+    raise UserError(f"eval_batch_size={batch_size} must be positive")
+  perplexity, tokens = train.evaluate(
+      run.model, run.params, run.corpus.split(FLAGS.split), batch_size, run.config.num_steps
+  )
   result = {
       "split": FLAGS.split,
       "perplexity": perplexity,

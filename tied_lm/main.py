@@ -10,7 +10,6 @@ same command on the same workdir; each feeds its own rows of the batch, and
 only process 0 writes metrics and checkpoints.
 """
 
-import logging as python_logging
 import os
 import re
 import sys
@@ -18,8 +17,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from tied_lm import train
-from tied_lm.errors import UserError, fail
+from tied_lm import errors, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics; rerun to resume.")
@@ -37,12 +35,13 @@ def parse_flags(argv: list[str]) -> list[str]:
     return FLAGS(argv)
   except flags.Error as e:
     # The message of a failing get_config() embeds a traceback; its last line says why.
-    fail(str(e).strip().splitlines()[-1].strip())
+    errors.fail(str(e).strip().splitlines()[-1].strip())
   except (AttributeError, KeyError) as e:
     # ml_collections raises these for an override of a field the config lacks.
     overrides = " ".join(a.split("=")[0] for a in argv if a.startswith("--config."))
     suggestion = re.search(r"Did you mean .*\?", str(e))
-    fail(f"unknown config field in {overrides}" + (f"; {suggestion[0]}" if suggestion else ""))
+    hint = f"; {suggestion[0]}" if suggestion else ""
+    errors.fail(f"unknown config field in {overrides}{hint}")
 
 
 def initialize_multihost() -> None:
@@ -70,20 +69,13 @@ def initialize_multihost() -> None:
     logging.set_verbosity(logging.WARNING)
 
 
+@errors.command
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  # Keep INFO lines of our own; other libraries (orbax, jax) only warn and worse.
-  logging.get_absl_handler().addFilter(
-      lambda record: record.levelno >= python_logging.WARNING
-      or f"{os.sep}tied_lm{os.sep}" in record.pathname
-  )
+  errors.no_positional_arguments(argv)
   if FLAGS.multihost or "JAX_COORDINATOR_ADDRESS" in os.environ:
     initialize_multihost()
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except UserError as e:
-    fail(str(e))
   except train.Interrupted as e:
     # Preemption or Ctrl-C, after the checkpoint: one line, and the shell's
     # "killed by signal" status so that schedulers know the run is not done.

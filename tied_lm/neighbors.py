@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from tied_lm import train
-from tied_lm.errors import UserError, fail
+from tied_lm import errors, train
+from tied_lm.errors import UserError
 
 FLAGS = flags.FLAGS
 
@@ -46,16 +46,13 @@ def nearest_neighbors(
   return result
 
 
+@errors.command
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  try:
-    run = train.load_trained(FLAGS.workdir)
-    neighbors = nearest_neighbors(
-        run.params["embed"]["embedding"], run.corpus.vocab, FLAGS.words, FLAGS.k
-    )
-  except UserError as error:
-    fail(str(error))
+  errors.no_positional_arguments(argv)
+  run = train.load_trained(FLAGS.workdir)
+  neighbors = nearest_neighbors(
+      run.params["embed"]["embedding"], run.corpus.vocab, FLAGS.words, FLAGS.k
+  )
   for word, found in neighbors.items():
     print(f"{word}: " + ", ".join(f"{w} ({s:.3f})" for w, s in found))
 

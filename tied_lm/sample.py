@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags, logging
 
-from tied_lm import data, models, train
-from tied_lm.errors import UserError, fail
+from tied_lm import data, errors, models, train
+from tied_lm.errors import UserError
 
 FLAGS = flags.FLAGS
 
@@ -86,16 +86,11 @@ def generate(
   return words
 
 
+@errors.command
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  try:
-    run = train.load_trained(FLAGS.workdir)
-    words = generate(
-        run, FLAGS.prompt, FLAGS.num_words, FLAGS.temperature, FLAGS.top_k, FLAGS.seed
-    )
-  except UserError as error:
-    fail(str(error))
+  errors.no_positional_arguments(argv)
+  run = train.load_trained(FLAGS.workdir)
+  words = generate(run, FLAGS.prompt, FLAGS.num_words, FLAGS.temperature, FLAGS.top_k, FLAGS.seed)
   print(as_lines([*FLAGS.prompt.split(), *words]))
 
 

@@ -15,8 +15,8 @@ from typing import Any
 
 from absl import app, flags
 
-from tied_lm import reporting
-from tied_lm.errors import UserError, fail
+from tied_lm import errors, reporting
+from tied_lm.errors import UserError
 
 FLAGS = flags.FLAGS
 
@@ -132,17 +132,15 @@ def plot_curves(runs: list[dict[str, Any]], path: Path, title: str = "") -> None
   plt.close(figure)
 
 
+@errors.command
 def main(argv: list[str]) -> None:
   if len(argv) < 2:
     raise app.UsageError("usage: python -m tied_lm.summarize WORKDIR [WORKDIR...] [--plot=F]")
-  try:
-    runs = [load_run(Path(directory)) for directory in argv[1:]]
-    print(table(runs))
-    if FLAGS.plot:
-      plot_curves(runs, Path(FLAGS.plot))
-      print(f"wrote {FLAGS.plot}")
-  except UserError as error:
-    fail(str(error))
+  runs = [load_run(Path(directory)) for directory in argv[1:]]
+  print(table(runs))
+  if FLAGS.plot:
+    plot_curves(runs, Path(FLAGS.plot))
+    print(f"wrote {FLAGS.plot}")
 
 
 if __name__ == "__main__":

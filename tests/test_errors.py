@@ -1,0 +1,54 @@
+"""How every command reports bad input: one line on stderr, exit status 2."""
+
+import logging
+from pathlib import Path
+
+import pytest
+from absl import app
+
+from tied_lm import errors
+from tied_lm.errors import UserError
+
+
+def test_command_turns_a_user_error_into_one_line_and_status_2(capsys):
+  @errors.command
+  def main(argv):
+    raise UserError(f"bad input in {argv[1]}")
+
+  with pytest.raises(SystemExit) as exit_info:
+    main(["prog", "x.txt"])
+  assert exit_info.value.code == 2
+  assert capsys.readouterr().err == "error: bad input in x.txt\n"
+
+
+def test_command_leaves_other_errors_and_normal_returns_alone(capsys):
+  calls = []
+
+  @errors.command
+  def main(argv):
+    calls.append(argv)
+    if len(argv) > 1:
+      raise ValueError("a bug keeps its traceback")
+
+  main(["prog"])
+  assert calls == [["prog"]] and capsys.readouterr().err == ""
+  with pytest.raises(ValueError, match="a bug"):
+    main(["prog", "x"])
+
+
+def test_no_positional_arguments():
+  errors.no_positional_arguments(["prog"])
+  with pytest.raises(app.UsageError, match="unexpected arguments: a b"):
+    errors.no_positional_arguments(["prog", "a", "b"])
+
+
+def test_commands_keep_our_info_lines_and_other_libraries_warnings_only():
+  def record(path, level):
+    return logging.LogRecord("absl", level, path, 1, "message", None, None)
+
+  ours = [Path(errors.__file__), Path(errors.__file__).parents[1] / "experiments" / "x.py"]
+  theirs = Path(logging.__file__)  # any library outside this checkout
+  keep = errors._ours_or_a_warning
+  assert all(keep(record(str(path), logging.INFO)) for path in ours)
+  assert not keep(record(str(theirs), logging.INFO))
+  assert keep(record(str(theirs), logging.WARNING))
