@@ -32,8 +32,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
-from experiments import provenance
-from tied_lm import data, errors, train
+from tied_lm import data, errors, provenance, train
 from tied_lm.errors import UserError
 
 FLAGS = flags.FLAGS

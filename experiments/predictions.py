@@ -17,8 +17,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from experiments import provenance
-from tied_lm import analysis, data, errors, sample, summarize, train
+from tied_lm import analysis, data, errors, provenance, sample, summarize, train
 
 FLAGS = flags.FLAGS
 PROMPTS = ("the company said", "the stock market", "he said the", "in new york")

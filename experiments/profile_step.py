@@ -33,8 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, logging
 
-from experiments import benchmark, provenance
-from tied_lm import data, errors, train
+from experiments import benchmark
+from tied_lm import data, errors, provenance, train
 
 FLAGS = benchmark.FLAGS
 BLOCKS = ("lstm", "output", "step", "matmuls")

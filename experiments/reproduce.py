@@ -42,8 +42,7 @@ from typing import Any
 from absl import app, flags
 
 from configs import paper
-from experiments import provenance
-from tied_lm import errors, reporting, summarize
+from tied_lm import errors, provenance, reporting, summarize
 from tied_lm.errors import UserError
 from tied_lm.fileio import atomic_write
 
@@ -138,17 +137,6 @@ def shell(command: list[str]) -> str:
   return shlex.join(["python", *command[1:]] if command[0] == sys.executable else command)
 
 
-def record_launch(workdir: Path, command: list[str]) -> None:
-  """Appends this launch (command, commit, host, time) to workdir/launches.jsonl."""
-  workdir.mkdir(parents=True, exist_ok=True)
-  harness = ["python", "-m", "experiments.reproduce", *sys.argv[1:]]
-  launch = {"command": shell(command), "harness": shell(harness),
-            "commit": provenance.git_commit(), "host_cpu": provenance.cpu_model(),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-  with open(workdir / "launches.jsonl", "a") as f:
-    f.write(json.dumps(launch) + "\n")
-
-
 def child_environment(parallel: int) -> dict[str, str]:
   """The environment of a training child; on a shared GPU each takes a share of memory."""
   environment = dict(os.environ)
@@ -167,7 +155,7 @@ def run_all(commands: list[tuple[Path, list[str]]], parallel: int) -> list[Path]
   while pending or running:
     while pending and len(running) < parallel:
       workdir, command = pending.pop(0)
-      record_launch(workdir, command)
+      workdir.mkdir(parents=True, exist_ok=True)
       log = open(workdir / "train.log", "a")
       print(f"start {workdir.name}: {shell(command)}", flush=True)
       running.append((workdir, subprocess.Popen(

@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags, logging
 
-from experiments import provenance
-from tied_lm import analysis, data, errors
+from tied_lm import analysis, data, errors, provenance
 from tied_lm.errors import UserError
 
 FLAGS = flags.FLAGS

@@ -17,8 +17,7 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
-from experiments import provenance
-from tied_lm import analysis, errors, train
+from tied_lm import analysis, errors, provenance, train
 from tied_lm.errors import UserError
 
 FLAGS = flags.FLAGS

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -15,7 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tied_lm import reporting
+from tied_lm import provenance, reporting
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -218,6 +219,13 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(reference_runs, tmp_path):
   result, _ = run_main(*RESUMABLE, tmp_path=tmp_path)
   assert result.returncode == 0, result.stderr[-2000:]
   _assert_same_run(workdir, reference_runs[0])
+  # Each start is on record, the resume with the step it resumed from.
+  launches = [json.loads(line) for line in (workdir / "launches.jsonl").read_text().splitlines()]
+  assert [launch["resumed_step"] for launch in launches] == [None, int(step)]
+  command = shlex.join(["python", "-m", "tied_lm.main", f"--workdir={workdir}", *RESUMABLE])
+  assert [launch["command"] for launch in launches] == [command, command]
+  assert {launch["commit"] for launch in launches} == {provenance.git_commit()}
+  assert launches[0]["host_cpu"] == provenance.cpu_model() and launches[0]["device_kind"] == "cpu"
 
 
 def test_a_one_line_corpus_is_one_line_and_no_workdir(tmp_path):

@@ -1,8 +1,8 @@
-"""experiments/provenance.py: which changes mark a run's commit dirty."""
+"""tied_lm/provenance.py: which changes mark a run's commit dirty."""
 
 import subprocess
 
-from experiments import provenance
+from tied_lm import provenance
 
 
 def test_only_changes_outside_the_results_mark_the_commit_dirty(tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ only process 0 writes metrics and checkpoints.
 
 import os
 import re
+import shlex
 import sys
 
 from absl import app, flags, logging
@@ -75,7 +76,8 @@ def main(argv: list[str]) -> None:
   if FLAGS.multihost or "JAX_COORDINATOR_ADDRESS" in os.environ:
     initialize_multihost()
   try:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    command = shlex.join(["python", "-m", "tied_lm.main", *sys.argv[1:]])
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir, command)
   except train.Interrupted as e:
     # Preemption or Ctrl-C, after the checkpoint: one line, and the shell's
     # "killed by signal" status so that schedulers know the run is not done.

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -25,7 +24,7 @@ from flax.training import train_state
 from jax import lax
 from jax.experimental import multihost_utils
 
-from tied_lm import data, losses, models, reporting
+from tied_lm import data, losses, models, provenance, reporting
 from tied_lm.checkpoints import Checkpoints
 from tied_lm.errors import UserError
 from tied_lm.fileio import atomic_write
@@ -592,12 +591,15 @@ def _local_carry(carry: Any, like: models.Carry) -> models.Carry:
   return jax.tree.unflatten(jax.tree.structure(like), leaves)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, command: str | None = None
+) -> dict[str, Any]:
   """Trains, evaluates every epoch, checkpoints, and tests the best params.
 
   Writes `workdir/metrics.jsonl` (the records of `tied_lm.reporting`),
-  TensorBoard events in `workdir/tensorboard/` and `workdir/results.json`,
-  and returns the results. Running it again on the
+  TensorBoard events in `workdir/tensorboard/`, `workdir/results.json`, and
+  appends this start (`command`, commit, host, resumed step) to
+  `workdir/launches.jsonl`; returns the results. Running it again on the
   same workdir resumes from the last checkpoint: mid-epoch ones included, with
   the data position, the recurrent state and the epoch's running sums.
 
@@ -669,6 +671,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "resumed from checkpoint %d in %s (epoch %d, window %d)", restored_step,
         checkpoints.directory, meta["epoch"] + 1, meta["step_in_epoch"],
     )
+  if jax.process_index() == 0:
+    provenance.record_launch(workdir, command, restored_step)
   # Records of a finished run's earlier test are replaced by this one's.
   meta["records"] = [r for r in meta["records"] if r["kind"] != "test"]
   if meta["epoch"] < config.num_epochs and jax.process_index() == 0:
@@ -771,7 +775,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           np.median([h["train_tokens_per_second"] for h in history])
       ),
       "wall_seconds": history[-1]["wall_seconds"],
-      "versions": {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__},
+      "versions": provenance.versions(),
       "devices": [str(d) for d in jax.devices()],
       "device_kind": jax.devices()[0].device_kind,
       "config": config.to_dict(),

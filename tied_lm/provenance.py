@@ -1,10 +1,15 @@
-"""Where a result came from: commit, hardware and library versions, for results JSON."""
+"""Where a result came from: commit, hardware and library versions.
+
+For the results JSON of the experiments, and for each training run's
+launches.jsonl (one line per start or resume of `tied_lm.main`).
+"""
 
 import json
 import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import flax
@@ -13,6 +18,7 @@ import optax
 
 from tied_lm.fileio import atomic_write
 
+# The checkout holding this package (an installed copy has no git: commit "unknown").
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -87,3 +93,21 @@ def write_results(prefix: Path, results: dict, markdown: str) -> None:
   """PREFIX.json (the results) and PREFIX.md (their table), each written atomically."""
   write_json(prefix.with_suffix(".json"), results)
   atomic_write(prefix.with_suffix(".md"), markdown)
+
+
+def record_launch(workdir: Path, command: str | None, resumed_step: int | None) -> None:
+  """Appends one start of a training run to workdir/launches.jsonl.
+
+  Each line: the command as typed (None when train_and_evaluate was called
+  from Python), the commit, the host CPU, the device kind, the UTC time and the
+  checkpoint step it resumed from (None for a fresh start). Results name the
+  commit of the run's last launch.
+  """
+  launch = {
+      "command": command, "commit": git_commit(), "host_cpu": cpu_model(),
+      "device_kind": jax.local_devices()[0].device_kind,
+      "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+      "resumed_step": resumed_step,
+  }
+  with open(workdir / "launches.jsonl", "a") as f:
+    f.write(json.dumps(launch) + "\n")
