@@ -195,6 +195,10 @@ def run_report(workdir: Path) -> dict[str, Any]:
   epochs = [r for r in reporting.read_records(workdir) if r["kind"] == "epoch"]
   launches = [json.loads(line) for line in (workdir / "launches.jsonl").read_text().splitlines()
               if line.strip()] if (workdir / "launches.jsonl").is_file() else []
+  # Commit and host of the last launch that trained (a finished run's relaunch only
+  # re-evaluates it); hand-written records of older runs have no epochs_done.
+  trained = [launch for launch in launches
+             if launch.get("epochs_done", 0) < results["epochs_completed"]] or launches
   size, variant = summarize.describe(results["config"])
   report = {
       "dataset": results["dataset"], "size": size, "variant": variant,
@@ -208,9 +212,9 @@ def run_report(workdir: Path) -> dict[str, Any]:
       "train_tokens_per_second": results["train_tokens_per_second"],
       "wall_seconds": results["wall_seconds"],
       "hardware": {"device_kind": results.get("device_kind"), "devices": results["devices"],
-                   "host_cpu": launches[-1]["host_cpu"] if launches else None},
+                   "host_cpu": trained[-1]["host_cpu"] if trained else None},
       "versions": results["versions"],
-      "commit": launches[-1]["commit"] if launches else None,
+      "commit": trained[-1]["commit"] if trained else None,
       "commands": launches,
       "config": results["config"],
       "curve": [{k: r[k] for k in ("epoch", "learning_rate", "train_perplexity",

@@ -49,3 +49,22 @@ def test_a_refused_meta_is_the_callers_error_and_moves_nothing(tmp_path):
     Checkpoints(tmp_path).restore_latest(_arrays(0.0), refuse)
   assert not (tmp_path / "torn_checkpoints").exists()
   assert Checkpoints(tmp_path).latest_step() == 5
+
+
+def test_a_reader_leaves_a_save_in_flight_alone_and_the_writer_cleans_it_up(tmp_path):
+  Checkpoints(tmp_path).save(5, _arrays(5.0), {"epoch": 1})
+  # What a trainer's save looks like while orbax writes it (or after a kill mid-save).
+  in_flight = tmp_path / "checkpoints" / "6.orbax-checkpoint-tmp-1732760000"
+  in_flight.mkdir()
+  step, best = Checkpoints(tmp_path, read_only=True).restore_best_params()
+  assert step == 5 and in_flight.is_dir()
+  np.testing.assert_array_equal(best["w"], np.full((3, 2), -5.0))
+  Checkpoints(tmp_path)
+  assert not in_flight.exists()
+
+
+def test_a_step_at_or_below_the_latest_is_an_error_not_a_silent_skip(tmp_path):
+  checkpoints = Checkpoints(tmp_path)
+  checkpoints.save(10, _arrays(1.0), {"epoch": 1})
+  with pytest.raises(UserError, match=r"checkpoint 7 was not written: .* holds step 10"):
+    checkpoints.save(7, _arrays(2.0), {"epoch": 1})

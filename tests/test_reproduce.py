@@ -1,6 +1,7 @@
 """experiments/reproduce.py: the grid's commands, the table, and a tiny grid end to end."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -109,3 +110,22 @@ def test_bad_grid_is_a_one_line_error(tmp_path):
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1] == (
       "error: --variants: unknown tied; choose from vd, al, re, real")
+
+
+def test_a_report_credits_the_launch_that_trained_not_a_later_reevaluation(
+    trained_run, tmp_path, monkeypatch):
+  from configs import default
+  from tied_lm import train
+
+  workdir = tmp_path / "run"
+  shutil.copytree(trained_run[0], workdir)
+  config = default.get_config()
+  config.num_epochs, config.max_steps_per_epoch = 1, 40
+  monkeypatch.setenv("TIED_LM_COMMIT", "reevaluated")
+  train.train_and_evaluate(config, str(workdir), command="python -m tied_lm.main ...")
+  launches = [json.loads(line) for line in (workdir / "launches.jsonl").read_text().splitlines()]
+  assert [(launch["epochs_done"], launch["commit"] == "reevaluated") for launch in launches] == [
+      (0, False), (1, True)]
+  report = reproduce.run_report(workdir)
+  assert report["commit"] == launches[0]["commit"]
+  assert report["commands"] == launches

@@ -394,17 +394,29 @@ def test_a_torn_checkpoint_is_set_aside_the_previous_one_used_and_tmp_saves_remo
     assert resumed[key] == straight[key]
 
 
-def test_a_workdir_of_another_model_shape_is_refused_by_name(tmp_path):
+def test_a_workdir_of_another_model_shape_or_epoch_layout_is_refused_by_name(tmp_path):
   write_tiny_corpus(tmp_path / "corpus")
-  train.train_and_evaluate(tiny_run_config(tmp_path / "corpus", 1), str(tmp_path / "run"))
+  run = tmp_path / "run"
+  train.train_and_evaluate(tiny_run_config(tmp_path / "corpus", 1), str(run))
+  saved = {name: (run / name).read_bytes()
+           for name in ("config.json", "launches.jsonl", "metrics.jsonl", "results.json")}
   config = tiny_run_config(tmp_path / "corpus", 2)
   config.model.embed_dim = config.model.hidden_size = 12
   with pytest.raises(train.ConfigError, match=(
-      r"the workdir holds checkpoints of another model: model.embed_dim=12 \(checkpoint: 8\), "
+      r"the workdir holds checkpoints of another run: model.embed_dim=12 \(checkpoint: 8\), "
       r"model.hidden_size=12 \(checkpoint: 8\)")):
-    train.train_and_evaluate(config, str(tmp_path / "run"))
-  # Fields that do not change shapes may change on resume, e.g. more epochs.
-  assert train.train_and_evaluate(tiny_run_config(tmp_path / "corpus", 2), str(tmp_path / "run"))
+    train.train_and_evaluate(config, str(run))
+  # Another number of windows per epoch would misplace the step count, the schedule
+  # and a mid-epoch resume.
+  config = tiny_run_config(tmp_path / "corpus", 2)
+  config.num_steps, config.max_steps_per_epoch = 4, 3
+  with pytest.raises(train.ConfigError, match=(
+      r"another run: num_steps=4 \(checkpoint: 5\), max_steps_per_epoch=3 \(checkpoint: 0\)")):
+    train.train_and_evaluate(config, str(run))
+  assert {name: (run / name).read_bytes() for name in saved} == saved  # nothing overwritten
+  # Other fields may change on resume, e.g. more epochs.
+  assert train.train_and_evaluate(
+      tiny_run_config(tmp_path / "corpus", 2), str(run))["epochs_completed"] == 2
 
 
 def test_a_checkpoint_that_cannot_be_written_is_one_clear_error(tmp_path, monkeypatch):

@@ -18,17 +18,21 @@ class Checkpoints:
   and the previous one is used.
   """
 
-  def __init__(self, workdir: Path):
+  def __init__(self, workdir: Path, read_only: bool = False):
+    """`read_only` for readers of a run (evaluate, sample, ...), which may be in progress."""
     self.directory = (workdir / "checkpoints").resolve()
     self._torn_directory = workdir.resolve() / "torn_checkpoints"
+    self._read_only = read_only
     self._manager = self._open()
 
   def _open(self) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
         self.directory,
-        # A kill during a save leaves a half-written tmp directory; orbax removes it.
+        # A kill during a save leaves a half-written tmp directory, which the trainer's
+        # manager removes. A reader's must not: it may be the trainer's save in flight.
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=2, create=True, cleanup_tmp_directories=True),
+            max_to_keep=2, create=not self._read_only, read_only=self._read_only,
+            cleanup_tmp_directories=not self._read_only),
     )
 
   def latest_step(self) -> int | None:
@@ -36,7 +40,7 @@ class Checkpoints:
 
   def save(self, step: int, arrays: dict[str, Any], meta: dict[str, Any]) -> None:
     try:
-      self._manager.save(
+      saved = self._manager.save(
           step,
           args=ocp.args.Composite(
               arrays=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)
@@ -49,6 +53,11 @@ class Checkpoints:
           f"could not write checkpoint {step} in {self.directory}: {error}; "
           + (f"checkpoint {max(previous)} is intact" if previous else "no earlier checkpoint")
       ) from error
+    if not saved:  # orbax declines steps at or below its latest one, silently
+      raise UserError(
+          f"checkpoint {step} was not written: {self.directory} already holds step "
+          f"{self._manager.latest_step()}"
+      )
 
   def restore_best_params(self) -> tuple[int, Any]:
     """(step, best params as NumPy arrays) of the newest checkpoint, read without a template."""

@@ -7,6 +7,7 @@ launches.jsonl (one line per start or resume of `tied_lm.main`).
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -79,7 +80,7 @@ def header(module: str, commit: str, library_versions: dict | None = None) -> di
 
   `commit` is read by the caller when it starts (what ran, whatever HEAD is at the end).
   """
-  return {"command": " ".join([f"python -m {module}", *sys.argv[1:]]), "commit": commit,
+  return {"command": shlex.join(["python", "-m", module, *sys.argv[1:]]), "commit": commit,
           "hardware": hardware(), "versions": library_versions or versions()}
 
 
@@ -95,19 +96,21 @@ def write_results(prefix: Path, results: dict, markdown: str) -> None:
   atomic_write(prefix.with_suffix(".md"), markdown)
 
 
-def record_launch(workdir: Path, command: str | None, resumed_step: int | None) -> None:
+def record_launch(
+    workdir: Path, command: str | None, resumed_step: int | None, epochs_done: int
+) -> None:
   """Appends one start of a training run to workdir/launches.jsonl.
 
   Each line: the command as typed (None when train_and_evaluate was called
-  from Python), the commit, the host CPU, the device kind, the UTC time and the
-  checkpoint step it resumed from (None for a fresh start). Results name the
-  commit of the run's last launch.
+  from Python), the commit, the host CPU, the device kind, the UTC time, the
+  checkpoint step it resumed from (None for a fresh start) and the epochs
+  already done (a launch of a finished run only re-evaluates it).
   """
   launch = {
       "command": command, "commit": git_commit(), "host_cpu": cpu_model(),
       "device_kind": jax.local_devices()[0].device_kind,
       "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-      "resumed_step": resumed_step,
+      "resumed_step": resumed_step, "epochs_done": epochs_done,
   }
   with open(workdir / "launches.jsonl", "a") as f:
     f.write(json.dumps(launch) + "\n")

@@ -311,10 +311,13 @@ def count_params(params: Any) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
 
-# Model-shape fields: a workdir's checkpoints only fit a config that agrees on these.
-SHAPE_FIELDS = (
+# A workdir's checkpoints only fit a config that agrees on these: the model's shapes,
+# and the windows of an epoch, by which checkpoints number their steps and the
+# learning-rate schedule and a mid-epoch resume find their place.
+FIXED_FIELDS = (
     "dataset", "max_vocab_size", "batch_size", "model.embed_dim", "model.hidden_size",
     "model.num_layers", "model.tie_embeddings", "model.output_bias", "model.output_projection",
+    "num_steps", "max_steps_per_epoch",
 )
 
 
@@ -368,10 +371,10 @@ class StopSignals:
       signal.signal(signum, handler)
 
 
-def check_same_shape(config: ml_collections.ConfigDict, saved_config: dict) -> None:
-  """Refuses to resume from a workdir whose checkpoints have another model shape."""
+def check_fixed_fields(config: ml_collections.ConfigDict, saved_config: dict) -> None:
+  """Refuses to resume from a workdir whose checkpoints differ in a FIXED_FIELDS field."""
   differences = []
-  for field in SHAPE_FIELDS:
+  for field in FIXED_FIELDS:
     ours, theirs = config, saved_config
     for part in field.split("."):
       ours, theirs = ours[part], theirs.get(part) if isinstance(theirs, dict) else None
@@ -379,7 +382,7 @@ def check_same_shape(config: ml_collections.ConfigDict, saved_config: dict) -> N
       differences.append(f"{field}={ours!r} (checkpoint: {theirs!r})")
   if differences:
     raise ConfigError(
-        "the workdir holds checkpoints of another model: " + ", ".join(differences)
+        "the workdir holds checkpoints of another run: " + ", ".join(differences)
         + "; use a new --workdir or the checkpoint's values"
     )
 
@@ -536,7 +539,7 @@ def load_trained(workdir: str | Path) -> TrainedRun:
   config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
   corpus = data.load_corpus(config.dataset, config.data_dir, config.max_vocab_size)
   model = make_model(config, corpus.vocab_size)
-  step, params = Checkpoints(workdir).restore_best_params()
+  step, params = Checkpoints(workdir, read_only=True).restore_best_params()
   return TrainedRun(config, corpus, model, jax.tree.map(jnp.asarray, params), step)
 
 
@@ -613,8 +616,6 @@ def train_and_evaluate(
   corpus = data.load_corpus(config.dataset, config.data_dir, config.max_vocab_size)
   inputs, targets = data.train_windows(corpus.train, config.batch_size, config.num_steps)
   workdir.mkdir(parents=True, exist_ok=True)
-  if jax.process_index() == 0:  # the config in effect, for tied_lm.summarize and readers
-    atomic_write(workdir / "config.json", config.to_json(indent=2) + "\n")
   device_inputs, device_targets = (
       data.device_windows(x, jax.process_index(), jax.process_count(), jax.local_device_count())
       for x in (inputs, targets)
@@ -657,7 +658,7 @@ def train_and_evaluate(
       "config": config.to_dict(),
   }
   restored = checkpoints.restore_latest(
-      arrays, lambda saved: check_same_shape(config, saved.get("config", {}))
+      arrays, lambda saved: check_fixed_fields(config, saved.get("config", {}))
   )
   carry = zero_carry()
   restored_step = None
@@ -672,7 +673,10 @@ def train_and_evaluate(
         checkpoints.directory, meta["epoch"] + 1, meta["step_in_epoch"],
     )
   if jax.process_index() == 0:
-    provenance.record_launch(workdir, command, restored_step)
+    # The config in effect, for tied_lm.summarize and readers; written only once the
+    # checkpoints are known to fit it, so that a refused resume leaves the run as it was.
+    atomic_write(workdir / "config.json", config.to_json(indent=2) + "\n")
+    provenance.record_launch(workdir, command, restored_step, meta["epoch"])
   # Records of a finished run's earlier test are replaced by this one's.
   meta["records"] = [r for r in meta["records"] if r["kind"] != "test"]
   if meta["epoch"] < config.num_epochs and jax.process_index() == 0:
