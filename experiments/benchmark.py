@@ -547,4 +547,4 @@ def print_table(results: dict) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=errors.parse_flags)

@@ -1,10 +1,11 @@
 """How every command reports bad input: one line on stderr, exit status 2."""
 
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from absl import app
 
 from tied_lm import errors
 from tied_lm.errors import UserError
@@ -38,7 +39,7 @@ def test_command_leaves_other_errors_and_normal_returns_alone(capsys):
 
 def test_no_positional_arguments():
   errors.no_positional_arguments(["prog"])
-  with pytest.raises(app.UsageError, match="unexpected arguments: a b"):
+  with pytest.raises(UserError, match="unexpected arguments: a b"):
     errors.no_positional_arguments(["prog", "a", "b"])
 
 
@@ -52,3 +53,18 @@ def test_commands_keep_our_info_lines_and_other_libraries_warnings_only():
   assert all(keep(record(str(path), logging.INFO)) for path in ours)
   assert not keep(record(str(theirs), logging.INFO))
   assert keep(record(str(theirs), logging.WARNING))
+
+
+@pytest.mark.parametrize("command", [
+    ["tied_lm.evaluate", "--workdir=/nonexistent", "--split=bogus"],
+    ["tied_lm.sample"],
+    ["tied_lm.summarize", "--workdirs=/nonexistent", "stray"],
+    ["experiments.reproduce", "--parallel=two"],
+    ["experiments.benchmark", "--no_such_flag"],
+])
+def test_every_command_reports_bad_flags_in_one_line_with_status_2(command):
+  result = subprocess.run([sys.executable, "-m", *command], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=120)
+  assert result.returncode == 2
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr

@@ -37,8 +37,10 @@ def run_main(*args, tmp_path):
         (["--config=configs/ptb.py:small,tied"],
          "config argument 'small,tied' must be SIZE,VARIANT"),
         (["--config=configs/wikitext2.py:huge,real"], "SIZE in small | medium | large"),
-        (["--config=configs/ptb.py:small,real", "--config.loss.tua=3"],
+        (["--config=configs/ptb.py:small,real", "--config.num_epochs=2", "--config.loss.tua=3"],
          "unknown config field in --config.loss.tua"),
+        (["--config=configs/default.py", "--workdir="], "--workdir is empty"),
+        (["--config=configs/default.py", "extra"], "unexpected arguments: extra"),
         (["--config=configs/default.py", "--config.model.hidden_size=32"],
          "tie_embeddings needs model.hidden_size == model.embed_dim (got 32 != 64)"),
         (["--config=configs/default.py", "--config.batch_size=3"],
@@ -59,6 +61,8 @@ def test_bad_input_is_one_line_and_exit_status_2(args, message, tmp_path):
   assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
   assert message in lines[0]
   assert not workdir.exists()
+  if "tua" in message:  # only the misspelt override is named
+    assert lines[0] == "error: " + message
 
 
 def _free_port() -> int:

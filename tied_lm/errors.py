@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-from absl import app, logging
+from absl import flags, logging
 
 # Where our own log lines come from: the package, and the experiments beside it in a checkout.
 _OUR_SOURCES = tuple(
@@ -48,7 +48,19 @@ def command(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
   return wrapped
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """`app.run`'s flags_parser for every command: a bad or missing flag is one line.
+
+  (absl's own parser prints two lines and exits with status 1.)
+  """
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as error:
+    # The message of a failing config file embeds a traceback; its last line says why.
+    fail(str(error).strip().splitlines()[-1].strip())
+
+
 def no_positional_arguments(argv: list[str]) -> None:
-  """For commands driven by flags alone: anything else on the line is a usage error."""
+  """For commands driven by flags alone: anything else on the line is bad input."""
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")

@@ -33,13 +33,14 @@ flags.mark_flags_as_required(["config", "workdir"])
 def parse_flags(argv: list[str]) -> list[str]:
   """Parses flags, turning config-file and override errors into one line."""
   try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    # The message of a failing get_config() embeds a traceback; its last line says why.
-    errors.fail(str(e).strip().splitlines()[-1].strip())
+    return errors.parse_flags(argv)
   except (AttributeError, KeyError) as e:
     # ml_collections raises these for an override of a field the config lacks.
-    overrides = " ".join(a.split("=")[0] for a in argv if a.startswith("--config."))
+    overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
+    # The message starts with the missing key, quoted: name the overrides that use it.
+    missing = re.search(r"'(\w+)", str(e))
+    overrides = " ".join(
+        [o for o in overrides if missing and missing[1] in o.split(".")] or overrides)
     suggestion = re.search(r"Did you mean .*\?", str(e))
     hint = f"; {suggestion[0]}" if suggestion else ""
     errors.fail(f"unknown config field in {overrides}{hint}")
@@ -73,6 +74,8 @@ def initialize_multihost() -> None:
 @errors.command
 def main(argv: list[str]) -> None:
   errors.no_positional_arguments(argv)
+  if not FLAGS.workdir.strip():
+    raise errors.UserError("--workdir is empty: name the run's directory")
   if FLAGS.multihost or "JAX_COORDINATOR_ADDRESS" in os.environ:
     initialize_multihost()
   try:

@@ -101,4 +101,4 @@ def as_lines(words: Sequence[str]) -> str:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=errors.parse_flags)
