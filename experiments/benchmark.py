@@ -42,6 +42,10 @@ flags.DEFINE_multi_string(
 )
 flags.DEFINE_list("batch_sizes", [], "Train batch sizes to time (default: each config's).")
 flags.DEFINE_list("num_devices", ["1"], "Local device counts for the pmapped train step.")
+for _name in ("batch_sizes", "num_devices"):
+  flags.register_validator(
+      _name, lambda values: all(v.isdigit() and int(v) > 0 for v in values),
+      message="must be a comma-separated list of positive integers")
 flags.DEFINE_integer("eval_batch_size", 10, "Batch size of the timed eval step.", lower_bound=1)
 flags.DEFINE_enum("compare", "", ["", "torch"], "Also time the PyTorch reference.")
 flags.DEFINE_integer("warmup", 3, "Untimed steps before timing (after compilation).",
@@ -71,7 +75,10 @@ def load_config(spec: str, overrides: list[str]) -> ml_collections.ConfigDict:
   namespace: dict[str, Any] = {}
   source = (REPO / path).read_text()
   exec(compile(source, path, "exec"), namespace)  # noqa: S102 -- our own config files
-  config = namespace["get_config"](args) if args else namespace["get_config"]()
+  try:
+    config = namespace["get_config"](args) if args else namespace["get_config"]()
+  except (ValueError, KeyError) as error:
+    raise UserError(f"config {spec!r}: {error}") from None
   for override in overrides:
     key, equals, value = override.partition("=")
     node = config
@@ -414,6 +421,16 @@ def paired_ratio_range(ours: dict, theirs: dict) -> list[float]:
   return [min(paired), max(paired)]
 
 
+def validate_timed(config: ml_collections.ConfigDict, batch_size: int, num_devices: int) -> None:
+  """Refuses a config, batch size or device count that cannot be timed, before any timing."""
+  if num_devices > jax.local_device_count():
+    raise UserError(f"--num_devices={num_devices}: only {jax.local_device_count()} local "
+                    "devices (on a CPU: XLA_FLAGS=--xla_force_host_platform_device_count=N)")
+  timed = config.copy_and_resolve_references()
+  timed.batch_size = batch_size
+  train.validate_config(timed, num_devices)
+
+
 @errors.command
 def main(argv: list[str]) -> None:
   errors.no_positional_arguments(argv)
@@ -422,6 +439,13 @@ def main(argv: list[str]) -> None:
 
 def run_benchmark() -> None:
   start = time.time()
+  device_counts = [int(n) for n in FLAGS.num_devices]
+  # Every row is checked before any timing.
+  configs = [load_config(spec, FLAGS.set) for spec in FLAGS.configs]
+  for config in configs:
+    for batch_size in [int(b) for b in FLAGS.batch_sizes] or [config.batch_size]:
+      for num_devices in device_counts:
+        validate_timed(config, batch_size, num_devices)
   commit = provenance.git_commit()  # what runs, whatever HEAD is at the end
   platform_name = jax.local_devices()[0].platform
   torch_device = "cuda" if platform_name == "gpu" else "cpu"
@@ -454,13 +478,11 @@ def run_benchmark() -> None:
     }
 
   rows = []
-  for spec in FLAGS.configs:
-    config = load_config(spec, FLAGS.set)
+  for spec, config in zip(FLAGS.configs, configs, strict=True):
     corpus = data.load_corpus(config.dataset, config.data_dir, config.max_vocab_size)
     for batch_size in [int(b) for b in FLAGS.batch_sizes] or [config.batch_size]:
       flops = step_flops(config, corpus.vocab_size, batch_size, FLAGS.eval_batch_size)
-      for num_devices in [int(n) for n in FLAGS.num_devices]:
-        train.validate_config(config, num_devices)
+      for num_devices in device_counts:
         if rows:
           sample_peak()
         ours = OurTrainer(config, corpus, batch_size, num_devices)

@@ -24,11 +24,15 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-part="${1:?usage: gpu_session.sh checks|runs OUT_DIR}"
-out="${2:?usage: gpu_session.sh checks|runs OUT_DIR}"
+fail() { echo "error: $*" >&2; exit 2; }
+[[ $# -eq 2 ]] || fail "usage: gpu_session.sh checks|runs OUT_DIR"
+part="$1"
+out="$2"
+[[ "$part" == checks || "$part" == runs ]] || fail "unknown part $part: use checks or runs"
+[[ -n "${TIED_LM_DATA_DIR:-}" ]] \
+  || fail "set TIED_LM_DATA_DIR to the directory holding the corpora"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-: "${TIED_LM_DATA_DIR:?set TIED_LM_DATA_DIR to the directory holding the corpora}"
 run_root="${RUN_ROOT:-/tmp/tied_lm_runs}"
 # Extra flags for every benchmark and reproduce command, e.g. for a dry run on a CPU:
 # EXTRA_FLAGS="--set=num_epochs=1 --set=max_steps_per_epoch=3" (runs), or
@@ -85,9 +89,5 @@ case "$part" in
     tar -czf "$out/results.tgz" -C "$results" .
     tar -czf "$out/metrics.tgz" -C "$run_root" --exclude=./results --exclude=checkpoints \
       --exclude=tensorboard .
-    ;;
-  *)
-    echo "unknown part $part: use checks or runs" >&2
-    exit 2
     ;;
 esac

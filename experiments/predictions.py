@@ -29,7 +29,7 @@ def define_flags() -> None:
   flags.DEFINE_integer("num_frequent", 5, "How many of the most frequent words to track.")
   flags.DEFINE_string("output", str(provenance.REPO / "experiments/results/predictions"),
                       "Path prefix: PREFIX.json and PREFIX.md.")
-  flags.mark_flag_as_required("workdirs")
+  errors.require_values("workdirs")
 
 
 def frequent_words(corpus: data.Corpus, count: int) -> list[int]:

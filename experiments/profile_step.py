@@ -20,7 +20,8 @@ ours and torch, as in the benchmark, whose flags this module shares (--configs,
 --warmup, --matmul_size, --output). It prints the median ms per call, the ratio
 torch/ours (> 1: ours is faster) and each block's share of the matmul peak
 (measured before each row), and writes them as JSON (default
-experiments/results/profile_<platform>.json).
+experiments/results/profile_<platform>.json). It times one device: the
+benchmark's --num_devices is refused.
 """
 
 import time
@@ -35,6 +36,7 @@ from absl import app, logging
 
 from experiments import benchmark
 from tied_lm import data, errors, provenance, train
+from tied_lm.errors import UserError
 
 FLAGS = benchmark.FLAGS
 BLOCKS = ("lstm", "output", "step", "matmuls")
@@ -186,7 +188,6 @@ def torch_matmuls(matmuls: list[benchmark.Matmul], operands, device: str) -> Cal
 def profile_config(spec: str, batch_size: int | None, peak: float, torch_device: str) -> dict:
   """One config's row: per block, our ms per call, and torch's and the ratio if compared."""
   config = benchmark.load_config(spec, FLAGS.set)
-  train.validate_config(config, 1)
   corpus = data.load_corpus(config.dataset, config.data_dir, config.max_vocab_size)
   batch_size = batch_size or config.batch_size
   flops = benchmark.step_flops(config, corpus.vocab_size, batch_size, FLAGS.eval_batch_size)
@@ -244,6 +245,12 @@ def print_row(row: dict) -> None:
 @errors.command
 def main(argv: list[str]) -> None:
   errors.no_positional_arguments(argv)
+  if FLAGS.num_devices != ["1"]:
+    raise UserError("profile_step times one device; --num_devices is the benchmark's flag")
+  for spec in FLAGS.configs:  # every row checked before the first is timed
+    config = benchmark.load_config(spec, FLAGS.set)
+    for batch_size in [int(b) for b in FLAGS.batch_sizes] or [config.batch_size]:
+      benchmark.validate_timed(config, batch_size, 1)
   run_profile()
 
 

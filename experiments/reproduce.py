@@ -186,7 +186,9 @@ def rescore(workdir: Path) -> None:
     command = [sys.executable, "-m", "tied_lm.evaluate", f"--workdir={workdir}",
                f"--split={split}", "--eval_batch_size=1"]
     print(f"rescore {workdir.name} {split}: {shell(command)}", flush=True)
-    subprocess.run(command, check=True, cwd=provenance.REPO)
+    status = subprocess.run(command, cwd=provenance.REPO).returncode
+    if status:
+      raise UserError(f"rescoring {workdir} on {split} failed (exit {status}); its output is above")
 
 
 def run_report(workdir: Path) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags, logging
 
-from tied_lm import analysis, data, errors, provenance
+from tied_lm import analysis, data, errors, provenance, summarize
 from tied_lm.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -106,6 +106,9 @@ def main(argv: list[str]) -> None:
     raise UserError(f"--betas, --taus and --seeds take numbers: {error}") from None
   if any(not 0 <= b <= 1 for b in betas) or any(t <= 0 for t in taus):
     raise UserError("every β must be in [0, 1] and every τ > 0")
+  if not (betas and taus and seeds) or FLAGS.num_epochs < 1:
+    raise UserError("--betas, --taus and --seeds need a value each, and --num_epochs >= 1")
+  summarize.check_plot_path(Path(FLAGS.output).with_suffix(".png"))
   corpus = data.load_corpus("ptb")
   ids, vocab_size = slice_ids(corpus.train, FLAGS.num_words)
   start = time.time()

@@ -28,7 +28,7 @@ def define_flags() -> None:
   flags.DEFINE_list("taus", ["1", "2", "5", "10", "20"], "Temperatures τ.")
   flags.DEFINE_string("output", str(provenance.REPO / "experiments/results/target_sharpness"),
                       "Path prefix: PREFIX.json, PREFIX.md.")
-  flags.mark_flag_as_required("workdirs")
+  errors.require_values("workdirs", "taus")
 
 
 def run_rows(workdir: str, taus: list[float]) -> list[dict]:

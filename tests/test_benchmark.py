@@ -1,4 +1,9 @@
-"""experiments/benchmark.py: its FLOP count by hand, and a tiny end-to-end run."""
+"""experiments/benchmark.py: its FLOP count by hand, bad input, and a tiny end-to-end run."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -55,6 +60,7 @@ def test_load_config_applies_overrides_with_the_fields_types():
     ("configs/ptb.py:small,real", ["model=3"], "KEY a config field"),
     ("configs/ptb.py:small,real", ["model.unroll=x"], "'x' is not of type int"),
     ("configs/ptb.py:small,real", ["model.output_bias=yes"], "'yes' is not of type bool"),
+    ("configs/ptb.py:small,tied", [], "'configs/ptb.py:small,tied': config argument"),
 ])
 def test_load_config_refuses_bad_input_in_one_line(spec, overrides, message):
   with pytest.raises(UserError, match=message):
@@ -79,3 +85,24 @@ def test_benchmark_writes_its_rows_with_provenance(run_tiny_timing):
     assert row[kind]["peak_fraction"] == pytest.approx(
         row[kind]["achieved_flops"] / max(samples))
   assert "configs/default.py" in stdout  # the printed table
+
+
+@pytest.mark.parametrize("module, flags, message", [
+    ("benchmark", ["--batch_sizes=20,x"], "must be a comma-separated list of positive integers"),
+    ("benchmark", ["--num_devices=3"], "--num_devices=3: only 2 local devices"),
+    ("benchmark", ["--batch_sizes=21", "--num_devices=2"],
+     "batch_size=21 is not divisible by the 2 devices"),
+    ("profile_step", ["--num_devices=2"], "profile_step times one device"),
+    ("profile_step", ["--batch_sizes=0"], "must be a comma-separated list of positive integers"),
+])
+def test_bad_timing_flags_are_one_line_before_any_timing(module, flags, message, tmp_path):
+  output = tmp_path / "out.json"
+  result = subprocess.run(
+      [sys.executable, "-m", f"experiments.{module}", "--configs=configs/default.py",
+       f"--output={output}", *flags],
+      cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120,
+      env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+  assert result.returncode == 2
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+  assert not output.exists()

@@ -61,6 +61,11 @@ def test_commands_keep_our_info_lines_and_other_libraries_warnings_only():
     ["tied_lm.summarize", "--workdirs=/nonexistent", "stray"],
     ["experiments.reproduce", "--parallel=two"],
     ["experiments.benchmark", "--no_such_flag"],
+    ["tied_lm.evaluate", "--workdir=/nonexistent", "--eval_batch_size=0"],
+    ["tied_lm.neighbors", "--workdir=/nonexistent", "--words="],
+    ["tied_lm.summarize"],
+    ["tied_lm.summarize", "/nonexistent", "--plot=/nonexistent/curves.png"],
+    ["experiments.target_sharpness", "--workdirs=", "--output=/nonexistent/out"],
 ])
 def test_every_command_reports_bad_flags_in_one_line_with_status_2(command):
   result = subprocess.run([sys.executable, "-m", *command], capture_output=True, text=True,

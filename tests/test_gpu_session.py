@@ -26,18 +26,20 @@ def test_script_parses():
 def test_unknown_part_is_refused(tmp_path):
   result = run("nope", str(tmp_path / "out"), env={**os.environ, "TIED_LM_DATA_DIR": str(tmp_path)})
   assert result.returncode == 2
-  assert result.stderr.strip() == "unknown part nope: use checks or runs"
+  assert result.stderr == "error: unknown part nope: use checks or runs\n"
+  assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("args", [(), ("runs",)])
 def test_missing_arguments_name_the_usage(args):
   result = run(*args)
-  assert result.returncode != 0
-  assert "usage: gpu_session.sh checks|runs OUT_DIR" in result.stderr
+  assert result.returncode == 2
+  assert result.stderr == "error: usage: gpu_session.sh checks|runs OUT_DIR\n"
 
 
 def test_missing_data_dir_is_refused(tmp_path):
   env = {k: v for k, v in os.environ.items() if k != "TIED_LM_DATA_DIR"}
   result = run("runs", str(tmp_path / "out"), env=env)
-  assert result.returncode != 0
-  assert "set TIED_LM_DATA_DIR" in result.stderr
+  assert result.returncode == 2
+  assert result.stderr == "error: set TIED_LM_DATA_DIR to the directory holding the corpora\n"
+  assert not (tmp_path / "out").exists()

@@ -129,3 +129,10 @@ def test_a_report_credits_the_launch_that_trained_not_a_later_reevaluation(
   report = reproduce.run_report(workdir)
   assert report["commit"] == launches[0]["commit"]
   assert report["commands"] == launches
+
+
+def test_a_failed_rescore_is_one_line(tmp_path, capfd):
+  (tmp_path / "run").mkdir()
+  with pytest.raises(UserError, match=r"rescoring .*run on valid failed \(exit 2\); its output"):
+    reproduce.rescore(tmp_path / "run")
+  assert "is not a tied_lm run (no config.json)" in capfd.readouterr().err

@@ -31,7 +31,7 @@ class Checkpoints:
         # A kill during a save leaves a half-written tmp directory, which the trainer's
         # manager removes. A reader's must not: it may be the trainer's save in flight.
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=2, create=not self._read_only, read_only=self._read_only,
+            max_to_keep=2, create=not self._read_only,
             cleanup_tmp_directories=not self._read_only),
     )
 

@@ -60,6 +60,17 @@ def parse_flags(argv: list[str]) -> list[str]:
     fail(str(error).strip().splitlines()[-1].strip())
 
 
+def require_values(*names: str) -> None:
+  """List flags that need a value: given (unless they have a default) and not empty.
+
+  `--words=` (an empty list) is then refused at parse time, in one line.
+  """
+  for name in names:
+    if flags.FLAGS[name].default is None:
+      flags.mark_flag_as_required(name)
+    flags.register_validator(name, bool, message="needs at least one value")
+
+
 def no_positional_arguments(argv: list[str]) -> None:
   """For commands driven by flags alone: anything else on the line is bad input."""
   if len(argv) > 1:

@@ -13,7 +13,6 @@ from pathlib import Path
 from absl import app, flags
 
 from tied_lm import errors, train
-from tied_lm.errors import UserError
 from tied_lm.fileio import atomic_write
 
 FLAGS = flags.FLAGS
@@ -23,7 +22,8 @@ def define_flags() -> None:
   """The command's flags; defined only when it runs, so that the module imports cleanly."""
   flags.DEFINE_string("workdir", None, "A run directory of tied_lm.main.")
   flags.DEFINE_enum("split", "test", ["train", "valid", "test"], "Which split to score.")
-  flags.DEFINE_integer("eval_batch_size", None, "Rows scored in parallel (default: the run's).")
+  flags.DEFINE_integer("eval_batch_size", None, "Rows scored in parallel (default: the run's).",
+                       lower_bound=1)
   flags.mark_flag_as_required("workdir")
 
 
@@ -31,9 +31,7 @@ def define_flags() -> None:
 def main(argv: list[str]) -> None:
   errors.no_positional_arguments(argv)
   run = train.load_trained(FLAGS.workdir)
-  batch_size = FLAGS.eval_batch_size or run.config.eval_batch_size
-  if batch_size <= 0:
-    raise UserError(f"eval_batch_size={batch_size} must be positive")
+  batch_size = FLAGS.eval_batch_size or run.config.eval_batch_size  # both are >= 1
   perplexity, tokens = train.evaluate(
       run.model, run.params, run.corpus.split(FLAGS.split), batch_size, run.config.num_steps
   )

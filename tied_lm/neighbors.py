@@ -23,7 +23,8 @@ def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "A run directory of tied_lm.main.")
   flags.DEFINE_list("words", None, "Words to look up, comma-separated.")
   flags.DEFINE_integer("k", 10, "Neighbours per word.")
-  flags.mark_flags_as_required(["workdir", "words"])
+  flags.mark_flag_as_required("workdir")
+  errors.require_values("words")
 
 
 def nearest_neighbors(

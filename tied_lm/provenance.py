@@ -20,6 +20,9 @@ import optax
 from tied_lm.fileio import atomic_write
 
 # The checkout holding this package (an installed copy has no git: commit "unknown").
+# The experiments use it as their checkout too: `python -m experiments.X` runs from a
+# checkout (or with it on PYTHONPATH), and Python then imports this package from the
+# same checkout, ahead of any installed copy.
 REPO = Path(__file__).resolve().parent.parent
 
 

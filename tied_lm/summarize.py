@@ -10,6 +10,7 @@ epochs so far and no test perplexity. `--plot` needs matplotlib
 """
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +80,8 @@ def load_run(workdir: Path) -> dict[str, Any]:
       "test_perplexity": results["test_perplexity"] if results else None,
       "test_tokens_scored": results["test_tokens_scored"] if results else None,
       "num_params": results["num_params"] if results else None,
-      "tokens_per_second": sorted(r["train_tokens_per_second"] for r in epochs)[len(epochs) // 2],
+      # The median, as results.json takes it.
+      "tokens_per_second": statistics.median(r["train_tokens_per_second"] for r in epochs),
       "wall_seconds": epochs[-1]["wall_seconds"],
       "curve": [(r["epoch"], r["valid_perplexity"]) for r in epochs],
   }
@@ -100,6 +102,14 @@ def table(runs: list[dict[str, Any]]) -> str:
         f"{run['tokens_per_second']:,.0f}", reporting.format_seconds(run["wall_seconds"]),
     ))
   return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+
+
+def check_plot_path(path: Path) -> None:
+  """Refuses a plot path that savefig would fail on, before any work."""
+  if path.suffix.lower() not in (".png", ".pdf", ".svg"):
+    raise UserError(f"--plot={path}: the file must end in .png, .pdf or .svg")
+  if not path.parent.is_dir():
+    raise UserError(f"--plot={path}: no directory {path.parent}")
 
 
 def plot_curves(runs: list[dict[str, Any]], path: Path, title: str = "") -> None:
@@ -135,7 +145,9 @@ def plot_curves(runs: list[dict[str, Any]], path: Path, title: str = "") -> None
 @errors.command
 def main(argv: list[str]) -> None:
   if len(argv) < 2:
-    raise app.UsageError("usage: python -m tied_lm.summarize WORKDIR [WORKDIR...] [--plot=F]")
+    raise UserError("usage: python -m tied_lm.summarize WORKDIR [WORKDIR...] [--plot=F]")
+  if FLAGS.plot:
+    check_plot_path(Path(FLAGS.plot))
   runs = [load_run(Path(directory)) for directory in argv[1:]]
   print(table(runs))
   if FLAGS.plot:
