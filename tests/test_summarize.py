@@ -88,3 +88,9 @@ def test_a_folder_that_is_not_a_run_is_one_line(tmp_path, make, message):
   result = summarize_cli(folder)
   assert result.returncode == 2
   assert result.stderr.strip().splitlines() == [f"error: {folder} {message}"]
+
+
+def test_tokens_per_second_is_the_median_that_results_json_reports(two_runs):
+  for workdir, results in two_runs:  # two epochs: the median is their mean
+    assert summarize.load_run(workdir)["tokens_per_second"] == pytest.approx(
+        results["train_tokens_per_second"], rel=1e-12)
