@@ -431,6 +431,24 @@ def validate_timed(config: ml_collections.ConfigDict, batch_size: int, num_devic
   train.validate_config(timed, num_devices)
 
 
+def timed_configs(
+    device_counts: list[int],
+) -> list[tuple[str, ml_collections.ConfigDict, list[int]]]:
+  """(spec, config, batch sizes) of each --configs entry, shared with profile_step.
+
+  Every row (config x batch size x device count) is checked before any is timed.
+  """
+  plan = []
+  for spec in FLAGS.configs:
+    config = load_config(spec, FLAGS.set)
+    batch_sizes = [int(b) for b in FLAGS.batch_sizes] or [config.batch_size]
+    for batch_size in batch_sizes:
+      for num_devices in device_counts:
+        validate_timed(config, batch_size, num_devices)
+    plan.append((spec, config, batch_sizes))
+  return plan
+
+
 @errors.command
 def main(argv: list[str]) -> None:
   errors.no_positional_arguments(argv)
@@ -440,12 +458,7 @@ def main(argv: list[str]) -> None:
 def run_benchmark() -> None:
   start = time.time()
   device_counts = [int(n) for n in FLAGS.num_devices]
-  # Every row is checked before any timing.
-  configs = [load_config(spec, FLAGS.set) for spec in FLAGS.configs]
-  for config in configs:
-    for batch_size in [int(b) for b in FLAGS.batch_sizes] or [config.batch_size]:
-      for num_devices in device_counts:
-        validate_timed(config, batch_size, num_devices)
+  plan = timed_configs(device_counts)
   commit = provenance.git_commit()  # what runs, whatever HEAD is at the end
   platform_name = jax.local_devices()[0].platform
   torch_device = "cuda" if platform_name == "gpu" else "cpu"
@@ -478,9 +491,9 @@ def run_benchmark() -> None:
     }
 
   rows = []
-  for spec, config in zip(FLAGS.configs, configs, strict=True):
+  for spec, config, batch_sizes in plan:
     corpus = data.load_corpus(config.dataset, config.data_dir, config.max_vocab_size)
-    for batch_size in [int(b) for b in FLAGS.batch_sizes] or [config.batch_size]:
+    for batch_size in batch_sizes:
       flops = step_flops(config, corpus.vocab_size, batch_size, FLAGS.eval_batch_size)
       for num_devices in device_counts:
         if rows:

@@ -31,6 +31,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import app, logging
 
@@ -185,11 +186,11 @@ def torch_matmuls(matmuls: list[benchmark.Matmul], operands, device: str) -> Cal
   return Calls(run, sync)
 
 
-def profile_config(spec: str, batch_size: int | None, peak: float, torch_device: str) -> dict:
+def profile_config(
+    spec: str, config: ml_collections.ConfigDict, batch_size: int, peak: float, torch_device: str
+) -> dict:
   """One config's row: per block, our ms per call, and torch's and the ratio if compared."""
-  config = benchmark.load_config(spec, FLAGS.set)
   corpus = data.load_corpus(config.dataset, config.data_dir, config.max_vocab_size)
-  batch_size = batch_size or config.batch_size
   flops = benchmark.step_flops(config, corpus.vocab_size, batch_size, FLAGS.eval_batch_size)
   ours_step = benchmark.OurTrainer(config, corpus, batch_size, 1)
   inputs, targets = (x[0] for x in data.train_windows(corpus.train, batch_size, config.num_steps))
@@ -247,15 +248,12 @@ def main(argv: list[str]) -> None:
   errors.no_positional_arguments(argv)
   if FLAGS.num_devices != ["1"]:
     raise UserError("profile_step times one device; --num_devices is the benchmark's flag")
-  for spec in FLAGS.configs:  # every row checked before the first is timed
-    config = benchmark.load_config(spec, FLAGS.set)
-    for batch_size in [int(b) for b in FLAGS.batch_sizes] or [config.batch_size]:
-      benchmark.validate_timed(config, batch_size, 1)
   run_profile()
 
 
 def run_profile() -> None:
   start = time.time()
+  plan = benchmark.timed_configs([1])
   commit = provenance.git_commit()
   platform_name = jax.local_devices()[0].platform
   torch_device = "cuda" if platform_name == "gpu" else "cpu"
@@ -264,8 +262,8 @@ def run_profile() -> None:
       FLAGS.output or benchmark.REPO / f"experiments/results/profile_{platform_name}.json"
   )
   rows = []
-  for spec in FLAGS.configs:
-    for batch_size in [int(b) for b in FLAGS.batch_sizes] or [None]:
+  for spec, config, batch_sizes in plan:
+    for batch_size in batch_sizes:
       if FLAGS.compare == "torch":
         import torch
 
@@ -273,7 +271,7 @@ def run_profile() -> None:
       # Measured afresh for each row: this machine's speed drifts within a run.
       peak = benchmark.measure_matmul_peak(FLAGS.matmul_size)
       logging.info("fp32 matmul peak: %.0f GFLOP/s", peak / 1e9)
-      rows.append({**profile_config(spec, batch_size, peak, torch_device),
+      rows.append({**profile_config(spec, config, batch_size, peak, torch_device),
                    "matmul_peak_flops": peak})
       print_row(rows[-1])
       provenance.write_json(output, {

@@ -12,13 +12,12 @@ only process 0 writes metrics and checkpoints.
 
 import os
 import re
-import shlex
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from tied_lm import errors, train
+from tied_lm import errors, provenance, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics; rerun to resume.")
@@ -79,8 +78,8 @@ def main(argv: list[str]) -> None:
   if FLAGS.multihost or "JAX_COORDINATOR_ADDRESS" in os.environ:
     initialize_multihost()
   try:
-    command = shlex.join(["python", "-m", "tied_lm.main", *sys.argv[1:]])
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir, command)
+    train.train_and_evaluate(
+        FLAGS.config, FLAGS.workdir, provenance.command_line("tied_lm.main"))
   except train.Interrupted as e:
     # Preemption or Ctrl-C, after the checkpoint: one line, and the shell's
     # "killed by signal" status so that schedulers know the run is not done.

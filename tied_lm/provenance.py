@@ -78,12 +78,17 @@ def versions() -> dict:
   return {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__}
 
 
+def command_line(module: str) -> str:
+  """This process's command as one would type it: `python -m MODULE FLAGS...`, quoted."""
+  return shlex.join(["python", "-m", module, *sys.argv[1:]])
+
+
 def header(module: str, commit: str, library_versions: dict | None = None) -> dict:
   """What every results file starts with: the command as typed, commit, hardware, versions.
 
   `commit` is read by the caller when it starts (what ran, whatever HEAD is at the end).
   """
-  return {"command": shlex.join(["python", "-m", module, *sys.argv[1:]]), "commit": commit,
+  return {"command": command_line(module), "commit": commit,
           "hardware": hardware(), "versions": library_versions or versions()}
 
 
