@@ -1,3 +1,5 @@
+import time
+
 import numpy as np
 import pytest
 
@@ -60,6 +62,9 @@ def test_a_reader_leaves_a_save_in_flight_alone_and_the_writer_cleans_it_up(tmp_
   assert step == 5 and in_flight.is_dir()
   np.testing.assert_array_equal(best["w"], np.full((3, 2), -5.0))
   Checkpoints(tmp_path)
+  deadline = time.time() + 10  # orbax removes tmp folders in a background thread
+  while in_flight.exists() and time.time() < deadline:
+    time.sleep(0.05)
   assert not in_flight.exists()
 
 
