@@ -413,6 +413,12 @@ def test_a_workdir_of_another_model_shape_or_epoch_layout_is_refused_by_name(tmp
   with pytest.raises(train.ConfigError, match=(
       r"another run: num_steps=4 \(checkpoint: 5\), max_steps_per_epoch=3 \(checkpoint: 0\)")):
     train.train_and_evaluate(config, str(run))
+  # Every validation perplexity of a run, and so its best epoch, is on one eval batch
+  # size; another size is `tied_lm.evaluate --eval_batch_size`'s job.
+  config = tiny_run_config(tmp_path / "corpus", 2)
+  config.eval_batch_size = 1
+  with pytest.raises(train.ConfigError, match=r"another run: eval_batch_size=1 \(checkpoint: 10\)"):
+    train.train_and_evaluate(config, str(run))
   assert {name: (run / name).read_bytes() for name in saved} == saved  # nothing overwritten
   # Other fields may change on resume, e.g. more epochs.
   assert train.train_and_evaluate(

@@ -317,7 +317,7 @@ def count_params(params: Any) -> int:
 FIXED_FIELDS = (
     "dataset", "max_vocab_size", "batch_size", "model.embed_dim", "model.hidden_size",
     "model.num_layers", "model.tie_embeddings", "model.output_bias", "model.output_projection",
-    "num_steps", "max_steps_per_epoch",
+    "num_steps", "max_steps_per_epoch", "eval_batch_size",
 )
 
 
