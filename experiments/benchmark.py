@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
-from tied_lm import data, errors, provenance, train
+from tied_lm import data, errors, hostmem, provenance, train
 from tied_lm.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -457,6 +457,7 @@ def main(argv: list[str]) -> None:
 
 def run_benchmark() -> None:
   start = time.time()
+  host_malloc = hostmem.reuse_freed_memory()  # before the first computation
   device_counts = [int(n) for n in FLAGS.num_devices]
   plan = timed_configs(device_counts)
   commit = provenance.git_commit()  # what runs, whatever HEAD is at the end
@@ -485,6 +486,7 @@ def run_benchmark() -> None:
           row[kind]["peak_fraction"] = row[kind]["achieved_flops"] / peak["jax"]
     return {
         **header, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "host_malloc": host_malloc,
         "fp32_matmuls": FLAGS.fp32_matmuls, "matmul_peak_flops": peak,
         "matmul_peak_samples": peak_samples, "rows": rows,
         "complete": complete, "wall_seconds": time.time() - start,

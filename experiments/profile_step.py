@@ -24,6 +24,7 @@ experiments/results/profile_<platform>.json). It times one device: the
 benchmark's --num_devices is refused.
 """
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,7 +37,7 @@ import numpy as np
 from absl import app, logging
 
 from experiments import benchmark
-from tied_lm import data, errors, provenance, train
+from tied_lm import data, errors, hostmem, provenance, train
 from tied_lm.errors import UserError
 
 FLAGS = benchmark.FLAGS
@@ -253,6 +254,7 @@ def main(argv: list[str]) -> None:
 
 def run_profile() -> None:
   start = time.time()
+  host_malloc = hostmem.reuse_freed_memory()  # before the first computation
   plan = benchmark.timed_configs([1])
   commit = provenance.git_commit()
   platform_name = jax.local_devices()[0].platform
@@ -276,7 +278,9 @@ def run_profile() -> None:
       print_row(rows[-1])
       provenance.write_json(output, {
           **provenance.header("experiments.profile_step", commit, versions),
-          "fp32_matmuls": FLAGS.fp32_matmuls, "rows": rows, "wall_seconds": time.time() - start,
+          "fp32_matmuls": FLAGS.fp32_matmuls, "host_malloc": host_malloc,
+          "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "rows": rows,
+          "wall_seconds": time.time() - start,
       })
   print(f"wrote {output}")
 

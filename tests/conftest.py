@@ -17,6 +17,10 @@ if "TIED_LM_DATA_DIR" not in os.environ and _SHARED_DATA.is_dir():
 
 import pytest  # noqa: E402 -- after the XLA flags above
 
+from tied_lm import hostmem  # noqa: E402
+
+hostmem.reuse_freed_memory()  # as the commands do: before the first JAX computation
+
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):

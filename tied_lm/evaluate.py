@@ -12,7 +12,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from tied_lm import errors, train
+from tied_lm import errors, hostmem, train
 from tied_lm.fileio import atomic_write
 
 FLAGS = flags.FLAGS
@@ -30,6 +30,7 @@ def define_flags() -> None:
 @errors.command
 def main(argv: list[str]) -> None:
   errors.no_positional_arguments(argv)
+  hostmem.reuse_freed_memory()
   run = train.load_trained(FLAGS.workdir)
   batch_size = FLAGS.eval_batch_size or run.config.eval_batch_size  # both are >= 1
   perplexity, tokens = train.evaluate(

@@ -17,7 +17,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from tied_lm import errors, provenance, train
+from tied_lm import errors, hostmem, provenance, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics; rerun to resume.")
@@ -75,6 +75,7 @@ def main(argv: list[str]) -> None:
   errors.no_positional_arguments(argv)
   if not FLAGS.workdir.strip():
     raise errors.UserError("--workdir is empty: name the run's directory")
+  hostmem.reuse_freed_memory()
   if FLAGS.multihost or "JAX_COORDINATOR_ADDRESS" in os.environ:
     initialize_multihost()
   try:
