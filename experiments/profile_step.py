@@ -19,7 +19,8 @@ ours and torch, as in the benchmark, whose flags this module shares (--configs,
 --set, --batch_sizes, --compare, --fp32_matmuls, --repeats, --steps_per_repeat,
 --warmup, --matmul_size, --output). It prints the median ms per call, the ratio
 torch/ours (> 1: ours is faster) and each block's share of the matmul peak
-(measured before each row), and writes them as JSON (default
+(the best of samples taken before each row and at the end, as in the
+benchmark), and writes them as JSON (default
 experiments/results/profile_<platform>.json). It times one device: the
 benchmark's --num_devices is refused.
 """
@@ -188,9 +189,10 @@ def torch_matmuls(matmuls: list[benchmark.Matmul], operands, device: str) -> Cal
 
 
 def profile_config(
-    spec: str, config: ml_collections.ConfigDict, batch_size: int, peak: float, torch_device: str
+    spec: str, config: ml_collections.ConfigDict, batch_size: int, torch_device: str
 ) -> dict:
-  """One config's row: per block, our ms per call, and torch's and the ratio if compared."""
+  """One config's row: per block, our ms per call and FLOPs, and torch's ms and the
+  ratio if compared (`set_peak_fractions` adds the share of the peak)."""
   corpus = data.load_corpus(config.dataset, config.data_dir, config.max_vocab_size)
   flops = benchmark.step_flops(config, corpus.vocab_size, batch_size, FLAGS.eval_batch_size)
   ours_step = benchmark.OurTrainer(config, corpus, batch_size, 1)
@@ -217,7 +219,6 @@ def profile_config(
     )
     stats = row["blocks"][block] = {
         "ms": our_stats["step_ms"], "flops": block_flops[block],
-        "peak_fraction": block_flops[block] / (our_stats["step_ms"] / 1e3) / peak,
         "repeat_seconds": our_stats["repeat_seconds"],
     }
     if torch_stats is not None:
@@ -228,6 +229,14 @@ def profile_config(
           "torch_repeat_seconds": torch_stats["repeat_seconds"],
       })
   return row
+
+
+def set_peak_fractions(rows: list[dict], peak: float) -> None:
+  """Each block's achieved matmul FLOP/s as a share of `peak` (FLOP/s)."""
+  for row in rows:
+    row["matmul_peak_flops"] = peak
+    for stats in row["blocks"].values():
+      stats["peak_fraction"] = stats["flops"] / (stats["ms"] / 1e3) / peak
 
 
 def print_row(row: dict) -> None:
@@ -263,25 +272,40 @@ def run_profile() -> None:
   output = Path(
       FLAGS.output or benchmark.REPO / f"experiments/results/profile_{platform_name}.json"
   )
-  rows = []
+  rows, peak_samples = [], []
+
+  def sample_peak() -> None:
+    peak_samples.append(benchmark.measure_matmul_peak(FLAGS.matmul_size))
+    logging.info("fp32 matmul peak: %.0f GFLOP/s", peak_samples[-1] / 1e9)
+
+  def write(complete: bool) -> None:
+    # As in the benchmark: the best sample so far, since this machine's speed
+    # drifts within a run and one slow sample would inflate every share.
+    set_peak_fractions(rows, max(peak_samples))
+    provenance.write_json(output, {
+        **provenance.header("experiments.profile_step", commit, versions),
+        "fp32_matmuls": FLAGS.fp32_matmuls, "host_malloc": host_malloc,
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+        "matmul_peak_samples": peak_samples, "rows": rows, "complete": complete,
+        "wall_seconds": time.time() - start,
+    })
+
   for spec, config, batch_sizes in plan:
     for batch_size in batch_sizes:
       if FLAGS.compare == "torch":
         import torch
 
         torch.manual_seed(0)
-      # Measured afresh for each row: this machine's speed drifts within a run.
-      peak = benchmark.measure_matmul_peak(FLAGS.matmul_size)
-      logging.info("fp32 matmul peak: %.0f GFLOP/s", peak / 1e9)
-      rows.append({**profile_config(spec, config, batch_size, peak, torch_device),
-                   "matmul_peak_flops": peak})
+      sample_peak()
+      rows.append(profile_config(spec, config, batch_size, torch_device))
+      write(complete=False)
       print_row(rows[-1])
-      provenance.write_json(output, {
-          **provenance.header("experiments.profile_step", commit, versions),
-          "fp32_matmuls": FLAGS.fp32_matmuls, "host_malloc": host_malloc,
-          "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "rows": rows,
-          "wall_seconds": time.time() - start,
-      })
+  sample_peak()
+  write(complete=True)
+  print(f"fp32 matmul peak: {max(peak_samples) / 1e9:.0f} GFLOP/s (best of "
+        f"{len(peak_samples)} samples)")
+  for row in rows:
+    print_row(row)
   print(f"wrote {output}")
 
 

@@ -15,7 +15,12 @@ def test_profile_step_times_each_block(run_tiny_timing):
   assert blocks["step"]["flops"] == blocks["matmuls"]["flops"] == flops["train"]
   assert sum(2 * mm["count"] * mm["m"] * mm["k"] * mm["n"] for mm in row["matmuls"]) == (
       flops["train"])
+  # One peak sample before the row and one at the end; every share is of the best.
+  assert results["complete"] and len(results["matmul_peak_samples"]) == 2
+  peak = max(results["matmul_peak_samples"])
+  assert row["matmul_peak_flops"] == peak
   for stats in blocks.values():
     assert len(stats["repeat_seconds"]) == 2 and stats["ms"] > 0
+    assert stats["peak_fraction"] == stats["flops"] / (stats["ms"] / 1e3) / peak
     assert "torch_ms" not in stats  # torch only with --compare=torch
   assert "output" in stdout  # the printed table
