@@ -21,6 +21,7 @@ XLA_FLAGS=--xla_force_host_platform_device_count=2 and --num_devices=1,2.
 
 import json
 import os
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -363,10 +364,13 @@ def device_peak_bytes() -> int | None:
   return stats.get("peak_bytes_in_use") if stats else None
 
 
-def time_runner(runner, num_steps: int) -> float:
+def time_runner(runner, num_steps: int) -> tuple[float, int]:
+  """Seconds for `num_steps` steps, and the minor page faults of the process meanwhile."""
+  faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   start = time.perf_counter()
   runner.run(num_steps)
-  return time.perf_counter() - start
+  seconds = time.perf_counter() - start
+  return seconds, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
 
 
 def benchmark_pair(ours, theirs, tokens_per_step: int) -> tuple[dict, dict | None]:
@@ -376,17 +380,23 @@ def benchmark_pair(ours, theirs, tokens_per_step: int) -> tuple[dict, dict | Non
     if runner is None:
       stats.append(None)
       continue
-    first = time_runner(runner, 1)  # compiles (ours) or warms the allocator (torch)
+    first, _ = time_runner(runner, 1)  # compiles (ours) or warms the allocator (torch)
     if FLAGS.warmup:
       time_runner(runner, FLAGS.warmup)
-    stats.append({"first_step_seconds": first, "repeat_seconds": []})
+    stats.append({"first_step_seconds": first, "repeat_seconds": [], "minor_faults": 0})
   for _ in range(FLAGS.repeats):
     for runner, stat in zip((ours, theirs), stats, strict=True):
       if runner is not None:
-        stat["repeat_seconds"].append(time_runner(runner, FLAGS.steps_per_repeat))
+        seconds, faults = time_runner(runner, FLAGS.steps_per_repeat)
+        stat["repeat_seconds"].append(seconds)
+        stat["minor_faults"] += faults
   for stat in stats:
     if stat is None:
       continue
+    # Pages the OS had to map in anew: how much of each step's memory the allocator
+    # did not reuse (see tied_lm.hostmem).
+    stat["minor_faults_per_step"] = stat.pop("minor_faults") / (
+        FLAGS.repeats * FLAGS.steps_per_repeat)
     step_seconds = statistics.median(stat["repeat_seconds"]) / FLAGS.steps_per_repeat
     stat["step_ms"] = 1e3 * step_seconds
     stat["tokens_per_second"] = tokens_per_step / step_seconds

@@ -1,5 +1,6 @@
 """experiments/benchmark.py: its FLOP count by hand, bad input, and a tiny end-to-end run."""
 
+import mmap
 import os
 import subprocess
 import sys
@@ -72,7 +73,7 @@ def test_benchmark_writes_its_rows_with_provenance(run_tiny_timing):
   assert results["complete"] and results["commit"] and results["versions"]["jax"]
   (row,) = results["rows"]
   train = row["train"]
-  assert len(train["repeat_seconds"]) == 2
+  assert len(train["repeat_seconds"]) == 2 and train["minor_faults_per_step"] >= 0
   tokens = row["batch_size"] * row["num_steps"]
   assert abs(train["tokens_per_second"] * train["step_ms"] / 1e3 - tokens) < 1e-6 * tokens
   assert row["train_flops_per_step"] == benchmark.step_flops(
@@ -85,6 +86,19 @@ def test_benchmark_writes_its_rows_with_provenance(run_tiny_timing):
     assert row[kind]["peak_fraction"] == pytest.approx(
         row[kind]["achieved_flops"] / max(samples))
   assert "configs/default.py" in stdout  # the printed table
+
+
+def test_time_runner_counts_the_pages_a_step_maps_in():
+  class TouchesFreshPages:
+    def run(self, num_steps):
+      for _ in range(num_steps):
+        memory = mmap.mmap(-1, 256 * mmap.PAGESIZE)  # new, unmapped pages each time
+        for page in range(256):
+          memory[page * mmap.PAGESIZE] = 1
+        memory.close()
+
+  seconds, faults = benchmark.time_runner(TouchesFreshPages(), 4)
+  assert seconds > 0 and 4 * 256 <= faults < 4 * 256 + 200
 
 
 @pytest.mark.parametrize("module, flags, message", [
