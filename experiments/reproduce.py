@@ -33,6 +33,7 @@ runs of sweeps go to SWEEP.md instead, to be chosen on validation:
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -148,9 +149,10 @@ def child_environment(parallel: int) -> dict[str, str]:
 def run_all(commands: list[tuple[Path, list[str]]], parallel: int) -> list[Path]:
   """Runs the commands, `parallel` at a time, each logging to WORKDIR/train.log.
 
-  Returns the workdirs whose command failed.
+  Returns the workdirs whose command did not finish: failed, or stopped by a
+  signal (tied_lm.main saves a checkpoint and exits 128 + the signal's number).
   """
-  pending, running, failed = list(commands), [], []
+  pending, running, unfinished = list(commands), [], []
   environment = child_environment(parallel)
   while pending or running:
     while pending and len(running) < parallel:
@@ -171,11 +173,16 @@ def run_all(commands: list[tuple[Path, list[str]]], parallel: int) -> list[Path]
       took = reporting.format_seconds(time.time() - started)
       if process.returncode == 0:
         print(f"done  {workdir.name} in {took}", flush=True)
+        continue
+      unfinished.append(workdir)
+      if process.returncode - 128 in (signal.SIGTERM, signal.SIGINT):
+        print(f"stop  {workdir.name} by {signal.Signals(process.returncode - 128).name} "
+              f"after {took}; it resumes from its checkpoint when this command runs "
+              "again", flush=True)
       else:
         print(f"FAIL  {workdir.name} (exit {process.returncode} after {took}); "
               f"see {workdir / 'train.log'}", flush=True)
-        failed.append(workdir)
-  return failed
+  return unfinished
 
 
 def rescore(workdir: Path) -> None:
@@ -364,9 +371,10 @@ def main(argv: list[str]) -> None:
     commands = [(workdir, train_command(d, s, v, workdir, [*FLAGS.set, *overrides]))
                 for (d, s, v, (_, overrides)), workdir in zip(grid, workdirs, strict=True)
                 if not (workdir / "results.json").is_file()]
-    failed = run_all(commands, FLAGS.parallel)
-    if failed:
-      raise UserError(f"{len(failed)} run(s) failed: {', '.join(w.name for w in failed)}")
+    unfinished = run_all(commands, FLAGS.parallel)
+    if unfinished:
+      raise UserError(f"{len(unfinished)} run(s) did not finish: "
+                      f"{', '.join(w.name for w in unfinished)}")
   if FLAGS.rescore:
     for workdir in workdirs:
       if (workdir / "results.json").is_file():

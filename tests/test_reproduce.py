@@ -24,6 +24,19 @@ def test_train_command_passes_overrides_as_config_flags(tmp_path):
     reproduce.train_command("ptb", "small", "vd", tmp_path, ["model.unroll"])
 
 
+def test_run_all_tells_a_stopped_run_from_a_failed_one(tmp_path, capsys):
+  def exiting(status: int) -> list[str]:
+    return [sys.executable, "-c", f"import sys; sys.exit({status})"]
+  commands = [(tmp_path / "done", exiting(0)), (tmp_path / "stopped", exiting(128 + 15)),
+              (tmp_path / "failed", exiting(1))]
+  unfinished = reproduce.run_all(commands, parallel=3)
+  assert sorted(unfinished) == [tmp_path / "failed", tmp_path / "stopped"]
+  out = capsys.readouterr().out
+  assert "done  done in" in out
+  assert "stop  stopped by SIGTERM after" in out and "resumes from its checkpoint" in out
+  assert "FAIL  failed (exit 1 after" in out and "stopped (exit" not in out
+
+
 def test_sweep_points_take_every_combination_with_a_tag_each():
   points = reproduce.sweep_points(["loss.tau=5,10", "loss.gamma=0.5"])
   assert points == [("tau5_gamma0.5", ["loss.tau=5", "loss.gamma=0.5"]),
