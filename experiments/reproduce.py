@@ -20,7 +20,9 @@ The report step (always run; `--train=false` for it alone) reads every run
 under ROOT and writes, for each, RESULTS_DIR/DATASET_SIZE_VARIANT.json (final
 and best-epoch perplexities, tokens scored, eval batch sizes, parameters,
 epochs, wall time, hardware, versions, commit, commands and the per-epoch
-curve). From all such files in RESULTS_DIR, including those made on other
+curve). A run with epochs done but no results.json yet gets a partial file
+("complete": false; best validation so far, no test), which never replaces a
+finished run's. From all such files in RESULTS_DIR, including those made on other
 machines, it writes TABLE.md (ours beside the paper, in the paper's layout,
 "not run" with the command for the rest) and one PNG of validation curves per
 dataset and size (needs matplotlib: `pip install -e ".[plot]"`); the tagged
@@ -199,11 +201,31 @@ def rescore(workdir: Path) -> None:
 
 
 def run_report(workdir: Path) -> dict[str, Any]:
-  """The per-run results file's contents, from a finished run's workdir."""
-  results = json.loads((workdir / "results.json").read_text())
-  epochs = [r for r in reporting.read_records(workdir) if r["kind"] == "epoch"]
+  """The per-run results file's contents, from a run's workdir.
+
+  A run still training (no results.json yet, at least one epoch done) gives a
+  partial report: `complete` false, the best validation perplexity so far, and
+  no test perplexity (scored once, at the end) or parameter count.
+  """
+  epochs = reporting.read_records(workdir, "epoch")
   launches = [json.loads(line) for line in (workdir / "launches.jsonl").read_text().splitlines()
               if line.strip()] if (workdir / "launches.jsonl").is_file() else []
+  complete = (workdir / "results.json").is_file()
+  if complete:
+    results = json.loads((workdir / "results.json").read_text())
+  else:
+    last = epochs[-1]
+    config = json.loads((workdir / "config.json").read_text())
+    results = {
+        "dataset": config["dataset"], "config": config,
+        "valid_perplexity": last["best_valid_perplexity"],
+        "valid_tokens_scored": last["valid_tokens_scored"],
+        "test_perplexity": None, "test_tokens_scored": None,
+        "eval_batch_size": config["eval_batch_size"], "best_epoch": last["best_epoch"],
+        "epochs_completed": last["epoch"], "num_params": None,
+        "train_tokens_per_second": last["train_tokens_per_second"],
+        "wall_seconds": last["wall_seconds"], "versions": None,
+        "device_kind": launches[-1]["device_kind"] if launches else None, "devices": None}
   # Commit and host of the last launch that trained (a finished run's relaunch only
   # re-evaluates it); hand-written records of older runs have no epochs_done.
   trained = [launch for launch in launches
@@ -211,6 +233,7 @@ def run_report(workdir: Path) -> dict[str, Any]:
   size, variant = summarize.describe(results["config"])
   report = {
       "dataset": results["dataset"], "size": size, "variant": variant,
+      "complete": complete, "num_epochs": results["config"]["num_epochs"],
       "valid_perplexity": results["valid_perplexity"],
       "valid_tokens_scored": results["valid_tokens_scored"],
       "test_perplexity": results["test_perplexity"],
@@ -240,9 +263,23 @@ def run_report(workdir: Path) -> dict[str, Any]:
 
 
 def _cell(report: dict[str, Any] | None, key: str) -> str:
-  if report is None or None in (report.get(f"valid_{key}"), report.get(f"test_{key}")):
+  """'valid / test', with '-' for what was not scored (a partial run has no test yet)."""
+  values = [report.get(f"{split}_{key}") for split in ("valid", "test")] if report else []
+  if not values or values[0] is None:
     return "-"
-  return f"{report[f'valid_{key}']:.1f} / {report[f'test_{key}']:.1f}"
+  return " / ".join("-" if value is None else f"{value:.1f}" for value in values)
+
+
+def _params(num_params: int | None) -> str:
+  return "-" if num_params is None else f"{num_params / 1e6:.1f}M"
+
+
+def _epochs(report: dict[str, Any], with_best: bool = True) -> str:
+  """'40 (39)': epochs done (best); a run still training says so: '13 of 40 (13), partial'."""
+  done = (f"{report['epochs']}" if report.get("complete", True)
+          else f"{report['epochs']} of {report['num_epochs']}")
+  best = f" ({report['best_epoch']})" if with_best else ""
+  return done + best + ("" if report.get("complete", True) else ", partial")
 
 
 def table(reports: dict[tuple[str, str, str], dict[str, Any]], root_hint: str,
@@ -277,9 +314,9 @@ def table(reports: dict[tuple[str, str, str], dict[str, Any]], root_hint: str,
       lines.append(
           f"| {size} | {variant.upper()} | {paper_cell} | {_cell(report, 'perplexity')} "
           f"| {report['eval_batch_size']} | {_cell(report, 'perplexity_batch1')} "
-          f"| {report['num_params'] / 1e6:.1f}M"
+          f"| {_params(report['num_params'])}"
           f"{f' ({paper_params})' if (paper_params := PAPER_PARAMS.get((size, variant))) else ''} "
-          f"| {report['epochs']} ({report['best_epoch']}) "
+          f"| {_epochs(report)} "
           f"| {report['hardware']['device_kind']} "
           f"| {reporting.format_seconds(report['wall_seconds'])} |")
     lines.append("")
@@ -307,20 +344,27 @@ def sweep_table(swept: dict[str, dict[str, Any]],
     name, report = item
     return parse_run_name(name)[0], report["valid_perplexity"]
   for name, report in sorted(rows.items(), key=order):
+    test = report["test_perplexity"]
     lines.append(
         f"| {name} | {report['valid_perplexity']:.2f} ({report['best_epoch']}) "
-        f"| {report['test_perplexity']:.2f} | {report['epochs']} "
+        f"| {'-' if test is None else f'{test:.2f}'} "
+        f"| {_epochs(report, with_best=False)} "
         f"| {report['hardware']['device_kind']} "
         f"| {reporting.format_seconds(report['wall_seconds'])} |")
   return "\n".join(lines) + "\n"
 
 
 def write_reports(root: Path, results_dir: Path) -> None:
-  """Per-run JSON for every finished run under root, then TABLE.md and the PNGs."""
+  """Per-run JSON for every run under root with an epoch done, then TABLE.md and the PNGs."""
   results_dir.mkdir(parents=True, exist_ok=True)
-  for workdir in sorted(p for p in root.iterdir() if (p / "results.json").is_file()):
+  for workdir in sorted(p for p in root.iterdir() if (p / "results.json").is_file() or (
+      (p / "metrics.jsonl").is_file() and reporting.read_records(p, "epoch"))):
     report = run_report(workdir)
     output = results_dir / f"{workdir.name}.json"
+    if not report["complete"] and output.is_file() and json.loads(
+        output.read_text()).get("complete", True):
+      print(f"kept {output}: a finished run's report, not replaced by {workdir}'s partial one")
+      continue
     provenance.write_json(output, report)
     print(f"wrote {output}")
   reports, swept = {}, {}

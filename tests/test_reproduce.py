@@ -144,6 +144,33 @@ def test_a_report_credits_the_launch_that_trained_not_a_later_reevaluation(
   assert report["commands"] == launches
 
 
+def test_a_run_still_training_gets_a_partial_report_that_never_replaces_a_finished_one(
+    trained_run, tmp_path):
+  root, results_dir = tmp_path / "runs", tmp_path / "results"
+  for name in ("ptb_small_al_gamma6.5", "ptb_small_vd"):
+    shutil.copytree(trained_run[0], root / name)
+    (root / name / "results.json").unlink()  # as if stopped after epoch 1 of 40
+    config = json.loads((root / name / "config.json").read_text())
+    (root / name / "config.json").write_text(json.dumps({**config, "num_epochs": 40}))
+  results_dir.mkdir()
+  finished = {**reproduce.run_report(trained_run[0]), "valid_perplexity": 123.0}
+  (results_dir / "ptb_small_vd.json").write_text(json.dumps(finished))
+
+  reproduce.write_reports(root, results_dir)
+  report = json.loads((results_dir / "ptb_small_al_gamma6.5.json").read_text())
+  assert report["complete"] is False and report["num_epochs"] == 40
+  assert report["test_perplexity"] is None and report["num_params"] is None
+  assert report["valid_perplexity"] == pytest.approx(trained_run[1]["valid_perplexity"])
+  assert report["epochs"] == report["best_epoch"] == 1
+  launches = (root / "ptb_small_al_gamma6.5" / "launches.jsonl").read_text().splitlines()
+  assert report["commands"] == [json.loads(line) for line in launches]
+  sweep = (results_dir / "SWEEP.md").read_text()
+  assert (f"| ptb_small_al_gamma6.5 | {report['valid_perplexity']:.2f} (1) | - "
+          "| 1 of 40, partial |") in sweep
+  assert json.loads((results_dir / "ptb_small_vd.json").read_text()) == finished
+  assert "| small | VD | 92.6 / 87.3 | 123.0 / " in (results_dir / "TABLE.md").read_text()
+
+
 def test_a_failed_rescore_is_one_line(tmp_path, capfd):
   (tmp_path / "run").mkdir()
   with pytest.raises(UserError, match=r"rescoring .*run on valid failed \(exit 2\); its output"):
