@@ -7,6 +7,12 @@ Each block is a forward and backward pass on fixed inputs, jitted for ours:
           then the gradient of <h, R> (R fixed) w.r.t. all parameters;
   output  fixed h -> [projection] -> logits -> sum_t [CE + γτ KL] / B, the
           gradient w.r.t. h and the output parameters (embedding, bias...);
+  update  clipping to the global norm and the SGD update of every parameter,
+          from a fixed gradient (ours: `TrainState.apply_gradients` jitted
+          alone with the state donated, as in the step; torch:
+          `clip_grad_norm_` and `SGD.step`); no matmuls, so no share of the
+          peak. Inside our step XLA may fuse part of it into the backward
+          pass, so this is an upper bound of its cost there;
   step    the whole train step, exactly as `experiments.benchmark` times it
           (plus clipping, the SGD update and the feeding of batches);
   matmuls the step's matmuls alone (`benchmark.step_matmuls`: same shapes, on
@@ -42,7 +48,7 @@ from tied_lm import data, errors, hostmem, provenance, train
 from tied_lm.errors import UserError
 
 FLAGS = benchmark.FLAGS
-BLOCKS = ("lstm", "output", "step", "matmuls")
+BLOCKS = ("lstm", "output", "update", "step", "matmuls")
 
 
 class Calls:
@@ -92,6 +98,22 @@ def our_blocks(config, model, params, inputs: np.ndarray, targets: np.ndarray) -
   sync = jax.block_until_ready
   return {"lstm": Calls(lambda: lstm(params, key), sync),
           "output": Calls(lambda: output(output_params, hidden), sync)}
+
+
+class OurUpdate:
+  """Runs our clip-and-SGD update on a fixed gradient, the state donated and carried."""
+
+  def __init__(self, config, model, steps_per_epoch: int):
+    self.state = train.create_train_state(config, model, steps_per_epoch)
+    self.grads = jax.tree.map(
+        lambda p: jax.random.normal(jax.random.key(0), p.shape, p.dtype), self.state.params)
+    self.apply = jax.jit(lambda state, grads: state.apply_gradients(grads=grads),
+                         donate_argnums=0)
+
+  def run(self, num_steps: int) -> None:
+    for _ in range(num_steps):
+      self.state = self.apply(self.state, self.grads)
+    jax.block_until_ready(self.state)
 
 
 def _next_input(y, width: int, repeat: Callable[[Any, int], Any]):
@@ -149,6 +171,16 @@ def torch_blocks(config, model, inputs: np.ndarray, targets: np.ndarray, device:
     hidden, _ = model.hidden_states(tokens, state)
     (hidden * cotangent).sum().backward()
 
+  # Copies, so that the update block leaves the model the other blocks run unchanged.
+  parameters = [torch.nn.Parameter(p.detach().clone()) for p in model.parameters()]
+  for parameter in parameters:
+    parameter.grad = torch.randn_like(parameter)
+  optimizer = torch.optim.SGD(parameters, lr=config.optim.learning_rate)
+
+  def update():
+    torch.nn.utils.clip_grad_norm_(parameters, config.optim.clip_norm)
+    optimizer.step()
+
   def output():
     model.zero_grad(set_to_none=True)
     logits, bias_free_logits = model.output_logits(fixed_hidden.detach().requires_grad_())
@@ -163,7 +195,8 @@ def torch_blocks(config, model, inputs: np.ndarray, targets: np.ndarray, device:
     if device == "cuda":
       torch.cuda.synchronize()
 
-  return {"lstm": Calls(lstm, sync), "output": Calls(output, sync)}
+  return {"lstm": Calls(lstm, sync), "output": Calls(output, sync),
+          "update": Calls(update, sync)}
 
 
 def torch_matmuls(matmuls: list[benchmark.Matmul], operands, device: str) -> Calls:
@@ -200,6 +233,7 @@ def profile_config(
   matmuls = benchmark.step_matmuls(config, corpus.vocab_size, batch_size)
   operands = matmul_operands(matmuls)
   ours = {**our_blocks(config, ours_step.model, ours_step.params, inputs, targets),
+          "update": OurUpdate(config, ours_step.model, ours_step.inputs.shape[0]),
           "step": ours_step, "matmuls": our_matmuls(matmuls, operands)}
   theirs = dict.fromkeys(BLOCKS)
   if FLAGS.compare == "torch":
@@ -208,7 +242,7 @@ def profile_config(
     )
     theirs = {**torch_blocks(config, torch_step.model, inputs, targets, torch_device),
               "step": torch_step, "matmuls": torch_matmuls(matmuls, operands, torch_device)}
-  block_flops = {"lstm": flops["train_lstm"], "output": flops["train_output"],
+  block_flops = {"lstm": flops["train_lstm"], "output": flops["train_output"], "update": 0,
                  "step": flops["train"], "matmuls": flops["train"]}
   row = {"config": spec, "overrides": FLAGS.set, "batch_size": batch_size,
          "num_steps": config.num_steps, "matmuls": [mm._asdict() for mm in matmuls],
@@ -249,8 +283,8 @@ def print_row(row: dict) -> None:
                        f"{low:>5.2f}-{high:<5.2f}")
     else:
       torch_columns = f"{'-':>8} {'-':>5} {'-':>11}"
-    print(f"  {block:<7} {stats['ms']:>8.1f} {torch_columns} "
-          f"{100 * stats['peak_fraction']:>5.1f}")
+    share = f"{100 * stats['peak_fraction']:>5.1f}" if stats["flops"] else f"{'-':>5}"
+    print(f"  {block:<7} {stats['ms']:>8.1f} {torch_columns} {share}")
 
 
 @errors.command

@@ -1,7 +1,11 @@
 """experiments/profile_step.py: a tiny run writes its blocks with their FLOP counts."""
 
+import jax
+import numpy as np
+
 from configs import default
-from experiments import benchmark
+from experiments import benchmark, profile_step
+from tied_lm import train
 
 
 def test_profile_step_times_each_block(run_tiny_timing):
@@ -9,7 +13,8 @@ def test_profile_step_times_each_block(run_tiny_timing):
   assert results["commit"] and results["command"].startswith("python -m experiments.profile_step")
   (row,) = results["rows"]
   blocks = row["blocks"]
-  assert list(blocks) == ["lstm", "output", "step", "matmuls"]
+  assert list(blocks) == ["lstm", "output", "update", "step", "matmuls"]
+  assert blocks["update"]["flops"] == 0 and blocks["update"]["peak_fraction"] == 0
   flops = benchmark.step_flops(default.get_config(), 10000, row["batch_size"], 10)
   assert blocks["lstm"]["flops"] + blocks["output"]["flops"] == blocks["step"]["flops"]
   assert blocks["step"]["flops"] == blocks["matmuls"]["flops"] == flops["train"]
@@ -24,3 +29,19 @@ def test_profile_step_times_each_block(run_tiny_timing):
     assert stats["peak_fraction"] == stats["flops"] / (stats["ms"] / 1e3) / peak
     assert "torch_ms" not in stats  # torch only with --compare=torch
   assert "output" in stdout  # the printed table
+
+
+def test_the_update_block_is_the_clipped_sgd_step_of_training():
+  config = default.get_config()
+  config.optim.clip_norm = 0.5  # below the random gradient's norm, so clipping acts
+  update = profile_step.OurUpdate(config, train.make_model(config, 50), steps_per_epoch=10)
+  before = jax.tree.map(np.asarray, update.state.params)
+  grads = jax.tree.map(np.asarray, update.grads)
+  norm = np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for g in jax.tree.leaves(grads)))
+  assert norm > config.optim.clip_norm
+  update.run(2)
+  scale = 2 * config.optim.learning_rate * config.optim.clip_norm / norm
+  expected = jax.tree.map(lambda p, g: p - scale * g, before, grads)
+  for got, want in zip(jax.tree.leaves(update.state.params), jax.tree.leaves(expected),
+                       strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
