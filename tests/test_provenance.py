@@ -1,6 +1,9 @@
-"""tied_lm/provenance.py: which changes mark a run's commit dirty."""
+"""tied_lm/provenance.py: which changes mark a run's commit dirty; what it says of the CPU."""
 
+import platform
 import subprocess
+
+import pytest
 
 from tied_lm import provenance
 
@@ -26,3 +29,18 @@ def test_only_changes_outside_the_results_mark_the_commit_dirty(tmp_path, monkey
   assert provenance.git_commit() == head + "+dirty"
   monkeypatch.setenv("TIED_LM_COMMIT", "abc")
   assert provenance.git_commit() == "abc"
+
+
+def test_hardware_names_the_cpu_family_and_its_matmul_extensions_as_lscpu_does():
+  lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+  if "Flags:" not in lscpu:
+    pytest.skip("no lscpu flags to check against")
+  fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
+  fields = {key.strip(): value.strip() for key, value in fields.items()}
+  hardware = provenance.hardware()
+  assert hardware["cpu_family"] == fields["CPU family"]
+  assert hardware["cpu_model_number"] == fields["Model"]
+  flags = set(fields["Flags"].split())
+  assert hardware["cpu_isa"] == [f for f in provenance.MATMUL_ISA if f in flags]
+  if platform.machine() == "x86_64":  # every x86 machine this project has run on has AVX2
+    assert "avx2" in hardware["cpu_isa"]

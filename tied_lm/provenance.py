@@ -65,12 +65,39 @@ def cpu_model() -> str:
   return platform.processor()
 
 
+# The vector extensions that set a CPU's matmul speed, as /proc/cpuinfo names them.
+MATMUL_ISA = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def cpu_details() -> dict:
+  """The CPU's family and model numbers and its MATMUL_ISA flags (Linux; else empty).
+
+  lscpu's model name alone ("AMD EPYC") names machines whose matmul peaks
+  differ by 2x; these tell them apart.
+  """
+  try:
+    text = Path("/proc/cpuinfo").read_text()
+  except OSError:
+    return {}
+  fields = {}
+  for line in text.splitlines():
+    if not line.strip():
+      break  # the first processor's block is enough
+    key, _, value = line.partition(":")
+    fields[key.strip()] = value.strip()
+  flags = set(fields.get("flags", "").split())
+  return {"cpu_family": fields.get("cpu family"), "cpu_model_number": fields.get("model"),
+          "cpu_isa": [flag for flag in MATMUL_ISA if flag in flags]}
+
+
 def hardware() -> dict:
-  """The first device's platform and kind, the device count and the CPU model."""
+  """The first device's platform and kind, the device count and the CPU: model name,
+  core count and `cpu_details`."""
   device = jax.local_devices()[0]
   return {
       "platform": device.platform, "device_kind": device.device_kind,
       "local_devices": jax.local_device_count(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+      **cpu_details(),
   }
 
 
