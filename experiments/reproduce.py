@@ -277,10 +277,10 @@ def _params(num_params: int | None) -> str:
 
 def _epochs(report: dict[str, Any], with_best: bool = True) -> str:
   """'40 (39)': epochs done (best); a run still training says so: '13 of 40 (13), partial'."""
-  done = (f"{report['epochs']}" if report.get("complete", True)
-          else f"{report['epochs']} of {report['num_epochs']}")
+  complete = report.get("complete", True)  # files from before partial reports are finished
+  done = f"{report['epochs']}" if complete else f"{report['epochs']} of {report['num_epochs']}"
   best = f" ({report['best_epoch']})" if with_best else ""
-  return done + best + ("" if report.get("complete", True) else ", partial")
+  return done + best + ("" if complete else ", partial")
 
 
 def table(reports: dict[tuple[str, str, str], dict[str, Any]], root_hint: str,
