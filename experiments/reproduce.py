@@ -210,9 +210,16 @@ def run_report(workdir: Path) -> dict[str, Any]:
   epochs = reporting.read_records(workdir, "epoch")
   launches = [json.loads(line) for line in (workdir / "launches.jsonl").read_text().splitlines()
               if line.strip()] if (workdir / "launches.jsonl").is_file() else []
-  complete = (workdir / "results.json").is_file()
-  if complete:
-    results = json.loads((workdir / "results.json").read_text())
+  results_file = workdir / "results.json"
+  finished = json.loads(results_file.read_text()) if results_file.is_file() else None
+  complete = finished is not None
+  epochs_completed = finished["epochs_completed"] if finished else epochs[-1]["epoch"]
+  # Commit and host of the last launch that trained (a finished run's relaunch only
+  # re-evaluates it); hand-written records of older runs have no epochs_done.
+  trained = [launch for launch in launches
+             if launch.get("epochs_done", 0) < epochs_completed] or launches
+  if finished:
+    results = finished
   else:
     last = epochs[-1]
     config = json.loads((workdir / "config.json").read_text())
@@ -224,12 +231,11 @@ def run_report(workdir: Path) -> dict[str, Any]:
         "eval_batch_size": config["eval_batch_size"], "best_epoch": last["best_epoch"],
         "epochs_completed": last["epoch"], "num_params": None,
         "train_tokens_per_second": last["train_tokens_per_second"],
-        "wall_seconds": last["wall_seconds"], "versions": None,
-        "device_kind": launches[-1]["device_kind"] if launches else None, "devices": None}
-  # Commit and host of the last launch that trained (a finished run's relaunch only
-  # re-evaluates it); hand-written records of older runs have no epochs_done.
-  trained = [launch for launch in launches
-             if launch.get("epochs_done", 0) < results["epochs_completed"]] or launches
+        "wall_seconds": last["wall_seconds"],
+        # Launch records older than versions and devices in them give None.
+        "versions": trained[-1].get("versions") if trained else None,
+        "device_kind": trained[-1]["device_kind"] if trained else None,
+        "devices": trained[-1].get("devices") if trained else None}
   size, variant = summarize.describe(results["config"])
   report = {
       "dataset": results["dataset"], "size": size, "variant": variant,

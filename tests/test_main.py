@@ -231,6 +231,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(reference_runs, tmp_path):
   assert {launch["commit"] for launch in launches} == {provenance.git_commit()}
   assert launches[0]["host_cpu"] == provenance.cpu_model() and launches[0]["device_kind"] == "cpu"
   assert launches[0]["host_cpu_details"] == provenance.cpu_details()
+  assert launches[0]["versions"] == provenance.versions() and launches[0]["devices"] == 2
 
 
 def test_a_one_line_corpus_is_one_line_and_no_workdir(tmp_path):

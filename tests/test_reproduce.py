@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from experiments import reproduce
+from tied_lm import provenance
 from tied_lm.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,6 +165,8 @@ def test_a_run_still_training_gets_a_partial_report_that_never_replaces_a_finish
   assert report["epochs"] == report["best_epoch"] == 1
   launches = (root / "ptb_small_al_gamma6.5" / "launches.jsonl").read_text().splitlines()
   assert report["commands"] == [json.loads(line) for line in launches]
+  assert report["versions"] == provenance.versions()
+  assert report["hardware"]["devices"] == 2  # conftest's two host devices
   sweep = (results_dir / "SWEEP.md").read_text()
   assert (f"| ptb_small_al_gamma6.5 | {report['valid_perplexity']:.2f} (1) | - "
           "| 1 of 40, partial |") in sweep

@@ -138,13 +138,14 @@ def record_launch(
 
   Each line: the command as typed (None when train_and_evaluate was called
   from Python), the commit, the host CPU (its name and `cpu_details`), the
-  device kind, the UTC time, the
+  device kind and count, the library versions, the UTC time, the
   checkpoint step it resumed from (None for a fresh start) and the epochs
   already done (a launch of a finished run only re-evaluates it).
   """
   launch = {
       "command": command, "commit": git_commit(), "host_cpu": cpu_model(),
       "host_cpu_details": cpu_details(), "device_kind": jax.local_devices()[0].device_kind,
+      "devices": jax.device_count(), "versions": versions(),
       "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
       "resumed_step": resumed_step, "epochs_done": epochs_done,
   }
