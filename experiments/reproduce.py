@@ -205,7 +205,7 @@ def run_report(workdir: Path) -> dict[str, Any]:
 
   A run still training (no results.json yet, at least one epoch done) gives a
   partial report: `complete` false, the best validation perplexity so far, and
-  no test perplexity (scored once, at the end) or parameter count.
+  no test perplexity (scored once, at the end).
   """
   epochs = reporting.read_records(workdir, "epoch")
   launches = [json.loads(line) for line in (workdir / "launches.jsonl").read_text().splitlines()
@@ -229,10 +229,11 @@ def run_report(workdir: Path) -> dict[str, Any]:
         "valid_tokens_scored": last["valid_tokens_scored"],
         "test_perplexity": None, "test_tokens_scored": None,
         "eval_batch_size": config["eval_batch_size"], "best_epoch": last["best_epoch"],
-        "epochs_completed": last["epoch"], "num_params": None,
+        "epochs_completed": last["epoch"],
+        "num_params": trained[-1].get("num_params") if trained else None,
         "train_tokens_per_second": last["train_tokens_per_second"],
         "wall_seconds": last["wall_seconds"],
-        # Launch records older than versions and devices in them give None.
+        # Launch records older than versions, devices and num_params in them give None.
         "versions": trained[-1].get("versions") if trained else None,
         "device_kind": trained[-1]["device_kind"] if trained else None,
         "devices": trained[-1].get("devices") if trained else None}

@@ -232,6 +232,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(reference_runs, tmp_path):
   assert launches[0]["host_cpu"] == provenance.cpu_model() and launches[0]["device_kind"] == "cpu"
   assert launches[0]["host_cpu_details"] == provenance.cpu_details()
   assert launches[0]["versions"] == provenance.versions() and launches[0]["devices"] == 2
+  results = json.loads((workdir / "results.json").read_text())
+  assert [launch["num_params"] for launch in launches] == [results["num_params"]] * 2
 
 
 def test_a_one_line_corpus_is_one_line_and_no_workdir(tmp_path):

@@ -132,22 +132,24 @@ def write_results(prefix: Path, results: dict, markdown: str) -> None:
 
 
 def record_launch(
-    workdir: Path, command: str | None, resumed_step: int | None, epochs_done: int
+    workdir: Path, command: str | None, resumed_step: int | None, epochs_done: int,
+    num_params: int,
 ) -> None:
   """Appends one start of a training run to workdir/launches.jsonl.
 
   Each line: the command as typed (None when train_and_evaluate was called
   from Python), the commit, the host CPU (its name and `cpu_details`), the
   device kind and count, the library versions, the UTC time, the
-  checkpoint step it resumed from (None for a fresh start) and the epochs
-  already done (a launch of a finished run only re-evaluates it).
+  checkpoint step it resumed from (None for a fresh start), the epochs
+  already done (a launch of a finished run only re-evaluates it) and the
+  model's parameter count (so that a run still training can report it).
   """
   launch = {
       "command": command, "commit": git_commit(), "host_cpu": cpu_model(),
       "host_cpu_details": cpu_details(), "device_kind": jax.local_devices()[0].device_kind,
       "devices": jax.device_count(), "versions": versions(),
       "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-      "resumed_step": resumed_step, "epochs_done": epochs_done,
+      "resumed_step": resumed_step, "epochs_done": epochs_done, "num_params": num_params,
   }
   with open(workdir / "launches.jsonl", "a") as f:
     f.write(json.dumps(launch) + "\n")

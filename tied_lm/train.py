@@ -676,7 +676,7 @@ def train_and_evaluate(
     # The config in effect, for tied_lm.summarize and readers; written only once the
     # checkpoints are known to fit it, so that a refused resume leaves the run as it was.
     atomic_write(workdir / "config.json", config.to_json(indent=2) + "\n")
-    provenance.record_launch(workdir, command, restored_step, meta["epoch"])
+    provenance.record_launch(workdir, command, restored_step, meta["epoch"], num_params)
   # Records of a finished run's earlier test are replaced by this one's.
   meta["records"] = [r for r in meta["records"] if r["kind"] != "test"]
   if meta["epoch"] < config.num_epochs and jax.process_index() == 0:
