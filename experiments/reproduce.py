@@ -218,6 +218,7 @@ def run_report(workdir: Path) -> dict[str, Any]:
   # re-evaluates it); hand-written records of older runs have no epochs_done.
   trained = [launch for launch in launches
              if launch.get("epochs_done", 0) < epochs_completed] or launches
+  trainer = trained[-1] if trained else None
   if finished:
     results = finished
   else:
@@ -230,13 +231,13 @@ def run_report(workdir: Path) -> dict[str, Any]:
         "test_perplexity": None, "test_tokens_scored": None,
         "eval_batch_size": config["eval_batch_size"], "best_epoch": last["best_epoch"],
         "epochs_completed": last["epoch"],
-        "num_params": trained[-1].get("num_params") if trained else None,
+        "num_params": trainer.get("num_params") if trainer else None,
         "train_tokens_per_second": last["train_tokens_per_second"],
         "wall_seconds": last["wall_seconds"],
         # Launch records older than versions, devices and num_params in them give None.
-        "versions": trained[-1].get("versions") if trained else None,
-        "device_kind": trained[-1]["device_kind"] if trained else None,
-        "devices": trained[-1].get("devices") if trained else None}
+        "versions": trainer.get("versions") if trainer else None,
+        "device_kind": trainer["device_kind"] if trainer else None,
+        "devices": trainer.get("devices") if trainer else None}
   size, variant = summarize.describe(results["config"])
   report = {
       "dataset": results["dataset"], "size": size, "variant": variant,
@@ -251,10 +252,10 @@ def run_report(workdir: Path) -> dict[str, Any]:
       "train_tokens_per_second": results["train_tokens_per_second"],
       "wall_seconds": results["wall_seconds"],
       "hardware": {"device_kind": results.get("device_kind"), "devices": results["devices"],
-                   "host_cpu": trained[-1]["host_cpu"] if trained else None,
-                   "host_cpu_details": trained[-1].get("host_cpu_details") if trained else None},
+                   "host_cpu": trainer["host_cpu"] if trainer else None,
+                   "host_cpu_details": trainer.get("host_cpu_details") if trainer else None},
       "versions": results["versions"],
-      "commit": trained[-1]["commit"] if trained else None,
+      "commit": trainer["commit"] if trainer else None,
       "commands": launches,
       "config": results["config"],
       "curve": [{k: r[k] for k in ("epoch", "learning_rate", "train_perplexity",
