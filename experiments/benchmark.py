@@ -462,6 +462,8 @@ def timed_configs(
 @errors.command
 def main(argv: list[str]) -> None:
   errors.no_positional_arguments(argv)
+  # Compile times are measured, never loaded from a persistent cache the user has set.
+  jax.config.update("jax_enable_compilation_cache", False)
   run_benchmark()
 
 

@@ -1,15 +1,25 @@
-"""Test setup: two host CPU devices for the pmap tests, and the shared data."""
+"""Test setup: two host CPU devices for the pmap tests, a compilation cache, the shared data."""
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 # Must happen before jax is imported anywhere.
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
 )
+# Many tests, and the commands they start, compile the same tiny steps: JAX's persistent
+# compilation cache, private to this session, lets each process after the first load them
+# (the environment variable reaches the subprocesses too).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _CACHE = tempfile.mkdtemp(prefix="tied_lm_tests_jax_cache_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+  atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 _SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 if "TIED_LM_DATA_DIR" not in os.environ and _SHARED_DATA.is_dir():
   os.environ["TIED_LM_DATA_DIR"] = str(_SHARED_DATA)
