@@ -100,6 +100,16 @@ def test_target_sharpness_of_orthogonal_words_by_hand(chunk_size):
   np.testing.assert_allclose(sharpness.target_probability, own, rtol=1e-6)
   np.testing.assert_allclose(sharpness.entropy, -own * np.log(own) - 2 * other * np.log(other),
                              rtol=1e-6)
+  # Words with different ỹ: the mean is over tokens, each word weighted by its count.
+  embedding = np.diag([2.0, 1.0, 0.0]).astype(np.float32)
+  targets = np.array([0, 1, 2, 2, 1, 2])
+  log_target = embedding[targets] @ embedding.T / tau
+  log_target -= np.log(np.exp(log_target).sum(1, keepdims=True))
+  sharpness = analysis.target_sharpness(embedding, targets, tau, chunk_size)
+  np.testing.assert_allclose(
+      sharpness.entropy, -(np.exp(log_target) * log_target).sum(1).mean(), rtol=1e-6)
+  np.testing.assert_allclose(
+      sharpness.target_probability, np.exp(log_target[np.arange(6), targets]).mean(), rtol=1e-6)
   # A zero embedding gives the uniform ỹ.
   uniform = analysis.target_sharpness(np.zeros((3, 2), np.float32), np.array([0, 1]), tau)
   np.testing.assert_allclose(uniform, (np.log(3), 1 / 3), rtol=1e-6)

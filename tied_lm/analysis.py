@@ -206,24 +206,30 @@ def target_sharpness(
 ) -> TargetSharpness:
   """How peaked ỹ = softmax(L[y] Lᵀ / τ) is, averaged over targets.
 
+  ỹ depends on the word alone, so each distinct word is scored once and weighted
+  by its count (PTB's validation text: 6,022 distinct words in 73,760 tokens).
+
   Args:
     embedding: [V, E] the input embedding L.
     targets: [N] word ids y (a stretch of text weights words by frequency).
     tau: temperature τ > 0.
-    chunk_size: targets per [chunk, V] block, to bound memory.
+    chunk_size: distinct words per [chunk, V] block, to bound memory.
   """
   embedding = jnp.asarray(embedding, jnp.float32)
+  words, counts = np.unique(np.asarray(targets), return_counts=True)
   totals = np.zeros(2)
-  for start in range(0, len(targets), chunk_size):
-    chunk = jnp.asarray(targets[start:start + chunk_size], jnp.int32)
-    totals += np.asarray(_target_sharpness_sums(embedding, chunk, tau), np.float64)
+  for start in range(0, len(words), chunk_size):
+    chunk = slice(start, start + chunk_size)
+    totals += np.asarray(_target_sharpness_sums(
+        embedding, jnp.asarray(words[chunk], jnp.int32),
+        jnp.asarray(counts[chunk], jnp.float32), tau), np.float64)
   entropy, target_probability = totals / len(targets)
   return TargetSharpness(float(entropy), float(target_probability))
 
 
 @jax.jit
-def _target_sharpness_sums(embedding, targets, tau):
-  probabilities = losses.target_distribution(embedding, targets, tau)
+def _target_sharpness_sums(embedding, words, counts, tau):
+  probabilities = losses.target_distribution(embedding, words, tau)
   entropy = jnp.sum(jax.scipy.special.entr(probabilities), axis=-1)
-  own = jnp.take_along_axis(probabilities, targets[:, None], axis=-1)[:, 0]
-  return jnp.stack([entropy.sum(), own.sum()])
+  own = jnp.take_along_axis(probabilities, words[:, None], axis=-1)[:, 0]
+  return jnp.stack([counts @ entropy, counts @ own])
