@@ -193,11 +193,13 @@ def test_evaluation_with_batch_one_equals_scoring_the_whole_stream_at_once():
         ("batch_size", 0, "batch_size=0 must be positive"),
         ("batch_size", 3, "batch_size=3 is not divisible by the 2 devices"),
         ("num_steps", -1, "num_steps=-1 must be positive"),
+        ("num_steps", 0, "num_steps=0 must be positive"),
         ("model.input_dropout", 1.0, r"model.input_dropout=1.0 is a drop probability in \[0, 1\)"),
         ("model.hidden_size", 16, "tie_embeddings needs model.hidden_size == model.embed_dim"),
         ("loss.tau", 0.0, "loss.tau=0.0 must be > 0"),
         ("loss.tau", -1.0, "loss.tau=-1.0 must be > 0"),
         ("model.output_dropout", -0.1, r"model.output_dropout=-0.1 is a drop probability"),
+        ("model.hidden_dropout", 1.0, r"model.hidden_dropout=1.0 is a drop probability"),
         ("model.unroll", 0, "model.unroll=0 must be positive"),
         ("checkpoint_every_steps", -5, "checkpoint_every_steps=-5 must be >= 0"),
         ("on_nonfinite", "ignore", "on_nonfinite='ignore' must be 'stop' or 'skip'"),
@@ -234,8 +236,10 @@ def test_paper_configs():
   large = wikitext2.get_config("large,re")
   assert (large.model.hidden_size, large.model.output_dropout, large.optim.clip_norm) == (
       1500, 0.4, 6.0)
-  with pytest.raises(ValueError, match="VARIANT in vd | al | re | real"):
+  with pytest.raises(ValueError, match=r"VARIANT in vd \| al \| re \| real"):
     ptb.get_config("small,tied")
+  with pytest.raises(ValueError, match=r"SIZE in small \| medium \| large"):
+    wikitext2.get_config("huge,real")
 
 
 def test_default_config_learns_ptb(tmp_path):
