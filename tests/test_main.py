@@ -61,6 +61,16 @@ def test_bad_input_is_one_line_and_exit_status_2(args, message, tmp_path):
     assert lines[0] == "error: " + message
 
 
+@pytest.mark.parametrize("args", [["--help"], ["--config=configs/default.py", "--workdir=x", "y"]])
+def test_help_and_bad_flags_answer_before_jax_is_imported(args):
+  result = subprocess.run([sys.executable, "-X", "importtime", "-m", "tied_lm.main", *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+  assert result.returncode in (1, 2)  # absl's --help exits with 1
+  imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines()
+              if line.startswith("import time:")}
+  assert "ml_collections" in imported and "jax" not in imported
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
   """A generated `text` corpus: lines of 20 words from a 20-word Markov chain, 1,500 lines

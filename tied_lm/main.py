@@ -17,7 +17,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from tied_lm import errors, hostmem, provenance, train
+from tied_lm import errors, hostmem
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics; rerun to resume.")
@@ -52,7 +52,7 @@ def initialize_multihost() -> None:
   manager (SLURM, TPU, ...), which JAX detects; JAX_NUM_PROCESSES and
   JAX_PROCESS_ID fill in where none does (e.g. several local processes).
   """
-  import jax  # after flag parsing, so that --help stays fast
+  import jax
 
   # Cross-process collectives of CPU devices need gloo; GPUs and TPUs ignore it.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -75,6 +75,10 @@ def main(argv: list[str]) -> None:
   errors.no_positional_arguments(argv)
   if not FLAGS.workdir.strip():
     raise errors.UserError("--workdir is empty: name the run's directory")
+  # JAX loads here, after the flags are parsed and checked: --help and a bad flag or
+  # config file answer in well under a second, not the 4 s that importing JAX takes.
+  from tied_lm import provenance, train
+
   hostmem.reuse_freed_memory()
   if FLAGS.multihost or "JAX_COORDINATOR_ADDRESS" in os.environ:
     initialize_multihost()
