@@ -120,7 +120,7 @@ class Matmul(NamedTuple):
 
 
 def step_matmuls(
-    config: ml_collections.ConfigDict, vocab_size: int, batch_size: int
+    config: ml_collections.ConfigDict, vocab_size: int, batch_size: int, target_rows: int = 0
 ) -> list[Matmul]:
   """The matmuls of one train step, in the shapes our step runs them.
 
@@ -128,7 +128,9 @@ def step_matmuls(
   weight gradient. In the LSTM the recurrent products run one time step at a
   time, [B, H] x [H, 4H] forward and [B, 4H] x [4H, H] backward, and the
   recurrent weight gradient is one product over all tokens. The augmented loss
-  adds the target scores L[y] Lᵀ, with gradients unless ỹ is a constant.
+  adds the target scores L[y] Lᵀ, with gradients unless ỹ is a constant, over
+  `target_rows` rows (all devices' distinct target words, `OurTrainer.target_rows`;
+  0: one per token).
   """
   m = config.model
   tokens, gates = batch_size * config.num_steps, 4 * m.hidden_size
@@ -157,13 +159,15 @@ def step_matmuls(
   output_width = m.embed_dim if m.tie_embeddings else m.hidden_size
   matmuls += forward_and_gradients("output", "logits", tokens, output_width, vocab_size)
   if config.loss.augmented:
-    scores = forward_and_gradients("output", "target scores", tokens, m.embed_dim, vocab_size)
+    scores = forward_and_gradients(
+        "output", "target scores", target_rows or tokens, m.embed_dim, vocab_size)
     matmuls += scores[:1] if config.loss.stop_gradient_target else scores
   return matmuls
 
 
 def step_flops(
-    config: ml_collections.ConfigDict, vocab_size: int, batch_size: int, eval_batch_size: int
+    config: ml_collections.ConfigDict, vocab_size: int, batch_size: int, eval_batch_size: int,
+    target_rows: int = 0,
 ) -> dict:
   """Matmul FLOPs of one train step and one eval step (2 per multiply-add), from
   `step_matmuls`. Elementwise work (gates, softmaxes) is not counted.
@@ -172,7 +176,7 @@ def step_flops(
   rest (projection, logits, loss). The eval step runs the forward products
   other than the target scores, at its own batch size.
   """
-  matmuls = step_matmuls(config, vocab_size, batch_size)
+  matmuls = step_matmuls(config, vocab_size, batch_size, target_rows)
   forward = sum(
       mm.flops for mm in matmuls if "gradient" not in mm.name and mm.name != "target scores"
   )
@@ -237,7 +241,11 @@ class OurTrainer:
     self.params = state.params
     self.state = train.replicate(state, devices)
     self.devices = devices
-    self.step = train.pmap_train_step(config.loss, devices)
+    # As training runs it: ỹ once per distinct target word of each device's rows.
+    self.max_distinct_targets = train.distinct_targets_bound(targets, num_devices)
+    self.target_rows = self.max_distinct_targets * num_devices
+    self.step = train.pmap_train_step(
+        config.loss, devices, max_distinct_targets=self.max_distinct_targets)
     self.key = jax.random.key(1)
     self.position = 0
     # Ahead-of-time compilation, timed; the first timed call then hits the cache.
@@ -508,15 +516,17 @@ def run_benchmark() -> None:
   for spec, config, batch_sizes in plan:
     corpus = data.load_corpus(config.dataset, config.data_dir, config.max_vocab_size)
     for batch_size in batch_sizes:
-      flops = step_flops(config, corpus.vocab_size, batch_size, FLAGS.eval_batch_size)
       for num_devices in device_counts:
         if rows:
           sample_peak()
         ours = OurTrainer(config, corpus, batch_size, num_devices)
+        flops = step_flops(config, corpus.vocab_size, batch_size, FLAGS.eval_batch_size,
+                           ours.target_rows)
         theirs = None
         row = {"config": spec, "overrides": FLAGS.set, "batch_size": batch_size,
                "num_devices": num_devices, "num_steps": config.num_steps,
-               "vocab_size": corpus.vocab_size, "train_flops_per_step": flops["train"],
+               "vocab_size": corpus.vocab_size, "target_rows": ours.target_rows,
+               "train_flops_per_step": flops["train"],
                "eval_flops_per_step": flops["eval"], "memory_bytes": ours.memory_bytes}
         if FLAGS.compare == "torch" and num_devices == 1:
           import torch

@@ -63,7 +63,8 @@ class Calls:
     self.sync(result)
 
 
-def our_blocks(config, model, params, inputs: np.ndarray, targets: np.ndarray) -> dict:
+def our_blocks(config, model, params, inputs: np.ndarray, targets: np.ndarray,
+               max_distinct_targets: int = 0) -> dict:
   """Runners for our lstm and output blocks on one window [B, T]."""
   batch_size = inputs.shape[0]
   carry = model.initial_carry(batch_size)
@@ -89,7 +90,7 @@ def our_blocks(config, model, params, inputs: np.ndarray, targets: np.ndarray) -
       outputs = model.apply(
           {"params": {**params, **output_params}}, hidden, carry, method=model.output_terms
       )
-      cross_entropy, kl = train.loss_terms(outputs, targets, config.loss)
+      cross_entropy, kl = train.loss_terms(outputs, targets, config.loss, max_distinct_targets)
       return jnp.sum(cross_entropy + alpha * kl) / batch_size
 
     return jax.grad(objective, argnums=(0, 1))(output_params, hidden)
@@ -227,12 +228,14 @@ def profile_config(
   """One config's row: per block, our ms per call and FLOPs, and torch's ms and the
   ratio if compared (`set_peak_fractions` adds the share of the peak)."""
   corpus = data.load_corpus(config.dataset, config.data_dir, config.max_vocab_size)
-  flops = benchmark.step_flops(config, corpus.vocab_size, batch_size, FLAGS.eval_batch_size)
   ours_step = benchmark.OurTrainer(config, corpus, batch_size, 1)
+  flops = benchmark.step_flops(config, corpus.vocab_size, batch_size, FLAGS.eval_batch_size,
+                               ours_step.target_rows)
   inputs, targets = (x[0] for x in data.train_windows(corpus.train, batch_size, config.num_steps))
-  matmuls = benchmark.step_matmuls(config, corpus.vocab_size, batch_size)
+  matmuls = benchmark.step_matmuls(config, corpus.vocab_size, batch_size, ours_step.target_rows)
   operands = matmul_operands(matmuls)
-  ours = {**our_blocks(config, ours_step.model, ours_step.params, inputs, targets),
+  ours = {**our_blocks(config, ours_step.model, ours_step.params, inputs, targets,
+                       ours_step.max_distinct_targets),
           "update": OurUpdate(config, ours_step.model, ours_step.inputs.shape[0]),
           "step": ours_step, "matmuls": our_matmuls(matmuls, operands)}
   theirs = dict.fromkeys(BLOCKS)

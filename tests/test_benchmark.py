@@ -10,7 +10,9 @@ import pytest
 
 from configs import default
 from experiments import benchmark
+from tied_lm import data
 from tied_lm.errors import UserError
+from tied_lm.train import distinct_targets_bound
 
 
 def test_step_flops_counts_the_matmuls_by_hand():
@@ -23,6 +25,9 @@ def test_step_flops_counts_the_matmuls_by_hand():
   # 6 tokens: 3x the forward (336 each), plus 3x the target scores L[y] Lᵀ (80 each).
   assert flops == {"train": 3 * 6 * 336 + 3 * 6 * 80, "train_lstm": 3 * 6 * 256,
                    "train_output": 3 * 6 * 80 + 3 * 6 * 80, "eval": 3 * 336}
+  # ỹ once per distinct target word: 4 rows of scores instead of 6.
+  assert benchmark.step_flops(config, 10, 2, 1, target_rows=4)["train"] == (
+      3 * 6 * 336 + 3 * 4 * 80)
   config.loss.stop_gradient_target = True  # ỹ a constant: its scores only run forward
   assert benchmark.step_flops(config, 10, 2, 1)["train"] == 3 * 6 * 336 + 6 * 80
   config.loss.augmented = False
@@ -76,8 +81,12 @@ def test_benchmark_writes_its_rows_with_provenance(run_tiny_timing):
   assert len(train["repeat_seconds"]) == 2 and train["minor_faults_per_step"] >= 0
   tokens = row["batch_size"] * row["num_steps"]
   assert abs(train["tokens_per_second"] * train["step_ms"] / 1e3 - tokens) < 1e-6 * tokens
+  # The step scores ỹ once per distinct target word, as training does.
+  windows = data.train_windows(
+      data.load_corpus("ptb").train, row["batch_size"], row["num_steps"])[1]
+  assert 0 < row["target_rows"] == distinct_targets_bound(windows, 1) < tokens
   assert row["train_flops_per_step"] == benchmark.step_flops(
-      default.get_config(), row["vocab_size"], row["batch_size"], 10)["train"]
+      default.get_config(), row["vocab_size"], row["batch_size"], 10, row["target_rows"])["train"]
   assert row["eval"]["tokens_per_second"] > 0
   # The peak is the best of the measurements before and after the one config.
   samples = results["matmul_peak_samples"]["jax"]

@@ -79,6 +79,15 @@ def test_device_windows_keep_rows_with_their_process_and_device():
       np.testing.assert_array_equal(local[:, device], windows[:, first_row : first_row + 2])
 
 
+def test_max_distinct_targets_counts_each_devices_rows_of_each_window():
+  windows = np.array([[[1, 1], [2, 3], [4, 4], [4, 4]],   # device 0: {1, 2, 3}, 1: {4}
+                      [[5, 6], [7, 8], [9, 9], [9, 0]]])  # device 0: 4 words, 1: {0, 9}
+  assert data.max_distinct_targets(windows, num_devices=2) == 4
+  assert data.max_distinct_targets(windows, num_devices=1) == 6
+  split = data.device_windows(windows, 0, 1, 2)  # as the training step gets them
+  assert max(len(np.unique(rows)) for window in split for rows in window) == 4
+
+
 def test_text_corpus_caps_the_vocabulary_with_unk(tmp_path):
   (tmp_path / "train.txt").write_text("a a a b b c\nd a\n")
   (tmp_path / "valid.txt").write_text("a z\n")

@@ -154,12 +154,16 @@ def test_stop_gradient_target_cuts_embedding_gradient(inputs):
 
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("stop_gradient_target", [False, True])
+@pytest.mark.parametrize("extra_distinct", [None, 0, 3])
 def test_fused_terms_equal_the_separate_losses_and_their_gradients(
-    inputs, with_bias, stop_gradient_target
+    inputs, with_bias, stop_gradient_target, extra_distinct
 ):
   logits, targets, embedding = inputs
   logits, embedding = jnp.asarray(logits, jnp.float32), jnp.asarray(embedding, jnp.float32)
-  targets = jnp.asarray(targets)
+  targets = jnp.asarray(targets % 5)  # 12 tokens of at most 5 words: ỹ rows repeat
+  # None: a ỹ row per token; else one per distinct word, padded by extra_distinct rows.
+  max_distinct_targets = (
+      0 if extra_distinct is None else len(np.unique(targets)) + extra_distinct)
   bias = jnp.linspace(-1.0, 1.0, V) if with_bias else None
   tau, alpha = 3.0, 0.7
   cotangent = jnp.asarray(np.random.default_rng(1).normal(size=targets.shape), jnp.float32)
@@ -175,7 +179,7 @@ def test_fused_terms_equal_the_separate_losses_and_their_gradients(
   def fused(logits, embedding, bias):
     cross_entropy, kl = losses.cross_entropy_and_kl(
         logits, targets, embedding, tau, output_bias=bias,
-        stop_gradient_target=stop_gradient_target,
+        stop_gradient_target=stop_gradient_target, max_distinct_targets=max_distinct_targets,
     )
     return jnp.sum(cotangent * (cross_entropy + alpha * kl)), (cross_entropy, kl)
 

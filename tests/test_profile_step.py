@@ -5,7 +5,7 @@ import numpy as np
 
 from configs import default
 from experiments import benchmark, profile_step
-from tied_lm import train
+from tied_lm import data, train
 
 
 def test_profile_step_times_each_block(run_tiny_timing):
@@ -15,7 +15,10 @@ def test_profile_step_times_each_block(run_tiny_timing):
   blocks = row["blocks"]
   assert list(blocks) == ["lstm", "output", "update", "step", "matmuls"]
   assert blocks["update"]["flops"] == 0 and blocks["update"]["peak_fraction"] == 0
-  flops = benchmark.step_flops(default.get_config(), 10000, row["batch_size"], 10)
+  config = default.get_config()
+  windows = data.train_windows(data.load_corpus("ptb").train, row["batch_size"], config.num_steps)
+  flops = benchmark.step_flops(config, 10000, row["batch_size"], 10,
+                               train.distinct_targets_bound(windows[1], 1))
   assert blocks["lstm"]["flops"] + blocks["output"]["flops"] == blocks["step"]["flops"]
   assert blocks["step"]["flops"] == blocks["matmuls"]["flops"] == flops["train"]
   assert sum(2 * mm["count"] * mm["m"] * mm["k"] * mm["n"] for mm in row["matmuls"]) == (

@@ -41,8 +41,9 @@ def test_learning_rate_schedule():
   assert rates == [1.0, 1.0, 0.5, 0.5, 0.25, 0.125]
 
 
-@pytest.mark.parametrize("augmented", [False, True])
-def test_train_step_is_sgd_on_time_summed_batch_averaged_loss(augmented):
+@pytest.mark.parametrize("augmented,distinct_targets", [(False, False), (True, False),
+                                                        (True, True)])
+def test_train_step_is_sgd_on_time_summed_batch_averaged_loss(augmented, distinct_targets):
   """Independent check of the objective: sum over steps, mean over rows, + gamma*tau*KL."""
   config = small_config()
   config.loss.augmented = augmented
@@ -61,7 +62,11 @@ def test_train_step_is_sgd_on_time_summed_batch_averaged_loss(augmented):
     return per_token.sum() / B
 
   expected = jax.tree.map(lambda p, g: p - 0.3 * g, state.params, jax.grad(objective)(state.params))
-  step = train.pmap_train_step(config.loss, jax.devices()[:1])
+  # distinct_targets: ỹ once per distinct target word, as train_and_evaluate runs it.
+  max_distinct_targets = train.distinct_targets_bound(targets[None], 1) if distinct_targets else 0
+  assert max_distinct_targets < B * T and (max_distinct_targets > 0) == distinct_targets
+  step = train.pmap_train_step(
+      config.loss, jax.devices()[:1], max_distinct_targets=max_distinct_targets)
   new_state, _, metrics = step(
       train.replicate(state, jax.devices()[:1]),
       train.replicate(model.initial_carry(B), jax.devices()[:1]),
@@ -215,6 +220,13 @@ def test_bad_configs_are_refused_with_a_clear_message(field, value, message):
   (config[section] if section else config)[name] = value
   with pytest.raises(train.ConfigError, match=message):
     train.validate_config(config, num_devices=2)
+
+
+def test_distinct_targets_bound_is_off_where_no_word_repeats():
+  repeats = np.array([[[1, 1, 2], [3, 3, 5]]])  # one window, batch 2, 3 steps
+  assert train.distinct_targets_bound(repeats, num_devices=1) == 4
+  assert train.distinct_targets_bound(repeats, num_devices=2) == 2
+  assert train.distinct_targets_bound(np.array([[[1, 1, 2], [3, 4, 5]]]), num_devices=2) == 0
 
 
 def test_paper_configs():
