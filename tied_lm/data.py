@@ -330,7 +330,7 @@ def max_distinct_targets(targets: np.ndarray, num_devices: int) -> int:
 
   The augmented loss computes ỹ once per distinct target word of a device's
   rows, padded to this many (PTB, batch 20 by 35 steps on one device: at most
-  398 of 700 targets).
+  397 of 700 targets).
 
   Args:
     targets: [num_windows, batch_size, num_steps], the global batch; device k

@@ -135,7 +135,7 @@ def cross_entropy_and_kl(
       `targets`: the target scores L[y] Lᵀ, which depend on the word alone,
       are computed once per distinct word ([U, V] for U of these) and each
       token takes its word's row. Same numbers; a text repeats words, so the
-      products shrink (PTB batch 20 by 35: U = 398 for N = 700). 0: one row
+      products shrink (PTB batch 20 by 35: U = 397 for N = 700). 0: one row
       per token.
 
   Returns:
