@@ -150,7 +150,7 @@ def cross_entropy_and_kl(
     return cross_entropy.reshape(batch_shape), jnp.zeros(batch_shape, cross_entropy.dtype)
   if max_distinct_targets:
     words, word_of_token = jnp.unique(targets, return_inverse=True, size=max_distinct_targets)
-    target_scores = _target_scores(embedding, words)[word_of_token.reshape(-1)]  # [N, V]
+    target_scores = _target_scores(embedding, words)[word_of_token]  # [N, V]
   else:
     target_scores = _target_scores(embedding, targets)  # [N, V]
   if stop_gradient_target:
