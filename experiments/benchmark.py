@@ -242,7 +242,8 @@ class OurTrainer:
     self.state = train.replicate(state, devices)
     self.devices = devices
     # As training runs it: ỹ once per distinct target word of each device's rows.
-    self.max_distinct_targets = train.distinct_targets_bound(targets, num_devices)
+    self.max_distinct_targets = train.distinct_targets_bound(
+        targets, num_devices, config.loss.augmented)
     self.target_rows = self.max_distinct_targets * num_devices
     self.step = train.pmap_train_step(
         config.loss, devices, max_distinct_targets=self.max_distinct_targets)

@@ -222,11 +222,12 @@ def test_bad_configs_are_refused_with_a_clear_message(field, value, message):
     train.validate_config(config, num_devices=2)
 
 
-def test_distinct_targets_bound_is_off_where_no_word_repeats():
+def test_distinct_targets_bound_is_off_where_it_saves_nothing():
   repeats = np.array([[[1, 1, 2], [3, 3, 5]]])  # one window, batch 2, 3 steps
   assert train.distinct_targets_bound(repeats, num_devices=1) == 4
   assert train.distinct_targets_bound(repeats, num_devices=2) == 2
   assert train.distinct_targets_bound(np.array([[[1, 1, 2], [3, 4, 5]]]), num_devices=2) == 0
+  assert train.distinct_targets_bound(repeats, num_devices=1, augmented=False) == 0
 
 
 def test_paper_configs():

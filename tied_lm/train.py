@@ -161,12 +161,15 @@ def loss_terms(
   )
 
 
-def distinct_targets_bound(targets: np.ndarray, num_devices: int) -> int:
+def distinct_targets_bound(targets: np.ndarray, num_devices: int, augmented: bool = True) -> int:
   """`train_step`'s max_distinct_targets for these global windows: the most distinct
-  ids of one device's rows, or 0 where that saves nothing (no repeated word).
+  ids of one device's rows, or 0 where that saves nothing (no augmented loss, or no
+  repeated word).
 
   Every process computes it from the same global windows, so all compile one step.
   """
+  if not augmented:
+    return 0
   bound = data.max_distinct_targets(targets, num_devices)
   return 0 if bound == targets[0].size // num_devices else bound
 
@@ -711,7 +714,8 @@ def train_and_evaluate(
 
   p_train_step = pmap_train_step(
       config.loss, skip_nonfinite=config.on_nonfinite == "skip",
-      max_distinct_targets=distinct_targets_bound(targets[:steps_per_epoch], num_devices),
+      max_distinct_targets=distinct_targets_bound(
+          targets[:steps_per_epoch], num_devices, config.loss.augmented),
   )
   state = replicate(state)
   dropout_key = jax.random.key(config.seed + 1)
