@@ -173,17 +173,20 @@ def step_flops(
   `step_matmuls`. Elementwise work (gates, softmaxes) is not counted.
 
   "train_lstm" and "train_output" split "train" into the LSTM stack and the
-  rest (projection, logits, loss). The eval step runs the forward products
-  other than the target scores, at its own batch size.
+  rest (projection, logits, loss); "eval_lstm" and "eval_output" split
+  "eval" likewise. The eval step runs the forward products other than the
+  target scores, at its own batch size.
   """
-  matmuls = step_matmuls(config, vocab_size, batch_size, target_rows)
-  forward = sum(
-      mm.flops for mm in matmuls if "gradient" not in mm.name and mm.name != "target scores"
-  )
-  train = {block: sum(mm.flops for mm in matmuls if mm.block == block)
+  train = {block: sum(mm.flops for mm in step_matmuls(config, vocab_size, batch_size, target_rows)
+                      if mm.block == block)
            for block in ("lstm", "output")}
+  evaluation = {block: sum(mm.flops for mm in step_matmuls(config, vocab_size, eval_batch_size)
+                           if mm.block == block and "gradient" not in mm.name
+                           and mm.name != "target scores")
+                for block in ("lstm", "output")}
   return {"train": train["lstm"] + train["output"], "train_lstm": train["lstm"],
-          "train_output": train["output"], "eval": forward // batch_size * eval_batch_size}
+          "train_output": train["output"], "eval": evaluation["lstm"] + evaluation["output"],
+          "eval_lstm": evaluation["lstm"], "eval_output": evaluation["output"]}
 
 
 def measure_matmul_peak(size: int) -> float:

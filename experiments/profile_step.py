@@ -19,6 +19,11 @@ Each block is a forward and backward pass on fixed inputs, jitted for ours:
           random operands, the per-time-step ones chained as in a recurrence),
           so each library's matmul speed on these shapes, and the share of
           the peak that the step could reach if nothing else took time.
+and the forward-only eval step, at --eval_batch_size, split the same way:
+  eval_lstm    the embedding and LSTM stack without dropout (ours unrolled in
+               full, as `train.evaluate` runs it; torch under no_grad);
+  eval_output  fixed h -> [projection] -> logits -> summed cross-entropy;
+  eval         a window of the eval step, exactly as the benchmark times it.
 With --compare=torch the torch blocks run the same computation through
 `experiments/torch_reference.py` on the same parameters, and repeats alternate
 ours and torch, as in the benchmark, whose flags this module shares (--configs,
@@ -48,7 +53,7 @@ from tied_lm import data, errors, hostmem, provenance, train
 from tied_lm.errors import UserError
 
 FLAGS = benchmark.FLAGS
-BLOCKS = ("lstm", "output", "update", "step", "matmuls")
+BLOCKS = ("lstm", "output", "update", "step", "matmuls", "eval_lstm", "eval_output", "eval")
 
 
 class Calls:
@@ -99,6 +104,30 @@ def our_blocks(config, model, params, inputs: np.ndarray, targets: np.ndarray,
   sync = jax.block_until_ready
   return {"lstm": Calls(lambda: lstm(params, key), sync),
           "output": Calls(lambda: output(output_params, hidden), sync)}
+
+
+def our_eval_blocks(model, params, inputs: np.ndarray, targets: np.ndarray) -> dict:
+  """Runners for the two halves of our eval step on one window [B, T]."""
+  batch_size, num_steps = inputs.shape
+  model = model.clone(unroll=num_steps, compute_dtype="float32")  # as train.evaluate
+  carry = model.initial_carry(batch_size)
+  weights = jnp.ones(inputs.shape, jnp.float32)
+
+  @jax.jit
+  def lstm(params):
+    masks = model.apply({"params": params}, batch_size, deterministic=True,
+                        method=model.dropout_masks)
+    return model.apply({"params": params}, inputs, carry, masks, method=model.hidden_states)[0]
+
+  @jax.jit
+  def output(params, hidden):
+    outputs = model.apply({"params": params}, hidden, carry, method=model.output_terms)
+    return train.window_nll(outputs, targets, weights)
+
+  hidden = lstm(params)
+  sync = jax.block_until_ready
+  return {"eval_lstm": Calls(lambda: lstm(params), sync),
+          "eval_output": Calls(lambda: output(params, hidden), sync)}
 
 
 class OurUpdate:
@@ -168,6 +197,7 @@ def torch_blocks(config, model, inputs: np.ndarray, targets: np.ndarray, device:
   model.train()
 
   def lstm():
+    model.train()  # the eval blocks switch it off
     model.zero_grad(set_to_none=True)
     hidden, _ = model.hidden_states(tokens, state)
     (hidden * cotangent).sum().backward()
@@ -183,6 +213,7 @@ def torch_blocks(config, model, inputs: np.ndarray, targets: np.ndarray, device:
     optimizer.step()
 
   def output():
+    model.train()
     model.zero_grad(set_to_none=True)
     logits, bias_free_logits = model.output_logits(fixed_hidden.detach().requires_grad_())
     cross_entropy, kl = torch_reference.loss_terms(
@@ -198,6 +229,35 @@ def torch_blocks(config, model, inputs: np.ndarray, targets: np.ndarray, device:
 
   return {"lstm": Calls(lstm, sync), "output": Calls(output, sync),
           "update": Calls(update, sync)}
+
+
+def torch_eval_blocks(model, inputs: np.ndarray, targets: np.ndarray, device: str) -> dict:
+  """Runners for the two halves of the eval step through the PyTorch reference."""
+  import torch
+  import torch.nn.functional as F
+
+  tokens = torch.from_numpy(inputs).long().to(device)
+  target_ids = torch.from_numpy(targets).long().to(device).reshape(-1)
+  state = model.initial_state(inputs.shape[0])
+
+  @torch.no_grad()
+  def lstm():
+    model.eval()
+    return model.hidden_states(tokens, state)[0]
+
+  hidden = lstm()
+
+  @torch.no_grad()
+  def output():
+    model.eval()
+    logits, _ = model.output_logits(hidden)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target_ids, reduction="sum")
+
+  def sync(_):
+    if device == "cuda":
+      torch.cuda.synchronize()
+
+  return {"eval_lstm": Calls(lstm, sync), "eval_output": Calls(output, sync)}
 
 
 def torch_matmuls(matmuls: list[benchmark.Matmul], operands, device: str) -> Calls:
@@ -234,25 +294,38 @@ def profile_config(
   inputs, targets = (x[0] for x in data.train_windows(corpus.train, batch_size, config.num_steps))
   matmuls = benchmark.step_matmuls(config, corpus.vocab_size, batch_size, ours_step.target_rows)
   operands = matmul_operands(matmuls)
+  eval_batch_size = FLAGS.eval_batch_size
+  eval_inputs, eval_targets, _ = (
+      x[0] for x in data.eval_windows(corpus.valid, eval_batch_size, config.num_steps))
   ours = {**our_blocks(config, ours_step.model, ours_step.params, inputs, targets,
                        ours_step.max_distinct_targets),
           "update": OurUpdate(config, ours_step.model, ours_step.inputs.shape[0]),
-          "step": ours_step, "matmuls": our_matmuls(matmuls, operands)}
+          "step": ours_step, "matmuls": our_matmuls(matmuls, operands),
+          **our_eval_blocks(ours_step.model, ours_step.params, eval_inputs, eval_targets),
+          "eval": benchmark.OurEvaluator(ours_step.model, ours_step.params, corpus.valid,
+                                         eval_batch_size, config.num_steps)}
   theirs = dict.fromkeys(BLOCKS)
   if FLAGS.compare == "torch":
     torch_step = benchmark.TorchTrainer(
         config, corpus, batch_size, torch_device, ours_step.params
     )
     theirs = {**torch_blocks(config, torch_step.model, inputs, targets, torch_device),
-              "step": torch_step, "matmuls": torch_matmuls(matmuls, operands, torch_device)}
+              "step": torch_step, "matmuls": torch_matmuls(matmuls, operands, torch_device),
+              **torch_eval_blocks(torch_step.model, eval_inputs, eval_targets, torch_device),
+              "eval": benchmark.TorchEvaluator(torch_step, corpus.valid, eval_batch_size,
+                                               config.num_steps)}
   block_flops = {"lstm": flops["train_lstm"], "output": flops["train_output"], "update": 0,
-                 "step": flops["train"], "matmuls": flops["train"]}
+                 "step": flops["train"], "matmuls": flops["train"],
+                 "eval_lstm": flops["eval_lstm"], "eval_output": flops["eval_output"],
+                 "eval": flops["eval"]}
   row = {"config": spec, "overrides": FLAGS.set, "batch_size": batch_size,
+         "eval_batch_size": eval_batch_size,
          "num_steps": config.num_steps, "matmuls": [mm._asdict() for mm in matmuls],
          "blocks": {}}
   for block in BLOCKS:
+    rows_per_call = eval_batch_size if block.startswith("eval") else batch_size
     our_stats, torch_stats = benchmark.benchmark_pair(
-        ours[block], theirs[block], batch_size * config.num_steps
+        ours[block], theirs[block], rows_per_call * config.num_steps
     )
     stats = row["blocks"][block] = {
         "ms": our_stats["step_ms"], "flops": block_flops[block],
@@ -277,8 +350,8 @@ def set_peak_fractions(rows: list[dict], peak: float) -> None:
 
 
 def print_row(row: dict) -> None:
-  print(f"{row['config']} batch {row['batch_size']}")
-  print(f"  {'block':<7} {'ours ms':>8} {'torch ms':>8} {'ratio':>5} {'range':>11} {'%peak':>5}")
+  print(f"{row['config']} batch {row['batch_size']}, eval batch {row['eval_batch_size']}")
+  print(f"  {'block':<11} {'ours ms':>8} {'torch ms':>8} {'ratio':>5} {'range':>11} {'%peak':>5}")
   for block, stats in row["blocks"].items():
     if "torch_ms" in stats:
       low, high = stats["ratio_vs_torch_range"]
@@ -287,7 +360,7 @@ def print_row(row: dict) -> None:
     else:
       torch_columns = f"{'-':>8} {'-':>5} {'-':>11}"
     share = f"{100 * stats['peak_fraction']:>5.1f}" if stats["flops"] else f"{'-':>5}"
-    print(f"  {block:<7} {stats['ms']:>8.1f} {torch_columns} {share}")
+    print(f"  {block:<11} {stats['ms']:>8.1f} {torch_columns} {share}")
 
 
 @errors.command

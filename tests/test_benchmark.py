@@ -24,7 +24,8 @@ def test_step_flops_counts_the_matmuls_by_hand():
   flops = benchmark.step_flops(config, vocab_size=10, batch_size=2, eval_batch_size=1)
   # 6 tokens: 3x the forward (336 each), plus 3x the target scores L[y] Lᵀ (80 each).
   assert flops == {"train": 3 * 6 * 336 + 3 * 6 * 80, "train_lstm": 3 * 6 * 256,
-                   "train_output": 3 * 6 * 80 + 3 * 6 * 80, "eval": 3 * 336}
+                   "train_output": 3 * 6 * 80 + 3 * 6 * 80, "eval": 3 * 336,
+                   "eval_lstm": 3 * 256, "eval_output": 3 * 80}
   # ỹ once per distinct target word: 4 rows of scores instead of 6.
   assert benchmark.step_flops(config, 10, 2, 1, target_rows=4)["train"] == (
       3 * 6 * 336 + 3 * 4 * 80)

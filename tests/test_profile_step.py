@@ -13,7 +13,9 @@ def test_profile_step_times_each_block(run_tiny_timing):
   assert results["commit"] and results["command"].startswith("python -m experiments.profile_step")
   (row,) = results["rows"]
   blocks = row["blocks"]
-  assert list(blocks) == ["lstm", "output", "update", "step", "matmuls"]
+  assert list(blocks) == ["lstm", "output", "update", "step", "matmuls",
+                          "eval_lstm", "eval_output", "eval"]
+  assert row["eval_batch_size"] == 10
   assert blocks["update"]["flops"] == 0 and blocks["update"]["peak_fraction"] == 0
   config = default.get_config()
   windows = data.train_windows(data.load_corpus("ptb").train, row["batch_size"], config.num_steps)
@@ -21,6 +23,8 @@ def test_profile_step_times_each_block(run_tiny_timing):
                                train.distinct_targets_bound(windows[1], 1))
   assert blocks["lstm"]["flops"] + blocks["output"]["flops"] == blocks["step"]["flops"]
   assert blocks["step"]["flops"] == blocks["matmuls"]["flops"] == flops["train"]
+  assert blocks["eval_lstm"]["flops"] + blocks["eval_output"]["flops"] == (
+      blocks["eval"]["flops"]) == flops["eval"]
   assert sum(2 * mm["count"] * mm["m"] * mm["k"] * mm["n"] for mm in row["matmuls"]) == (
       flops["train"])
   # One peak sample before the row and one at the end; every share is of the best.
@@ -48,3 +52,18 @@ def test_the_update_block_is_the_clipped_sgd_step_of_training():
   for got, want in zip(jax.tree.leaves(update.state.params), jax.tree.leaves(expected),
                        strict=True):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_eval_blocks_compose_to_the_eval_step():
+  config = default.get_config()
+  model = train.make_model(config, 50)
+  rng = np.random.default_rng(0)
+  inputs, targets = rng.integers(0, 50, (2, 3, config.num_steps))
+  carry = model.initial_carry(3)
+  params = model.init(jax.random.key(1), inputs, carry, deterministic=True)["params"]
+  blocks = profile_step.our_eval_blocks(model, params, inputs, targets)
+  hidden = blocks["eval_lstm"].fn()
+  assert hidden.shape == (3, config.num_steps, config.model.hidden_size)
+  weights = np.ones(inputs.shape, np.float32)
+  _, nll = train.eval_step(params, carry, inputs, targets, weights, model=model)
+  np.testing.assert_allclose(blocks["eval_output"].fn(), nll, rtol=1e-6)

@@ -290,12 +290,17 @@ def eval_step(
       {"params": params}, inputs, carry, deterministic=True,
       method=models.LSTMLanguageModel.outputs,
   )
+  return outputs.carry, window_nll(outputs, targets, weights)
+
+
+def window_nll(outputs: models.LMOutputs, targets: jax.Array, weights: jax.Array) -> jax.Array:
+  """The weighted NLL sum of one window's outputs; targets and weights [B, T]."""
   # The fused pass: neither logits + bias nor the log-softmax is written out.
   cross_entropy, _ = losses.cross_entropy_and_kl(
       outputs.bias_free_logits, targets, outputs.embedding, 1.0,
       output_bias=outputs.output_bias, augmented=False,
   )
-  return outputs.carry, jnp.sum(cross_entropy * weights)
+  return jnp.sum(cross_entropy * weights)
 
 
 def evaluate(
