@@ -63,6 +63,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss.tau = 10.0
   config.loss.gamma = 0.65  # the KL weight is alpha = gamma * tau
   config.loss.stop_gradient_target = False  # the paper lets L learn through ỹ
+  # "kl": J_aug = KL(ỹ ‖ ŷ), the paper's. "cross_entropy": H(ỹ, ŷ) = KL + H(ỹ), a
+  # soft-label cross-entropy; same gradient on the logits, and through ỹ it also
+  # lowers ỹ's entropy (a reading of an unreleased implementation, not the text).
+  config.loss.augmented_form = "kl"
 
   config.optim = ml_collections.ConfigDict()
   config.optim.learning_rate = 1.0

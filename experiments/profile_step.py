@@ -220,6 +220,7 @@ def torch_blocks(config, model, inputs: np.ndarray, targets: np.ndarray, device:
         logits, bias_free_logits, target_ids, model.embed.weight,
         augmented=config.loss.augmented, tau=config.loss.tau,
         stop_gradient_target=config.loss.stop_gradient_target,
+        form=config.loss.augmented_form,
     )
     ((cross_entropy + alpha * kl).sum() / batch_size).backward()
 

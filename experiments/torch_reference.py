@@ -125,8 +125,12 @@ def loss_terms(
     augmented: bool,
     tau: float,
     stop_gradient_target: bool,
+    form: str = "kl",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-  """Per-token cross-entropy and KL(ỹ ‖ softmax(z / τ)), each [B, T] (KL 0 without AL)."""
+  """Per-token cross-entropy and KL(ỹ ‖ softmax(z / τ)), each [B, T] (KL 0 without AL).
+
+  form "cross_entropy": H(ỹ, softmax(z / τ)) in place of the KL, as in `tied_lm.losses`.
+  """
   vocab_size = logits.shape[-1]
   cross_entropy = F.cross_entropy(
       logits.reshape(-1, vocab_size).float(), targets.reshape(-1), reduction="none"
@@ -138,6 +142,8 @@ def loss_terms(
   if stop_gradient_target:
     log_target = log_target.detach()
   log_model = F.log_softmax(bias_free_logits.float() / tau, dim=-1)
+  if form == "cross_entropy":
+    return cross_entropy, -(log_target.exp() * log_model).sum(-1)
   kl = F.kl_div(log_model, log_target, reduction="none", log_target=True).sum(-1)
   return cross_entropy, kl
 
@@ -164,6 +170,7 @@ def make_train_step(model: TorchLanguageModel, config: Any):
           logits, bias_free_logits, targets, model.embed.weight,
           augmented=config.loss.augmented, tau=config.loss.tau,
           stop_gradient_target=config.loss.stop_gradient_target,
+          form=config.loss.augmented_form,
       )
     loss = (cross_entropy + alpha * kl).sum() / inputs.shape[0]
     loss.backward()

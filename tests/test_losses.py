@@ -152,11 +152,38 @@ def test_stop_gradient_target_cuts_embedding_gradient(inputs):
   np.testing.assert_allclose(stopped_logits_grad, logits_grad, atol=1e-7)
 
 
+def test_cross_entropy_form_is_the_kl_plus_the_targets_entropy(inputs):
+  logits, targets, embedding = inputs
+  tau = 2.0
+  p = np_target_distribution(embedding, targets, tau)
+  expected = np_kl(logits, targets, embedding, tau) - (p * np.log(p)).sum(-1)
+  logits32, embedding32 = jnp.asarray(logits, jnp.float32), jnp.asarray(embedding, jnp.float32)
+  got = losses.augmented_loss(logits32, jnp.asarray(targets), embedding32, tau,
+                              form="cross_entropy")
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+
+  def grads(form):
+    return jax.grad(
+        lambda z, emb: losses.augmented_loss(z, targets, emb, tau, form=form).sum(),
+        argnums=(0, 1))(logits32, embedding32)
+
+  (kl_logits, kl_embedding), (ce_logits, ce_embedding) = grads("kl"), grads("cross_entropy")
+  # The entropy term does not depend on the logits; it changes only L's gradient.
+  np.testing.assert_allclose(ce_logits, kl_logits, atol=1e-6)
+  assert float(jnp.abs(ce_embedding - kl_embedding).max()) > 1e-2
+  with jax.enable_x64(True):
+    check_grads(
+        lambda z, emb: losses.augmented_loss(z, targets, emb, tau, form="cross_entropy").sum(),
+        (jnp.asarray(logits), jnp.asarray(embedding)), order=1, modes=("rev",),
+    )
+
+
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("stop_gradient_target", [False, True])
 @pytest.mark.parametrize("extra_distinct", [None, 0, 3])
+@pytest.mark.parametrize("form", losses.AUGMENTED_FORMS)
 def test_fused_terms_equal_the_separate_losses_and_their_gradients(
-    inputs, with_bias, stop_gradient_target, extra_distinct
+    inputs, with_bias, stop_gradient_target, extra_distinct, form
 ):
   logits, targets, embedding = inputs
   logits, embedding = jnp.asarray(logits, jnp.float32), jnp.asarray(embedding, jnp.float32)
@@ -172,7 +199,7 @@ def test_fused_terms_equal_the_separate_losses_and_their_gradients(
     scores = logits if bias is None else logits + bias
     cross_entropy = losses.cross_entropy(scores, targets)
     kl = losses.augmented_loss(
-        logits, targets, embedding, tau, stop_gradient_target=stop_gradient_target
+        logits, targets, embedding, tau, stop_gradient_target=stop_gradient_target, form=form
     )
     return jnp.sum(cotangent * (cross_entropy + alpha * kl)), (cross_entropy, kl)
 
@@ -180,6 +207,7 @@ def test_fused_terms_equal_the_separate_losses_and_their_gradients(
     cross_entropy, kl = losses.cross_entropy_and_kl(
         logits, targets, embedding, tau, output_bias=bias,
         stop_gradient_target=stop_gradient_target, max_distinct_targets=max_distinct_targets,
+        form=form,
     )
     return jnp.sum(cotangent * (cross_entropy + alpha * kl)), (cross_entropy, kl)
 

@@ -23,9 +23,11 @@ torch_reference = pytest.importorskip("experiments.torch_reference")
         {"hidden_size": 48, "output_projection": True},
     ],
 )
-def test_torch_reference_matches_loss_and_gradients(model_overrides):
+@pytest.mark.parametrize("form", ["kl", "cross_entropy"])
+def test_torch_reference_matches_loss_and_gradients(model_overrides, form):
   config = default.get_config()
   config.model.update(model_overrides)
+  config.loss.augmented_form = form
   vocab_size, batch_size = 50, 3
   model = train.make_model(config, vocab_size)
   state = train.create_train_state(config, model, steps_per_epoch=10)
@@ -52,7 +54,7 @@ def test_torch_reference_matches_loss_and_gradients(model_overrides):
   )
   cross_entropy, kl = torch_reference.loss_terms(
       logits, bias_free_logits, torch.from_numpy(targets).long(), reference.embed.weight,
-      augmented=True, tau=config.loss.tau, stop_gradient_target=False,
+      augmented=True, tau=config.loss.tau, stop_gradient_target=False, form=form,
   )
   torch_loss = (cross_entropy + config.loss.gamma * config.loss.tau * kl).sum() / batch_size
   torch_loss.backward()

@@ -203,6 +203,8 @@ def test_evaluation_with_batch_one_equals_scoring_the_whole_stream_at_once():
         ("model.hidden_size", 16, "tie_embeddings needs model.hidden_size == model.embed_dim"),
         ("loss.tau", 0.0, "loss.tau=0.0 must be > 0"),
         ("loss.tau", -1.0, "loss.tau=-1.0 must be > 0"),
+        ("loss.augmented_form", "js",
+         "loss.augmented_form='js' must be one of kl, cross_entropy"),
         ("model.output_dropout", -0.1, r"model.output_dropout=-0.1 is a drop probability"),
         ("model.hidden_dropout", 1.0, r"model.hidden_dropout=1.0 is a drop probability"),
         ("model.unroll", 0, "model.unroll=0 must be positive"),

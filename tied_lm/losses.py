@@ -70,7 +70,10 @@ def target_distribution(
   return jnp.exp(_target_log_distribution(embedding, targets, tau))
 
 
-@functools.partial(jax.jit, static_argnames="stop_gradient_target")
+AUGMENTED_FORMS = ("kl", "cross_entropy")
+
+
+@functools.partial(jax.jit, static_argnames=("stop_gradient_target", "form"))
 def augmented_loss(
     logits: jax.Array,
     targets: jax.Array,
@@ -78,6 +81,7 @@ def augmented_loss(
     tau: float,
     *,
     stop_gradient_target: bool = False,
+    form: str = "kl",
 ) -> jax.Array:
   """Per-token KL(ỹ ‖ ŷ) with ŷ = softmax(logits / τ), the paper's J_aug.
 
@@ -91,19 +95,26 @@ def augmented_loss(
     tau: temperature τ > 0.
     stop_gradient_target: if True, ỹ is a constant and L gets no gradient
       through it. The paper's default (False) lets gradient flow into L.
+    form: "kl", the paper's KL(ỹ ‖ ŷ); or "cross_entropy", H(ỹ, ŷ) =
+      KL(ỹ ‖ ŷ) + H(ỹ), what a soft-label cross-entropy computes. The two
+      differ by ỹ's entropy, so only in L's gradient through ỹ, which the
+      cross-entropy also pushes towards a sharper ỹ.
 
   Returns:
-    [...] float32 KL divergence of each token, >= 0.
+    [...] float32 KL divergence (or cross-entropy) of each token, >= 0.
   """
   log_target = _target_log_distribution(embedding, targets, tau)
   if stop_gradient_target:
     log_target = jax.lax.stop_gradient(log_target)
   log_model = jax.nn.log_softmax(_at_least_float32(logits) / tau, axis=-1)
+  if form == "cross_entropy":
+    return -jnp.sum(jnp.exp(log_target) * log_model, axis=-1)
   return jnp.sum(jnp.exp(log_target) * (log_target - log_model), axis=-1)
 
 
 @functools.partial(
-    jax.jit, static_argnames=("augmented", "stop_gradient_target", "max_distinct_targets"))
+    jax.jit,
+    static_argnames=("augmented", "stop_gradient_target", "max_distinct_targets", "form"))
 def cross_entropy_and_kl(
     logits: jax.Array,
     targets: jax.Array,
@@ -114,6 +125,7 @@ def cross_entropy_and_kl(
     augmented: bool = True,
     stop_gradient_target: bool = False,
     max_distinct_targets: int = 0,
+    form: str = "kl",
 ) -> tuple[jax.Array, jax.Array]:
   """Both terms of the objective in fused passes, with a hand-written gradient.
 
@@ -137,9 +149,10 @@ def cross_entropy_and_kl(
       token takes its word's row. Same numbers; a text repeats words, so the
       products shrink (PTB batch 20 by 35: U = 397 for N = 700). 0: one row
       per token.
+    form: the augmented term, "kl" or "cross_entropy" (see `augmented_loss`).
 
   Returns:
-    (cross_entropy, kl), each [...] float32.
+    (cross_entropy, kl), each [...] float32; kl is the augmented term in `form`.
   """
   batch_shape, vocab_size = targets.shape, logits.shape[-1]
   logits = _at_least_float32(logits).reshape(-1, vocab_size)
@@ -155,7 +168,8 @@ def cross_entropy_and_kl(
     target_scores = _target_scores(embedding, targets)  # [N, V]
   if stop_gradient_target:
     target_scores = jax.lax.stop_gradient(target_scores)
-  cross_entropy, kl = _fused_cross_entropy_and_kl(logits, bias, target_scores, targets, tau)
+  cross_entropy, kl = _fused_cross_entropy_and_kl(
+      logits, bias, target_scores, targets, tau, form)
   return cross_entropy.reshape(batch_shape), kl.reshape(batch_shape)
 
 
@@ -248,12 +262,12 @@ def _fused_cross_entropy_bwd(residuals, grad_cross_entropy):
 _fused_cross_entropy.defvjp(_fused_cross_entropy_fwd, _fused_cross_entropy_bwd)
 
 
-@jax.custom_vjp
-def _fused_cross_entropy_and_kl(logits, bias, target_scores, targets, tau):
-  return _fused_cross_entropy_and_kl_fwd(logits, bias, target_scores, targets, tau)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _fused_cross_entropy_and_kl(logits, bias, target_scores, targets, tau, form):
+  return _fused_cross_entropy_and_kl_fwd(logits, bias, target_scores, targets, tau, form)[0]
 
 
-def _fused_cross_entropy_and_kl_fwd(logits, bias, target_scores, targets, tau):
+def _fused_cross_entropy_and_kl_fwd(logits, bias, target_scores, targets, tau, form):
   cross_entropy, (_, _, _, log_normalizer) = _fused_cross_entropy_fwd(logits, bias, targets)
   inverse_tau = _inverse(tau, logits.dtype)
   model_log_normalizer = _logsumexp(logits, inverse_tau)
@@ -263,10 +277,13 @@ def _fused_cross_entropy_and_kl_fwd(logits, bias, target_scores, targets, tau):
       target_scores, logits, inverse_tau, target_log_normalizer
   )
   target_probs = jnp.exp(scores * scale - normalizer[:, None])
-  kl = (
-      scale * jnp.sum(target_probs * (scores - kl_logits), axis=-1)
-      - target_log_normalizer + model_log_normalizer
-  )
+  if form == "cross_entropy":  # H(ỹ, ŷ) = -sum ỹ log ŷ = lse(z/τ) - sum ỹ z / τ
+    kl = model_log_normalizer - scale * jnp.sum(target_probs * kl_logits, axis=-1)
+  else:
+    kl = (
+        scale * jnp.sum(target_probs * (scores - kl_logits), axis=-1)
+        - target_log_normalizer + model_log_normalizer
+    )
   residuals = (
       logits, bias, target_scores, targets, tau, log_normalizer, model_log_normalizer,
       target_log_normalizer, kl,
@@ -274,7 +291,7 @@ def _fused_cross_entropy_and_kl_fwd(logits, bias, target_scores, targets, tau):
   return (cross_entropy, kl), residuals
 
 
-def _fused_cross_entropy_and_kl_bwd(residuals, grads):
+def _fused_cross_entropy_and_kl_bwd(form, residuals, grads):
   (logits, bias, target_scores, targets, tau, log_normalizer, model_log_normalizer,
    target_log_normalizer, kl) = residuals
   grad_cross_entropy, grad_kl = grads
@@ -293,14 +310,19 @@ def _fused_cross_entropy_and_kl_bwd(residuals, grads):
   grad_logits = _cross_entropy_grad(
       logits, bias, targets, log_normalizer, grad_cross_entropy, kl_grad_logits
   )
-  # dKL/ds = ỹ (log ỹ - log ŷ - KL) / τ
   scores, kl_logits, scale, model_normalizer, target_normalizer, row_kl, weight = _unshared(
       target_scores, logits, inverse_tau, model_log_normalizer, target_log_normalizer, kl,
       kl_weight,
   )
-  grad_target_scores = weight[:, None] * jnp.exp(scores * scale - target_normalizer[:, None]) * (
-      (scores - kl_logits) * scale - (target_normalizer - model_normalizer + row_kl)[:, None]
-  )
+  target_probs = jnp.exp(scores * scale - target_normalizer[:, None])
+  if form == "cross_entropy":  # dH(ỹ, ŷ)/ds = ỹ (-log ŷ - H(ỹ, ŷ)) / τ
+    grad_target_scores = weight[:, None] * target_probs * (
+        (model_normalizer - row_kl)[:, None] - kl_logits * scale
+    )
+  else:  # dKL/ds = ỹ (log ỹ - log ŷ - KL) / τ
+    grad_target_scores = weight[:, None] * target_probs * (
+        (scores - kl_logits) * scale - (target_normalizer - model_normalizer + row_kl)[:, None]
+    )
   grad_bias = (  # the bias enters the cross-entropy only
       None if bias is None
       else _cross_entropy_bias_grad(logits, bias, targets, log_normalizer, grad_cross_entropy)

@@ -75,6 +75,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
        "model.compute_dtype=float32"),
       (config.loss.tau > 0, f"loss.tau={config.loss.tau} must be > 0"),
       (config.loss.gamma >= 0, f"loss.gamma={config.loss.gamma} must be >= 0"),
+      (config.loss.augmented_form in losses.AUGMENTED_FORMS,
+       f"loss.augmented_form={config.loss.augmented_form!r} must be one of "
+       f"{', '.join(losses.AUGMENTED_FORMS)}"),
       (config.optim.learning_rate > 0,
        f"optim.learning_rate={config.optim.learning_rate} must be > 0"),
       (0 < config.optim.decay_rate <= 1,
@@ -158,6 +161,7 @@ def loss_terms(
       augmented=loss_config.augmented,
       stop_gradient_target=loss_config.stop_gradient_target,
       max_distinct_targets=max_distinct_targets,
+      form=loss_config.augmented_form,
   )
 
 
