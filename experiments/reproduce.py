@@ -11,8 +11,10 @@ Each run of the grid `datasets x sizes x variants` (x every combination of
 
 with its output in ROOT/DATASET_SIZE_VARIANT/train.log. A finished run
 (results.json) is skipped; a killed one resumes from its last checkpoint when
-the harness is run again. `--parallel` runs several at once (on one GPU each
-child is given 0.9/parallel of its memory). `--rescore` then scores each
+the harness is run again. SIGTERM or Ctrl-C to the harness stops the running
+runs at a checkpoint (it passes the signal on, once) and starts no more.
+`--parallel` runs several at once (on one GPU each child is given 0.9/parallel
+of its memory). `--rescore` then scores each
 finished run's best checkpoint on valid and test with eval_batch_size=1, so
 every token is conditioned on its whole history (`python -m tied_lm.evaluate`).
 
@@ -151,39 +153,64 @@ def child_environment(parallel: int) -> dict[str, str]:
 def run_all(commands: list[tuple[Path, list[str]]], parallel: int) -> list[Path]:
   """Runs the commands, `parallel` at a time, each logging to WORKDIR/train.log.
 
-  Returns the workdirs whose command did not finish: failed, or stopped by a
-  signal (tied_lm.main saves a checkpoint and exits 128 + the signal's number).
+  SIGTERM or SIGINT (Ctrl-C) to this process is passed on, once, to each running
+  command, which saves a checkpoint and exits; no further command starts. The
+  commands run in sessions of their own, so a signal sent to this process's group
+  does not reach them twice (a second signal makes tied_lm.main give up waiting).
+
+  Returns the workdirs whose command did not finish: failed, stopped by a
+  signal (tied_lm.main saves a checkpoint and exits 128 + the signal's number),
+  or not started.
   """
   pending, running, unfinished = list(commands), [], []
   environment = child_environment(parallel)
-  while pending or running:
-    while pending and len(running) < parallel:
-      workdir, command = pending.pop(0)
-      workdir.mkdir(parents=True, exist_ok=True)
-      log = open(workdir / "train.log", "a")
-      print(f"start {workdir.name}: {shell(command)}", flush=True)
-      running.append((workdir, subprocess.Popen(
-          command, stdout=log, stderr=subprocess.STDOUT, env=environment,
-          cwd=provenance.REPO), log, time.time()))
-    time.sleep(1.0)
-    for item in list(running):
-      workdir, process, log, started = item
-      if process.poll() is None:
-        continue
-      running.remove(item)
-      log.close()
-      took = reporting.format_seconds(time.time() - started)
-      if process.returncode == 0:
-        print(f"done  {workdir.name} in {took}", flush=True)
-        continue
-      unfinished.append(workdir)
-      if process.returncode - 128 in (signal.SIGTERM, signal.SIGINT):
-        print(f"stop  {workdir.name} by {signal.Signals(process.returncode - 128).name} "
-              f"after {took}; it resumes from its checkpoint when this command runs "
-              "again", flush=True)
-      else:
-        print(f"FAIL  {workdir.name} (exit {process.returncode} after {took}); "
-              f"see {workdir / 'train.log'}", flush=True)
+  received = []  # the signals this process got, in order
+  forwarded = {}  # process -> how many of them it has been sent
+
+  def receive(signum, frame):
+    received.append(signum)
+
+  previous = {signum: signal.signal(signum, receive) for signum in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    while (pending and not received) or running:
+      while pending and not received and len(running) < parallel:
+        workdir, command = pending.pop(0)
+        workdir.mkdir(parents=True, exist_ok=True)
+        log = open(workdir / "train.log", "a")
+        print(f"start {workdir.name}: {shell(command)}", flush=True)
+        running.append((workdir, subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=environment,
+            cwd=provenance.REPO, start_new_session=True), log, time.time()))
+      time.sleep(1.0)
+      for _, process, _, _ in running:
+        for signum in received[forwarded.get(process, 0):]:
+          process.send_signal(signum)
+        forwarded[process] = len(received)
+      for item in list(running):
+        workdir, process, log, started = item
+        if process.poll() is None:
+          continue
+        running.remove(item)
+        log.close()
+        took = reporting.format_seconds(time.time() - started)
+        if process.returncode == 0:
+          print(f"done  {workdir.name} in {took}", flush=True)
+          continue
+        unfinished.append(workdir)
+        if process.returncode - 128 in (signal.SIGTERM, signal.SIGINT):
+          print(f"stop  {workdir.name} by {signal.Signals(process.returncode - 128).name} "
+                f"after {took}; it resumes from its checkpoint when this command runs "
+                "again", flush=True)
+        else:
+          print(f"FAIL  {workdir.name} (exit {process.returncode} after {took}); "
+                f"see {workdir / 'train.log'}", flush=True)
+  finally:
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)
+  for workdir, _ in pending:
+    print(f"skip  {workdir.name}: not started after {signal.Signals(received[0]).name}",
+          flush=True)
+    unfinished.append(workdir)
   return unfinished
 
 

@@ -1,9 +1,13 @@
 """experiments/reproduce.py: the grid's commands, the table, and a tiny grid end to end."""
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -37,6 +41,47 @@ def test_run_all_tells_a_stopped_run_from_a_failed_one(tmp_path, capsys):
   assert "done  done in" in out
   assert "stop  stopped by SIGTERM after" in out and "resumes from its checkpoint" in out
   assert "FAIL  failed (exit 1 after" in out and "stopped (exit" not in out
+
+
+def test_a_signal_to_run_all_reaches_each_running_command_once_and_starts_no_more(
+    tmp_path, capsys
+):
+  # A command that records each SIGTERM it gets and its session, then exits as
+  # tied_lm.main does after its checkpoint (143), a second after the first one.
+  child = (
+      "import os, signal, sys, time\n"
+      "log = open(sys.argv[1], 'a')\n"
+      "got = []\n"
+      "signal.signal(signal.SIGTERM, lambda s, f: got.append(time.time()))\n"
+      "log.write(f'session {os.getsid(0)}\\n'); log.flush()\n"
+      "deadline = time.time() + 60\n"
+      "while time.time() < deadline and not (got and time.time() > got[0] + 1):\n"
+      "  time.sleep(0.05)\n"
+      "log.write(f'signals {len(got)}\\n'); sys.exit(143 if got else 0)\n"
+  )
+  record = tmp_path / "record.txt"
+  commands = [(tmp_path / "first", [sys.executable, "-c", child, str(record)]),
+              (tmp_path / "second", [sys.executable, "-c", child, str(record)])]
+
+  def signal_when_started():
+    while "session" not in (record.read_text() if record.exists() else ""):
+      time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)  # run_all installs its own
+  try:
+    threading.Thread(target=signal_when_started, daemon=True).start()
+    unfinished = reproduce.run_all(commands, parallel=1)
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  assert unfinished == [tmp_path / "first", tmp_path / "second"]
+  session, signals = record.read_text().splitlines()
+  # In a session of its own, a signal to our process group would not reach it as well.
+  assert session.startswith("session ") and int(session.split()[1]) != os.getsid(0)
+  assert signals == "signals 1"
+  out = capsys.readouterr().out
+  assert "stop  first by SIGTERM" in out and "skip  second: not started after SIGTERM" in out
+  assert not (tmp_path / "second").exists()
 
 
 def test_sweep_points_take_every_combination_with_a_tag_each():
