@@ -41,12 +41,13 @@ def test_learning_rate_schedule():
   assert rates == [1.0, 1.0, 0.5, 0.5, 0.25, 0.125]
 
 
-@pytest.mark.parametrize("augmented,distinct_targets", [(False, False), (True, False),
-                                                        (True, True)])
-def test_train_step_is_sgd_on_time_summed_batch_averaged_loss(augmented, distinct_targets):
+@pytest.mark.parametrize("augmented,distinct_targets,form", [
+    (False, False, "kl"), (True, False, "kl"), (True, True, "kl"), (True, True, "cross_entropy")])
+def test_train_step_is_sgd_on_time_summed_batch_averaged_loss(augmented, distinct_targets, form):
   """Independent check of the objective: sum over steps, mean over rows, + gamma*tau*KL."""
   config = small_config()
   config.loss.augmented = augmented
+  config.loss.augmented_form = form
   config.optim.clip_norm = 1e9  # no clipping here
   config.optim.learning_rate = 0.3
   model = train.make_model(config, V)
@@ -58,7 +59,7 @@ def test_train_step_is_sgd_on_time_summed_batch_averaged_loss(augmented, distinc
     per_token = losses.cross_entropy(logits, targets)
     if augmented:
       embedding = params["embed"]["embedding"]
-      per_token += 0.7 * 2.0 * losses.augmented_loss(logits, targets, embedding, 2.0)
+      per_token += 0.7 * 2.0 * losses.augmented_loss(logits, targets, embedding, 2.0, form=form)
     return per_token.sum() / B
 
   expected = jax.tree.map(lambda p, g: p - 0.3 * g, state.params, jax.grad(objective)(state.params))
