@@ -11,8 +11,9 @@ Each run of the grid `datasets x sizes x variants` (x every combination of
 
 with its output in ROOT/DATASET_SIZE_VARIANT/train.log. A finished run
 (results.json) is skipped; a killed one resumes from its last checkpoint when
-the harness is run again. SIGTERM or Ctrl-C to the harness stops the running
-runs at a checkpoint (it passes the signal on, once) and starts no more.
+the harness is run again. SIGTERM, Ctrl-C or a closed terminal (SIGHUP) stops
+the running runs at a checkpoint (the harness passes the signal on, once) and
+starts no more.
 `--parallel` runs several at once (on one GPU each child is given 0.9/parallel
 of its memory). `--rescore` then scores each
 finished run's best checkpoint on valid and test with eval_batch_size=1, so
@@ -154,9 +155,10 @@ def run_all(commands: list[tuple[Path, list[str]]], parallel: int) -> list[Path]
   """Runs the commands, `parallel` at a time, each logging to WORKDIR/train.log.
 
   SIGTERM or SIGINT (Ctrl-C) to this process is passed on, once, to each running
-  command, which saves a checkpoint and exits; no further command starts. The
-  commands run in sessions of their own, so a signal sent to this process's group
-  does not reach them twice (a second signal makes tied_lm.main give up waiting).
+  command, which saves a checkpoint and exits; no further command starts. SIGHUP
+  (the terminal closed) is passed on as SIGTERM. The commands run in sessions of
+  their own, so a signal sent to this process's group does not reach them twice
+  (a second signal makes tied_lm.main give up waiting).
 
   Returns the workdirs whose command did not finish: failed, stopped by a
   signal (tied_lm.main saves a checkpoint and exits 128 + the signal's number),
@@ -170,7 +172,8 @@ def run_all(commands: list[tuple[Path, list[str]]], parallel: int) -> list[Path]
   def receive(signum, frame):
     received.append(signum)
 
-  previous = {signum: signal.signal(signum, receive) for signum in (signal.SIGTERM, signal.SIGINT)}
+  handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+  previous = {signum: signal.signal(signum, receive) for signum in handled}
   try:
     while (pending and not received) or running:
       while pending and not received and len(running) < parallel:
@@ -184,7 +187,8 @@ def run_all(commands: list[tuple[Path, list[str]]], parallel: int) -> list[Path]
       time.sleep(1.0)
       for _, process, _, _ in running:
         for signum in received[forwarded.get(process, 0):]:
-          process.send_signal(signum)
+          # tied_lm.main checkpoints on SIGTERM and SIGINT only.
+          process.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
         forwarded[process] = len(received)
       for item in list(running):
         workdir, process, log, started = item

@@ -43,21 +43,26 @@ def test_run_all_tells_a_stopped_run_from_a_failed_one(tmp_path, capsys):
   assert "FAIL  failed (exit 1 after" in out and "stopped (exit" not in out
 
 
+@pytest.mark.parametrize("signum,forwarded", [
+    (signal.SIGTERM, signal.SIGTERM), (signal.SIGINT, signal.SIGINT),
+    (signal.SIGHUP, signal.SIGTERM)])
 def test_a_signal_to_run_all_reaches_each_running_command_once_and_starts_no_more(
-    tmp_path, capsys
+    tmp_path, capsys, signum, forwarded
 ):
-  # A command that records each SIGTERM it gets and its session, then exits as
-  # tied_lm.main does after its checkpoint (143), a second after the first one.
+  # A command that records the signals it gets and its session, then exits as
+  # tied_lm.main does after its checkpoint (128 + the signal), a second after the first.
   child = (
       "import os, signal, sys, time\n"
       "log = open(sys.argv[1], 'a')\n"
       "got = []\n"
-      "signal.signal(signal.SIGTERM, lambda s, f: got.append(time.time()))\n"
+      "for s in (signal.SIGTERM, signal.SIGINT):\n"
+      "  signal.signal(s, lambda s, f: got.append((s, time.time())))\n"
       "log.write(f'session {os.getsid(0)}\\n'); log.flush()\n"
       "deadline = time.time() + 60\n"
-      "while time.time() < deadline and not (got and time.time() > got[0] + 1):\n"
+      "while time.time() < deadline and not (got and time.time() > got[0][1] + 1):\n"
       "  time.sleep(0.05)\n"
-      "log.write(f'signals {len(got)}\\n'); sys.exit(143 if got else 0)\n"
+      "log.write(f'signals {[int(s) for s, _ in got]}\\n')\n"
+      "sys.exit(128 + got[0][0] if got else 0)\n"
   )
   record = tmp_path / "record.txt"
   commands = [(tmp_path / "first", [sys.executable, "-c", child, str(record)]),
@@ -66,21 +71,22 @@ def test_a_signal_to_run_all_reaches_each_running_command_once_and_starts_no_mor
   def signal_when_started():
     while "session" not in (record.read_text() if record.exists() else ""):
       time.sleep(0.05)
-    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signum)
 
-  previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)  # run_all installs its own
+  previous = signal.signal(signum, signal.SIG_IGN)  # run_all installs its own
   try:
     threading.Thread(target=signal_when_started, daemon=True).start()
     unfinished = reproduce.run_all(commands, parallel=1)
   finally:
-    signal.signal(signal.SIGTERM, previous)
+    signal.signal(signum, previous)
   assert unfinished == [tmp_path / "first", tmp_path / "second"]
   session, signals = record.read_text().splitlines()
   # In a session of its own, a signal to our process group would not reach it as well.
   assert session.startswith("session ") and int(session.split()[1]) != os.getsid(0)
-  assert signals == "signals 1"
+  assert signals == f"signals {[int(forwarded)]}"  # one signal, the one tied_lm.main takes
   out = capsys.readouterr().out
-  assert "stop  first by SIGTERM" in out and "skip  second: not started after SIGTERM" in out
+  assert f"stop  first by {forwarded.name}" in out
+  assert f"skip  second: not started after {signal.Signals(signum).name}" in out
   assert not (tmp_path / "second").exists()
 
 
