@@ -158,7 +158,8 @@ def run_all(commands: list[tuple[Path, list[str]]], parallel: int) -> list[Path]
   command, which saves a checkpoint and exits; no further command starts. SIGHUP
   (the terminal closed) is passed on as SIGTERM. The commands run in sessions of
   their own, so a signal sent to this process's group does not reach them twice
-  (a second signal makes tied_lm.main give up waiting).
+  (a second signal makes tied_lm.main give up waiting). A signal this process
+  ignores (SIGHUP under nohup) stays ignored.
 
   Returns the workdirs whose command did not finish: failed, stopped by a
   signal (tied_lm.main saves a checkpoint and exits 128 + the signal's number),
@@ -172,8 +173,9 @@ def run_all(commands: list[tuple[Path, list[str]]], parallel: int) -> list[Path]
   def receive(signum, frame):
     received.append(signum)
 
-  handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-  previous = {signum: signal.signal(signum, receive) for signum in handled}
+  previous = {signum: signal.signal(signum, receive)
+              for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+              if signal.getsignal(signum) != signal.SIG_IGN}
   try:
     while (pending and not received) or running:
       while pending and not received and len(running) < parallel:

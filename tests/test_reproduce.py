@@ -73,7 +73,7 @@ def test_a_signal_to_run_all_reaches_each_running_command_once_and_starts_no_mor
       time.sleep(0.05)
     os.kill(os.getpid(), signum)
 
-  previous = signal.signal(signum, signal.SIG_IGN)  # run_all installs its own
+  previous = signal.signal(signum, lambda *_: None)  # run_all installs its own
   try:
     threading.Thread(target=signal_when_started, daemon=True).start()
     unfinished = reproduce.run_all(commands, parallel=1)
@@ -88,6 +88,27 @@ def test_a_signal_to_run_all_reaches_each_running_command_once_and_starts_no_mor
   assert f"stop  first by {forwarded.name}" in out
   assert f"skip  second: not started after {signal.Signals(signum).name}" in out
   assert not (tmp_path / "second").exists()
+
+
+def test_run_all_leaves_an_ignored_hangup_ignored(tmp_path, capsys):
+  # Under nohup SIGHUP is ignored: closing the terminal must not stop the runs.
+  started = tmp_path / "started"
+  command = [sys.executable, "-c",
+             f"import time; open({str(started)!r}, 'w').close(); time.sleep(1)"]
+
+  def hang_up_when_started():
+    while not started.exists():
+      time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGHUP)
+
+  previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+  try:
+    threading.Thread(target=hang_up_when_started, daemon=True).start()
+    assert reproduce.run_all([(tmp_path / "run", command)], parallel=1) == []
+    assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+  finally:
+    signal.signal(signal.SIGHUP, previous)
+  assert "done  run in" in capsys.readouterr().out
 
 
 def test_sweep_points_take_every_combination_with_a_tag_each():
