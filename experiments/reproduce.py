@@ -154,12 +154,12 @@ def child_environment(parallel: int) -> dict[str, str]:
 def run_all(commands: list[tuple[Path, list[str]]], parallel: int) -> list[Path]:
   """Runs the commands, `parallel` at a time, each logging to WORKDIR/train.log.
 
-  SIGTERM or SIGINT (Ctrl-C) to this process is passed on, once, to each running
-  command, which saves a checkpoint and exits; no further command starts. SIGHUP
-  (the terminal closed) is passed on as SIGTERM. The commands run in sessions of
-  their own, so a signal sent to this process's group does not reach them twice
-  (a second signal makes tied_lm.main give up waiting). A signal this process
-  ignores (SIGHUP under nohup) stays ignored.
+  SIGTERM, SIGINT (Ctrl-C) or SIGHUP (the terminal closed) to this process is
+  passed on, once, to each running command, which saves a checkpoint and exits;
+  no further command starts. The commands run in sessions of their own, so a
+  signal sent to this process's group does not reach them twice (a second
+  signal makes tied_lm.main give up waiting). A signal this process ignores
+  (SIGHUP under nohup) stays ignored.
 
   Returns the workdirs whose command did not finish: failed, stopped by a
   signal (tied_lm.main saves a checkpoint and exits 128 + the signal's number),
@@ -189,8 +189,7 @@ def run_all(commands: list[tuple[Path, list[str]]], parallel: int) -> list[Path]
       time.sleep(1.0)
       for _, process, _, _ in running:
         for signum in received[forwarded.get(process, 0):]:
-          # tied_lm.main checkpoints on SIGTERM and SIGINT only.
-          process.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
+          process.send_signal(signum)
         forwarded[process] = len(received)
       for item in list(running):
         workdir, process, log, started = item
@@ -203,7 +202,7 @@ def run_all(commands: list[tuple[Path, list[str]]], parallel: int) -> list[Path]
           print(f"done  {workdir.name} in {took}", flush=True)
           continue
         unfinished.append(workdir)
-        if process.returncode - 128 in (signal.SIGTERM, signal.SIGINT):
+        if process.returncode - 128 in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
           print(f"stop  {workdir.name} by {signal.Signals(process.returncode - 128).name} "
                 f"after {took}; it resumes from its checkpoint when this command runs "
                 "again", flush=True)

@@ -464,7 +464,7 @@ def test_an_unwritable_workdir_is_refused_before_any_work(tmp_path):
     train.train_and_evaluate(default.get_config(), str(tmp_path / "file" / "run"))
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_stop_signals_turn_the_first_signal_into_a_stop_and_restore_the_handlers(signum):
   before = signal.getsignal(signum)
   with train.StopSignals() as signals:
@@ -473,6 +473,17 @@ def test_stop_signals_turn_the_first_signal_into_a_stop_and_restore_the_handlers
     assert signals.received == signum
     assert signals.stop_at(1)
   assert signal.getsignal(signum) is before
+
+
+def test_an_ignored_hangup_stays_ignored():  # nohup: closing the terminal stops nothing
+  previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+  try:
+    with train.StopSignals() as signals:
+      assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+      signal.raise_signal(signal.SIGHUP)
+      assert signals.received is None and not signals.stop_at(0)
+  finally:
+    signal.signal(signal.SIGHUP, previous)
 
 
 def test_a_second_sigint_interrupts_at_once():

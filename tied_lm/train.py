@@ -359,7 +359,7 @@ class NonFiniteError(UserError):
 
 
 class Interrupted(Exception):
-  """SIGTERM/SIGINT arrived; a checkpoint was saved. `signum` says which signal."""
+  """SIGTERM, SIGINT or SIGHUP arrived; a checkpoint was saved. `signum` says which."""
 
   def __init__(self, message: str, signum: int):
     super().__init__(message)
@@ -367,13 +367,14 @@ class Interrupted(Exception):
 
 
 class StopSignals:
-  """Turns SIGTERM/SIGINT into a stop at a step boundary.
+  """Turns SIGTERM, SIGINT and SIGHUP (a closed terminal) into a stop at a step boundary.
 
-  One process: while active, SIGTERM and SIGINT only set `received`; a
-  second one acts as usual. Several processes: JAX's preemption service
-  (started by jax.distributed.initialize) catches SIGTERM on any process and
-  agrees with the others on one step at which all of them stop, so that they
-  save the same checkpoint; SIGINT keeps its default there.
+  One process: while active, these signals only set `received`; a second one
+  acts as usual. One that the process ignores (SIGHUP under nohup) stays
+  ignored. Several processes: JAX's preemption service (started by
+  jax.distributed.initialize) catches SIGTERM on any process and agrees with
+  the others on one step at which all of them stop, so that they save the
+  same checkpoint; SIGINT and SIGHUP keep their defaults there.
   """
 
   def __init__(self):
@@ -395,8 +396,9 @@ class StopSignals:
 
   def __enter__(self) -> "StopSignals":
     if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-      for signum in (signal.SIGTERM, signal.SIGINT):
-        self._previous[signum] = signal.signal(signum, self._handler)
+      for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        if signal.getsignal(signum) != signal.SIG_IGN:  # e.g. SIGHUP under nohup
+          self._previous[signum] = signal.signal(signum, self._handler)
     return self
 
   def __exit__(self, *exc_info) -> None:
@@ -640,7 +642,7 @@ def train_and_evaluate(
   the data position, the recurrent state and the epoch's running sums.
 
   Raises:
-    Interrupted: after SIGTERM/SIGINT, once the checkpoint is saved.
+    Interrupted: after SIGTERM, SIGINT or SIGHUP, once the checkpoint is saved.
   """
   num_devices = jax.device_count()
   validate_config(config, num_devices)
