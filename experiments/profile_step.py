@@ -109,7 +109,7 @@ def our_blocks(config, model, params, inputs: np.ndarray, targets: np.ndarray,
 def our_eval_blocks(model, params, inputs: np.ndarray, targets: np.ndarray) -> dict:
   """Runners for the two halves of our eval step on one window [B, T]."""
   batch_size, num_steps = inputs.shape
-  model = model.clone(unroll=num_steps, compute_dtype="float32")  # as train.evaluate
+  model = model.for_evaluation(num_steps)  # as train.evaluate
   carry = model.initial_carry(batch_size)
   weights = jnp.ones(inputs.shape, jnp.float32)
 

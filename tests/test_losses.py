@@ -178,6 +178,13 @@ def test_cross_entropy_form_is_the_kl_plus_the_targets_entropy(inputs):
     )
 
 
+@pytest.mark.parametrize("function", [losses.augmented_loss, losses.cross_entropy_and_kl])
+def test_unknown_form_is_refused(inputs, function):
+  logits, targets, embedding = map(jnp.asarray, inputs)
+  with pytest.raises(ValueError, match=r"form must be one of \('kl', 'cross_entropy'\), got 'KL'"):
+    function(logits, targets, embedding, 2.0, form="KL")
+
+
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("stop_gradient_target", [False, True])
 @pytest.mark.parametrize("extra_distinct", [None, 0, 3])

@@ -317,6 +317,20 @@ def test_bfloat16_compute_stays_close_to_float32_and_keeps_float32_params_and_gr
     np.testing.assert_allclose(g16, g32, atol=2e-2 * float(jnp.abs(g32).max()) + 1e-6)
 
 
+def test_evaluation_copy_of_a_bfloat16_model_computes_the_float32_models_numbers():
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, V, (B, T)), jnp.int32)
+  trained = make_model(compute_dtype="bfloat16", unroll=2)
+  params = init(trained)
+  evaluation = trained.for_evaluation(T)
+  assert (evaluation.unroll, evaluation.compute_dtype) == (T, "float32")
+  assert trained.compute_dtype == "bfloat16"  # a copy: the training model is unchanged
+  logits = [
+      model.apply({"params": params}, tokens, model.initial_carry(B), deterministic=True)[0]
+      for model in (evaluation, make_model())
+  ]
+  np.testing.assert_allclose(logits[0], logits[1], rtol=1e-5, atol=1e-6)
+
+
 def test_mixed_matmul_rounds_inputs_and_cotangents_to_bfloat16_and_accumulates_in_float32():
   keys = jax.random.split(jax.random.key(0), 3)
   x = jax.random.normal(keys[0], (2, 3, 40))

@@ -159,7 +159,7 @@ def average_probabilities(
     between windows, as in `train.evaluate`).
   """
   inputs, _, weights = data.eval_windows(ids, batch_size, num_steps)
-  model = model.clone(unroll=num_steps, compute_dtype="float32")
+  model = model.for_evaluation(num_steps)
   carry = model.initial_carry(batch_size)
   selected = jnp.asarray(word_ids, jnp.int32)
   total = jnp.zeros(len(word_ids), jnp.float32)

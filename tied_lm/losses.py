@@ -73,6 +73,12 @@ def target_distribution(
 AUGMENTED_FORMS = ("kl", "cross_entropy")
 
 
+def _check_form(form: str) -> None:
+  # `form` is static, so this runs once per trace, not per call.
+  if form not in AUGMENTED_FORMS:
+    raise ValueError(f"form must be one of {AUGMENTED_FORMS}, got {form!r}")
+
+
 @functools.partial(jax.jit, static_argnames=("stop_gradient_target", "form"))
 def augmented_loss(
     logits: jax.Array,
@@ -103,6 +109,7 @@ def augmented_loss(
   Returns:
     [...] float32 KL divergence (or cross-entropy) of each token, >= 0.
   """
+  _check_form(form)
   log_target = _target_log_distribution(embedding, targets, tau)
   if stop_gradient_target:
     log_target = jax.lax.stop_gradient(log_target)
@@ -154,6 +161,7 @@ def cross_entropy_and_kl(
   Returns:
     (cross_entropy, kl), each [...] float32; kl is the augmented term in `form`.
   """
+  _check_form(form)
   batch_shape, vocab_size = targets.shape, logits.shape[-1]
   logits = _at_least_float32(logits).reshape(-1, vocab_size)
   bias = None if output_bias is None else _at_least_float32(output_bias)

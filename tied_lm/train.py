@@ -316,10 +316,7 @@ def evaluate(
     (perplexity, number of target tokens scored), the latter exactly len(ids) - 1.
   """
   inputs, targets, weights = data.eval_windows(ids, batch_size, num_steps)
-  # The forward-only loop is unrolled in full: same numbers, and on a CPU the
-  # per-iteration cost of 2 * num_steps tiny steps dominates evaluation.
-  # Reported perplexities are float32, whatever the training precision.
-  model = model.clone(unroll=num_steps, compute_dtype="float32")
+  model = model.for_evaluation(num_steps)
   carry = model.initial_carry(batch_size)
   nll_sum = jnp.zeros((), jnp.float32)
   for window in range(len(inputs)):
