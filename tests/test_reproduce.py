@@ -22,6 +22,19 @@ TINY = ["model.embed_dim=16", "model.hidden_size=16", "num_steps=5", "num_epochs
         "max_steps_per_epoch=5", "eval_batch_size=400"]
 
 
+@pytest.mark.parametrize("module", ["experiments.reproduce", "tied_lm.summarize"])
+def test_help_answers_without_importing_jax_or_torch(module):
+  # These commands launch or read runs and never compute: --help and a bad flag
+  # should not wait for JAX (about 4 s) or tensorboardX's torch import.
+  result = subprocess.run([sys.executable, "-X", "importtime", "-m", module, "--help"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+  assert result.returncode in (0, 1), result.stderr  # absl's --help exits with 1
+  imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines()
+              if line.startswith("import time:")}
+  assert "absl.flags" in imported
+  assert not imported & {"jax", "torch", "tensorboardX"}
+
+
 def test_train_command_passes_overrides_as_config_flags(tmp_path):
   command = reproduce.train_command("ptb", "medium", "real", tmp_path, ["model.unroll=5"])
   assert command[1:] == ["-m", "tied_lm.main", "--config=configs/ptb.py:medium,real",

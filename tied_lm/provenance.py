@@ -13,10 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import flax
-import jax
-import optax
-
 from tied_lm.fileio import atomic_write
 
 # The checkout holding this package (an installed copy has no git: commit "unknown").
@@ -93,6 +89,8 @@ def cpu_details() -> dict:
 def hardware() -> dict:
   """The first device's platform and kind, the device count and the CPU: model name,
   core count and `cpu_details`."""
+  import jax  # deferred, as in `versions`
+
   device = jax.local_devices()[0]
   return {
       "platform": device.platform, "device_kind": device.device_kind,
@@ -102,6 +100,12 @@ def hardware() -> dict:
 
 
 def versions() -> dict:
+  # Imported here, not at the top: commands that only need REPO or git_commit
+  # (experiments.reproduce) then answer --help without loading JAX (4 s).
+  import flax
+  import jax
+  import optax
+
   return {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__}
 
 
@@ -144,6 +148,8 @@ def record_launch(
   already done (a launch of a finished run only re-evaluates it) and the
   model's parameter count (so that a run still training can report it).
   """
+  import jax  # deferred, as in `versions`
+
   launch = {
       "command": command, "commit": git_commit(), "host_cpu": cpu_model(),
       "host_cpu_details": cpu_details(), "device_kind": jax.local_devices()[0].device_kind,

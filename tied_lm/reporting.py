@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import ml_collections
-import tensorboardX
 import tqdm
 from absl import logging
 
@@ -87,6 +86,10 @@ class Reporter:
     self._is_writer = writer
     self._config = config
     if writer:
+      # Imported here: tensorboardX loads torch and JAX when they are installed,
+      # which commands that only read records (experiments.reproduce) do not need.
+      import tensorboardX
+
       self._writer = tensorboardX.SummaryWriter(
           str(workdir / "tensorboard"), purge_step=resumed_step, flush_secs=30
       )
