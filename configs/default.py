@@ -67,6 +67,11 @@ def get_config() -> ml_collections.ConfigDict:
   # soft-label cross-entropy; same gradient on the logits, and through ỹ it also
   # lowers ỹ's entropy (a reading of an unreleased implementation, not the text).
   config.loss.augmented_form = "kl"
+  # False: ŷ = softmax(W h / τ), bias-free as the paper writes it. True: ŷ from the
+  # model's logits with their output bias, softmax((W h + b) / τ), as code that
+  # divides its logits by τ would compute it (a reading, not the text; needs
+  # model.output_bias).
+  config.loss.kl_output_bias = False
 
   config.optim = ml_collections.ConfigDict()
   config.optim.learning_rate = 1.0

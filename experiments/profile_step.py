@@ -221,6 +221,7 @@ def torch_blocks(config, model, inputs: np.ndarray, targets: np.ndarray, device:
         augmented=config.loss.augmented, tau=config.loss.tau,
         stop_gradient_target=config.loss.stop_gradient_target,
         form=config.loss.augmented_form,
+        kl_output_bias=config.loss.kl_output_bias,
     )
     ((cross_entropy + alpha * kl).sum() / batch_size).backward()
 

@@ -126,10 +126,12 @@ def loss_terms(
     tau: float,
     stop_gradient_target: bool,
     form: str = "kl",
+    kl_output_bias: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
   """Per-token cross-entropy and KL(ỹ ‖ softmax(z / τ)), each [B, T] (KL 0 without AL).
 
-  form "cross_entropy": H(ỹ, softmax(z / τ)) in place of the KL, as in `tied_lm.losses`.
+  form "cross_entropy": H(ỹ, softmax(z / τ)) in place of the KL, as in `tied_lm.losses`;
+  kl_output_bias: z is `logits` (with the output bias), not `bias_free_logits`.
   """
   vocab_size = logits.shape[-1]
   cross_entropy = F.cross_entropy(
@@ -141,7 +143,8 @@ def loss_terms(
   log_target = F.log_softmax(target_scores.float() / tau, dim=-1)
   if stop_gradient_target:
     log_target = log_target.detach()
-  log_model = F.log_softmax(bias_free_logits.float() / tau, dim=-1)
+  kl_logits = logits if kl_output_bias else bias_free_logits
+  log_model = F.log_softmax(kl_logits.float() / tau, dim=-1)
   if form == "cross_entropy":
     return cross_entropy, -(log_target.exp() * log_model).sum(-1)
   kl = F.kl_div(log_model, log_target, reduction="none", log_target=True).sum(-1)
@@ -171,6 +174,7 @@ def make_train_step(model: TorchLanguageModel, config: Any):
           augmented=config.loss.augmented, tau=config.loss.tau,
           stop_gradient_target=config.loss.stop_gradient_target,
           form=config.loss.augmented_form,
+          kl_output_bias=config.loss.kl_output_bias,
       )
     loss = (cross_entropy + alpha * kl).sum() / inputs.shape[0]
     loss.backward()

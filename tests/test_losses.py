@@ -185,12 +185,13 @@ def test_unknown_form_is_refused(inputs, function):
     function(logits, targets, embedding, 2.0, form="KL")
 
 
-@pytest.mark.parametrize("with_bias", [False, True])
+# bias: none; in the cross-entropy only (the paper's eq.); in both terms (kl_output_bias).
+@pytest.mark.parametrize("bias_in", [None, "cross_entropy", "both"])
 @pytest.mark.parametrize("stop_gradient_target", [False, True])
 @pytest.mark.parametrize("extra_distinct", [None, 0, 3])
 @pytest.mark.parametrize("form", losses.AUGMENTED_FORMS)
 def test_fused_terms_equal_the_separate_losses_and_their_gradients(
-    inputs, with_bias, stop_gradient_target, extra_distinct, form
+    inputs, bias_in, stop_gradient_target, extra_distinct, form
 ):
   logits, targets, embedding = inputs
   logits, embedding = jnp.asarray(logits, jnp.float32), jnp.asarray(embedding, jnp.float32)
@@ -198,6 +199,7 @@ def test_fused_terms_equal_the_separate_losses_and_their_gradients(
   # None: a ỹ row per token; else one per distinct word, padded by extra_distinct rows.
   max_distinct_targets = (
       0 if extra_distinct is None else len(np.unique(targets)) + extra_distinct)
+  with_bias = bias_in is not None
   bias = jnp.linspace(-1.0, 1.0, V) if with_bias else None
   tau, alpha = 3.0, 0.7
   cotangent = jnp.asarray(np.random.default_rng(1).normal(size=targets.shape), jnp.float32)
@@ -206,7 +208,8 @@ def test_fused_terms_equal_the_separate_losses_and_their_gradients(
     scores = logits if bias is None else logits + bias
     cross_entropy = losses.cross_entropy(scores, targets)
     kl = losses.augmented_loss(
-        logits, targets, embedding, tau, stop_gradient_target=stop_gradient_target, form=form
+        scores if bias_in == "both" else logits, targets, embedding, tau,
+        stop_gradient_target=stop_gradient_target, form=form,
     )
     return jnp.sum(cotangent * (cross_entropy + alpha * kl)), (cross_entropy, kl)
 
@@ -214,7 +217,7 @@ def test_fused_terms_equal_the_separate_losses_and_their_gradients(
     cross_entropy, kl = losses.cross_entropy_and_kl(
         logits, targets, embedding, tau, output_bias=bias,
         stop_gradient_target=stop_gradient_target, max_distinct_targets=max_distinct_targets,
-        form=form,
+        form=form, kl_output_bias=bias_in == "both",
     )
     return jnp.sum(cotangent * (cross_entropy + alpha * kl)), (cross_entropy, kl)
 

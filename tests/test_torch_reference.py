@@ -23,11 +23,15 @@ torch_reference = pytest.importorskip("experiments.torch_reference")
         {"hidden_size": 48, "output_projection": True},
     ],
 )
-@pytest.mark.parametrize("form", ["kl", "cross_entropy"])
-def test_torch_reference_matches_loss_and_gradients(model_overrides, form):
+@pytest.mark.parametrize("form,kl_output_bias", [
+    ("kl", False), ("cross_entropy", False), ("kl", True)])
+def test_torch_reference_matches_loss_and_gradients(model_overrides, form, kl_output_bias):
   config = default.get_config()
   config.model.update(model_overrides)
+  if kl_output_bias and not config.model.output_bias:
+    pytest.skip("the KL reads the output bias only where the model has one")
   config.loss.augmented_form = form
+  config.loss.kl_output_bias = kl_output_bias
   vocab_size, batch_size = 50, 3
   model = train.make_model(config, vocab_size)
   state = train.create_train_state(config, model, steps_per_epoch=10)
@@ -55,6 +59,7 @@ def test_torch_reference_matches_loss_and_gradients(model_overrides, form):
   cross_entropy, kl = torch_reference.loss_terms(
       logits, bias_free_logits, torch.from_numpy(targets).long(), reference.embed.weight,
       augmented=True, tau=config.loss.tau, stop_gradient_target=False, form=form,
+      kl_output_bias=kl_output_bias,
   )
   torch_loss = (cross_entropy + config.loss.gamma * config.loss.tau * kl).sum() / batch_size
   torch_loss.backward()

@@ -41,13 +41,20 @@ def test_learning_rate_schedule():
   assert rates == [1.0, 1.0, 0.5, 0.5, 0.25, 0.125]
 
 
-@pytest.mark.parametrize("augmented,distinct_targets,form", [
-    (False, False, "kl"), (True, False, "kl"), (True, True, "kl"), (True, True, "cross_entropy")])
-def test_train_step_is_sgd_on_time_summed_batch_averaged_loss(augmented, distinct_targets, form):
-  """Independent check of the objective: sum over steps, mean over rows, + gamma*tau*KL."""
-  config = small_config()
+@pytest.mark.parametrize("augmented,distinct_targets,form,kl_output_bias", [
+    (False, False, "kl", False), (True, False, "kl", False), (True, True, "kl", False),
+    (True, True, "cross_entropy", False), (True, True, "kl", True)])
+def test_train_step_is_sgd_on_time_summed_batch_averaged_loss(
+    augmented, distinct_targets, form, kl_output_bias):
+  """Independent check of the objective: sum over steps, mean over rows, + gamma*tau*KL.
+
+  kl_output_bias: a tied model with an output bias whose KL reads the biased logits,
+  the same `logits` as the cross-entropy here.
+  """
+  config = small_config(output_bias=kl_output_bias)
   config.loss.augmented = augmented
   config.loss.augmented_form = form
+  config.loss.kl_output_bias = kl_output_bias
   config.optim.clip_norm = 1e9  # no clipping here
   config.optim.learning_rate = 0.3
   model = train.make_model(config, V)
@@ -206,6 +213,8 @@ def test_evaluation_with_batch_one_equals_scoring_the_whole_stream_at_once():
         ("loss.tau", -1.0, "loss.tau=-1.0 must be > 0"),
         ("loss.augmented_form", "js",
          "loss.augmented_form='js' must be one of kl, cross_entropy"),
+        ("loss.kl_output_bias", True,
+         "loss.kl_output_bias=True needs an output bias: set model.output_bias=True"),
         ("model.output_dropout", -0.1, r"model.output_dropout=-0.1 is a drop probability"),
         ("model.hidden_dropout", 1.0, r"model.hidden_dropout=1.0 is a drop probability"),
         ("model.unroll", 0, "model.unroll=0 must be positive"),

@@ -121,7 +121,8 @@ def augmented_loss(
 
 @functools.partial(
     jax.jit,
-    static_argnames=("augmented", "stop_gradient_target", "max_distinct_targets", "form"))
+    static_argnames=(
+        "augmented", "stop_gradient_target", "max_distinct_targets", "form", "kl_output_bias"))
 def cross_entropy_and_kl(
     logits: jax.Array,
     targets: jax.Array,
@@ -133,6 +134,7 @@ def cross_entropy_and_kl(
     stop_gradient_target: bool = False,
     max_distinct_targets: int = 0,
     form: str = "kl",
+    kl_output_bias: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
   """Both terms of the objective in fused passes, with a hand-written gradient.
 
@@ -157,6 +159,10 @@ def cross_entropy_and_kl(
       products shrink (PTB batch 20 by 35: U = 397 for N = 700). 0: one row
       per token.
     form: the augmented term, "kl" or "cross_entropy" (see `augmented_loss`).
+    kl_output_bias: if True, ŷ in the augmented term is softmax((logits +
+      output_bias) / τ), i.e. `augmented_loss(logits + output_bias, ...)`,
+      and the bias gets gradient from both terms. False (the paper's eq.):
+      the bias enters the cross-entropy only.
 
   Returns:
     (cross_entropy, kl), each [...] float32; kl is the augmented term in `form`.
@@ -169,6 +175,10 @@ def cross_entropy_and_kl(
   if not augmented:
     cross_entropy = _fused_cross_entropy(logits, bias, targets)
     return cross_entropy.reshape(batch_shape), jnp.zeros(batch_shape, cross_entropy.dtype)
+  if kl_output_bias and bias is not None:
+    # Both terms then read the same biased logits; autodiff of this add carries
+    # the bias's share of the KL's gradient. One extra [N, V] pass.
+    logits, bias = logits + bias, None
   if max_distinct_targets:
     words, word_of_token = jnp.unique(targets, return_inverse=True, size=max_distinct_targets)
     target_scores = _target_scores(embedding, words)[word_of_token]  # [N, V]

@@ -78,6 +78,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
       (config.loss.augmented_form in losses.AUGMENTED_FORMS,
        f"loss.augmented_form={config.loss.augmented_form!r} must be one of "
        f"{', '.join(losses.AUGMENTED_FORMS)}"),
+      (not config.loss.kl_output_bias or config.model.output_bias,
+       "loss.kl_output_bias=True needs an output bias: set model.output_bias=True"),
       (config.optim.learning_rate > 0,
        f"optim.learning_rate={config.optim.learning_rate} must be > 0"),
       (0 < config.optim.decay_rate <= 1,
@@ -162,6 +164,7 @@ def loss_terms(
       stop_gradient_target=loss_config.stop_gradient_target,
       max_distinct_targets=max_distinct_targets,
       form=loss_config.augmented_form,
+      kl_output_bias=loss_config.kl_output_bias,
   )
 
 
