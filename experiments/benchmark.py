@@ -360,10 +360,7 @@ def check_torch_matches(config, corpus, params, device: str) -> float:
     )
     torch_terms = torch_reference.loss_terms(
         logits, bias_free_logits, torch.from_numpy(targets).long().to(device),
-        reference.embed.weight, augmented=config.loss.augmented, tau=config.loss.tau,
-        stop_gradient_target=config.loss.stop_gradient_target,
-        form=config.loss.augmented_form,
-        kl_output_bias=config.loss.kl_output_bias,
+        reference.embed.weight, config.loss,
     )
     theirs = float((torch_terms[0] + config.loss.gamma * config.loss.tau * torch_terms[1]).sum())
   return abs(ours - theirs) / abs(ours)

@@ -217,11 +217,7 @@ def torch_blocks(config, model, inputs: np.ndarray, targets: np.ndarray, device:
     model.zero_grad(set_to_none=True)
     logits, bias_free_logits = model.output_logits(fixed_hidden.detach().requires_grad_())
     cross_entropy, kl = torch_reference.loss_terms(
-        logits, bias_free_logits, target_ids, model.embed.weight,
-        augmented=config.loss.augmented, tau=config.loss.tau,
-        stop_gradient_target=config.loss.stop_gradient_target,
-        form=config.loss.augmented_form,
-        kl_output_bias=config.loss.kl_output_bias,
+        logits, bias_free_logits, target_ids, model.embed.weight, config.loss,
     )
     ((cross_entropy + alpha * kl).sum() / batch_size).backward()
 

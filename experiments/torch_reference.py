@@ -121,31 +121,29 @@ def loss_terms(
     bias_free_logits: torch.Tensor,
     targets: torch.Tensor,
     embedding: torch.Tensor,
-    *,
-    augmented: bool,
-    tau: float,
-    stop_gradient_target: bool,
-    form: str = "kl",
-    kl_output_bias: bool = False,
+    loss_config: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
   """Per-token cross-entropy and KL(ỹ ‖ softmax(z / τ)), each [B, T] (KL 0 without AL).
 
-  form "cross_entropy": H(ỹ, softmax(z / τ)) in place of the KL, as in `tied_lm.losses`;
-  kl_output_bias: z is `logits` (with the output bias), not `bias_free_logits`.
+  loss_config: tied_lm's `config.loss`, read as `train.loss_terms` reads it.
+  augmented_form "cross_entropy": H(ỹ, softmax(z / τ)) in place of the KL, as in
+  `tied_lm.losses`; kl_output_bias: z is `logits` (with the output bias), not
+  `bias_free_logits`.
   """
+  tau = loss_config.tau
   vocab_size = logits.shape[-1]
   cross_entropy = F.cross_entropy(
       logits.reshape(-1, vocab_size).float(), targets.reshape(-1), reduction="none"
   ).view(targets.shape)
-  if not augmented:
+  if not loss_config.augmented:
     return cross_entropy, torch.zeros_like(cross_entropy)
   target_scores = F.embedding(targets, embedding) @ embedding.t()  # [B, T, V]
   log_target = F.log_softmax(target_scores.float() / tau, dim=-1)
-  if stop_gradient_target:
+  if loss_config.stop_gradient_target:
     log_target = log_target.detach()
-  kl_logits = logits if kl_output_bias else bias_free_logits
+  kl_logits = logits if loss_config.kl_output_bias else bias_free_logits
   log_model = F.log_softmax(kl_logits.float() / tau, dim=-1)
-  if form == "cross_entropy":
+  if loss_config.augmented_form == "cross_entropy":
     return cross_entropy, -(log_target.exp() * log_model).sum(-1)
   kl = F.kl_div(log_model, log_target, reduction="none", log_target=True).sum(-1)
   return cross_entropy, kl
@@ -170,11 +168,7 @@ def make_train_step(model: TorchLanguageModel, config: Any):
     ):
       logits, bias_free_logits, state = model(inputs, state)
       cross_entropy, kl = loss_terms(
-          logits, bias_free_logits, targets, model.embed.weight,
-          augmented=config.loss.augmented, tau=config.loss.tau,
-          stop_gradient_target=config.loss.stop_gradient_target,
-          form=config.loss.augmented_form,
-          kl_output_bias=config.loss.kl_output_bias,
+          logits, bias_free_logits, targets, model.embed.weight, config.loss,
       )
     loss = (cross_entropy + alpha * kl).sum() / inputs.shape[0]
     loss.backward()

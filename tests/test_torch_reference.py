@@ -32,6 +32,7 @@ def test_torch_reference_matches_loss_and_gradients(model_overrides, form, kl_ou
     pytest.skip("the KL reads the output bias only where the model has one")
   config.loss.augmented_form = form
   config.loss.kl_output_bias = kl_output_bias
+  assert config.loss.augmented and not config.loss.stop_gradient_target
   vocab_size, batch_size = 50, 3
   model = train.make_model(config, vocab_size)
   state = train.create_train_state(config, model, steps_per_epoch=10)
@@ -58,8 +59,7 @@ def test_torch_reference_matches_loss_and_gradients(model_overrides, form, kl_ou
   )
   cross_entropy, kl = torch_reference.loss_terms(
       logits, bias_free_logits, torch.from_numpy(targets).long(), reference.embed.weight,
-      augmented=True, tau=config.loss.tau, stop_gradient_target=False, form=form,
-      kl_output_bias=kl_output_bias,
+      config.loss,
   )
   torch_loss = (cross_entropy + config.loss.gamma * config.loss.tau * kl).sum() / batch_size
   torch_loss.backward()
