@@ -24,8 +24,8 @@ TINY = ["model.embed_dim=16", "model.hidden_size=16", "num_steps=5", "num_epochs
 
 @pytest.mark.parametrize("module", ["experiments.reproduce", "tied_lm.summarize"])
 def test_help_answers_without_importing_jax_or_torch(module):
-  # These commands launch or read runs and never compute: --help and a bad flag
-  # should not wait for JAX (about 4 s) or tensorboardX's torch import.
+  # These commands launch or read runs and never compute: their --help should
+  # not wait for JAX (about 4 s) or tensorboardX's torch import.
   result = subprocess.run([sys.executable, "-X", "importtime", "-m", module, "--help"],
                           cwd=REPO, capture_output=True, text=True, timeout=60)
   assert result.returncode in (0, 1), result.stderr  # absl's --help exits with 1
