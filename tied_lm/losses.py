@@ -153,11 +153,12 @@ def cross_entropy_and_kl(
     augmented: if False the KL is zeros and costs nothing.
     stop_gradient_target: if True, ỹ is a constant.
     max_distinct_targets: if > 0, at least the number of distinct ids in
-      `targets`: the target scores L[y] Lᵀ, which depend on the word alone,
-      are computed once per distinct word ([U, V] for U of these) and each
-      token takes its word's row. Same numbers; a text repeats words, so the
-      products shrink (PTB batch 20 by 35: U = 397 for N = 700). 0: one row
-      per token.
+      `targets`: the target scores L[y] Lᵀ and ỹ, which depend on the word
+      alone, are computed once per distinct word ([U, V] for U of these) and
+      each token takes its word's row of ỹ. Same numbers up to float
+      summation order; a text repeats words, so the products and the
+      exponentials shrink (PTB batch 20 by 35: U = 397 for N = 700). 0: one
+      row per token.
     form: the augmented term, "kl" or "cross_entropy" (see `augmented_loss`).
     kl_output_bias: if True, ŷ in the augmented term is softmax((logits +
       output_bias) / τ), i.e. `augmented_loss(logits + output_bias, ...)`,
@@ -181,13 +182,13 @@ def cross_entropy_and_kl(
     logits, bias = logits + bias, None
   if max_distinct_targets:
     words, word_of_token = jnp.unique(targets, return_inverse=True, size=max_distinct_targets)
-    target_scores = _target_scores(embedding, words)[word_of_token]  # [N, V]
+    word_scores = _target_scores(embedding, words)  # [U, V]
   else:
-    target_scores = _target_scores(embedding, targets)  # [N, V]
+    word_of_token, word_scores = None, _target_scores(embedding, targets)  # [N, V]
   if stop_gradient_target:
-    target_scores = jax.lax.stop_gradient(target_scores)
+    word_scores = jax.lax.stop_gradient(word_scores)
   cross_entropy, kl = _fused_cross_entropy_and_kl(
-      logits, bias, target_scores, targets, tau, form)
+      logits, bias, word_scores, word_of_token, targets, tau, form)
   return cross_entropy.reshape(batch_shape), kl.reshape(batch_shape)
 
 
@@ -280,72 +281,102 @@ def _fused_cross_entropy_bwd(residuals, grad_cross_entropy):
 _fused_cross_entropy.defvjp(_fused_cross_entropy_fwd, _fused_cross_entropy_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _fused_cross_entropy_and_kl(logits, bias, target_scores, targets, tau, form):
-  return _fused_cross_entropy_and_kl_fwd(logits, bias, target_scores, targets, tau, form)[0]
+def _by_token(word_values: jax.Array, word_of_token: jax.Array | None) -> jax.Array:
+  """Each token's row of a per-word array: [U, ...] -> [N, ...]; None: one word per token."""
+  return word_values if word_of_token is None else word_values[word_of_token]
 
 
-def _fused_cross_entropy_and_kl_fwd(logits, bias, target_scores, targets, tau, form):
+def _word_sums(token_values: jax.Array, word_of_token: jax.Array | None, num_words: int):
+  """The sum over each word's tokens: [N, ...] -> [U, ...], the transpose of `_by_token`."""
+  if word_of_token is None:
+    return token_values
+  zeros = jnp.zeros((num_words,) + token_values.shape[1:], token_values.dtype)
+  return zeros.at[word_of_token].add(token_values)
+
+
+# ỹ depends on the target word alone, so it is computed once per distinct word
+# ([U, V]) and each token reads its word's row. The KL then needs no
+# exponential of its own over [N, V]: KL = (Σ ỹ s − Σ ỹ z) / τ − lse(s/τ) + lse(z/τ),
+# with Σ ỹ s and lse(s/τ) per word, and s's gradient summed over each word's
+# tokens is ỹ ⊙ (W s / τ − Σ w z / τ − C) (see the backward pass) with per-word
+# W, C and the one [N, V] -> [U, V] sum Σ w z.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _fused_cross_entropy_and_kl(logits, bias, word_scores, word_of_token, targets, tau, form):
+  """(cross_entropy, kl), each [N], of logits [N, V] against ỹ = softmax(word_scores / τ)
+  ([U, V], one row per word, token n's word `word_of_token[n]`)."""
+  return _fused_cross_entropy_and_kl_fwd(
+      logits, bias, word_scores, word_of_token, targets, tau, form)[0]
+
+
+def _fused_cross_entropy_and_kl_fwd(logits, bias, word_scores, word_of_token, targets, tau, form):
   cross_entropy, (_, _, _, log_normalizer) = _fused_cross_entropy_fwd(logits, bias, targets)
   inverse_tau = _inverse(tau, logits.dtype)
-  model_log_normalizer = _logsumexp(logits, inverse_tau)
-  target_log_normalizer = _logsumexp(target_scores, inverse_tau)
-  # KL = sum ỹ (log ỹ - log ŷ), with log ỹ - log ŷ = (s - z) / τ - lse(s/τ) + lse(z/τ).
-  scores, kl_logits, scale, normalizer = _unshared(
-      target_scores, logits, inverse_tau, target_log_normalizer
-  )
-  target_probs = jnp.exp(scores * scale - normalizer[:, None])
-  if form == "cross_entropy":  # H(ỹ, ŷ) = -sum ỹ log ŷ = lse(z/τ) - sum ỹ z / τ
-    kl = model_log_normalizer - scale * jnp.sum(target_probs * kl_logits, axis=-1)
-  else:
+  model_log_normalizer = _logsumexp(logits, inverse_tau)  # [N]
+  word_log_normalizer = _logsumexp(word_scores, inverse_tau)  # [U]
+  scores, scale, normalizer = _unshared(word_scores, inverse_tau, word_log_normalizer)
+  word_probs = jnp.exp(scores * scale - normalizer[:, None])  # ỹ, [U, V]
+  target_probs = _by_token(word_probs, word_of_token)  # [N, V]
+  probs, kl_logits = _unshared(target_probs, logits)
+  expected_logit = jnp.sum(probs * kl_logits, axis=-1)  # Σ ỹ z, [N]
+  if form == "cross_entropy":  # H(ỹ, ŷ) = -Σ ỹ log ŷ = lse(z/τ) - Σ ỹ z / τ
+    kl = model_log_normalizer - inverse_tau * expected_logit
+  else:  # KL = Σ ỹ (log ỹ - log ŷ), log ỹ - log ŷ = (s - z) / τ - lse(s/τ) + lse(z/τ)
+    probs, scores = _unshared(word_probs, word_scores)
+    expected_score = jnp.sum(probs * scores, axis=-1)  # Σ ỹ s, [U]
     kl = (
-        scale * jnp.sum(target_probs * (scores - kl_logits), axis=-1)
-        - target_log_normalizer + model_log_normalizer
+        inverse_tau * (_by_token(expected_score, word_of_token) - expected_logit)
+        - _by_token(word_log_normalizer, word_of_token) + model_log_normalizer
     )
   residuals = (
-      logits, bias, target_scores, targets, tau, log_normalizer, model_log_normalizer,
-      target_log_normalizer, kl,
+      logits, bias, word_scores, word_of_token, targets, tau, log_normalizer,
+      model_log_normalizer, word_log_normalizer, word_probs, target_probs, kl,
   )
   return (cross_entropy, kl), residuals
 
 
 def _fused_cross_entropy_and_kl_bwd(form, residuals, grads):
-  (logits, bias, target_scores, targets, tau, log_normalizer, model_log_normalizer,
-   target_log_normalizer, kl) = residuals
+  (logits, bias, word_scores, word_of_token, targets, tau, log_normalizer, model_log_normalizer,
+   word_log_normalizer, word_probs, target_probs, kl) = residuals
   grad_cross_entropy, grad_kl = grads
   inverse_tau = _inverse(tau, logits.dtype)
-  kl_weight = grad_kl * inverse_tau
+  kl_weight = grad_kl * inverse_tau  # w, [N]
 
   def kl_grad_logits(logits):  # dKL/dz = (ŷ - ỹ) / τ
-    scores, scale, model_normalizer, target_normalizer, weight = _unshared(
-        target_scores, inverse_tau, model_log_normalizer, target_log_normalizer, kl_weight
+    probs, scale, model_normalizer, weight = _unshared(
+        target_probs, inverse_tau, model_log_normalizer, kl_weight
     )
-    return weight[:, None] * (
-        jnp.exp(logits * scale - model_normalizer[:, None])
-        - jnp.exp(scores * scale - target_normalizer[:, None])
-    )
+    return weight[:, None] * (jnp.exp(logits * scale - model_normalizer[:, None]) - probs)
 
   grad_logits = _cross_entropy_grad(
       logits, bias, targets, log_normalizer, grad_cross_entropy, kl_grad_logits
   )
-  scores, kl_logits, scale, model_normalizer, target_normalizer, row_kl, weight = _unshared(
-      target_scores, logits, inverse_tau, model_log_normalizer, target_log_normalizer, kl,
-      kl_weight,
+  # Token n's gradient on its word's scores s: dKL/ds = ỹ ((s - z) / τ - c) / τ with
+  # c = lse(s/τ) - lse(z/τ) + KL, and dH(ỹ, ŷ)/ds = ỹ (-z / τ - c) / τ with
+  # c = H - lse(z/τ). Summed over the word's tokens, with w = g / τ:
+  # ỹ ⊙ (W s / τ - Σ w z / τ - C), W = Σ w (0 for the cross-entropy), C = Σ w c.
+  num_words = word_scores.shape[0]
+  weights, weighted_logits = _unshared(kl_weight, logits)
+  logit_sums = _word_sums(weights[:, None] * weighted_logits, word_of_token, num_words)
+  if form == "cross_entropy":
+    offsets = kl - model_log_normalizer
+    weight_sums = jnp.zeros_like(word_log_normalizer)
+  else:
+    offsets = _by_token(word_log_normalizer, word_of_token) - model_log_normalizer + kl
+    weight_sums = _word_sums(kl_weight, word_of_token, num_words)
+  offset_sums = _word_sums(kl_weight * offsets, word_of_token, num_words)
+  probs, scores, sums, scale, weight_sums, offset_sums = _unshared(
+      word_probs, word_scores, logit_sums, inverse_tau, weight_sums, offset_sums
   )
-  target_probs = jnp.exp(scores * scale - target_normalizer[:, None])
-  if form == "cross_entropy":  # dH(ỹ, ŷ)/ds = ỹ (-log ŷ - H(ỹ, ŷ)) / τ
-    grad_target_scores = weight[:, None] * target_probs * (
-        (model_normalizer - row_kl)[:, None] - kl_logits * scale
-    )
-  else:  # dKL/ds = ỹ (log ỹ - log ŷ - KL) / τ
-    grad_target_scores = weight[:, None] * target_probs * (
-        (scores - kl_logits) * scale - (target_normalizer - model_normalizer + row_kl)[:, None]
-    )
+  grad_word_scores = probs * (
+      (weight_sums[:, None] * scores - sums) * scale - offset_sums[:, None]
+  )
   grad_bias = (  # the bias enters the cross-entropy only
       None if bias is None
       else _cross_entropy_bias_grad(logits, bias, targets, log_normalizer, grad_cross_entropy)
   )
-  return grad_logits, grad_bias, grad_target_scores, None, jnp.zeros_like(tau)
+  return grad_logits, grad_bias, grad_word_scores, None, None, jnp.zeros_like(tau)
 
 
 _fused_cross_entropy_and_kl.defvjp(_fused_cross_entropy_and_kl_fwd, _fused_cross_entropy_and_kl_bwd)
