@@ -142,7 +142,8 @@ def cross_entropy_and_kl(
   `augmented_loss(logits, targets, embedding, tau)` and to their gradients
   (tests check both); the training step uses this form because it reads each
   [N, V] array a few times instead of materialising every intermediate
-  softmax that autodiff of the separate functions keeps.
+  softmax that autodiff of the separate functions keeps (it keeps the logits
+  and each token's row of ỹ for the backward pass).
 
   Args:
     logits: [..., V] bias-free logits W h.
@@ -304,8 +305,12 @@ def _word_sums(token_values: jax.Array, word_of_token: jax.Array | None, num_wor
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _fused_cross_entropy_and_kl(logits, bias, word_scores, word_of_token, targets, tau, form):
-  """(cross_entropy, kl), each [N], of logits [N, V] against ỹ = softmax(word_scores / τ)
-  ([U, V], one row per word, token n's word `word_of_token[n]`)."""
+  """(cross_entropy, kl), each [N], of logits [N, V] against ỹ = softmax(word_scores / τ).
+
+  word_scores: [U, V], one row per word; token n's word is `word_of_token[n]`
+  ([N] ints), or token n's is row n where `word_of_token` is None. kl is
+  H(ỹ, ŷ) where `form` is "cross_entropy".
+  """
   return _fused_cross_entropy_and_kl_fwd(
       logits, bias, word_scores, word_of_token, targets, tau, form)[0]
 
@@ -360,18 +365,19 @@ def _fused_cross_entropy_and_kl_bwd(form, residuals, grads):
   weights, weighted_logits = _unshared(kl_weight, logits)
   logit_sums = _word_sums(weights[:, None] * weighted_logits, word_of_token, num_words)
   if form == "cross_entropy":
-    offsets = kl - model_log_normalizer
-    weight_sums = jnp.zeros_like(word_log_normalizer)
+    offset_sums = _word_sums(kl_weight * (kl - model_log_normalizer), word_of_token, num_words)
+    probs, sums, scale, offset_sums = _unshared(word_probs, logit_sums, inverse_tau, offset_sums)
+    grad_word_scores = -probs * (sums * scale + offset_sums[:, None])
   else:
     offsets = _by_token(word_log_normalizer, word_of_token) - model_log_normalizer + kl
     weight_sums = _word_sums(kl_weight, word_of_token, num_words)
-  offset_sums = _word_sums(kl_weight * offsets, word_of_token, num_words)
-  probs, scores, sums, scale, weight_sums, offset_sums = _unshared(
-      word_probs, word_scores, logit_sums, inverse_tau, weight_sums, offset_sums
-  )
-  grad_word_scores = probs * (
-      (weight_sums[:, None] * scores - sums) * scale - offset_sums[:, None]
-  )
+    offset_sums = _word_sums(kl_weight * offsets, word_of_token, num_words)
+    probs, scores, sums, scale, weight_sums, offset_sums = _unshared(
+        word_probs, word_scores, logit_sums, inverse_tau, weight_sums, offset_sums
+    )
+    grad_word_scores = probs * (
+        (weight_sums[:, None] * scores - sums) * scale - offset_sums[:, None]
+    )
   grad_bias = (  # the bias enters the cross-entropy only
       None if bias is None
       else _cross_entropy_bias_grad(logits, bias, targets, log_normalizer, grad_cross_entropy)

@@ -208,7 +208,8 @@ def train_step(
       still advances).
     max_distinct_targets: if > 0, at least the number of distinct ids in any
       device's `targets`: ỹ is then computed once per distinct word (same
-      numbers, fewer FLOPs; see `losses.cross_entropy_and_kl`).
+      numbers up to float summation order, fewer FLOPs; see
+      `losses.cross_entropy_and_kl`).
 
   Returns:
     the new state, the new carry and replicated metrics: sums of the
