@@ -475,13 +475,17 @@ def test_an_unwritable_workdir_is_refused_before_any_work(tmp_path):
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_stop_signals_turn_the_first_signal_into_a_stop_and_restore_the_handlers(signum):
-  before = signal.getsignal(signum)
-  with train.StopSignals() as signals:
-    assert not signals.stop_at(0)
-    signal.raise_signal(signum)
-    assert signals.received == signum
-    assert signals.stop_at(1)
-  assert signal.getsignal(signum) is before
+  # Whatever the tests inherited (under nohup SIGHUP is ignored, and stays so: next test).
+  inherited = signal.signal(signum, signal.default_int_handler)
+  try:
+    with train.StopSignals() as signals:
+      assert not signals.stop_at(0)
+      signal.raise_signal(signum)
+      assert signals.received == signum
+      assert signals.stop_at(1)
+    assert signal.getsignal(signum) is signal.default_int_handler
+  finally:
+    signal.signal(signum, inherited)
 
 
 def test_an_ignored_hangup_stays_ignored():  # nohup: closing the terminal stops nothing
