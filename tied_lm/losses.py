@@ -291,8 +291,7 @@ def _word_sums(token_values: jax.Array, word_of_token: jax.Array | None, num_wor
   """The sum over each word's tokens: [N, ...] -> [U, ...], the transpose of `_by_token`."""
   if word_of_token is None:
     return token_values
-  zeros = jnp.zeros((num_words,) + token_values.shape[1:], token_values.dtype)
-  return zeros.at[word_of_token].add(token_values)
+  return jax.ops.segment_sum(token_values, word_of_token, num_segments=num_words)
 
 
 # ỹ depends on the target word alone, so it is computed once per distinct word
