@@ -34,7 +34,7 @@ class TorchLanguageModel(torch.nn.Module):
       num_layers: int = 2,
       tie_embeddings: bool = True,
       output_bias: bool = False,
-      output_projection: bool = True,
+      output_projection: bool = False,
       init_scale: float = 0.1,
       input_dropout: float = 0.0,
       hidden_dropout: float = 0.0,

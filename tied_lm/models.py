@@ -377,8 +377,8 @@ class LSTMLanguageModel(nn.Module):
   tie_embeddings: bool = True
   output_bias: bool = False
   # With tying and hidden_size != embed_dim: project h to embed_dim if True,
-  # otherwise refuse.
-  output_projection: bool = True
+  # otherwise refuse (the paper ties equal sizes; a projection is a choice).
+  output_projection: bool = False
   init_scale: float = 0.1
   input_dropout: float = 0.0
   hidden_dropout: float = 0.0
