@@ -13,8 +13,8 @@
 #   under 1.0x PyTorch).
 # runs: four PTB small runs at once (AL for 60 epochs; for 40, a third seed of AL and of
 #   VD and a second of RE + bias; AL and REAL + bias at τ = 2, AL seed 1 and REAL + bias
-#   seeds 1 and 2 ran on the CPU, TABLE.md notes 2, 3, 8 and 11), then the finished runs' JSON files in
-#   OUT_DIR/results.tgz and every run's metrics and logs in OUT_DIR/metrics.tgz;
+#   seeds 1 and 2 ran on the CPU, TABLE.md notes 2, 3, 8 and 11), then the finished runs'
+#   JSON files in OUT_DIR/results.tgz and every run's metrics and logs in OUT_DIR/metrics.tgz;
 #   `python -m experiments.reproduce --train=false` on the unpacked JSON files beside the
 #   committed ones rewrites TABLE.md and SWEEP.md.
 #
