@@ -363,14 +363,15 @@ def _fused_cross_entropy_and_kl_bwd(form, residuals, grads):
   num_words = word_scores.shape[0]
   weights, weighted_logits = _unshared(kl_weight, logits)
   logit_sums = _word_sums(weights[:, None] * weighted_logits, word_of_token, num_words)
+  offsets = kl - model_log_normalizer  # c, [N]
+  if form == "kl":
+    offsets = offsets + _by_token(word_log_normalizer, word_of_token)
+  offset_sums = _word_sums(kl_weight * offsets, word_of_token, num_words)
   if form == "cross_entropy":
-    offset_sums = _word_sums(kl_weight * (kl - model_log_normalizer), word_of_token, num_words)
     probs, sums, scale, offset_sums = _unshared(word_probs, logit_sums, inverse_tau, offset_sums)
     grad_word_scores = -probs * (sums * scale + offset_sums[:, None])
   else:
-    offsets = _by_token(word_log_normalizer, word_of_token) - model_log_normalizer + kl
     weight_sums = _word_sums(kl_weight, word_of_token, num_words)
-    offset_sums = _word_sums(kl_weight * offsets, word_of_token, num_words)
     probs, scores, sums, scale, weight_sums, offset_sums = _unshared(
         word_probs, word_scores, logit_sums, inverse_tau, weight_sums, offset_sums
     )
