@@ -303,12 +303,12 @@ def run_report(workdir: Path) -> dict[str, Any]:
   return report
 
 
-def _cell(report: dict[str, Any] | None, key: str) -> str:
+def _cell(report: dict[str, Any] | None, key: str, digits: int = 1) -> str:
   """'valid / test', with '-' for what was not scored (a partial run has no test yet)."""
   values = [report.get(f"{split}_{key}") for split in ("valid", "test")] if report else []
   if not values or values[0] is None:
     return "-"
-  return " / ".join("-" if value is None else f"{value:.1f}" for value in values)
+  return " / ".join("-" if value is None else f"{value:.{digits}f}" for value in values)
 
 
 def _params(num_params: int | None) -> str:
@@ -376,8 +376,9 @@ def sweep_table(swept: dict[str, dict[str, Any]],
   lines = ["# Sweeps: choose on validation", "",
            "Written by `python -m experiments.reproduce` from the tagged JSON files beside it,",
            "each model's sweep ranked with its untagged run (configs/paper.py's settings).",
-           "", "| run | valid (best epoch) | test | epochs | hardware | wall |",
-           "|---|---|---|---|---|---|"]
+           "`batch 1`: the best checkpoint rescored at eval batch 1 (`--rescore`), where run.",
+           "", "| run | valid (best epoch) | test | batch 1 | epochs | hardware | wall |",
+           "|---|---|---|---|---|---|---|"]
   models = {parse_run_name(name)[0] for name in swept}
   rows = dict(swept)
   rows.update({run_name(*key): reports[key] for key in models if key in reports})
@@ -389,6 +390,7 @@ def sweep_table(swept: dict[str, dict[str, Any]],
     lines.append(
         f"| {name} | {report['valid_perplexity']:.2f} ({report['best_epoch']}) "
         f"| {'-' if test is None else f'{test:.2f}'} "
+        f"| {_cell(report, 'perplexity_batch1', digits=2)} "
         f"| {_epochs(report, with_best=False)} "
         f"| {report['hardware']['device_kind']} "
         f"| {reporting.format_seconds(report['wall_seconds'])} |")

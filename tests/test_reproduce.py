@@ -142,7 +142,8 @@ def test_parse_run_name_inverts_run_name_and_skips_other_files():
 
 def test_sweep_table_ranks_each_model_by_validation_with_its_untagged_run():
   swept = {"ptb_small_real_tau5": _report(95.0, 91.0), "ptb_small_real_tau20": _report(93.0, 90.0),
-           "ptb_small_al_tau5": _report(99.0, 94.0)}
+           "ptb_small_al_tau5": _report(99.0, 94.0, valid_perplexity_batch1=98.94,
+                                        test_perplexity_batch1=93.96)}
   reports = {("ptb", "small", "real"): _report(94.0, 90.5),
              ("ptb", "small", "vd"): _report(92.0, 88.0)}  # no sweep of vd: not listed
   rows = [line.split("|")[1:3] for line in reproduce.sweep_table(swept, reports).splitlines()
@@ -150,6 +151,9 @@ def test_sweep_table_ranks_each_model_by_validation_with_its_untagged_run():
   assert [(name.strip(), valid.strip()) for name, valid in rows] == [
       ("ptb_small_al_tau5", "99.00 (58)"), ("ptb_small_real_tau20", "93.00 (58)"),
       ("ptb_small_real", "94.00 (58)"), ("ptb_small_real_tau5", "95.00 (58)")]
+  batch1 = [line.split("|")[4].strip() for line in reproduce.sweep_table(swept, reports)
+            .splitlines() if line.startswith("| ptb")]
+  assert batch1 == ["98.94 / 93.96", "-", "-", "-"]
 
 
 def _report(valid, test, **extra):
@@ -254,7 +258,7 @@ def test_a_run_still_training_gets_a_partial_report_that_never_replaces_a_finish
   assert report["versions"] == provenance.versions()
   assert report["hardware"]["devices"] == 2  # conftest's two host devices
   sweep = (results_dir / "SWEEP.md").read_text()
-  assert (f"| ptb_small_al_gamma6.5 | {report['valid_perplexity']:.2f} (1) | - "
+  assert (f"| ptb_small_al_gamma6.5 | {report['valid_perplexity']:.2f} (1) | - | - "
           "| 1 of 40, partial |") in sweep
   assert json.loads((results_dir / "ptb_small_vd.json").read_text()) == finished
   assert "| small | VD | 92.6 / 87.3 | 123.0 / " in (results_dir / "TABLE.md").read_text()
