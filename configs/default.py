@@ -13,7 +13,9 @@ def get_config() -> ml_collections.ConfigDict:
   # '' -> $TIED_LM_DATA_DIR -> ~/.cache/tied_lm. For 'text', the directory
   # with train.txt, valid.txt and test.txt.
   config.data_dir = ""
-  config.max_vocab_size = 0  # 'text' only: keep this many words, <unk> for the rest
+  # 'text' only: the vocabulary's size, <unk> included (the N - 1 most frequent
+  # train words, <unk> for the rest); 0 keeps every train word.
+  config.max_vocab_size = 0
 
   config.batch_size = 20
   config.num_steps = 20  # the unroll of truncated BPTT

@@ -11,8 +11,9 @@ Two values the paper leaves uncertain, to be tuned on validation:
   * tau: 10, the value of the only public re-implementation and the top of the
     range of the paper's own analysis (tau in {2, 5, 10}).
   * num_epochs: Zaremba's 13/39/55 were for a faster decay without variational
-    dropout. With the decay below the learning rate has fallen ~30x by epoch
-    40 (small), 60 (medium) and 120 (large), after which little changes;
+    dropout. With the decay below the learning rate has fallen ~40x by epoch
+    40 (small) and 120 (large), and ~190x by epoch 60 (medium), after which
+    little changes;
     the best epoch on validation is kept, so extra epochs cost only time.
 """
 

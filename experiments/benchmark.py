@@ -62,7 +62,9 @@ flags.DEFINE_enum(
     "PyTorch full fp32 for matmuls and TF32 in cuDNN); strict: full fp32 in both.",
 )
 flags.DEFINE_string(
-    "output", "", "JSON path (default experiments/results/benchmark_<platform>.json)."
+    "output", "",
+    "JSON path (default experiments/results/benchmark_<platform>.json; profile_step: "
+    "profile_<platform>.json).",
 )
 
 REPO = provenance.REPO

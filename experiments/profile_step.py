@@ -180,6 +180,17 @@ def our_matmuls(matmuls: list[benchmark.Matmul], operands) -> Calls:
   return Calls(lambda: run(device_operands), jax.block_until_ready)
 
 
+def torch_sync(device: str) -> Callable[[Any], None]:
+  """A `Calls` sync for torch on `device`: waits for CUDA's queue, nothing on a CPU."""
+  import torch
+
+  def sync(_: Any) -> None:
+    if device == "cuda":
+      torch.cuda.synchronize()
+
+  return sync
+
+
 def torch_blocks(config, model, inputs: np.ndarray, targets: np.ndarray, device: str) -> dict:
   """Runners for the same two blocks through the PyTorch reference."""
   import torch
@@ -221,9 +232,7 @@ def torch_blocks(config, model, inputs: np.ndarray, targets: np.ndarray, device:
     )
     ((cross_entropy + alpha * kl).sum() / batch_size).backward()
 
-  def sync(_):
-    if device == "cuda":
-      torch.cuda.synchronize()
+  sync = torch_sync(device)
 
   return {"lstm": Calls(lstm, sync), "output": Calls(output, sync),
           "update": Calls(update, sync)}
@@ -251,9 +260,7 @@ def torch_eval_blocks(model, inputs: np.ndarray, targets: np.ndarray, device: st
     logits, _ = model.output_logits(hidden)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target_ids, reduction="sum")
 
-  def sync(_):
-    if device == "cuda":
-      torch.cuda.synchronize()
+  sync = torch_sync(device)
 
   return {"eval_lstm": Calls(lstm, sync), "eval_output": Calls(output, sync)}
 
@@ -273,9 +280,7 @@ def torch_matmuls(matmuls: list[benchmark.Matmul], operands, device: str) -> Cal
         x = _next_input(x @ w, mm.k, lambda y, n: y.repeat(1, n)) if mm.count > 1 else x @ w
     return x
 
-  def sync(_):
-    if device == "cuda":
-      torch.cuda.synchronize()
+  sync = torch_sync(device)
 
   return Calls(run, sync)
 

@@ -48,6 +48,12 @@ def slice_ids(ids: np.ndarray, num_words: int) -> tuple[np.ndarray, int]:
   return compact.astype(np.int32), len(used)
 
 
+def final_distances(results: dict, beta: float, tau: float) -> list[float]:
+  """Each seed's last distance at (β, τ); β = 0 runs have no τ and count for every τ."""
+  return [r["distance"][-1] for r in results["runs"]
+          if r["beta"] == beta and (r["tau"] == tau or beta == 0)]
+
+
 def table(results: dict) -> str:
   """Markdown: rows β, columns τ, cells mean ± std of the final distance over seeds."""
   taus = results["taus"]
@@ -56,8 +62,7 @@ def table(results: dict) -> str:
   for beta in results["betas"]:
     cells = []
     for tau in taus:
-      finals = [r["distance"][-1] for r in results["runs"]
-                if r["beta"] == beta and (r["tau"] == tau or beta == 0)]
+      finals = final_distances(results, beta, tau)
       cells.append(f"{np.mean(finals):.3f} ± {np.std(finals):.3f}")
     lines.append(f"| {beta:g} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
@@ -65,19 +70,12 @@ def table(results: dict) -> str:
 
 def plot(results: dict, path: Path) -> None:
   """Final distance against β, one line per τ, with each seed's point."""
-  try:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-  except ImportError:
-    raise UserError('plotting needs matplotlib: pip install -e ".[plot]"') from None
+  plt = summarize.pyplot()
   figure, axes = plt.subplots(figsize=(6.4, 4.0))
   for tau in results["taus"]:
     betas, means, points = [], [], []
     for beta in results["betas"]:
-      finals = [r["distance"][-1] for r in results["runs"]
-                if r["beta"] == beta and (r["tau"] == tau or beta == 0)]
+      finals = final_distances(results, beta, tau)
       betas.append(beta)
       means.append(np.mean(finals))
       points += [(beta, f) for f in finals]

@@ -74,7 +74,7 @@ def test_help_and_bad_flags_answer_before_jax_is_imported(args):
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
   """A generated `text` corpus: lines of 20 words from a 20-word Markov chain, 1,500 lines
-  to train on (60 windows of batch 20 by 20 steps), 100 each to validate and test.
+  to train on (78 windows of batch 20 by 20 steps), 100 each to validate and test.
 
   The runs here test checkpoints, signals and processes; a small vocabulary and short
   evaluation texts spend their time on those rather than on PTB's 10,000-way softmax.

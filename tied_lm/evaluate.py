@@ -7,13 +7,11 @@ to DIR/eval_SPLIT_batchB.json. Batch 1 conditions every token on its whole
 history; larger batches start each row from a zero state (faster).
 """
 
-import json
 from pathlib import Path
 
 from absl import app, flags
 
-from tied_lm import errors, hostmem, train
-from tied_lm.fileio import atomic_write
+from tied_lm import errors, hostmem, provenance, train
 
 FLAGS = flags.FLAGS
 
@@ -44,7 +42,7 @@ def main(argv: list[str]) -> None:
       "checkpoint_step": run.checkpoint_step,
   }
   output = Path(FLAGS.workdir).expanduser() / f"eval_{FLAGS.split}_batch{batch_size}.json"
-  atomic_write(output, json.dumps(result, indent=2) + "\n")
+  provenance.write_json(output, result)
   print(f"{FLAGS.split} perplexity {perplexity:.2f} over {tokens:,} tokens "
         f"(eval batch {batch_size}, checkpoint {run.checkpoint_step}); wrote {output}")
 

@@ -393,7 +393,7 @@ class LSTMLanguageModel(nn.Module):
   # the next layer's input, as in experiments/torch_reference.py.
   lstm_implementation: str = "scan"
 
-  def setup(self):
+  def setup(self) -> None:
     if (
         self.tie_embeddings
         and self.hidden_size != self.embed_dim

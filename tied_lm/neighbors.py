@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from tied_lm import errors, train
+from tied_lm import analysis, errors, train
 from tied_lm.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -37,7 +37,7 @@ def nearest_neighbors(
     raise UserError(f"not in the vocabulary: {', '.join(unknown)}")
   if not 0 < k < len(vocab):
     raise UserError(f"k={k} must be in [1, {len(vocab) - 1}]")
-  unit = embedding / jnp.maximum(jnp.linalg.norm(embedding, axis=1, keepdims=True), 1e-12)
+  unit = analysis.normalize_rows(jnp.asarray(embedding))
   result = {}
   for word in words:
     similarity = unit @ unit[index[word]]

@@ -11,6 +11,7 @@ seed gives the same text.
 
 import functools
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +36,7 @@ def define_flags() -> None:
 
 @functools.partial(jax.jit, static_argnames="model")
 def next_word_logits(
-    params, token: jax.Array, carry: models.Carry, *, model: models.LSTMLanguageModel
+    params: Any, token: jax.Array, carry: models.Carry, *, model: models.LSTMLanguageModel
 ) -> tuple[jax.Array, models.Carry]:
   """The model's logits [V] after one more word, and the new carry (batch of one)."""
   logits, carry = model.apply({"params": params}, token.reshape(1, 1), carry, deterministic=True)

@@ -24,7 +24,9 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
   """The command's flags; defined only when it runs, so that the module imports cleanly."""
-  flags.DEFINE_string("plot", None, "Also draw the runs' validation curves into this PNG.")
+  flags.DEFINE_string(
+      "plot", None, "Also draw the runs' validation curves into this image (.png, .pdf or .svg)."
+  )
 
 # (hidden size -> name) and ((tie, bias, augmented) -> name) as in configs/paper.py;
 # tests/test_summarize.py checks that the two agree.
@@ -112,16 +114,23 @@ def check_plot_path(path: Path) -> None:
     raise UserError(f"--plot={path}: no directory {path.parent}")
 
 
-def plot_curves(runs: list[dict[str, Any]], path: Path, title: str = "") -> None:
-  """Validation perplexity against epoch, one line per run, into a PNG."""
+def pyplot() -> Any:
+  """matplotlib.pyplot on the file-only Agg backend, or a UserError saying how to install it."""
   try:
     import matplotlib
-    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
   except ImportError:
     raise UserError('plotting needs matplotlib: pip install -e ".[plot]"') from None
+  return plt
+
+
+def plot_curves(runs: list[dict[str, Any]], path: Path, title: str = "") -> None:
+  """Validation perplexity against epoch, one line per run, into an image file."""
+  plt = pyplot()
+  import matplotlib.ticker
+
   figure, axes = plt.subplots(figsize=(6.4, 4.0))
   for run in runs:
     epochs, perplexities = zip(*run["curve"], strict=True)

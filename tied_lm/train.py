@@ -591,7 +591,7 @@ def check_workdir_writable(workdir: Path) -> None:
     )
 
 
-def _gather_carry(carry: models.Carry) -> list:
+def _gather_carry(carry: models.Carry) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
   """The carry of every device of every process as NumPy [global devices, rows, H] leaves."""
   local = to_numpy(carry)
   if jax.process_count() == 1:
@@ -825,7 +825,7 @@ def train_and_evaluate(
       "config": config.to_dict(),
   }
   if jax.process_index() == 0:
-    atomic_write(workdir / "results.json", json.dumps(results, indent=2) + "\n")
+    provenance.write_json(workdir / "results.json", results)
   return results
 
 
