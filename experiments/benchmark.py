@@ -25,7 +25,7 @@ import resource
 import statistics
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
-from tied_lm import data, errors, hostmem, provenance, train
+from tied_lm import data, errors, hostmem, models, provenance, train
 from tied_lm.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -232,10 +232,19 @@ def planned_memory_bytes(compiled: Any) -> int | None:
     return None
 
 
+class Runner(Protocol):
+  """What `time_runner` times: `run(n)` takes n steps and returns once they are done."""
+
+  def run(self, num_steps: int) -> None: ...
+
+
 class OurTrainer:
   """Our pmapped train step over `num_devices` local devices, driven by `train.train_epoch`."""
 
-  def __init__(self, config, corpus, batch_size: int, num_devices: int):
+  def __init__(
+      self, config: ml_collections.ConfigDict, corpus: data.Corpus, batch_size: int,
+      num_devices: int,
+  ):
     devices = jax.local_devices()[:num_devices]
     self.model = train.make_model(config, corpus.vocab_size)
     inputs, targets = data.train_windows(corpus.train, batch_size, config.num_steps)
@@ -278,7 +287,10 @@ class OurTrainer:
 
 
 class OurEvaluator:
-  def __init__(self, model, params, ids: np.ndarray, batch_size: int, num_steps: int):
+  def __init__(
+      self, model: models.LSTMLanguageModel, params: Any, ids: np.ndarray, batch_size: int,
+      num_steps: int,
+  ):
     self.args = (model, jax.device_put(params, jax.local_devices()[0]))
     self.ids, self.batch_size, self.num_steps = ids, batch_size, num_steps
 
@@ -288,7 +300,10 @@ class OurEvaluator:
 
 
 class TorchTrainer:
-  def __init__(self, config, corpus, batch_size: int, device: str, params):
+  def __init__(
+      self, config: ml_collections.ConfigDict, corpus: data.Corpus, batch_size: int,
+      device: str, params: Any,
+  ):
     import torch
 
     from experiments import torch_reference
@@ -338,12 +353,13 @@ class TorchEvaluator:
     float(total)
 
 
-def check_torch_matches(config, corpus, params, device: str) -> float:
+def check_torch_matches(
+    config: ml_collections.ConfigDict, corpus: data.Corpus, params: Any, device: str
+) -> float:
   """Relative difference of the deterministic loss of ours and torch on the same params."""
   import torch
 
   from experiments import torch_reference
-  from tied_lm import models
 
   model = train.make_model(config, corpus.vocab_size)
   inputs, targets = (x[0] for x in data.train_windows(corpus.train, 4, config.num_steps))
@@ -377,7 +393,7 @@ def device_peak_bytes() -> int | None:
   return stats.get("peak_bytes_in_use") if stats else None
 
 
-def time_runner(runner, num_steps: int) -> tuple[float, int]:
+def time_runner(runner: Runner, num_steps: int) -> tuple[float, int]:
   """Seconds for `num_steps` steps, and the minor page faults of the process meanwhile."""
   faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   start = time.perf_counter()
@@ -386,7 +402,9 @@ def time_runner(runner, num_steps: int) -> tuple[float, int]:
   return seconds, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
 
 
-def benchmark_pair(ours, theirs, tokens_per_step: int) -> tuple[dict, dict | None]:
+def benchmark_pair(
+    ours: Runner, theirs: Runner | None, tokens_per_step: int
+) -> tuple[dict, dict | None]:
   """Compiles/warms both, then alternates timed repeats. Returns per-implementation stats."""
   stats = []
   for runner in (ours, theirs):

@@ -49,7 +49,7 @@ import numpy as np
 from absl import app, logging
 
 from experiments import benchmark
-from tied_lm import data, errors, hostmem, provenance, train
+from tied_lm import data, errors, hostmem, models, provenance, train
 from tied_lm.errors import UserError
 
 FLAGS = benchmark.FLAGS
@@ -68,8 +68,8 @@ class Calls:
     self.sync(result)
 
 
-def our_blocks(config, model, params, inputs: np.ndarray, targets: np.ndarray,
-               max_distinct_targets: int = 0) -> dict:
+def our_blocks(config: ml_collections.ConfigDict, model: models.LSTMLanguageModel, params: Any,
+               inputs: np.ndarray, targets: np.ndarray, max_distinct_targets: int = 0) -> dict:
   """Runners for our lstm and output blocks on one window [B, T]."""
   batch_size = inputs.shape[0]
   carry = model.initial_carry(batch_size)
@@ -106,7 +106,9 @@ def our_blocks(config, model, params, inputs: np.ndarray, targets: np.ndarray,
           "output": Calls(lambda: output(output_params, hidden), sync)}
 
 
-def our_eval_blocks(model, params, inputs: np.ndarray, targets: np.ndarray) -> dict:
+def our_eval_blocks(
+    model: models.LSTMLanguageModel, params: Any, inputs: np.ndarray, targets: np.ndarray
+) -> dict:
   """Runners for the two halves of our eval step on one window [B, T]."""
   batch_size, num_steps = inputs.shape
   model = model.for_evaluation(num_steps)  # as train.evaluate
@@ -133,7 +135,10 @@ def our_eval_blocks(model, params, inputs: np.ndarray, targets: np.ndarray) -> d
 class OurUpdate:
   """Runs our clip-and-SGD update on a fixed gradient, the state donated and carried."""
 
-  def __init__(self, config, model, steps_per_epoch: int):
+  def __init__(
+      self, config: ml_collections.ConfigDict, model: models.LSTMLanguageModel,
+      steps_per_epoch: int,
+  ):
     self.state = train.create_train_state(config, model, steps_per_epoch)
     self.grads = jax.tree.map(
         lambda p: jax.random.normal(jax.random.key(0), p.shape, p.dtype), self.state.params)
@@ -159,7 +164,9 @@ def matmul_operands(matmuls: list[benchmark.Matmul]) -> list[tuple[np.ndarray, n
            rng.standard_normal((mm.k, mm.n), np.float32)) for mm in matmuls]
 
 
-def our_matmuls(matmuls: list[benchmark.Matmul], operands) -> Calls:
+def our_matmuls(
+    matmuls: list[benchmark.Matmul], operands: list[tuple[np.ndarray, np.ndarray]]
+) -> Calls:
   """One jitted call that runs every product of the step."""
   counts = [mm.count for mm in matmuls]
 
@@ -191,7 +198,10 @@ def torch_sync(device: str) -> Callable[[Any], None]:
   return sync
 
 
-def torch_blocks(config, model, inputs: np.ndarray, targets: np.ndarray, device: str) -> dict:
+def torch_blocks(
+    config: ml_collections.ConfigDict, model: Any, inputs: np.ndarray, targets: np.ndarray,
+    device: str,
+) -> dict:
   """Runners for the same two blocks through the PyTorch reference."""
   import torch
 
@@ -238,7 +248,9 @@ def torch_blocks(config, model, inputs: np.ndarray, targets: np.ndarray, device:
           "update": Calls(update, sync)}
 
 
-def torch_eval_blocks(model, inputs: np.ndarray, targets: np.ndarray, device: str) -> dict:
+def torch_eval_blocks(
+    model: Any, inputs: np.ndarray, targets: np.ndarray, device: str
+) -> dict:
   """Runners for the two halves of the eval step through the PyTorch reference."""
   import torch
   import torch.nn.functional as F
@@ -265,7 +277,9 @@ def torch_eval_blocks(model, inputs: np.ndarray, targets: np.ndarray, device: st
   return {"eval_lstm": Calls(lstm, sync), "eval_output": Calls(output, sync)}
 
 
-def torch_matmuls(matmuls: list[benchmark.Matmul], operands, device: str) -> Calls:
+def torch_matmuls(
+    matmuls: list[benchmark.Matmul], operands: list[tuple[np.ndarray, np.ndarray]], device: str
+) -> Calls:
   """The same products through torch, one call after another."""
   import torch
 

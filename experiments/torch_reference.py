@@ -16,6 +16,7 @@ Two differences, both forced by `nn.LSTM`:
 Tensors are time-major inside, like `tied_lm.models`. Requires `pip install -e .[bench]`.
 """
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -149,7 +150,12 @@ def loss_terms(
   return cross_entropy, kl
 
 
-def make_train_step(model: TorchLanguageModel, config: Any):
+State = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def make_train_step(
+    model: TorchLanguageModel, config: Any
+) -> Callable[[torch.Tensor, torch.Tensor, State], tuple[State, dict[str, torch.Tensor]]]:
   """A step closure: (inputs, targets, state) -> (new state, metrics dict of tensors).
 
   config: the tied_lm ConfigDict (uses loss.*, optim.learning_rate, optim.clip_norm).
@@ -158,7 +164,7 @@ def make_train_step(model: TorchLanguageModel, config: Any):
   optimizer = torch.optim.SGD(model.parameters(), lr=config.optim.learning_rate)
   alpha = config.loss.gamma * config.loss.tau
 
-  def step(inputs, targets, state):
+  def step(inputs: torch.Tensor, targets: torch.Tensor, state: State):
     model.train()
     state = [(h.detach(), c.detach()) for h, c in state]
     optimizer.zero_grad(set_to_none=True)
@@ -181,7 +187,9 @@ def make_train_step(model: TorchLanguageModel, config: Any):
 
 
 @torch.no_grad()
-def eval_step(model: TorchLanguageModel, inputs, targets, state):
+def eval_step(
+    model: TorchLanguageModel, inputs: torch.Tensor, targets: torch.Tensor, state: State
+) -> tuple[State, torch.Tensor]:
   """(new state, NLL sum) of one window without dropout."""
   model.eval()
   logits, _, state = model(inputs, state)
