@@ -51,3 +51,14 @@ def test_a_folder_without_a_checkpoint_is_one_line(tmp_path, make, message):
   result = evaluate_cli(f"--workdir={folder}")
   assert result.returncode == 2
   assert result.stderr.strip().splitlines() == [f"error: {folder} {message}"]
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--workdir=x", "--split=dev"]])
+def test_help_and_bad_flags_answer_before_jax_is_imported(args):
+  result = subprocess.run(
+      [sys.executable, "-X", "importtime", "-m", "tied_lm.evaluate", *args],
+      cwd=REPO, capture_output=True, text=True, timeout=60)
+  assert result.returncode in (1, 2)  # absl's --help exits with 1
+  imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines()
+              if line.startswith("import time:")}
+  assert "absl.flags" in imported and "jax" not in imported

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from tied_lm import errors, hostmem, provenance, train
+from tied_lm import errors, hostmem, provenance
 
 FLAGS = flags.FLAGS
 
@@ -29,6 +29,8 @@ def define_flags() -> None:
 def main(argv: list[str]) -> None:
   errors.no_positional_arguments(argv)
   hostmem.reuse_freed_memory()
+  from tied_lm import train  # after the flags, so that --help and flag errors skip JAX
+
   run = train.load_trained(FLAGS.workdir)
   batch_size = FLAGS.eval_batch_size or run.config.eval_batch_size  # both are >= 1
   perplexity, tokens = train.evaluate(
