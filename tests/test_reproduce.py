@@ -146,14 +146,12 @@ def test_sweep_table_ranks_each_model_by_validation_with_its_untagged_run():
                                         test_perplexity_batch1=93.96)}
   reports = {("ptb", "small", "real"): _report(94.0, 90.5),
              ("ptb", "small", "vd"): _report(92.0, 88.0)}  # no sweep of vd: not listed
-  rows = [line.split("|")[1:3] for line in reproduce.sweep_table(swept, reports).splitlines()
+  rows = [line.split("|") for line in reproduce.sweep_table(swept, reports).splitlines()
           if line.startswith("| ptb")]
-  assert [(name.strip(), valid.strip()) for name, valid in rows] == [
+  assert [(row[1].strip(), row[2].strip()) for row in rows] == [
       ("ptb_small_al_tau5", "99.00 (58)"), ("ptb_small_real_tau20", "93.00 (58)"),
       ("ptb_small_real", "94.00 (58)"), ("ptb_small_real_tau5", "95.00 (58)")]
-  batch1 = [line.split("|")[4].strip() for line in reproduce.sweep_table(swept, reports)
-            .splitlines() if line.startswith("| ptb")]
-  assert batch1 == ["98.94 / 93.96", "-", "-", "-"]
+  assert [row[4].strip() for row in rows] == ["98.94 / 93.96", "-", "-", "-"]  # batch 1
 
 
 def _report(valid, test, **extra):
