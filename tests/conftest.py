@@ -1,4 +1,5 @@
-"""Test setup: two host CPU devices for the pmap tests, a compilation cache, the shared data."""
+"""Test setup: two host CPU devices for the pmap tests, a compilation cache, the shared data,
+a trained tiny run, and runners for the commands."""
 
 import atexit
 import json
@@ -31,10 +32,45 @@ from tied_lm import hostmem  # noqa: E402
 
 hostmem.reuse_freed_memory()  # as the commands do: before the first JAX computation
 
+# The checkout under test, where the commands run (not provenance.REPO: the installed
+# package may come from another checkout).
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def run_module():
+  """`run_module(MODULE, *ARGS, env=None, timeout=300)` runs `python -m MODULE ARGS` in the
+  checkout under test, with this session's environment unless `env` is given and a timeout
+  in seconds (None: none), and returns the finished process, its output as text."""
+
+  def run(module: str, *args: str, env: dict[str, str] | None = None,
+          timeout: float | None = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+  return run
+
+
+@pytest.fixture(scope="session")
+def modules_imported_by():
+  """`modules_imported_by(MODULE, *ARGS)` runs `python -X importtime -m MODULE ARGS` in the
+  checkout under test and returns (its exit status, the names of the modules it imported):
+  what tells a command's --help and flag errors that never load JAX."""
+
+  def run(module: str, *args: str) -> tuple[int, set[str]]:
+    result = subprocess.run([sys.executable, "-X", "importtime", "-m", module, *args],
+                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    return result.returncode, {line.split("|")[-1].strip()
+                               for line in result.stderr.splitlines()
+                               if line.startswith("import time:")}
+
+  return run
+
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
-  """A finished tiny PTB run (1 epoch of 40 steps): its workdir and results."""
+  """A finished tiny PTB run (1 epoch of 40 steps): its workdir and results. Shared by the
+  whole session, so tests only read it: one that writes into a run copies it first."""
   from configs import default
   from tied_lm import train
 
@@ -45,18 +81,16 @@ def trained_run(tmp_path_factory):
 
 
 @pytest.fixture
-def run_tiny_timing(tmp_path):
+def run_tiny_timing(tmp_path, run_module):
   """Runs `python -m experiments.<module>` (the benchmark, or profile_step, which shares
   its flags) on configs/default.py with the fewest, shortest repeats and no warm-up;
   checks that it exits 0 and returns (its stdout, the JSON it wrote)."""
 
   def run(module: str) -> tuple[str, dict]:
     output = tmp_path / f"{module}.json"
-    result = subprocess.run(
-        [sys.executable, "-m", f"experiments.{module}", "--configs=configs/default.py",
-         "--repeats=2", "--steps_per_repeat=2", "--warmup=0", "--matmul_size=256",
-         f"--output={output}"],
-        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    result = run_module(f"experiments.{module}", "--configs=configs/default.py",
+                        "--repeats=2", "--steps_per_repeat=2", "--warmup=0",
+                        "--matmul_size=256", f"--output={output}")
     assert result.returncode == 0, result.stderr
     return result.stdout, json.loads(output.read_text())
 

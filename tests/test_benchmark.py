@@ -1,10 +1,6 @@
 """experiments/benchmark.py: its FLOP count by hand, bad input, and a tiny end-to-end run."""
 
 import mmap
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -119,13 +115,11 @@ def test_time_runner_counts_the_pages_a_step_maps_in():
     ("profile_step", ["--num_devices=2"], "profile_step times one device"),
     ("profile_step", ["--batch_sizes=0"], "must be a comma-separated list of positive integers"),
 ])
-def test_bad_timing_flags_are_one_line_before_any_timing(module, flags, message, tmp_path):
+def test_bad_timing_flags_are_one_line_before_any_timing(module, flags, message, tmp_path,
+                                                        run_module):
   output = tmp_path / "out.json"
-  result = subprocess.run(
-      [sys.executable, "-m", f"experiments.{module}", "--configs=configs/default.py",
-       f"--output={output}", *flags],
-      cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120,
-      env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+  result = run_module(f"experiments.{module}", "--configs=configs/default.py",
+                      f"--output={output}", *flags, timeout=120)
   assert result.returncode == 2
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr

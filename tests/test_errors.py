@@ -1,8 +1,6 @@
 """How every command reports bad input: one line on stderr, exit status 2."""
 
 import logging
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -67,9 +65,8 @@ def test_commands_keep_our_info_lines_and_other_libraries_warnings_only():
     ["tied_lm.summarize", "/nonexistent", "--plot=/nonexistent/curves.png"],
     ["experiments.target_sharpness", "--workdirs=", "--output=/nonexistent/out"],
 ])
-def test_every_command_reports_bad_flags_in_one_line_with_status_2(command):
-  result = subprocess.run([sys.executable, "-m", *command], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[1], timeout=120)
+def test_every_command_reports_bad_flags_in_one_line_with_status_2(command, run_module):
+  result = run_module(*command, timeout=120)
   assert result.returncode == 2
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr

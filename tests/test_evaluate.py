@@ -1,24 +1,26 @@
 """python -m tied_lm.evaluate: the run's own numbers, any batch size, one-line errors."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
+import shutil
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+
+@pytest.fixture
+def evaluate_cli(run_module):
+  return lambda *args: run_module("tied_lm.evaluate", *args)
 
 
-def evaluate_cli(*args):
-  return subprocess.run(
-      [sys.executable, "-m", "tied_lm.evaluate", *args],
-      cwd=REPO, capture_output=True, text=True, timeout=300,
-  )
-
-
-def test_evaluate_reproduces_the_runs_test_perplexity(trained_run):
+@pytest.fixture
+def run_copy(trained_run, tmp_path):
+  """A copy of the trained run, to write evaluations into, and its results."""
   workdir, results = trained_run
+  shutil.copytree(workdir, tmp_path / "run")
+  return tmp_path / "run", results
+
+
+def test_evaluate_reproduces_the_runs_test_perplexity(run_copy, evaluate_cli):
+  workdir, results = run_copy
   result = evaluate_cli(f"--workdir={workdir}", "--split=test", "--eval_batch_size=10")
   assert result.returncode == 0, result.stderr
   assert result.stdout.startswith(
@@ -29,8 +31,8 @@ def test_evaluate_reproduces_the_runs_test_perplexity(trained_run):
   assert saved["tokens_scored"] == 82_429 == results["test_tokens_scored"]
 
 
-def test_batch_one_scores_the_same_tokens(trained_run):
-  workdir, results = trained_run
+def test_batch_one_scores_the_same_tokens(run_copy, evaluate_cli):
+  workdir, results = run_copy
   result = evaluate_cli(f"--workdir={workdir}", "--split=valid", "--eval_batch_size=1")
   assert result.returncode == 0, result.stderr
   saved = json.loads((workdir / "eval_valid_batch1.json").read_text())
@@ -45,7 +47,7 @@ def test_batch_one_scores_the_same_tokens(trained_run):
      "has no checkpoint yet: training writes the first one after checkpoint_every_steps "
      "steps or one epoch"),
 ])
-def test_a_folder_without_a_checkpoint_is_one_line(tmp_path, make, message):
+def test_a_folder_without_a_checkpoint_is_one_line(tmp_path, make, message, evaluate_cli):
   folder = tmp_path / "run"
   make(folder)
   result = evaluate_cli(f"--workdir={folder}")
@@ -54,11 +56,7 @@ def test_a_folder_without_a_checkpoint_is_one_line(tmp_path, make, message):
 
 
 @pytest.mark.parametrize("args", [["--help"], ["--workdir=x", "--split=dev"]])
-def test_help_and_bad_flags_answer_before_jax_is_imported(args):
-  result = subprocess.run(
-      [sys.executable, "-X", "importtime", "-m", "tied_lm.evaluate", *args],
-      cwd=REPO, capture_output=True, text=True, timeout=60)
-  assert result.returncode in (1, 2)  # absl's --help exits with 1
-  imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines()
-              if line.startswith("import time:")}
+def test_help_and_bad_flags_answer_before_jax_is_imported(args, modules_imported_by):
+  status, imported = modules_imported_by("tied_lm.evaluate", *args)
+  assert status in (1, 2)  # absl's --help exits with 1
   assert "absl.flags" in imported and "jax" not in imported

@@ -62,12 +62,9 @@ def test_bad_input_is_one_line_and_exit_status_2(args, message, tmp_path):
 
 
 @pytest.mark.parametrize("args", [["--help"], ["--config=configs/default.py", "--workdir=x", "y"]])
-def test_help_and_bad_flags_answer_before_jax_is_imported(args):
-  result = subprocess.run([sys.executable, "-X", "importtime", "-m", "tied_lm.main", *args],
-                          cwd=REPO, capture_output=True, text=True, timeout=60)
-  assert result.returncode in (1, 2)  # absl's --help exits with 1
-  imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines()
-              if line.startswith("import time:")}
+def test_help_and_bad_flags_answer_before_jax_is_imported(args, modules_imported_by):
+  status, imported = modules_imported_by("tied_lm.main", *args)
+  assert status in (1, 2)  # absl's --help exits with 1
   assert "ml_collections" in imported and "jax" not in imported
 
 
@@ -292,13 +289,10 @@ def test_a_one_line_corpus_is_one_line_and_no_workdir(tmp_path):
   assert not workdir.exists()
 
 
-def test_an_unwritable_workdir_is_one_line(tmp_path):
+def test_an_unwritable_workdir_is_one_line(tmp_path, run_module):
   (tmp_path / "file").write_text("")
-  result = subprocess.run(
-      [sys.executable, "-m", "tied_lm.main", "--config=configs/default.py",
-       f"--workdir={tmp_path / 'file' / 'run'}"],
-      cwd=REPO, capture_output=True, text=True, timeout=300,
-  )
+  result = run_module("tied_lm.main", "--config=configs/default.py",
+                      f"--workdir={tmp_path / 'file' / 'run'}")
   assert result.returncode == 2
   assert result.stderr.strip().splitlines() == [
       f"error: cannot write the workdir {tmp_path / 'file' / 'run'}: {tmp_path / 'file'} is not "

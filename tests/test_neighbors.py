@@ -1,16 +1,10 @@
 """python -m tied_lm.neighbors: cosine neighbours, checked against NumPy."""
 
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from tied_lm import neighbors
 from tied_lm.errors import UserError
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_neighbors_by_hand():
@@ -25,15 +19,12 @@ def test_neighbors_by_hand():
     neighbors.nearest_neighbors(embedding, vocab, ["e"], k=2)
 
 
-def test_neighbors_cli_matches_numpy(trained_run):
+def test_neighbors_cli_matches_numpy(trained_run, run_module):
   from tied_lm import train
 
   run = train.load_trained(trained_run[0])
-  result = subprocess.run(
-      [sys.executable, "-m", "tied_lm.neighbors", f"--workdir={trained_run[0]}",
-       "--words=money,the", "--k=5"],
-      cwd=REPO, capture_output=True, text=True, timeout=300,
-  )
+  result = run_module("tied_lm.neighbors", f"--workdir={trained_run[0]}", "--words=money,the",
+                      "--k=5")
   assert result.returncode == 0, result.stderr
   embedding = np.asarray(run.params["embed"]["embedding"])
   unit = embedding / np.linalg.norm(embedding, axis=1, keepdims=True)
@@ -46,11 +37,7 @@ def test_neighbors_cli_matches_numpy(trained_run):
     assert [item.split(" (")[0] for item in line[len(word) + 2:].split(", ")] == expected
 
 
-def test_neighbors_of_a_word_outside_the_vocabulary_is_one_line(trained_run):
-  result = subprocess.run(
-      [sys.executable, "-m", "tied_lm.neighbors", f"--workdir={trained_run[0]}",
-       "--words=the,notaword"],
-      cwd=REPO, capture_output=True, text=True, timeout=300,
-  )
+def test_neighbors_of_a_word_outside_the_vocabulary_is_one_line(trained_run, run_module):
+  result = run_module("tied_lm.neighbors", f"--workdir={trained_run[0]}", "--words=the,notaword")
   assert result.returncode == 2
   assert result.stderr == "error: not in the vocabulary: notaword\n"

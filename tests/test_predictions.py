@@ -1,19 +1,12 @@
 """experiments/predictions.py on a tiny trained run."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
 
 
-def test_predictions_cli_reports_probabilities_and_top_words(trained_run, tmp_path):
-  workdir = trained_run[0]
-  result = subprocess.run(
-      [sys.executable, "-m", "experiments.predictions", f"--workdirs={workdir}",
-       "--prompt=the company said", "--prompt=zzzz market", f"--output={tmp_path / 'p'}"],
-      cwd=REPO, capture_output=True, text=True, timeout=300)
+def test_predictions_cli_reports_probabilities_and_top_words(trained_run, tmp_path, run_module):
+  result = run_module("experiments.predictions", f"--workdirs={trained_run[0]}",
+                      "--prompt=the company said", "--prompt=zzzz market",
+                      f"--output={tmp_path / 'p'}")
   assert result.returncode == 0, result.stderr
   assert "read as <unk>: zzzz" in result.stderr  # unknown prompt words, with a warning
   run = json.loads((tmp_path / "p.json").read_text())["runs"][0]
@@ -27,10 +20,8 @@ def test_predictions_cli_reports_probabilities_and_top_words(trained_run, tmp_pa
   assert "| run | variant | p(<unk>) |" in (tmp_path / "p.md").read_text()
 
 
-def test_predictions_of_a_folder_that_is_not_a_run_is_one_line(tmp_path):
-  result = subprocess.run(
-      [sys.executable, "-m", "experiments.predictions", f"--workdirs={tmp_path}"],
-      cwd=REPO, capture_output=True, text=True, timeout=300)
+def test_predictions_of_a_folder_that_is_not_a_run_is_one_line(tmp_path, run_module):
+  result = run_module("experiments.predictions", f"--workdirs={tmp_path}")
   assert result.returncode == 2
   assert len(result.stderr.strip().splitlines()) == 1
   assert result.stderr.startswith("error: ")

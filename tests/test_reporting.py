@@ -2,18 +2,13 @@
 
 import io
 import math
-import os
 import re
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from configs import default
 from tied_lm import reporting, train
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -51,15 +46,12 @@ def test_tensorboard_scalars_equal_the_records_of_metrics_jsonl(finished_run):
     assert r["learning_rate"] == (1.0 if r["epoch"] == 1 else 0.5)
 
 
-def test_progress_in_a_non_terminal_is_plain_lines_with_the_records_numbers(tmp_path):
+def test_progress_in_a_non_terminal_is_plain_lines_with_the_records_numbers(tmp_path,
+                                                                          run_module):
   workdir = tmp_path / "run"
-  result = subprocess.run(
-      [sys.executable, "-m", "tied_lm.main", "--config=configs/default.py",
-       f"--workdir={workdir}", "--config.num_epochs=1", "--config.max_steps_per_epoch=12",
-       "--config.log_every_steps=4"],
-      cwd=REPO, capture_output=True, text=True, timeout=300,
-      env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"),
-  )
+  result = run_module("tied_lm.main", "--config=configs/default.py", f"--workdir={workdir}",
+                      "--config.num_epochs=1", "--config.max_steps_per_epoch=12",
+                      "--config.log_every_steps=4")
   assert result.returncode == 0, result.stderr[-2000:]
   output = result.stdout + result.stderr
   assert "\r" not in output

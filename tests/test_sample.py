@@ -1,9 +1,5 @@
 """python -m tied_lm.sample: the model's own logits, top-k, <unk> prompts, determinism."""
 
-import subprocess
-import sys
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,14 +7,10 @@ import pytest
 
 from tied_lm import sample, train
 
-REPO = Path(__file__).resolve().parents[1]
 
-
-def sample_cli(workdir, *args):
-  return subprocess.run(
-      [sys.executable, "-m", "tied_lm.sample", f"--workdir={workdir}", *args],
-      cwd=REPO, capture_output=True, text=True, timeout=300,
-  )
+@pytest.fixture
+def sample_cli(run_module):
+  return lambda workdir, *args: run_module("tied_lm.sample", f"--workdir={workdir}", *args)
 
 
 def test_word_by_word_logits_are_the_models_logits_over_the_window(trained_run):
@@ -44,7 +36,7 @@ def test_top_k_samples_only_among_the_k_largest():
               for i in range(400)}) == 5
 
 
-def test_sampling_is_deterministic_per_seed_and_maps_unknown_words(trained_run):
+def test_sampling_is_deterministic_per_seed_and_maps_unknown_words(trained_run, sample_cli):
   workdir, _ = trained_run
   args = ["--prompt=the zzyzx company", "--num_words=20", "--seed=3"]
   first, second = sample_cli(workdir, *args), sample_cli(workdir, *args)
@@ -63,7 +55,7 @@ def test_sampling_is_deterministic_per_seed_and_maps_unknown_words(trained_run):
     (["--top_k=-1"], "top_k=-1 must be in [0, 10000]"),
     (["--prompt= "], "the prompt is empty"),
 ])
-def test_bad_sampling_arguments_are_one_line(trained_run, args, message):
+def test_bad_sampling_arguments_are_one_line(trained_run, args, message, sample_cli):
   result = sample_cli(trained_run[0], *args)
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1] == f"error: {message}"

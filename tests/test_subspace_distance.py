@@ -1,12 +1,6 @@
 """python -m experiments.subspace_distance: bad flags are one-line errors, before any training."""
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(("flag", "message"), [
@@ -15,12 +9,8 @@ REPO = Path(__file__).resolve().parents[1]
     ("--betas=1.5", "error: every β must be in [0, 1] and every τ > 0\n"),
     ("--num_words=1", "error: --num_words=1 must be at least 2\n"),
 ])
-def test_bad_flags_are_one_line_errors(flag, message, tmp_path):
-  result = subprocess.run(
-      [sys.executable, "-m", "experiments.subspace_distance", flag,
-       f"--output={tmp_path / 'out'}"],
-      cwd=REPO, capture_output=True, text=True, timeout=300,
-  )
+def test_bad_flags_are_one_line_errors(flag, message, tmp_path, run_module):
+  result = run_module("experiments.subspace_distance", flag, f"--output={tmp_path / 'out'}")
   assert result.returncode == 2
   assert result.stderr == message
   assert list(tmp_path.iterdir()) == []

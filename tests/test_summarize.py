@@ -1,16 +1,11 @@
 """The run table: its numbers, the paper's names, plots and one-line errors."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from configs import default, paper
 from tied_lm import summarize, train
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("size", list(paper.SIZES))
@@ -40,14 +35,12 @@ def two_runs(tmp_path_factory):
   return runs
 
 
-def summarize_cli(*args):
-  return subprocess.run(
-      [sys.executable, "-m", "tied_lm.summarize", *map(str, args)],
-      cwd=REPO, capture_output=True, text=True, timeout=120,
-  )
+@pytest.fixture
+def summarize_cli(run_module):
+  return lambda *args: run_module("tied_lm.summarize", *map(str, args), timeout=120)
 
 
-def test_summarize_prints_the_runs_numbers_and_plots_them(two_runs, tmp_path):
+def test_summarize_prints_the_runs_numbers_and_plots_them(two_runs, tmp_path, summarize_cli):
   plot = tmp_path / "curves.png"
   result = summarize_cli(*(w for w, _ in two_runs), f"--plot={plot}")
   assert result.returncode == 0, result.stderr
@@ -82,7 +75,7 @@ def test_a_run_in_progress_has_no_test_perplexity(two_runs, tmp_path):
     (lambda d: None, "is not a directory"),
     (lambda d: d.mkdir(), "is not a tied_lm run (no config.json or results.json)"),
 ])
-def test_a_folder_that_is_not_a_run_is_one_line(tmp_path, make, message):
+def test_a_folder_that_is_not_a_run_is_one_line(tmp_path, make, message, summarize_cli):
   folder = tmp_path / "folder"
   make(folder)
   result = summarize_cli(folder)

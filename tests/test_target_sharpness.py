@@ -1,25 +1,22 @@
 """python -m experiments.target_sharpness: ỹ's entropy in a trained run, against NumPy."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _run(*args: str) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-m", "experiments.target_sharpness", *args],
-                        cwd=REPO, capture_output=True, text=True, timeout=300)
+import pytest
 
 
-def test_cli_matches_numpy_on_a_trained_run(trained_run, tmp_path):
+@pytest.fixture
+def sharpness_cli(run_module):
+  return lambda *args: run_module("experiments.target_sharpness", *args)
+
+
+def test_cli_matches_numpy_on_a_trained_run(trained_run, tmp_path, sharpness_cli):
   from tied_lm import train
 
   workdir = str(trained_run[0])
-  result = _run(f"--workdirs={workdir}", "--taus=0.05,10", f"--output={tmp_path / 'sharp'}")
+  result = sharpness_cli(f"--workdirs={workdir}", "--taus=0.05,10",
+                         f"--output={tmp_path / 'sharp'}")
   assert result.returncode == 0, result.stderr
   rows = json.loads((tmp_path / "sharp.json").read_text())["rows"]
   assert (tmp_path / "sharp.md").read_text() == result.stdout
@@ -45,7 +42,7 @@ def test_cli_matches_numpy_on_a_trained_run(trained_run, tmp_path):
   assert rows[0]["target_probability"] > rows[1]["target_probability"]
 
 
-def test_cli_refuses_a_bad_tau_in_one_line(trained_run):
-  result = _run(f"--workdirs={trained_run[0]}", "--taus=0")
+def test_cli_refuses_a_bad_tau_in_one_line(trained_run, sharpness_cli):
+  result = sharpness_cli(f"--workdirs={trained_run[0]}", "--taus=0")
   assert result.returncode == 2
   assert result.stderr.strip().splitlines() == ["error: --taus=0: every τ must be positive"]
