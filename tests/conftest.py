@@ -39,13 +39,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def run_module():
-  """`run_module(MODULE, *ARGS, env=None, timeout=300)` runs `python -m MODULE ARGS` in the
-  checkout under test, with this session's environment unless `env` is given and a timeout
-  in seconds (None: none), and returns the finished process, its output as text."""
+  """`run_module(MODULE, *ARGS, timeout=300)` runs `python -m MODULE ARGS` in the checkout
+  under test, with this session's environment and a timeout in seconds (None: none), and
+  returns the finished process, its output as text."""
 
-  def run(module: str, *args: str, env: dict[str, str] | None = None,
-          timeout: float | None = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
+  def run(module: str, *args: str, timeout: float | None = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)
 
   return run
