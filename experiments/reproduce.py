@@ -29,7 +29,8 @@ finished run's. From all such files in RESULTS_DIR, including those made on othe
 machines, it writes TABLE.md (ours beside the paper, in the paper's layout,
 "not run" with the command for the rest) and one PNG of validation curves per
 dataset and size (needs matplotlib: `pip install -e ".[plot]"`); the tagged
-runs of sweeps go to SWEEP.md instead, to be chosen on validation:
+runs of sweeps go to SWEEP.md instead, and TABLE.md's last column names each
+model's best finished run on validation at the default seed, untagged or not:
 
   python -m experiments.reproduce --root=$HOME/tied_lm_runs --variants=real \
       --sweep=loss.tau=5,10,20 --sweep=loss.gamma=0.5,0.65,0.8 --parallel=3
@@ -323,16 +324,55 @@ def _epochs(report: dict[str, Any], with_best: bool = True) -> str:
   return done + best + ("" if complete else ", partial")
 
 
+def chosen_on_validation(
+    reports: dict[tuple[str, str, str], dict[str, Any]], swept: dict[str, dict[str, Any]]
+) -> dict[tuple[str, str, str], tuple[str, dict[str, Any]]]:
+  """Per model, the finished run with the best validation perplexity: (run name, report).
+
+  The candidates are the untagged run and the sweeps of the same model at the
+  paper config's seed, so that a lucky seed is never what gets chosen.
+  """
+  candidates = {run_name(*key): report for key, report in reports.items()} | swept
+  chosen = {}
+  for name, report in candidates.items():
+    key, _ = parse_run_name(name)
+    default_seed = paper.get_config(key[0], f"{key[1]},{key[2]}").seed
+    if report["test_perplexity"] is None or report["config"]["seed"] != default_seed:
+      continue
+    if key not in chosen or report["valid_perplexity"] < chosen[key][1]["valid_perplexity"]:
+      chosen[key] = (name, report)
+  return chosen
+
+
+def _chosen_cell(key: tuple[str, str, str],
+                 chosen: dict[tuple[str, str, str], tuple[str, dict[str, Any]]]) -> str:
+  """'86.5 / 82.7 ([tag](file.json))', or '-' where no finished run qualifies."""
+  if key not in chosen:
+    return "-"
+  name, report = chosen[key]
+  _, tag = parse_run_name(name)
+  return f"{_cell(report, 'perplexity')} ([{tag or 'paper settings'}]({name}.json))"
+
+
 def table(reports: dict[tuple[str, str, str], dict[str, Any]], root_hint: str,
-          notes: str = "") -> str:
-  """TABLE.md: per dataset, the paper's rows (size x variant) with ours beside them."""
+          notes: str = "",
+          chosen: dict[tuple[str, str, str], tuple[str, dict[str, Any]]] | None = None) -> str:
+  """TABLE.md: per dataset, the paper's rows (size x variant) with ours beside them.
+
+  `ours` is the untagged run (configs/paper.py's settings); `chosen` (from
+  `chosen_on_validation`) adds each model's best run on validation.
+  """
+  chosen = chosen or {}
   lines = ["# Reproducing Inan et al. 2017: perplexity, validation / test", "",
            "Written by `python -m experiments.reproduce` from the JSON files beside it",
            "(and from TABLE_NOTES.md, copied in at the end). Params: ours (the paper's).",
            "Ours: the epoch with the best validation perplexity, and test at that epoch.",
            "`ours` is the training run's own evaluation at its eval batch size (each row",
            "starts from a zero state); `ours, batch 1` rescores the same checkpoint with",
-           "every token conditioned on its whole history, where that was run.", ""]
+           "every token conditioned on its whole history, where that was run.",
+           "`chosen on validation`: of the finished runs of the model at the default seed",
+           "(the untagged one and its sweeps, SWEEP.md), the one with the best validation",
+           "perplexity, named by its tag (the settings it changes).", ""]
   for dataset in DATASETS:
     keys = [k for k in PAPER if k[0] == dataset] + [
         k for k in reports if k[0] == dataset and k not in PAPER]
@@ -340,7 +380,8 @@ def table(reports: dict[tuple[str, str, str], dict[str, Any]], root_hint: str,
       continue
     lines += [f"## {dataset}", "",
               "| size | variant | paper | ours | eval batch | ours, batch 1 | params "
-              "| epochs (best) | hardware | wall |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "| epochs (best) | hardware | wall | chosen on validation |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for key in keys:
       _, size, variant = key
       paper = PAPER.get(key)
@@ -350,7 +391,8 @@ def table(reports: dict[tuple[str, str, str], dict[str, Any]], root_hint: str,
         command = (f"python -m experiments.reproduce --root={root_hint} --datasets={dataset} "
                    f"--sizes={size} --variants={variant} --rescore")
         lines.append(f"| {size} | {variant.upper()} | {paper_cell} | not run: `{command}` "
-                     f"| | | ({PAPER_PARAMS.get((size, variant), '')}) | | | |")
+                     f"| | | ({PAPER_PARAMS.get((size, variant), '')}) | | | "
+                     f"| {_chosen_cell(key, chosen)} |")
         continue
       lines.append(
           f"| {size} | {variant.upper()} | {paper_cell} | {_cell(report, 'perplexity')} "
@@ -359,7 +401,8 @@ def table(reports: dict[tuple[str, str, str], dict[str, Any]], root_hint: str,
           f"{f' ({paper_params})' if (paper_params := PAPER_PARAMS.get((size, variant))) else ''} "
           f"| {_epochs(report)} "
           f"| {report['hardware']['device_kind']} "
-          f"| {reporting.format_seconds(report['wall_seconds'])} |")
+          f"| {reporting.format_seconds(report['wall_seconds'])} "
+          f"| {_chosen_cell(key, chosen)} |")
     lines.append("")
   if notes:
     lines += ["## Notes", "", notes.strip(), ""]
@@ -425,7 +468,8 @@ def write_reports(root: Path, results_dir: Path) -> None:
     print(f"wrote {results_dir / 'SWEEP.md'}")
   notes_file = results_dir / "TABLE_NOTES.md"
   notes = notes_file.read_text() if notes_file.is_file() else ""
-  atomic_write(results_dir / "TABLE.md", table(reports, "$HOME/tied_lm_runs", notes))
+  atomic_write(results_dir / "TABLE.md", table(reports, "$HOME/tied_lm_runs", notes,
+                                                chosen_on_validation(reports, swept)))
   print(f"wrote {results_dir / 'TABLE.md'}")
   for dataset in DATASETS:
     for size in SIZES:

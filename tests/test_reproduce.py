@@ -148,10 +148,33 @@ def test_sweep_table_ranks_each_model_by_validation_with_its_untagged_run():
   assert [row[4].strip() for row in rows] == ["98.94 / 93.96", "-", "-", "-"]  # batch 1
 
 
-def _report(valid, test, **extra):
+def _report(valid, test, seed=0, **extra):
   return {"valid_perplexity": valid, "test_perplexity": test, "eval_batch_size": 10,
-          "num_params": 13.3e6, "epochs": 60, "best_epoch": 58,
+          "num_params": 13.3e6, "epochs": 60, "best_epoch": 58, "config": {"seed": seed},
           "hardware": {"device_kind": "cpu"}, "wall_seconds": 75.0, **extra}
+
+
+def test_chosen_on_validation_takes_the_best_finished_run_at_the_default_seed():
+  reports = {("ptb", "small", "vd"): _report(92.0, 88.0),
+             ("ptb", "small", "real"): _report(94.0, 90.5),
+             ("ptb", "small", "al"): _report(90.0, 86.0)}
+  swept = {"ptb_small_real_dropout0.2": _report(86.5, 82.7),
+           "ptb_small_real_tau5": _report(93.0, 89.0),
+           "ptb_small_real_seed1": _report(85.0, 81.0, seed=1),  # a seed is not a setting
+           "ptb_small_vd_dropout0.2": _report(80.0, None),  # still training: no test yet
+           "ptb_small_re_output_biasTrue": _report(91.0, 86.5)}  # no untagged run
+  chosen = reproduce.chosen_on_validation(reports, swept)
+  assert {key: name for key, (name, _) in chosen.items()} == {
+      ("ptb", "small", "vd"): "ptb_small_vd", ("ptb", "small", "al"): "ptb_small_al",
+      ("ptb", "small", "real"): "ptb_small_real_dropout0.2",
+      ("ptb", "small", "re"): "ptb_small_re_output_biasTrue"}
+  ptb = reproduce.table(reports, "ROOT", chosen=chosen).split("## wikitext2")[0]
+  cells = {tuple(c.strip() for c in line.split("|")[1:3]): line.split("|")[-2].strip()
+           for line in ptb.splitlines() if line.startswith("| ")}
+  assert cells[("small", "REAL")] == "86.5 / 82.7 ([dropout0.2](ptb_small_real_dropout0.2.json))"
+  assert cells[("small", "VD")] == "92.0 / 88.0 ([paper settings](ptb_small_vd.json))"
+  assert cells[("small", "RE")].startswith("91.0 / 86.5 ([output_biasTrue]")  # a "not run" row
+  assert cells[("medium", "VD")] == "-"
 
 
 def test_table_puts_ours_beside_the_paper_and_says_what_was_not_run():
