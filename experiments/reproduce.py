@@ -48,7 +48,7 @@ from typing import Any
 
 from absl import app, flags
 
-from configs import paper
+from configs import default, paper
 from tied_lm import errors, provenance, reporting, summarize
 from tied_lm.errors import UserError
 from tied_lm.fileio import atomic_write
@@ -327,20 +327,20 @@ def _epochs(report: dict[str, Any], with_best: bool = True) -> str:
 def chosen_on_validation(
     reports: dict[tuple[str, str, str], dict[str, Any]], swept: dict[str, dict[str, Any]]
 ) -> dict[tuple[str, str, str], tuple[str, dict[str, Any]]]:
-  """Per model, the finished run with the best validation perplexity: (run name, report).
+  """Per model, the finished run with the best validation perplexity: (its tag, report).
 
-  The candidates are the untagged run and the sweeps of the same model at the
-  paper config's seed, so that a lucky seed is never what gets chosen.
+  The candidates are the untagged run (tag '') and the sweeps of the same model
+  at the configs' default seed, so that a lucky seed is never what gets chosen.
   """
-  candidates = {run_name(*key): report for key, report in reports.items()} | swept
+  default_seed = default.get_config().seed  # configs/paper.py leaves it as is
+  candidates = [(key, "", report) for key, report in reports.items()] + [
+      (*parse_run_name(name), report) for name, report in swept.items()]
   chosen = {}
-  for name, report in candidates.items():
-    key, _ = parse_run_name(name)
-    default_seed = paper.get_config(key[0], f"{key[1]},{key[2]}").seed
+  for key, tag, report in candidates:
     if report["test_perplexity"] is None or report["config"]["seed"] != default_seed:
       continue
     if key not in chosen or report["valid_perplexity"] < chosen[key][1]["valid_perplexity"]:
-      chosen[key] = (name, report)
+      chosen[key] = (tag, report)
   return chosen
 
 
@@ -349,9 +349,9 @@ def _chosen_cell(key: tuple[str, str, str],
   """'86.5 / 82.7 ([tag](file.json))', or '-' where no finished run qualifies."""
   if key not in chosen:
     return "-"
-  name, report = chosen[key]
-  _, tag = parse_run_name(name)
-  return f"{_cell(report, 'perplexity')} ([{tag or 'paper settings'}]({name}.json))"
+  tag, report = chosen[key]
+  return (f"{_cell(report, 'perplexity')} "
+          f"([{tag or 'paper settings'}]({run_name(*key, tag)}.json))")
 
 
 def table(reports: dict[tuple[str, str, str], dict[str, Any]], root_hint: str,

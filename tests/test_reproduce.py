@@ -164,10 +164,9 @@ def test_chosen_on_validation_takes_the_best_finished_run_at_the_default_seed():
            "ptb_small_vd_dropout0.2": _report(80.0, None),  # still training: no test yet
            "ptb_small_re_output_biasTrue": _report(91.0, 86.5)}  # no untagged run
   chosen = reproduce.chosen_on_validation(reports, swept)
-  assert {key: name for key, (name, _) in chosen.items()} == {
-      ("ptb", "small", "vd"): "ptb_small_vd", ("ptb", "small", "al"): "ptb_small_al",
-      ("ptb", "small", "real"): "ptb_small_real_dropout0.2",
-      ("ptb", "small", "re"): "ptb_small_re_output_biasTrue"}
+  assert {key: tag for key, (tag, _) in chosen.items()} == {
+      ("ptb", "small", "vd"): "", ("ptb", "small", "al"): "",
+      ("ptb", "small", "real"): "dropout0.2", ("ptb", "small", "re"): "output_biasTrue"}
   ptb = reproduce.table(reports, "ROOT", chosen=chosen).split("## wikitext2")[0]
   cells = {tuple(c.strip() for c in line.split("|")[1:3]): line.split("|")[-2].strip()
            for line in ptb.splitlines() if line.startswith("| ")}
