@@ -5,9 +5,11 @@ r"""How much does the augmented loss's target say? ỹ's sharpness in trained ru
 
 For each run's best checkpoint and each τ, the mean over the validation text's
 tokens y of the entropy of ỹ = softmax(L[y] Lᵀ / τ) and of ỹ's probability of y
-itself, beside the mean |L[y]|². A ỹ near uniform (entropy near log V) carries
-no word similarity for the KL to teach. Writes PREFIX.json (with command,
-commit, hardware and versions) and PREFIX.md.
+itself, beside the mean |L[y]|² and, for an untied run, the subspace distance
+between L and the output classifier W (`analysis.subspace_distance`; the
+paper's section 4: the KL pulls W towards L). A ỹ near uniform (entropy near
+log V) carries no word similarity for the KL to teach. Writes PREFIX.json (with
+command, commit, hardware and versions) and PREFIX.md.
 """
 
 import math
@@ -37,18 +39,22 @@ def run_rows(workdir: str, taus: list[float]) -> list[dict]:
   embedding = np.asarray(run.params["embed"]["embedding"], np.float32)
   targets = np.asarray(run.corpus.valid)
   mean_squared_norm = float(np.mean(np.sum(embedding[targets] ** 2, axis=-1)))
+  distance = (None if run.config.model.tie_embeddings  # W = Lᵀ: distance 0
+              else analysis.subspace_distance(embedding, analysis.output_matrix(run.params)))
   common = {"workdir": workdir, "config_tau": run.config.loss.tau, "step": run.checkpoint_step,
             "vocab_size": run.corpus.vocab_size, "tokens": len(targets),
-            "mean_squared_norm": mean_squared_norm}
+            "mean_squared_norm": mean_squared_norm, "embedding_classifier_distance": distance}
   return [{**common, "tau": tau, **analysis.target_sharpness(embedding, targets, tau)._asdict()}
           for tau in taus]
 
 
 def table(rows: list[dict]) -> str:
-  lines = ["| run | step | mean \\|L[y]\\|² | τ | entropy of ỹ (nats) | ỹ(y) |",
-           "|---|---|---|---|---|---|"]
+  lines = ["| run | step | mean \\|L[y]\\|² | d(L, W) | τ | entropy of ỹ (nats) | ỹ(y) |",
+           "|---|---|---|---|---|---|---|"]
   for row in rows:
+    distance = row["embedding_classifier_distance"]
     lines.append(f"| {row['workdir']} | {row['step']} | {row['mean_squared_norm']:.2f} | "
+                 f"{'tied' if distance is None else f'{distance:.3f}'} | "
                  f"{row['tau']:g} | {row['entropy']:.3f} of {math.log(row['vocab_size']):.3f} | "
                  f"{row['target_probability']:.4f} |")
   return "\n".join(lines) + "\n"

@@ -22,11 +22,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_main(*args, tmp_path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  """Runs tied_lm.main on tmp_path/run with the session's 2 host devices (conftest)."""
   workdir = tmp_path / "run"
   result = subprocess.run(
       [sys.executable, "-m", "tied_lm.main", f"--workdir={workdir}", *args],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+      cwd=REPO, capture_output=True, text=True, timeout=300,
   )
   return result, workdir
 
@@ -196,7 +196,6 @@ def _start(workdir: Path, args: list[str]) -> subprocess.Popen:
   return subprocess.Popen(
       [sys.executable, "-m", "tied_lm.main", f"--workdir={workdir}", *args],
       cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-      env=dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2"),
   )
 
 

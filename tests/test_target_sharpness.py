@@ -40,6 +40,30 @@ def test_cli_matches_numpy_on_a_trained_run(trained_run, tmp_path, sharpness_cli
       rtol=1e-5)
   # At a tiny τ ỹ puts nearly all its mass on the target; at τ = 10 it is near uniform.
   assert rows[0]["target_probability"] > rows[1]["target_probability"]
+  # Tied: W = Lᵀ, so no distance between them is reported.
+  assert rows[0]["embedding_classifier_distance"] is None
+  assert all(line.split(" | ")[3] == "tied" for line in result.stdout.splitlines()[2:])
+
+
+def test_cli_reports_how_far_an_untied_classifier_is_from_the_embedding(tmp_path, sharpness_cli):
+  from configs import default
+  from tied_lm import analysis, train
+
+  config = default.get_config()
+  config.model.tie_embeddings = False
+  config.num_epochs, config.max_steps_per_epoch = 1, 3
+  workdir = tmp_path / "untied"
+  train.train_and_evaluate(config, str(workdir))
+  result = sharpness_cli(f"--workdirs={workdir}", "--taus=10", f"--output={tmp_path / 'sharp'}")
+  assert result.returncode == 0, result.stderr
+  [row] = json.loads((tmp_path / "sharp.json").read_text())["rows"]
+  params = train.load_trained(workdir).params
+  embedding, classifier = np.asarray(params["embed"]["embedding"]), analysis.output_matrix(params)
+  assert classifier.shape == embedding.shape
+  expected = analysis.subspace_distance(embedding, classifier)
+  assert 0.5 < expected < 1.0  # two nearly unrelated random 64-dimensional subspaces
+  np.testing.assert_allclose(row["embedding_classifier_distance"], expected, rtol=1e-6)
+  assert result.stdout.splitlines()[2].split(" | ")[3] == f"{expected:.3f}"
 
 
 def test_cli_refuses_a_bad_tau_in_one_line(trained_run, sharpness_cli):
