@@ -441,9 +441,16 @@ def sweep_table(swept: dict[str, dict[str, Any]],
 
 
 def write_reports(root: Path, results_dir: Path) -> None:
-  """Per-run JSON for every run under root with an epoch done, then TABLE.md and the PNGs."""
+  """Per-run JSON for every run under root with an epoch done, then TABLE.md and the PNGs.
+
+  Without a root directory (its runs deleted, or a fresh checkout), the tables come from
+  the JSON files already in results_dir.
+  """
   results_dir.mkdir(parents=True, exist_ok=True)
-  for workdir in sorted(p for p in root.iterdir() if (p / "results.json").is_file() or (
+  if not root.is_dir():
+    print(f"no run directory {root}: reporting the JSON files in {results_dir}")
+  workdirs = sorted(root.iterdir()) if root.is_dir() else []
+  for workdir in (p for p in workdirs if (p / "results.json").is_file() or (
       (p / "metrics.jsonl").is_file() and reporting.read_records(p, "epoch"))):
     report = run_report(workdir)
     output = results_dir / f"{workdir.name}.json"
@@ -510,8 +517,7 @@ def main(argv: list[str]) -> None:
     for workdir in workdirs:
       if (workdir / "results.json").is_file():
         rescore(workdir)
-  if root.is_dir():
-    write_reports(root, Path(FLAGS.results_dir))
+  write_reports(root, Path(FLAGS.results_dir))
 
 
 if __name__ == "__main__":

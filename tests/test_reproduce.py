@@ -191,6 +191,18 @@ def test_table_puts_ours_beside_the_paper_and_says_what_was_not_run():
   assert "wikitext2" in text and text.rstrip().endswith("Why it misses.")
 
 
+def test_reports_without_a_run_directory_come_from_the_json_files(tmp_path, capsys):
+  results_dir = tmp_path / "results"
+  results_dir.mkdir()
+  report = _report(86.47, 82.67, curve=[{"epoch": 1, "valid_perplexity": 198.0}])
+  (results_dir / "ptb_small_real.json").write_text(json.dumps(report))
+  reproduce.write_reports(tmp_path / "deleted_runs", results_dir)
+  assert capsys.readouterr().out.startswith(f"no run directory {tmp_path / 'deleted_runs'}: ")
+  table = (results_dir / "TABLE.md").read_text()
+  assert "| small | REAL | 86.3 / 82.7 | 86.5 / 82.7 |" in table
+  assert not (tmp_path / "deleted_runs").exists()
+
+
 @pytest.fixture
 def harness(run_module):
   return lambda *args: run_module("experiments.reproduce", *args, timeout=None)
