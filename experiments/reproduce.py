@@ -447,9 +447,11 @@ def write_reports(root: Path, results_dir: Path) -> None:
   the JSON files already in results_dir.
   """
   results_dir.mkdir(parents=True, exist_ok=True)
-  if not root.is_dir():
+  if root.is_dir():
+    workdirs = sorted(root.iterdir())
+  else:
     print(f"no run directory {root}: reporting the JSON files in {results_dir}")
-  workdirs = sorted(root.iterdir()) if root.is_dir() else []
+    workdirs = []
   for workdir in (p for p in workdirs if (p / "results.json").is_file() or (
       (p / "metrics.jsonl").is_file() and reporting.read_records(p, "epoch"))):
     report = run_report(workdir)
