@@ -38,8 +38,10 @@ model's best finished run on validation at the default seed, untagged or not:
 
 import json
 import os
+import re
 import shlex
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -344,25 +346,48 @@ def chosen_on_validation(
   return chosen
 
 
+def other_seeds(key: tuple[str, str, str], tag: str,
+                swept: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+  """The finished runs of a model's settings `tag` at other seeds: those tagged TAG_seedN.
+
+  `--sweep=seed=N` given last (after the settings' sweeps) names a run that way.
+  """
+  pattern = re.compile(re.escape(run_name(*key, tag)) + r"_seed\d+")
+  runs = [report for name, report in swept.items()
+          if pattern.fullmatch(name) and report["test_perplexity"] is not None]
+  return sorted(runs, key=lambda report: report["config"]["seed"])
+
+
 def _chosen_cell(key: tuple[str, str, str],
-                 chosen: dict[tuple[str, str, str], tuple[str, dict[str, Any]]]) -> str:
-  """'86.5 / 82.7 ([tag](file.json))', or '-' where no finished run qualifies."""
+                 chosen: dict[tuple[str, str, str], tuple[str, dict[str, Any]]],
+                 swept: dict[str, dict[str, Any]]) -> str:
+  """'86.5 / 82.7 ([tag](file.json)); seeds 0, 1: mean 86.9 / 83.0', or '-' where no
+  finished run qualifies (the mean only where the settings ran at other seeds)."""
   if key not in chosen:
     return "-"
   tag, report = chosen[key]
-  return (f"{_cell(report, 'perplexity')} "
+  cell = (f"{_cell(report, 'perplexity')} "
           f"([{tag or 'paper settings'}]({run_name(*key, tag)}.json))")
+  runs = [report, *other_seeds(key, tag, swept)]
+  if len(runs) > 1:
+    mean = {f"{split}_perplexity": statistics.mean(r[f"{split}_perplexity"] for r in runs)
+            for split in ("valid", "test")}
+    seeds = ", ".join(str(r["config"]["seed"]) for r in runs)
+    cell += f"; seeds {seeds}: mean {_cell(mean, 'perplexity')}"
+  return cell
 
 
 def table(reports: dict[tuple[str, str, str], dict[str, Any]], root_hint: str,
           notes: str = "",
-          chosen: dict[tuple[str, str, str], tuple[str, dict[str, Any]]] | None = None) -> str:
+          chosen: dict[tuple[str, str, str], tuple[str, dict[str, Any]]] | None = None,
+          swept: dict[str, dict[str, Any]] | None = None) -> str:
   """TABLE.md: per dataset, the paper's rows (size x variant) with ours beside them.
 
   `ours` is the untagged run (configs/paper.py's settings); `chosen` (from
-  `chosen_on_validation`) adds each model's best run on validation.
+  `chosen_on_validation`) adds each model's best run on validation, and the mean
+  over seeds of its settings where `swept` has runs of them at other seeds.
   """
-  chosen = chosen or {}
+  chosen, swept = chosen or {}, swept or {}
   lines = ["# Reproducing Inan et al. 2017: perplexity, validation / test", "",
            "Written by `python -m experiments.reproduce` from the JSON files beside it",
            "(and from TABLE_NOTES.md, copied in at the end). Params: ours (the paper's).",
@@ -372,7 +397,9 @@ def table(reports: dict[tuple[str, str, str], dict[str, Any]], root_hint: str,
            "every token conditioned on its whole history, where that was run.",
            "`chosen on validation`: of the finished runs of the model at the default seed",
            "(the untagged one and its sweeps, SWEEP.md), the one with the best validation",
-           "perplexity, named by its tag (the settings it changes).", ""]
+           "perplexity, named by its tag (the settings it changes); where the same",
+           "settings also ran at other seeds (tagged TAG_seedN), the seeds and their mean.",
+           ""]
   for dataset in DATASETS:
     keys = [k for k in PAPER if k[0] == dataset] + [
         k for k in reports if k[0] == dataset and k not in PAPER]
@@ -392,7 +419,7 @@ def table(reports: dict[tuple[str, str, str], dict[str, Any]], root_hint: str,
                    f"--sizes={size} --variants={variant} --rescore")
         lines.append(f"| {size} | {variant.upper()} | {paper_cell} | not run: `{command}` "
                      f"| | | ({PAPER_PARAMS.get((size, variant), '')}) | | | "
-                     f"| {_chosen_cell(key, chosen)} |")
+                     f"| {_chosen_cell(key, chosen, swept)} |")
         continue
       lines.append(
           f"| {size} | {variant.upper()} | {paper_cell} | {_cell(report, 'perplexity')} "
@@ -402,7 +429,7 @@ def table(reports: dict[tuple[str, str, str], dict[str, Any]], root_hint: str,
           f"| {_epochs(report)} "
           f"| {report['hardware']['device_kind']} "
           f"| {reporting.format_seconds(report['wall_seconds'])} "
-          f"| {_chosen_cell(key, chosen)} |")
+          f"| {_chosen_cell(key, chosen, swept)} |")
     lines.append("")
   if notes:
     lines += ["## Notes", "", notes.strip(), ""]
@@ -478,7 +505,7 @@ def write_reports(root: Path, results_dir: Path) -> None:
   notes_file = results_dir / "TABLE_NOTES.md"
   notes = notes_file.read_text() if notes_file.is_file() else ""
   atomic_write(results_dir / "TABLE.md", table(reports, "$HOME/tied_lm_runs", notes,
-                                                chosen_on_validation(reports, swept)))
+                                                chosen_on_validation(reports, swept), swept))
   print(f"wrote {results_dir / 'TABLE.md'}")
   for dataset in DATASETS:
     for size in SIZES:

@@ -161,17 +161,24 @@ def test_chosen_on_validation_takes_the_best_finished_run_at_the_default_seed():
   swept = {"ptb_small_real_dropout0.2": _report(86.5, 82.7),
            "ptb_small_real_tau5": _report(93.0, 89.0),
            "ptb_small_real_seed1": _report(85.0, 81.0, seed=1),  # a seed is not a setting
+           "ptb_small_real_dropout0.2_seed2": _report(87.5, 83.7, seed=2),
+           "ptb_small_real_dropout0.2_seed1": _report(88.0, None, seed=1),  # still training
+           "ptb_small_vd_seed1": _report(93.0, 88.4, seed=1),
            "ptb_small_vd_dropout0.2": _report(80.0, None),  # still training: no test yet
            "ptb_small_re_output_biasTrue": _report(91.0, 86.5)}  # no untagged run
   chosen = reproduce.chosen_on_validation(reports, swept)
   assert {key: tag for key, (tag, _) in chosen.items()} == {
       ("ptb", "small", "vd"): "", ("ptb", "small", "al"): "",
       ("ptb", "small", "real"): "dropout0.2", ("ptb", "small", "re"): "output_biasTrue"}
-  ptb = reproduce.table(reports, "ROOT", chosen=chosen).split("## wikitext2")[0]
+  ptb = reproduce.table(reports, "ROOT", chosen=chosen, swept=swept).split("## wikitext2")[0]
   cells = {tuple(c.strip() for c in line.split("|")[1:3]): line.split("|")[-2].strip()
            for line in ptb.splitlines() if line.startswith("| ")}
-  assert cells[("small", "REAL")] == "86.5 / 82.7 ([dropout0.2](ptb_small_real_dropout0.2.json))"
-  assert cells[("small", "VD")] == "92.0 / 88.0 ([paper settings](ptb_small_vd.json))"
+  # The mean over the chosen settings' finished seeds: seed 1 of the paper settings is not one.
+  assert cells[("small", "REAL")] == ("86.5 / 82.7 ([dropout0.2](ptb_small_real_dropout0.2.json))"
+                                      "; seeds 0, 2: mean 87.0 / 83.2")
+  assert cells[("small", "VD")] == ("92.0 / 88.0 ([paper settings](ptb_small_vd.json))"
+                                    "; seeds 0, 1: mean 92.5 / 88.2")
+  assert cells[("small", "AL")] == "90.0 / 86.0 ([paper settings](ptb_small_al.json))"
   assert cells[("small", "RE")].startswith("91.0 / 86.5 ([output_biasTrue]")  # a "not run" row
   assert cells[("medium", "VD")] == "-"
 
