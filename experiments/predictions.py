@@ -17,7 +17,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from tied_lm import analysis, data, errors, provenance, sample, summarize, train
+from tied_lm import data, errors, provenance, summarize
 
 FLAGS = flags.FLAGS
 PROMPTS = ("the company said", "the stock market", "he said the", "in new york")
@@ -41,6 +41,9 @@ def frequent_words(corpus: data.Corpus, count: int) -> list[int]:
 
 def describe_run(workdir: str, prompts: list[str], num_frequent: int) -> dict:
   """One run's average probabilities and top-10 lists."""
+  # Imported here, not at the top: --help and flag errors then answer without JAX (about 4 s).
+  from tied_lm import analysis, sample, train
+
   run = train.load_trained(workdir)
   vocab = run.corpus.vocab
   tracked = ([vocab.index(data.UNK)] if data.UNK in vocab else []) + frequent_words(

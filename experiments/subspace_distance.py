@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags, logging
 
-from tied_lm import analysis, data, errors, provenance, summarize
+from tied_lm import data, errors, provenance, summarize
 from tied_lm.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -107,6 +107,9 @@ def main(argv: list[str]) -> None:
   if not (betas and taus and seeds) or FLAGS.num_epochs < 1:
     raise UserError("--betas, --taus and --seeds need a value each, and --num_epochs >= 1")
   summarize.check_plot_path(Path(FLAGS.output).with_suffix(".png"))
+  # Imported here, not at the top: --help and flag errors then answer without JAX (about 4 s).
+  from tied_lm import analysis
+
   corpus = data.load_corpus("ptb")
   ids, vocab_size = slice_ids(corpus.train, FLAGS.num_words)
   start = time.time()

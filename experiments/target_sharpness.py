@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
-from tied_lm import analysis, errors, provenance, train
+from tied_lm import errors, provenance
 from tied_lm.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -35,6 +35,9 @@ def define_flags() -> None:
 
 def run_rows(workdir: str, taus: list[float]) -> list[dict]:
   """One row per τ for the run in `workdir`, on its validation text."""
+  # Imported here, not at the top: --help and flag errors then answer without JAX (about 4 s).
+  from tied_lm import analysis, train
+
   run = train.load_trained(workdir)
   embedding = np.asarray(run.params["embed"]["embedding"], np.float32)
   targets = np.asarray(run.corpus.valid)

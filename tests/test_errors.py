@@ -70,3 +70,17 @@ def test_every_command_reports_bad_flags_in_one_line_with_status_2(command, run_
   assert result.returncode == 2
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+
+
+@pytest.mark.parametrize("command", [
+    ["experiments.target_sharpness", "--help"],
+    ["experiments.predictions", "--help"],
+    ["experiments.subspace_distance", "--help"],
+    ["experiments.subspace_distance", "--betas=2"],
+])
+def test_analysis_commands_answer_help_and_bad_flags_before_jax_is_imported(
+    command, modules_imported_by):
+  # They import JAX only once the flags are good, as tied_lm.main and tied_lm.evaluate do.
+  status, imported = modules_imported_by(*command)
+  assert status in (1, 2)  # absl's --help exits with 1; a bad flag with 2
+  assert "absl.flags" in imported and "jax" not in imported
