@@ -139,6 +139,22 @@ def test_missing_files_without_network_name_files_and_directory(tmp_path, monkey
   assert not (tmp_path / "ptb" / "ptb.train.txt").exists()
 
 
+def test_text_that_is_not_utf8_is_a_data_error_naming_the_file(tmp_path):
+  path = tmp_path / "train.txt"
+  path.write_bytes(b"caf\xe9 latin-1\n")
+  with pytest.raises(data.DataError, match=r"train\.txt is not UTF-8 text"):
+    data.tokenize(path)
+
+
+def test_download_into_an_unwritable_place_is_a_data_error(tmp_path, monkeypatch):
+  monkeypatch.setattr(data, "_download",
+                      lambda url: (SHARED / "ptb" / url.rsplit("/", 1)[1]).read_bytes())
+  not_a_directory = tmp_path / "file"
+  not_a_directory.write_text("")
+  with pytest.raises(data.DataError, match="cannot write the downloaded files into"):
+    data.ensure_files("ptb", not_a_directory)
+
+
 def test_download_writes_verified_ptb_files(tmp_path, monkeypatch):
   urls = []
 

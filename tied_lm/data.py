@@ -132,9 +132,12 @@ def _fetch_files(source: Source, directory: Path, missing: list[str]) -> None:
             f"downloaded {name} from {url} has sha256 {actual}, expected "
             f"{source.sha256[name]}; nothing was written"
         )
-    directory.mkdir(parents=True, exist_ok=True)
-    for name, content in contents.items():
-      atomic_write(directory / name, content)
+    try:
+      directory.mkdir(parents=True, exist_ok=True)
+      for name, content in contents.items():
+        atomic_write(directory / name, content)
+    except OSError as e:
+      raise DataError(f"cannot write the downloaded files into {directory}: {e}") from e
     return
   raise DataError(
       f"missing {', '.join(missing)} in {directory} and the download failed "
@@ -175,10 +178,13 @@ def text_files(data_dir: Path) -> dict[str, Path]:
 def tokenize(path: Path) -> list[str]:
   """Whitespace tokens of every line, each line followed by `<eos>`."""
   tokens = []
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      tokens.extend(line.split())
-      tokens.append(EOS)
+  try:
+    with open(path, encoding="utf-8") as f:
+      for line in f:
+        tokens.extend(line.split())
+        tokens.append(EOS)
+  except UnicodeDecodeError as e:
+    raise DataError(f"{path} is not UTF-8 text: {e}") from e
   return tokens
 
 
