@@ -41,6 +41,26 @@ def test_an_unreadable_checkpoint_is_set_aside_and_the_previous_one_used(tmp_pat
   assert sorted(p.name for p in checkpoints.directory.iterdir()) == ["1"]
 
 
+def test_if_no_checkpoint_can_be_read_restoring_fails_in_one_line_and_moves_nothing(tmp_path):
+  checkpoints = Checkpoints(tmp_path)
+  checkpoints.save(1, _arrays(1.0), {"epoch": 1})
+  checkpoints.save(2, _arrays(2.0), {"epoch": 2})
+  # As after an upgrade that reads no old checkpoint: every one fails, none is torn.
+  for path in checkpoints.directory.rglob("*"):
+    if path.is_file() and path.parent.name == "arrays":
+      path.write_bytes(b"unreadable")
+  before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+  with pytest.raises(UserError) as raised:
+    Checkpoints(tmp_path).restore_latest(_arrays(0.0), lambda meta: None)
+  message = str(raised.value)
+  assert "\n" not in message
+  assert message.startswith(
+      f"none of the 2 checkpoint(s) in {checkpoints.directory} can be read (the newest, 2: ")
+  assert message.endswith(
+      "nothing was moved: fix the cause, or move the checkpoints folder aside to start over")
+  assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+
+
 def test_a_refused_meta_is_the_callers_error_and_moves_nothing(tmp_path):
   Checkpoints(tmp_path).save(5, _arrays(5.0), {"epoch": 1, "units": 200})
 

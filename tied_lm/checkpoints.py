@@ -14,8 +14,9 @@ class Checkpoints:
   """Orbax checkpoints of the train state, the best params, the carry and the run's meta.
 
   Checkpoints are numbered by global step. A checkpoint that cannot be read
-  (torn by a kill during a save, or damaged) is moved to `torn_checkpoints/`
-  and the previous one is used.
+  (torn by a kill during a save, or damaged) while an older one can is moved
+  to `torn_checkpoints/` and the older one is used; if none can be read,
+  restoring fails in one line and moves nothing.
   """
 
   def __init__(self, workdir: Path, read_only: bool = False):
@@ -74,8 +75,13 @@ class Checkpoints:
 
     `check_meta(meta)` runs before the arrays are read, so that a workdir of
     another config is refused with its own message, not orbax's.
+
+    Raises:
+      UserError: if checkpoints exist but none can be read; none is moved.
     """
-    for step in sorted(self._manager.all_steps(), reverse=True):
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    unreadable = []  # (step, error) of the newer checkpoints that failed
+    for step in steps:
       try:
         meta = self._manager.restore(
             step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
@@ -86,16 +92,37 @@ class Checkpoints:
         )["arrays"]
       except UserError:
         raise
-      except Exception as error:  # noqa: BLE001 -- any unreadable checkpoint is set aside
-        self._torn_directory.mkdir(exist_ok=True)
-        destination = self._torn_directory / f"{step}.{int(time.time())}"
-        (self.directory / str(step)).rename(destination)
-        logging.warning(
-            "checkpoint %d in %s cannot be read (%s: %s); moved it to %s and trying the "
-            "previous one", step, self.directory, type(error).__name__,
-            str(error).splitlines()[0][:200] if str(error) else "", destination,
-        )
-        self._manager = self._open()
+      except Exception as error:  # noqa: BLE001 -- judged below, once an older one reads
+        unreadable.append((step, error))
         continue
+      # Only now, with an older checkpoint readable, are the newer ones known to be torn
+      # rather than unreadable by this code (a library upgrade, a full disk, ...).
+      if unreadable:
+        self._set_aside(unreadable)
       return step, arrays, meta
+    if unreadable:
+      step, error = unreadable[0]
+      raise UserError(
+          f"none of the {len(steps)} checkpoint(s) in {self.directory} can be read (the "
+          f"newest, {step}: {_describe(error)}); nothing was moved: fix the cause, or move "
+          "the checkpoints folder aside to start over"
+      )
     return None
+
+  def _set_aside(self, unreadable: list[tuple[int, Exception]]) -> None:
+    """Moves the unreadable checkpoints to torn_checkpoints/ and reopens the manager."""
+    self._torn_directory.mkdir(exist_ok=True)
+    for step, error in unreadable:
+      destination = self._torn_directory / f"{step}.{int(time.time())}"
+      (self.directory / str(step)).rename(destination)
+      logging.warning(
+          "checkpoint %d in %s cannot be read (%s); moved it to %s and used an older one",
+          step, self.directory, _describe(error), destination,
+      )
+    self._manager = self._open()
+
+
+def _describe(error: Exception) -> str:
+  """The error's type and first line, short enough for a one-line message."""
+  first_line = str(error).splitlines()[0][:200] if str(error) else ""
+  return f"{type(error).__name__}: {first_line}" if first_line else type(error).__name__
