@@ -592,11 +592,16 @@ def check_workdir_writable(workdir: Path) -> None:
 
 
 def _gather_carry(carry: models.Carry) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
-  """The carry of every device of every process as NumPy [global devices, rows, H] leaves."""
+  """The carry of every row of the global batch as NumPy [batch, H] leaves.
+
+  Saved as [batch, H], not per device, so that a run resumes mid-epoch on
+  another number of devices: device_windows gives each device a contiguous
+  block of rows, and _local_carry splits the rows the same way.
+  """
   local = to_numpy(carry)
-  if jax.process_count() == 1:
-    return local
-  return multihost_utils.process_allgather(local, tiled=True)
+  if jax.process_count() > 1:
+    local = multihost_utils.process_allgather(local, tiled=True)
+  return jax.tree.map(lambda x: x.reshape(-1, x.shape[-1]), local)
 
 
 def _pmap_sharding(devices: list[jax.Device]) -> jax.NamedSharding:
@@ -621,12 +626,19 @@ def replicate(tree: Any, devices: list[jax.Device] | None = None) -> Any:
 
 
 def _local_carry(carry: Any, like: models.Carry) -> models.Carry:
-  """This process's slice of a gathered carry, on its local devices, structured like `like`."""
+  """This process's rows of a saved carry, split over its local devices, structured like `like`.
+
+  carry: leaves [batch, H], or [devices, rows, H] as checkpoints before the
+  per-row layout saved them; either is split over this run's devices.
+  """
   count = jax.local_device_count()
   start = jax.process_index() * count
   sharding = _pmap_sharding(jax.local_devices())
-  leaves = [jax.device_put(np.asarray(x)[start : start + count], sharding)
-            for x in jax.tree.leaves(carry)]
+  leaves = []
+  for x in jax.tree.leaves(carry):
+    x = np.asarray(x)
+    per_device = x.reshape(jax.device_count(), -1, x.shape[-1])
+    leaves.append(jax.device_put(per_device[start : start + count], sharding))
   return jax.tree.unflatten(jax.tree.structure(like), leaves)
 
 
