@@ -381,10 +381,62 @@ def test_a_step_with_a_non_finite_gradient_is_skipped_or_reported():
   ):
     np.testing.assert_array_equal(np.asarray(got)[0], expected[0])  # unchanged, NaN included
   assert int(skipped.step[0]) == 1
+  # The learning-rate schedule's counter keeps pace with the step count.
+  counts = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(skipped.opt_state)
+            if path[-1].name == "count"]
+  assert [int(c[0]) for c in counts] == [1]
   np.testing.assert_array_equal(np.asarray(carry[0][0]), 0.0)  # the carry stays as it was
+  # A skipped step trained on no tokens.
+  assert [float(metrics[k]) for k in ("cross_entropy_sum", "kl_sum", "num_tokens")] == [0, 0, 0]
   updated, _, metrics = run(poisoned, skip=False)
   assert float(metrics["nonfinite_steps"]) == 1.0
   assert not np.isfinite(np.asarray(updated.params["lstm_0"]["bias"])).all()
+
+
+class _Records:
+  """A reporter that only keeps what train_epoch adds."""
+
+  def __init__(self):
+    self.records = []
+
+  def advance(self):
+    pass
+
+  def add(self, record):
+    self.records.append(record)
+
+
+def test_skipped_steps_stay_out_of_the_logged_loss_and_gradient_norm():
+  # What the skipping step returns: finite steps' sums, and zeros for a skipped one.
+  steps = [
+      {"cross_entropy_sum": 20.0, "kl_sum": 2.0, "num_tokens": 10.0, "grad_norm": 3.0,
+       "nonfinite_steps": 0.0},
+      {"cross_entropy_sum": 0.0, "kl_sum": 0.0, "num_tokens": 0.0, "grad_norm": np.nan,
+       "nonfinite_steps": 1.0},
+      {"cross_entropy_sum": 40.0, "kl_sum": 1.0, "num_tokens": 10.0, "grad_norm": 5.0,
+       "nonfinite_steps": 0.0},
+      {"cross_entropy_sum": 0.0, "kl_sum": 0.0, "num_tokens": 0.0, "grad_norm": np.inf,
+       "nonfinite_steps": 1.0},
+  ]
+  returned = iter(steps)
+
+  def p_train_step(state, carry, inputs, targets, key):
+    return state, carry, {k: jnp.float32(v) for k, v in next(returned).items()}
+
+  reporter = _Records()
+  windows = np.zeros((4, 1, 1, 1), np.int32)
+  _, _, totals, step = train.train_epoch(
+      p_train_step, None, None, windows, windows, None, log_every_steps=3,
+      reporter=reporter, on_nonfinite="skip",
+  )
+  assert step == 4
+  first, second = reporter.records
+  assert (first["loss"], first["kl"], first["grad_norm"]) == (3.0, 0.15, 4.0)
+  assert first["nonfinite_steps"] == 1
+  # An interval of skipped steps only: no loss to report, and no ZeroDivisionError.
+  assert np.isnan(second["loss"]) and np.isnan(second["grad_norm"])
+  assert totals == {"cross_entropy_sum": 60.0, "kl_sum": 3.0, "num_tokens": 20.0,
+                    "nonfinite_steps": 2.0}
 
 
 def test_non_finite_loss_stops_the_run_and_names_the_kept_checkpoint(tmp_path):

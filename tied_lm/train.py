@@ -205,7 +205,8 @@ def train_step(
 
     skip_nonfinite: if True, a step whose loss or gradient is not finite
       leaves params, optimizer state and carry as they were (the step count
-      still advances).
+      and the optimizer's schedule count still advance) and reports zero
+      cross-entropy, KL and tokens.
     max_distinct_targets: if > 0, at least the number of distinct ids in any
       device's `targets`: ỹ is then computed once per distinct word (same
       numbers up to float summation order, fewer FLOPs; see
@@ -252,11 +253,24 @@ def train_step(
   metrics["nonfinite_steps"] = 1.0 - finite.astype(jnp.float32)
   new_state = state.apply_gradients(grads=grads)
   if skip_nonfinite:
-    unchanged = state.replace(step=new_state.step)
-    new_state, new_carry = jax.tree.map(
-        lambda new, old: jnp.where(finite, new, old),
-        (new_state, new_carry), (unchanged, carry),
+
+    def keep_if_finite(path, new, old):
+      # The schedule's step counter advances with state.step, or the learning rate
+      # would decay one step late per skipped step.
+      if isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "count":
+        return new
+      return jnp.where(finite, new, old)
+
+    new_state = new_state.replace(
+        params=jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                            new_state.params, state.params),
+        opt_state=jax.tree_util.tree_map_with_path(
+            keep_if_finite, new_state.opt_state, state.opt_state),
     )
+    new_carry = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_carry, carry)
+    # A skipped step trained on no tokens: its non-finite sums stay out of the logs.
+    for name in ("cross_entropy_sum", "kl_sum", "num_tokens"):
+      metrics[name] = jnp.where(finite, metrics[name], 0.0)
   return new_state, new_carry, metrics
 
 
@@ -491,7 +505,8 @@ def train_epoch(
     for k in totals:
       totals[k] += interval[k]
     if reporter is not None:
-      loss = interval["cross_entropy_sum"] / interval["num_tokens"]
+      loss = _per_token(interval["cross_entropy_sum"], interval["num_tokens"])
+      finite_norms = [float(m["grad_norm"]) for m in window if not m["nonfinite_steps"]]
       reporter.add({
           "kind": "train",
           "epoch": epoch,
@@ -499,8 +514,8 @@ def train_epoch(
           "step_in_epoch": step,
           "loss": loss,
           "perplexity": math.exp(loss),
-          "kl": interval["kl_sum"] / interval["num_tokens"],
-          "grad_norm": float(np.mean([float(m["grad_norm"]) for m in window])),
+          "kl": _per_token(interval["kl_sum"], interval["num_tokens"]),
+          "grad_norm": float(np.mean(finite_norms)) if finite_norms else math.nan,
           "learning_rate": learning_rate,
           "tokens_per_second": interval["num_tokens"] / (time.time() - interval_start),
           "nonfinite_steps": int(interval["nonfinite_steps"]),
@@ -509,6 +524,11 @@ def train_epoch(
     if stopping:
       break
   return state, carry, totals, step
+
+
+def _per_token(total: float, num_tokens: float) -> float:
+  """total / num_tokens; NaN for no tokens (every step skipped as non-finite)."""
+  return total / num_tokens if num_tokens else math.nan
 
 
 def _check_finite(window: list[dict[str, Any]], first_step: int, on_nonfinite: str) -> None:
@@ -780,8 +800,9 @@ def train_and_evaluate(
             "epoch": epoch,
             "step": epoch * steps_per_epoch,
             "learning_rate": float(schedule((epoch - 1) * steps_per_epoch)),
-            "train_perplexity": math.exp(totals["cross_entropy_sum"] / totals["num_tokens"]),
-            "train_kl": totals["kl_sum"] / totals["num_tokens"],
+            "train_perplexity": math.exp(
+                _per_token(totals["cross_entropy_sum"], totals["num_tokens"])),
+            "train_kl": _per_token(totals["kl_sum"], totals["num_tokens"]),
             "nonfinite_steps": int(totals["nonfinite_steps"]),
             "valid_perplexity": valid_perplexity,
             "valid_tokens_scored": valid_tokens,
