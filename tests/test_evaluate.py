@@ -41,6 +41,17 @@ def test_batch_one_scores_the_same_tokens(run_copy, evaluate_cli):
   assert saved["perplexity"] == pytest.approx(results["valid_perplexity"], rel=0.05)
 
 
+def test_a_run_trained_with_cudnn_is_evaluated_with_the_scan_off_gpu(run_copy, evaluate_cli):
+  workdir, results = run_copy
+  config = json.loads((workdir / "config.json").read_text())
+  config["model"]["lstm_implementation"] = "cudnn"  # as a GPU run with cuDNN saves it
+  (workdir / "config.json").write_text(json.dumps(config))
+  result = evaluate_cli(f"--workdir={workdir}", "--split=test", "--eval_batch_size=10")
+  assert result.returncode == 0, result.stderr
+  saved = json.loads((workdir / "eval_test_batch10.json").read_text())
+  assert saved["perplexity"] == pytest.approx(results["test_perplexity"], rel=1e-6)
+
+
 @pytest.mark.parametrize("make,message", [
     (lambda d: d.mkdir(), "is not a tied_lm run (no config.json)"),
     (lambda d: (d.mkdir(), (d / "config.json").write_text("{}")),

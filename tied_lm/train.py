@@ -578,6 +578,8 @@ class TrainedRun(NamedTuple):
 def load_trained(workdir: str | Path) -> TrainedRun:
   """The best parameters so far of a run directory, with its config, corpus and model.
 
+  A run trained with the cuDNN LSTM is loaded with the scan off NVIDIA GPUs.
+
   Raises UserError (one line) for a folder that is not a run or has no checkpoint yet.
   """
   workdir = Path(workdir).expanduser()
@@ -593,6 +595,9 @@ def load_trained(workdir: str | Path) -> TrainedRun:
         "checkpoint_every_steps steps or one epoch"
     )
   config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
+  if config.model.lstm_implementation == "cudnn" and jax.default_backend() != "gpu":
+    # cuDNN runs on NVIDIA GPUs only; the scan computes the same from the same parameters.
+    config.model.lstm_implementation = "scan"
   corpus = data.load_corpus(config.dataset, config.data_dir, config.max_vocab_size)
   model = make_model(config, corpus.vocab_size)
   step, params = Checkpoints(workdir, read_only=True).restore_best_params()
