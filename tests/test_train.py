@@ -1,6 +1,7 @@
 """The train step's objective and pmap equivalence, evaluation bookkeeping, configs, and runs."""
 
 import json
+import re
 import signal
 
 import flax
@@ -478,6 +479,34 @@ def test_a_torn_checkpoint_is_set_aside_the_previous_one_used_and_tmp_saves_remo
       newest.name]
   for key in ("valid_perplexity", "test_perplexity", "epochs_completed"):
     assert resumed[key] == straight[key]
+
+
+def test_ctrl_c_during_the_test_evaluation_is_one_line_and_a_rerun_tests(tmp_path, monkeypatch):
+  write_tiny_corpus(tmp_path / "corpus")
+  config = tiny_run_config(tmp_path / "corpus", 1)
+  evaluate = train.evaluate
+  calls = []
+
+  def evaluate_until_the_test(*args):
+    calls.append(args)
+    if len(calls) == 2:  # epoch 1's validation, then the test
+      raise KeyboardInterrupt
+    return evaluate(*args)
+
+  monkeypatch.setattr(train, "evaluate", evaluate_until_the_test)
+  with pytest.raises(train.Interrupted) as raised:
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  checkpoints = (tmp_path / "run" / "checkpoints").resolve()
+  assert re.fullmatch(
+      rf"stopped by SIGINT during the test evaluation: checkpoint \d+ in "
+      rf"{re.escape(str(checkpoints))} holds every epoch; run the same command again to "
+      r"evaluate", str(raised.value))
+  assert raised.value.signum == signal.SIGINT
+  assert not (tmp_path / "run" / "results.json").exists()
+  monkeypatch.setattr(train, "evaluate", evaluate)
+  results = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert results["epochs_completed"] == 1 and results["test_perplexity"] > 1
+  assert len(reporting.read_records(tmp_path / "run", "epoch")) == 1
 
 
 def test_a_workdir_of_another_model_shape_or_epoch_layout_is_refused_by_name(tmp_path):

@@ -382,7 +382,10 @@ class NonFiniteError(UserError):
 
 
 class Interrupted(Exception):
-  """SIGTERM, SIGINT or SIGHUP arrived; a checkpoint was saved. `signum` says which."""
+  """SIGTERM, SIGINT or SIGHUP arrived (or SIGINT during the test); a checkpoint is saved.
+
+  `signum` says which signal.
+  """
 
   def __init__(self, message: str, signum: int):
     super().__init__(message)
@@ -831,9 +834,16 @@ def train_and_evaluate(
         if signals.received is not None and epoch < config.num_epochs:
           raise _interrupted(signals.received, saved, checkpoints)
 
-    test_perplexity, test_tokens = evaluate(
-        model, arrays["best_params"], corpus.test, config.eval_batch_size, config.num_steps
-    )
+    try:
+      test_perplexity, test_tokens = evaluate(
+          model, arrays["best_params"], corpus.test, config.eval_batch_size, config.num_steps
+      )
+    except KeyboardInterrupt:  # Ctrl-C: the training is saved, only the test is left
+      raise Interrupted(
+          f"stopped by SIGINT during the test evaluation: checkpoint "
+          f"{checkpoints.latest_step()} in {checkpoints.directory} holds every epoch; run the "
+          "same command again to evaluate", signal.SIGINT,
+      ) from None
     reporter.add({
         "kind": "test",
         "step": meta["epoch"] * steps_per_epoch,
