@@ -1,6 +1,7 @@
 """The train step's objective and pmap equivalence, evaluation bookkeeping, configs, and runs."""
 
 import json
+import os
 import re
 import signal
 
@@ -13,7 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import default, ptb, wikitext2
-from tied_lm import data, losses, reporting, train
+from tied_lm import data, fileio, losses, reporting, train
 from tied_lm.errors import UserError
 
 B, T, V = 4, 5, 23
@@ -557,6 +558,25 @@ def test_an_unwritable_workdir_is_refused_before_any_work(tmp_path):
   (tmp_path / "file").write_text("")
   with pytest.raises(UserError, match="cannot write the workdir .*file/run: .*file is not a dir"):
     train.train_and_evaluate(default.get_config(), str(tmp_path / "file" / "run"))
+
+
+def test_a_workdir_another_process_trains_in_is_refused_and_left_alone(tmp_path):
+  write_tiny_corpus(tmp_path / "corpus")
+  run = tmp_path / "run"
+  run.mkdir()
+  held = fileio.lock_directory(run)  # as the other trainer holds it
+  try:
+    with pytest.raises(UserError) as raised:
+      train.train_and_evaluate(tiny_run_config(tmp_path / "corpus", 1), str(run))
+    assert str(raised.value) == (
+        f"{run} is in use by another training process (pid {os.getpid()}): wait for it to "
+        "end, or use another --workdir")
+    assert sorted(p.name for p in run.iterdir()) == ["lock"]
+  finally:
+    held.close()
+  # Released (the kernel also releases it when its process dies): the run trains.
+  results = train.train_and_evaluate(tiny_run_config(tmp_path / "corpus", 1), str(run))
+  assert results["epochs_completed"] == 1
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])

@@ -1,8 +1,12 @@
-"""Atomic file writes, so a kill never leaves a half-written file behind."""
+"""Files and directories: atomic writes, writability checks and a run directory's lock."""
 
+import fcntl
 import os
 import tempfile
 from pathlib import Path
+from typing import IO
+
+from tied_lm.errors import UserError
 
 
 def _new_file_mode() -> int:
@@ -30,3 +34,43 @@ def atomic_write(path: str | os.PathLike, content: str | bytes) -> None:
   except BaseException:
     Path(tmp).unlink(missing_ok=True)
     raise
+
+
+def check_writable_directory(directory: Path, what: str) -> None:
+  """Refuses a directory that cannot be created or written, before any work.
+
+  `what` names it in the message, e.g. "the workdir" or "--root".
+  """
+  existing = directory
+  while not existing.exists():
+    existing = existing.parent
+  if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+    raise UserError(
+        f"cannot write {what} {directory}: {existing} is "
+        + ("not a directory" if not existing.is_dir() else "not writable")
+    )
+
+
+def lock_directory(directory: Path) -> IO[str]:
+  """Takes `directory`'s lock (the file `lock` in it) for as long as the returned file is open.
+
+  Two trainers on one run directory would save the same checkpoint steps and
+  interleave its logs. The kernel drops the lock when the process ends, even
+  by kill -9. Raises UserError if another process holds it.
+  """
+  lock = open(directory / "lock", "a+")
+  try:
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    lock.seek(0)
+    holder = lock.read().strip()
+    lock.close()
+    raise UserError(
+        f"{directory} is in use by another training process"
+        + (f" (pid {holder})" if holder else "")
+        + ": wait for it to end, or use another --workdir"
+    ) from None
+  lock.truncate(0)
+  lock.write(f"{os.getpid()}\n")
+  lock.flush()
+  return lock

@@ -7,7 +7,6 @@ the same workdir resumes from the last checkpoint.
 import functools
 import json
 import math
-import os
 import signal
 import threading
 import time
@@ -24,7 +23,7 @@ from flax.training import train_state
 from jax import lax
 from jax.experimental import multihost_utils
 
-from tied_lm import data, losses, models, provenance, reporting
+from tied_lm import data, fileio, losses, models, provenance, reporting
 from tied_lm.checkpoints import Checkpoints
 from tied_lm.errors import UserError
 from tied_lm.fileio import atomic_write
@@ -615,18 +614,6 @@ def load_trained(workdir: str | Path) -> TrainedRun:
   return TrainedRun(config, corpus, model, jax.tree.map(jnp.asarray, params), step)
 
 
-def check_workdir_writable(workdir: Path) -> None:
-  """Refuses a workdir that cannot be created or written, before any work."""
-  existing = workdir
-  while not existing.exists():
-    existing = existing.parent
-  if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-    raise UserError(
-        f"cannot write the workdir {workdir}: {existing} is "
-        + ("not a directory" if not existing.is_dir() else "not writable")
-    )
-
-
 def _gather_carry(carry: models.Carry) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
   """The carry of every row of the global batch as NumPy [batch, H] leaves.
 
@@ -692,14 +679,33 @@ def train_and_evaluate(
 
   Raises:
     Interrupted: after SIGTERM, SIGINT or SIGHUP, once the checkpoint is saved.
+    UserError: for bad input, and if another process trains in the workdir.
   """
   num_devices = jax.device_count()
   validate_config(config, num_devices)
   workdir = Path(workdir).expanduser()
-  check_workdir_writable(workdir)
+  fileio.check_writable_directory(workdir, "the workdir")
   corpus = data.load_corpus(config.dataset, config.data_dir, config.max_vocab_size)
   inputs, targets = data.train_windows(corpus.train, config.batch_size, config.num_steps)
   workdir.mkdir(parents=True, exist_ok=True)
+  # Process 0 speaks for all: the others of a multi-process run share its workdir.
+  lock = fileio.lock_directory(workdir) if jax.process_index() == 0 else None
+  try:
+    return _train_and_evaluate(config, workdir, command, corpus, inputs, targets)
+  finally:
+    if lock is not None:
+      lock.close()
+
+
+def _train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: Path, command: str | None,
+    corpus: data.Corpus, inputs: np.ndarray, targets: np.ndarray,
+) -> dict[str, Any]:
+  """train_and_evaluate's work once the workdir is checked, made and locked.
+
+  inputs, targets: the epoch's windows, [steps, batch, num_steps].
+  """
+  num_devices = jax.device_count()
   device_inputs, device_targets = (
       data.device_windows(x, jax.process_index(), jax.process_count(), jax.local_device_count())
       for x in (inputs, targets)
