@@ -17,7 +17,10 @@ starts no more.
 `--parallel` runs several at once (on one GPU each child is given 0.9/parallel
 of its memory). `--rescore` then scores each
 finished run's best checkpoint on valid and test with eval_batch_size=1, so
-every token is conditioned on its whole history (`python -m tied_lm.evaluate`).
+every token is conditioned on its whole history (`python -m tied_lm.evaluate`);
+after a stop or a failed run it waits for the next invocation. Two runs of the
+grid may not share a name (a repeated value), and tied_lm.main refuses a run
+directory another process trains in.
 
 The report step (always run; `--train=false` for it alone) reads every run
 under ROOT and writes, for each, RESULTS_DIR/DATASET_SIZE_VARIANT.json (final
@@ -51,7 +54,7 @@ from typing import Any
 from absl import app, flags
 
 from configs import default, paper
-from tied_lm import errors, provenance, reporting, summarize
+from tied_lm import errors, fileio, provenance, reporting, summarize
 from tied_lm.errors import UserError
 from tied_lm.fileio import atomic_write
 
@@ -222,10 +225,28 @@ def run_all(commands: list[tuple[Path, list[str]]], parallel: int) -> list[Path]
   return unfinished
 
 
+def current_batch1(workdir: Path, split: str) -> dict[str, Any] | None:
+  """The run's batch-1 score of `split` if it is of its newest checkpoint, else None.
+
+  A score made before the run trained on (more epochs, or during training)
+  is of older parameters. Scores without a checkpoint_step are taken as they are.
+  """
+  path = workdir / f"eval_{split}_batch1.json"
+  if not path.is_file():
+    return None
+  result = json.loads(path.read_text())
+  checkpoints = workdir / "checkpoints"
+  steps = [int(d.name) for d in checkpoints.iterdir() if d.name.isdigit()] if (
+      checkpoints.is_dir()) else []
+  if steps and result.get("checkpoint_step", max(steps)) != max(steps):
+    return None
+  return result
+
+
 def rescore(workdir: Path) -> None:
-  """Batch-1 perplexity of the best checkpoint on valid and test (skips what exists)."""
+  """Batch-1 perplexity of the best checkpoint on valid and test (skips what is current)."""
   for split in ("valid", "test"):
-    if (workdir / f"eval_{split}_batch1.json").is_file():
+    if current_batch1(workdir, split) is not None:
       continue
     command = [sys.executable, "-m", "tied_lm.evaluate", f"--workdir={workdir}",
                f"--split={split}", "--eval_batch_size=1"]
@@ -298,9 +319,8 @@ def run_report(workdir: Path) -> dict[str, Any]:
                 for r in epochs],
   }
   for split in ("valid", "test"):
-    rescored = workdir / f"eval_{split}_batch1.json"
-    if rescored.is_file():
-      result = json.loads(rescored.read_text())
+    result = current_batch1(workdir, split)
+    if result is not None:
       report[f"{split}_perplexity_batch1"] = result["perplexity"]
       report[f"{split}_tokens_scored_batch1"] = result["tokens_scored"]
   return report
@@ -512,6 +532,7 @@ def write_reports(root: Path, results_dir: Path) -> None:
       runs = [{"run": variant, "size": size, "variant": variant,
                "curve": [(c["epoch"], c["valid_perplexity"]) for c in reports[key]["curve"]]}
               for variant in VARIANTS if (key := (dataset, size, variant)) in reports]
+      runs = [run for run in runs if run["curve"]]  # reports of runs without their records
       if runs:
         output = results_dir / f"curves_{dataset}_{size}.png"
         summarize.plot_curves(runs, output, f"{dataset} {size}: validation perplexity")
@@ -530,23 +551,37 @@ def main(argv: list[str]) -> None:
                       f"{', '.join(allowed)}")
   if FLAGS.parallel < 1:
     raise UserError(f"--parallel={FLAGS.parallel} must be at least 1")
+  for name in ("root", "results_dir"):
+    if not FLAGS[name].value.strip():
+      raise UserError(f"--{name} is empty: name a directory")
   root = Path(FLAGS.root).expanduser().resolve()
+  results_dir = Path(FLAGS.results_dir).expanduser().resolve()
+  # Checked before any training: a bad results_dir would otherwise fail after the grid.
+  fileio.check_writable_directory(results_dir, "--results_dir")
   grid = [(d, s, v, point) for d in FLAGS.datasets for s in FLAGS.sizes
           for v in FLAGS.variants for point in sweep_points(FLAGS.sweep)]
   workdirs = [root / run_name(d, s, v, tag) for d, s, v, (tag, _) in grid]
+  repeated = sorted({w.name for w in workdirs if workdirs.count(w) > 1})
+  if repeated:
+    raise UserError(f"the grid names {', '.join(repeated)} more than once: a value is "
+                    "repeated in --datasets, --sizes, --variants or a --sweep")
+  unfinished = []
   if FLAGS.train:
+    fileio.check_writable_directory(root, "--root")
     commands = [(workdir, train_command(d, s, v, workdir, [*FLAGS.set, *overrides]))
                 for (d, s, v, (_, overrides)), workdir in zip(grid, workdirs, strict=True)
                 if not (workdir / "results.json").is_file()]
     unfinished = run_all(commands, FLAGS.parallel)
-    if unfinished:
-      raise UserError(f"{len(unfinished)} run(s) did not finish: "
-                      f"{', '.join(w.name for w in unfinished)}")
-  if FLAGS.rescore:
+  # After a stop or a failure, no rescoring (it takes long; the next run does it), but
+  # the reports still take in every finished run and every partial one.
+  if FLAGS.rescore and not unfinished:
     for workdir in workdirs:
       if (workdir / "results.json").is_file():
         rescore(workdir)
-  write_reports(root, Path(FLAGS.results_dir))
+  write_reports(root, results_dir)
+  if unfinished:
+    raise UserError(f"{len(unfinished)} run(s) did not finish: "
+                    f"{', '.join(w.name for w in unfinished)}")
 
 
 if __name__ == "__main__":

@@ -82,3 +82,12 @@ def test_a_progress_bar_shows_the_interval_numbers(tmp_path, monkeypatch):
   shown = stdout.getvalue()
   assert "epoch 3" in shown and "10/10" in shown
   assert "ppl=7.39" in shown and "tok_s=1234" in shown
+
+
+def test_read_records_counts_records_without_a_kind_as_epochs_and_no_file_as_none(tmp_path):
+  assert reporting.read_records(tmp_path, "epoch") == []
+  (tmp_path / "metrics.jsonl").write_text(
+      '{"epoch": 1, "valid_perplexity": 200.0}\n{"kind": "train", "step": 5}\n\n'
+      '{"kind": "epoch", "epoch": 2, "valid_perplexity": 150.0}\n')
+  assert [r["epoch"] for r in reporting.read_records(tmp_path, "epoch")] == [1, 2]
+  assert len(reporting.read_records(tmp_path)) == 3

@@ -246,6 +246,54 @@ def test_bad_grid_is_a_one_line_error(tmp_path, harness):
       "error: --variants: unknown tied; choose from vd, al, re, real")
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--variants=vd,real,vd"], "the grid names ptb_small_vd more than once: a value is "
+     "repeated in --datasets, --sizes, --variants or a --sweep"),
+    (["--variants=al", "--sweep=loss.tau=5,5"], "the grid names ptb_small_al_tau5 more than "
+     "once"),
+    (["--root="], "--root is empty: name a directory"),
+    (["--results_dir= "], "--results_dir is empty: name a directory"),
+    (["--results_dir={file}"], "cannot write --results_dir {file}: {file} is not a directory"),
+    (["--root={file}/runs"], "cannot write --root {file}/runs: {file} is not a directory"),
+])
+def test_bad_directories_and_repeated_runs_are_one_line_before_any_run(
+    tmp_path, harness, args, message):
+  file = tmp_path / "file"
+  file.write_text("")
+  defaults = [f"--root={tmp_path / 'runs'}", f"--results_dir={tmp_path / 'results'}",
+              "--sizes=small", "--variants=vd"]
+  result = harness(*defaults, *(a.format(file=file) for a in args))
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1].startswith(f"error: {message.format(file=file)}")
+  assert "start " not in result.stdout and not (tmp_path / "runs").exists()
+
+
+def test_the_report_is_written_when_a_run_fails_and_then_the_failure_is_named(tmp_path, harness):
+  root, results_dir = tmp_path / "runs", tmp_path / "results"
+  results_dir.mkdir()
+  report = _report(86.47, 82.67, curve=[])  # a report whose run has no records: no curve
+  (results_dir / "ptb_small_real.json").write_text(json.dumps(report))
+  result = harness(f"--root={root}", f"--results_dir={results_dir}", "--sizes=small",
+                   "--variants=vd", "--set=optim.learning_rate=-1", "--rescore")
+  assert result.returncode == 2
+  assert "FAIL  ptb_small_vd (exit 2" in result.stdout
+  assert "| small | REAL | 86.3 / 82.7 | 86.5 / 82.7 |" in (results_dir / "TABLE.md").read_text()
+  assert result.stderr.strip().splitlines()[-1] == "error: 1 run(s) did not finish: ptb_small_vd"
+
+
+def test_a_batch1_score_of_an_older_checkpoint_is_not_current(tmp_path):
+  for step in (10, 20):
+    (tmp_path / "checkpoints" / str(step)).mkdir(parents=True)
+  score = tmp_path / "eval_valid_batch1.json"
+  score.write_text(json.dumps({"perplexity": 90.0, "tokens_scored": 5, "checkpoint_step": 10}))
+  assert reproduce.current_batch1(tmp_path, "valid") is None  # trained on since
+  assert reproduce.current_batch1(tmp_path, "test") is None  # never scored
+  score.write_text(json.dumps({"perplexity": 89.0, "tokens_scored": 5, "checkpoint_step": 20}))
+  assert reproduce.current_batch1(tmp_path, "valid")["perplexity"] == 89.0
+  score.write_text(json.dumps({"perplexity": 88.0, "tokens_scored": 5}))  # older files
+  assert reproduce.current_batch1(tmp_path, "valid")["perplexity"] == 88.0
+
+
 def test_a_report_credits_the_launch_that_trained_not_a_later_reevaluation(
     trained_run, tmp_path, monkeypatch):
   from configs import default

@@ -183,7 +183,12 @@ def format_seconds(seconds: float) -> str:
 
 
 def read_records(workdir: Path, kind: str | None = None) -> list[dict[str, Any]]:
-  """The records of `workdir/metrics.jsonl`, all or those of one kind."""
-  lines = (Path(workdir) / "metrics.jsonl").read_text().splitlines()
-  records = [json.loads(line) for line in lines if line.strip()]
-  return [r for r in records if kind is None or r.get("kind") == kind]
+  """The records of `workdir/metrics.jsonl`, all or those of one kind; [] without the file.
+
+  Runs from before records had a kind hold one record per epoch: those count as "epoch".
+  """
+  path = Path(workdir) / "metrics.jsonl"
+  if not path.is_file():
+    return []
+  records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  return [r for r in records if kind is None or r.get("kind", "epoch") == kind]

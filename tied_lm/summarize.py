@@ -64,9 +64,7 @@ def load_run(workdir: Path) -> dict[str, Any]:
     config = results["config"]
   else:
     raise UserError(f"{workdir} is not a tied_lm run (no config.json or results.json)")
-  records = reporting.read_records(workdir) if (workdir / "metrics.jsonl").is_file() else []
-  # Runs from before records had a kind hold one line per epoch.
-  epochs = [r for r in records if r.get("kind", "epoch") == "epoch"]
+  epochs = reporting.read_records(workdir, "epoch")
   if not epochs:
     raise UserError(f"{workdir} has no finished epoch yet")
   best = min(epochs, key=lambda r: r["valid_perplexity"])
