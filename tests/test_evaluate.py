@@ -41,6 +41,17 @@ def test_batch_one_scores_the_same_tokens(run_copy, evaluate_cli):
   assert saved["perplexity"] == pytest.approx(results["valid_perplexity"], rel=0.05)
 
 
+def test_a_result_that_cannot_be_saved_is_still_printed_then_one_line(run_copy, evaluate_cli):
+  workdir, results = run_copy
+  output = workdir / "eval_test_batch10.json"
+  output.mkdir()  # as a run directory a reader may not write into: the write fails
+  result = evaluate_cli(f"--workdir={workdir}", "--split=test", "--eval_batch_size=10")
+  assert result.returncode == 2
+  assert result.stdout.startswith(f"test perplexity {results['test_perplexity']:.2f} over ")
+  assert result.stderr.strip().splitlines()[-1] == (
+      f"error: could not write {output}: Is a directory")
+
+
 def test_a_run_trained_with_cudnn_is_evaluated_with_the_scan_off_gpu(run_copy, evaluate_cli):
   workdir, results = run_copy
   config = json.loads((workdir / "config.json").read_text())

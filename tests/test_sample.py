@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from tied_lm import sample, train
+from tied_lm.errors import UserError
 
 
 @pytest.fixture
@@ -51,7 +52,7 @@ def test_sampling_is_deterministic_per_seed_and_maps_unknown_words(trained_run, 
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--temperature=0"], "temperature=0.0 must be > 0"),
+    (["--temperature=0"], "temperature=0.0 must be a finite number > 0"),
     (["--top_k=-1"], "top_k=-1 must be in [0, 10000]"),
     (["--prompt= "], "the prompt is empty"),
 ])
@@ -59,3 +60,11 @@ def test_bad_sampling_arguments_are_one_line(trained_run, args, message, sample_
   result = sample_cli(trained_run[0], *args)
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1] == f"error: {message}"
+
+
+def test_a_nan_temperature_and_a_negative_length_are_refused(trained_run):
+  run = train.load_trained(trained_run[0])
+  with pytest.raises(UserError, match="temperature=nan must be a finite number > 0"):
+    sample.generate(run, "the", 5, float("nan"), 0, 0)
+  with pytest.raises(UserError, match="num_words=-3 must be >= 0"):
+    sample.generate(run, "the", -3, 1.0, 0, 0)

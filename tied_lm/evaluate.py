@@ -12,6 +12,7 @@ from pathlib import Path
 from absl import app, flags
 
 from tied_lm import errors, hostmem, provenance
+from tied_lm.errors import UserError
 
 FLAGS = flags.FLAGS
 
@@ -44,9 +45,15 @@ def main(argv: list[str]) -> None:
       "checkpoint_step": run.checkpoint_step,
   }
   output = Path(FLAGS.workdir).expanduser() / f"eval_{FLAGS.split}_batch{batch_size}.json"
-  provenance.write_json(output, result)
+  # Printed first: a run directory that cannot be written (a reader's) keeps no file,
+  # but the number is not lost.
   print(f"{FLAGS.split} perplexity {perplexity:.2f} over {tokens:,} tokens "
-        f"(eval batch {batch_size}, checkpoint {run.checkpoint_step}); wrote {output}")
+        f"(eval batch {batch_size}, checkpoint {run.checkpoint_step})", flush=True)
+  try:
+    provenance.write_json(output, result)
+  except OSError as error:
+    raise UserError(f"could not write {output}: {error.strerror or error}") from None
+  print(f"wrote {output}")
 
 
 if __name__ == "__main__":

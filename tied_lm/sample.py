@@ -10,6 +10,7 @@ seed gives the same text.
 """
 
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -71,8 +72,10 @@ def generate(
     run: train.TrainedRun, prompt: str, num_words: int, temperature: float, top_k: int, seed: int
 ) -> list[str]:
   """The generated words (without the prompt)."""
-  if temperature <= 0:
-    raise UserError(f"temperature={temperature} must be > 0")
+  if not (math.isfinite(temperature) and temperature > 0):  # nan <= 0 is False
+    raise UserError(f"temperature={temperature} must be a finite number > 0")
+  if num_words < 0:
+    raise UserError(f"num_words={num_words} must be >= 0")
   if not 0 <= top_k <= run.corpus.vocab_size:
     raise UserError(f"top_k={top_k} must be in [0, {run.corpus.vocab_size}]")
   carry = run.model.initial_carry(1)
