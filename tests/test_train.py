@@ -482,6 +482,17 @@ def test_a_torn_checkpoint_is_set_aside_the_previous_one_used_and_tmp_saves_remo
     assert resumed[key] == straight[key]
 
 
+def test_a_saved_carry_is_split_over_the_devices_in_either_layout():
+  # Checkpoints before the per-row layout saved [devices, rows per device, H].
+  rows = np.arange(4 * 3, dtype=np.float32).reshape(4, 3)  # batch 4, H 3
+  like = train.replicate(((np.zeros((2, 3), np.float32),) * 2,))  # 2 devices, 2 rows each
+  for saved in (rows, rows.reshape(2, 2, 3)):
+    carry = train._local_carry(((saved, saved),), like=like)
+    np.testing.assert_array_equal(np.asarray(carry[0][0]), rows.reshape(2, 2, 3))
+  gathered = train._gather_carry(train._local_carry(((rows, rows),), like=like))
+  np.testing.assert_array_equal(gathered[0][1], rows)  # saved per row again
+
+
 def test_ctrl_c_during_the_test_evaluation_is_one_line_and_a_rerun_tests(tmp_path, monkeypatch):
   write_tiny_corpus(tmp_path / "corpus")
   config = tiny_run_config(tmp_path / "corpus", 1)
