@@ -14,7 +14,8 @@
 # runs: four PTB small runs at once, 40 epochs each, all three dropouts at 0.2 (where the
 #   chosen AL, RE + bias and REAL + bias ran on the CPU, TABLE.md note 13): seeds 2 and 3 of
 #   the chosen AL (gamma 3, the row that misses), seed 2 of RE + bias and seed 3 of
-#   REAL + bias (the CPU trained seeds 0-1, and REAL's seed 2); then the finished
+#   REAL + bias (the CPU trained seeds 0-1; REAL + bias seed 2 is under way there); then
+#   the finished
 #   runs' JSON files in OUT_DIR/results.tgz and every run's metrics and logs in
 #   OUT_DIR/metrics.tgz;
 #   `python -m experiments.reproduce --train=false` on the unpacked JSON files beside the
