@@ -51,6 +51,8 @@ def run_main(*args, tmp_path, env: dict[str, str] | None = None):
         (["--config=configs/default.py", "--config.dataset=text", "--config.data_dir=/no/such"],
          "missing train.txt, valid.txt, test.txt in /no/such"),
         (["--config=configs/default.py", "--config.loss.tau=0"], "loss.tau=0.0 must be > 0"),
+        (["--config=configs/ptbb.py:small,real"],
+         "--config: No such file or directory: 'configs/ptbb.py'"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_status_2(args, message, tmp_path):
@@ -64,7 +66,8 @@ def test_bad_input_is_one_line_and_exit_status_2(args, message, tmp_path):
     assert lines[0] == "error: " + message
 
 
-@pytest.mark.parametrize("args", [["--help"], ["--config=configs/default.py", "--workdir=x", "y"]])
+@pytest.mark.parametrize("args", [["--help"], ["--config=configs/default.py", "--workdir=x", "y"],
+                                  ["--config=configs/ptbb.py:small,real", "--workdir=x"]])
 def test_help_and_bad_flags_answer_before_jax_is_imported(args, modules_imported_by):
   status, imported = modules_imported_by("tied_lm.main", *args)
   assert status in (1, 2)  # absl's --help exits with 1

@@ -32,7 +32,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def parse_flags(argv: list[str]) -> list[str]:
   """Parses flags, turning config-file and override errors into one line."""
   try:
-    return errors.parse_flags(argv)
+    remaining = errors.parse_flags(argv)
   except (AttributeError, KeyError) as e:
     # ml_collections raises these for an override of a field the config lacks.
     overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
@@ -43,6 +43,14 @@ def parse_flags(argv: list[str]) -> list[str]:
     suggestion = re.search(r"Did you mean .*\?", str(e))
     hint = f"; {suggestion[0]}" if suggestion else ""
     errors.fail(f"unknown config field in {overrides}{hint}")
+  try:
+    FLAGS.config.keys()
+  except OSError as e:
+    # ml_collections defers a config file it cannot read (a mistyped path) to the
+    # first use of the config, which would come after JAX loads, as a traceback.
+    reason = re.sub(r"^\[Errno \d+\] ", "", str(e).strip().splitlines()[-1].strip())
+    errors.fail(f"--config: {reason}")
+  return remaining
 
 
 def initialize_multihost() -> None:
