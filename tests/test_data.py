@@ -1,5 +1,6 @@
 """Corpora, downloads and batching, checked by hand and against the paper's counts."""
 
+import http.client
 import io
 import shutil
 import zipfile
@@ -181,6 +182,26 @@ def test_download_unpacks_the_wikitext2_archive(tmp_path, monkeypatch):
   monkeypatch.setattr(data, "_download", lambda url: archive.getvalue())
   corpus = data.load_corpus("wikitext2", str(tmp_path))
   assert len(corpus.valid) == 217_646
+
+
+def test_a_download_cut_short_tries_the_next_mirror(tmp_path, monkeypatch):
+  archive = io.BytesIO()
+  with zipfile.ZipFile(archive, "w") as z:
+    for split in data.SPLITS:
+      name = f"wiki.{split}.tokens"
+      z.writestr(f"wikitext-2/{name}", (SHARED / "wikitext-2" / name).read_bytes())
+  first, second = data.SOURCES["wikitext2"].urls[:2]
+
+  def download(url):
+    if url == first:  # the server closed the connection before the end of the body
+      raise http.client.IncompleteRead(b"PK", 1000)
+    return archive.getvalue()
+
+  monkeypatch.setattr(data, "_download", download)
+  assert len(data.load_corpus("wikitext2", str(tmp_path)).valid) == 217_646
+  monkeypatch.setattr(data, "_download", lambda url: download(first))
+  with pytest.raises(data.DataError, match=r"IncompleteRead: IncompleteRead\(2 bytes read"):
+    data.ensure_files("wikitext2", tmp_path / "again")
 
 
 def test_downloaded_file_with_wrong_checksum_is_not_written(tmp_path, monkeypatch):

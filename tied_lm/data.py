@@ -9,10 +9,12 @@ state of row r carries from one window to the next.
 import collections
 import dataclasses
 import hashlib
+import http.client
 import io
 import os
 import urllib.request
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -122,8 +124,11 @@ def _fetch_files(source: Source, directory: Path, missing: list[str]) -> None:
           }
       else:
         contents = {name: _download(url + name) for name in missing}
-    except (OSError, KeyError, zipfile.BadZipFile) as e:
-      errors.append(f"{url}: {e}")
+    # A connection cut mid-body raises http.client.IncompleteRead (not an OSError); a
+    # damaged archive member, zlib.error.
+    except (OSError, http.client.HTTPException, KeyError, zipfile.BadZipFile,
+            zlib.error) as e:
+      errors.append(f"{url}: {type(e).__name__}: {e}")
       continue
     for name, content in contents.items():
       actual = hashlib.sha256(content).hexdigest()
