@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
-from tied_lm import data, errors, hostmem, models, provenance, train
+from tied_lm import data, errors, fileio, hostmem, models, provenance, train
 from tied_lm.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -43,6 +43,7 @@ flags.DEFINE_multi_string(
 )
 flags.DEFINE_list("batch_sizes", [], "Train batch sizes to time (default: each config's).")
 flags.DEFINE_list("num_devices", ["1"], "Local device counts for the pmapped train step.")
+errors.require_values("num_devices")
 for _name in ("batch_sizes", "num_devices"):
   flags.register_validator(
       _name, lambda values: all(v.isdigit() and int(v) > 0 for v in values),
@@ -80,7 +81,7 @@ def load_config(spec: str, overrides: list[str]) -> ml_collections.ConfigDict:
   exec(compile(source, path, "exec"), namespace)  # noqa: S102 -- our own config files
   try:
     config = namespace["get_config"](args) if args else namespace["get_config"]()
-  except (ValueError, KeyError) as error:
+  except (ValueError, KeyError, TypeError) as error:  # TypeError: a get_config of other args
     raise UserError(f"config {spec!r}: {error}") from None
   for override in overrides:
     key, equals, value = override.partition("=")
@@ -98,8 +99,16 @@ def load_config(spec: str, overrides: list[str]) -> ml_collections.ConfigDict:
     try:
       if kind is bool:  # True/False as in --config.KEY=VALUE, or JSON's true/false
         node[leaf] = {"true": True, "false": False}[value.lower()]
+      elif kind is str:
+        node[leaf] = value
       else:
-        node[leaf] = kind(json.loads(value) if kind is not str else value)
+        parsed = json.loads(value)
+        # Exactly the field's type (an int may stand for a float): int("2.5") would time
+        # model.unroll=2 while the results record 2.5.
+        allowed = (int, float) if kind is float else kind
+        if isinstance(parsed, bool) or not isinstance(parsed, allowed):
+          raise TypeError(parsed)
+        node[leaf] = kind(parsed)
     except (ValueError, TypeError, KeyError):
       raise UserError(f"--set {override!r}: {value!r} is not of type {kind.__name__}") from None
   return config
@@ -480,14 +489,39 @@ def timed_configs(
   Every row (config x batch size x device count) is checked before any is timed.
   """
   plan = []
+  calls = max(FLAGS.warmup, FLAGS.steps_per_repeat)  # windows one timed call runs
   for spec in FLAGS.configs:
     config = load_config(spec, FLAGS.set)
     batch_sizes = [int(b) for b in FLAGS.batch_sizes] or [config.batch_size]
     for batch_size in batch_sizes:
       for num_devices in device_counts:
         validate_timed(config, batch_size, num_devices)
+    # The corpus too: a missing one or too small a split fails here, not after hours.
+    corpus = data.load_corpus(config.dataset, config.data_dir, config.max_vocab_size)
+    for batch_size in batch_sizes:
+      windows = len(data.train_windows(corpus.train, batch_size, config.num_steps)[0])
+      if windows < calls:  # a timed call would run fewer steps than it is counted for
+        raise UserError(
+            f"config {spec!r}, batch {batch_size}: the train split has {windows} windows, "
+            f"fewer than the {calls} each timed call runs (--steps_per_repeat, --warmup)")
+    eval_tokens = calls * FLAGS.eval_batch_size * config.num_steps + 1
+    if len(corpus.valid) < eval_tokens:
+      raise UserError(
+          f"config {spec!r}: --eval_batch_size={FLAGS.eval_batch_size} needs {eval_tokens:,} "
+          f"validation tokens for {calls} windows per timed call; the split has "
+          f"{len(corpus.valid):,}")
     plan.append((spec, config, batch_sizes))
   return plan
+
+
+def output_path(default_name: str) -> Path:
+  """--output, or experiments/results/`default_name`; refused before any timing if unwritable."""
+  output = (Path(FLAGS.output).expanduser() if FLAGS.output.strip()
+            else REPO / "experiments/results" / default_name)
+  if output.is_dir():
+    raise UserError(f"--output={output} is a directory: name a JSON file")
+  fileio.check_writable_directory(output.parent, "the folder of --output")
+  return output
 
 
 @errors.command
@@ -505,6 +539,7 @@ def run_benchmark() -> None:
   plan = timed_configs(device_counts)
   commit = provenance.git_commit()  # what runs, whatever HEAD is at the end
   platform_name = jax.local_devices()[0].platform
+  output = output_path(f"benchmark_{platform_name}.json")
   torch_device = "cuda" if platform_name == "gpu" else "cpu"
   versions = library_versions()
   peak_samples = {"jax": []} | ({"torch": []} if FLAGS.compare == "torch" else {})
@@ -518,7 +553,6 @@ def run_benchmark() -> None:
 
   sample_peak()
 
-  output = Path(FLAGS.output or REPO / f"experiments/results/benchmark_{platform_name}.json")
   header = provenance.header("experiments.benchmark", commit, versions)
 
   def results(rows: list[dict], complete: bool) -> dict[str, Any]:

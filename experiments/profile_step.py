@@ -39,7 +39,6 @@ benchmark's --num_devices is refused.
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -396,9 +395,7 @@ def run_profile() -> None:
   platform_name = jax.local_devices()[0].platform
   torch_device = "cuda" if platform_name == "gpu" else "cpu"
   versions = benchmark.library_versions()
-  output = Path(
-      FLAGS.output or benchmark.REPO / f"experiments/results/profile_{platform_name}.json"
-  )
+  output = benchmark.output_path(f"profile_{platform_name}.json")
   rows, peak_samples = [], []
 
   def sample_peak() -> None:

@@ -64,6 +64,10 @@ def test_load_config_applies_overrides_with_the_fields_types():
     ("configs/ptb.py:small,real", ["model.unroll=x"], "'x' is not of type int"),
     ("configs/ptb.py:small,real", ["model.output_bias=yes"], "'yes' is not of type bool"),
     ("configs/ptb.py:small,tied", [], "'configs/ptb.py:small,tied': config argument"),
+    ("configs/ptb.py:small,real", ["model.unroll=2.5"], "'2.5' is not of type int"),
+    ("configs/ptb.py:small,real", ["loss.tau=true"], "'true' is not of type float"),
+    ("configs/ptb.py:small,real", ["seed=1.9"], "'1.9' is not of type int"),
+    ("configs/default.py:small,real", [], "'configs/default.py:small,real': "),
 ])
 def test_load_config_refuses_bad_input_in_one_line(spec, overrides, message):
   with pytest.raises(UserError, match=message):
@@ -114,12 +118,22 @@ def test_time_runner_counts_the_pages_a_step_maps_in():
      "batch_size=21 is not divisible by the 2 devices"),
     ("profile_step", ["--num_devices=2"], "profile_step times one device"),
     ("profile_step", ["--batch_sizes=0"], "must be a comma-separated list of positive integers"),
+    ("benchmark", ["--num_devices="], "needs at least one value"),
+    # More windows per timed call than the split has: the step time would be overstated.
+    ("benchmark", ["--batch_sizes=8192"], "batch 8192: the train split has 5 windows, fewer "
+     "than the 10 each timed call runs"),
+    ("profile_step", ["--eval_batch_size=1000"], "--eval_batch_size=1000 needs 200,001 "
+     "validation tokens for 10 windows per timed call; the split has 73,760"),
+    ("benchmark", ["--output={tmp_path}"], "is a directory: name a JSON file"),
+    ("profile_step", ["--output=/dev/null/x.json"], "cannot write the folder of --output "
+     "/dev/null: /dev/null is not a directory"),
 ])
 def test_bad_timing_flags_are_one_line_before_any_timing(module, flags, message, tmp_path,
                                                         run_module):
   output = tmp_path / "out.json"
   result = run_module(f"experiments.{module}", "--configs=configs/default.py",
-                      f"--output={output}", *flags, timeout=120)
+                      f"--output={output}", *(f.format(tmp_path=tmp_path) for f in flags),
+                      timeout=120)
   assert result.returncode == 2
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
