@@ -249,3 +249,14 @@ def test_fused_terms_without_augmented_loss_are_cross_entropy_and_zero(inputs):
       )[0].sum(),
       (jnp.asarray(inputs[0], jnp.float32),), order=1, modes=["rev"], atol=1e-2, rtol=1e-2,
   )
+
+
+def test_targets_that_do_not_match_the_logits_are_refused_not_paired_wrongly():
+  logits = jnp.zeros((2, 3, 7))
+  embedding = jnp.ones((7, 4))
+  for targets in (jnp.zeros((3, 2), jnp.int32), jnp.zeros((6,), jnp.int32)):
+    message = r"targets have shape .*; logits \(2, 3, 7\) need \(2, 3\)"
+    with pytest.raises(ValueError, match=message):
+      losses.cross_entropy_and_kl(logits, targets, embedding, 2.0)
+    with pytest.raises(ValueError, match=r"need \(2, 3\)"):
+      losses.augmented_loss(logits, targets, embedding, 2.0)

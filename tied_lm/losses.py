@@ -31,7 +31,8 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
   Args:
     logits: [..., V] unnormalised scores (any float dtype; computed in >= float32).
-    targets: [...] integer word ids.
+    targets: [...] integer word ids in [0, V) (a negative id is not padding: it wraps
+      around to a word).
 
   Returns:
     [...] NLL (float32, or float64 for float64 inputs) of each target, shaped like `targets`.
@@ -61,7 +62,7 @@ def target_distribution(
 
   Args:
     embedding: [V, E] the input embedding matrix L.
-    targets: [...] integer word ids y.
+    targets: [...] integer word ids y in [0, V).
     tau: temperature τ > 0.
 
   Returns:
@@ -71,6 +72,14 @@ def target_distribution(
 
 
 AUGMENTED_FORMS = ("kl", "cross_entropy")
+
+
+def _check_targets(logits: jax.Array, targets: jax.Array) -> None:
+  # Shapes are static, so this runs once per trace. Without it a transposed or
+  # broadcast targets array pairs tokens with the wrong logits, silently.
+  if targets.shape != logits.shape[:-1]:
+    raise ValueError(f"targets have shape {targets.shape}; logits {logits.shape} need "
+                     f"{logits.shape[:-1]}")
 
 
 def _check_form(form: str) -> None:
@@ -96,7 +105,7 @@ def augmented_loss(
 
   Args:
     logits: [..., V] bias-free logits z = W h (eq. 3.1 uses no output bias).
-    targets: [...] integer word ids y.
+    targets: [...] integer word ids y in [0, V).
     embedding: [V, E] the input embedding matrix L that defines ỹ.
     tau: temperature τ > 0.
     stop_gradient_target: if True, ỹ is a constant and L gets no gradient
@@ -110,6 +119,7 @@ def augmented_loss(
     [...] float32 KL divergence (or cross-entropy) of each token, >= 0.
   """
   _check_form(form)
+  _check_targets(logits, targets)
   log_target = _target_log_distribution(embedding, targets, tau)
   if stop_gradient_target:
     log_target = jax.lax.stop_gradient(log_target)
@@ -147,7 +157,8 @@ def cross_entropy_and_kl(
 
   Args:
     logits: [..., V] bias-free logits W h.
-    targets: [...] integer word ids.
+    targets: [...] integer word ids in [0, V) (a negative id is not padding: it wraps
+      around to a word).
     embedding: [V, E] the input embedding L (ignored unless `augmented`).
     tau: temperature τ > 0.
     output_bias: [V] or None; enters the cross-entropy only (eq. 3.1).
@@ -170,6 +181,7 @@ def cross_entropy_and_kl(
     (cross_entropy, kl), each [...] float32; kl is the augmented term in `form`.
   """
   _check_form(form)
+  _check_targets(logits, targets)
   batch_shape, vocab_size = targets.shape, logits.shape[-1]
   logits = _at_least_float32(logits).reshape(-1, vocab_size)
   bias = None if output_bias is None else _at_least_float32(output_bias)
