@@ -225,6 +225,8 @@ def test_evaluation_with_batch_one_equals_scoring_the_whole_stream_at_once():
         ("model.hidden_size", 0, "model.hidden_size=0 must be positive"),
         ("max_vocab_size", -1, r"max_vocab_size=-1 must be 0 \(every word\) or >= 2"),
         ("max_vocab_size", 1, r"max_vocab_size=1 must be 0 \(every word\) or >= 2"),
+        ("max_vocab_size", 500, "max_vocab_size=500 applies to dataset='text' only; 'ptb' has "
+         "its own fixed vocabulary"),
         ("checkpoint_every_steps", -5, "checkpoint_every_steps=-5 must be >= 0"),
         ("on_nonfinite", "ignore", "on_nonfinite='ignore' must be 'stop' or 'skip'"),
         ("optim.decay_rate", 1.5, r"optim.decay_rate=1.5 must be in \(0, 1\]"),

@@ -62,6 +62,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
       (config.max_vocab_size == 0 or config.max_vocab_size >= 2,
        f"max_vocab_size={config.max_vocab_size} must be 0 (every word) or >= 2 (<unk> and "
        "the most frequent words)"),
+      (config.max_vocab_size == 0 or config.dataset == "text",
+       f"max_vocab_size={config.max_vocab_size} applies to dataset='text' only; "
+       f"{config.dataset!r} has its own fixed vocabulary"),
       (config.model.num_layers > 0,
        f"model.num_layers={config.model.num_layers} must be positive"),
       (config.model.embed_dim > 0, f"model.embed_dim={config.model.embed_dim} must be positive"),
