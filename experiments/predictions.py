@@ -18,6 +18,7 @@ from pathlib import Path
 from absl import app, flags
 
 from tied_lm import data, errors, provenance, summarize
+from tied_lm.errors import UserError
 
 FLAGS = flags.FLAGS
 PROMPTS = ("the company said", "the stock market", "he said the", "in new york")
@@ -81,6 +82,9 @@ def markdown(runs: list[dict]) -> str:
 @errors.command
 def main(argv: list[str]) -> None:
   errors.no_positional_arguments(argv)
+  if FLAGS.num_frequent < 0:
+    raise UserError(f"--num_frequent={FLAGS.num_frequent} must be >= 0")
+  prefix = provenance.output_prefix(FLAGS.output)  # before the runs are scored
   start = time.time()
   commit = provenance.git_commit()  # what runs, whatever HEAD is at the end
   runs = [describe_run(w, FLAGS.prompt, FLAGS.num_frequent) for w in FLAGS.workdirs]
@@ -88,7 +92,6 @@ def main(argv: list[str]) -> None:
       **provenance.header("experiments.predictions", commit),
       "runs": runs, "wall_seconds": time.time() - start,
   }
-  prefix = Path(FLAGS.output)
   table = markdown(runs)
   provenance.write_results(prefix, results, (
       f"Average predicted probability over the validation split, and the ten most likely "

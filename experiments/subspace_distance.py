@@ -15,6 +15,7 @@ commit, hardware and versions), a Markdown table (mean ± std over seeds) and
 a PNG (needs matplotlib) under experiments/results/.
 """
 
+import math
 import time
 from pathlib import Path
 
@@ -41,8 +42,8 @@ def define_flags() -> None:
 
 def slice_ids(ids: np.ndarray, num_words: int) -> tuple[np.ndarray, int]:
   """The first num_words ids, renumbered 0..V-1 over the words they use; and V."""
-  if num_words < 2:
-    raise UserError(f"--num_words={num_words} must be at least 2")
+  if not 2 <= num_words <= len(ids):
+    raise UserError(f"--num_words={num_words} must be in [2, {len(ids):,}] (PTB train's length)")
   words = np.asarray(ids[:num_words])
   used, compact = np.unique(words, return_inverse=True)
   return compact.astype(np.int32), len(used)
@@ -102,11 +103,17 @@ def main(argv: list[str]) -> None:
     seeds = [int(s) for s in FLAGS.seeds]
   except ValueError as error:
     raise UserError(f"--betas, --taus and --seeds take numbers: {error}") from None
-  if any(not 0 <= b <= 1 for b in betas) or any(t <= 0 for t in taus):
-    raise UserError("every β must be in [0, 1] and every τ > 0")
+  if any(not 0 <= b <= 1 for b in betas) or any(not (math.isfinite(t) and t > 0) for t in taus):
+    raise UserError("every β must be in [0, 1] and every τ finite and > 0")
   if not (betas and taus and seeds) or FLAGS.num_epochs < 1:
     raise UserError("--betas, --taus and --seeds need a value each, and --num_epochs >= 1")
-  summarize.check_plot_path(Path(FLAGS.output).with_suffix(".png"))
+  if not (math.isfinite(FLAGS.learning_rate) and FLAGS.learning_rate > 0):
+    raise UserError(f"--learning_rate={FLAGS.learning_rate} must be finite and > 0")
+  if FLAGS.hidden_size < 1:
+    raise UserError(f"--hidden_size={FLAGS.hidden_size} must be at least 1")
+  prefix = provenance.output_prefix(FLAGS.output)
+  summarize.check_plot_path(provenance.with_extension(prefix, ".png"))
+  summarize.pyplot()  # matplotlib missing: say so now, not after the sweep
   # Imported here, not at the top: --help and flag errors then answer without JAX (about 4 s).
   from tied_lm import analysis
 
@@ -136,7 +143,6 @@ def main(argv: list[str]) -> None:
       "betas": betas, "taus": taus, "seeds": seeds, "runs": runs,
       "wall_seconds": time.time() - start,
   }
-  prefix = Path(FLAGS.output)
   markdown = table(results)
   provenance.write_results(prefix, results, (
       f"Normalized subspace distance between the column spaces of L and W, mean ± std over "
@@ -145,7 +151,7 @@ def main(argv: list[str]) -> None:
       f"Command: `{results['command']}`, commit `{results['commit'][:7]}`, "
       f"{results['hardware']['cpu']}, {results['wall_seconds']:.0f} s.\n\n{markdown}\n"))
   print(markdown)
-  plot(results, prefix.with_suffix(".png"))
+  plot(results, provenance.with_extension(prefix, ".png"))
   print(f"wrote {prefix}.json, .md and .png")
 
 

@@ -14,7 +14,6 @@ command, commit, hardware and versions) and PREFIX.md.
 
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 from absl import app, flags
@@ -72,11 +71,12 @@ def main(argv: list[str]) -> None:
     taus = [float(t) for t in FLAGS.taus]
   except ValueError as error:
     raise UserError(f"--taus: {error}") from None
-  if any(t <= 0 for t in taus):
-    raise UserError(f"--taus={','.join(FLAGS.taus)}: every τ must be positive")
+  if any(not (math.isfinite(t) and t > 0) for t in taus):
+    raise UserError(f"--taus={','.join(FLAGS.taus)}: every τ must be finite and positive")
+  prefix = provenance.output_prefix(FLAGS.output)  # before the runs are scored
   rows = [row for workdir in FLAGS.workdirs for row in run_rows(workdir, taus)]
   markdown = table(rows)
-  provenance.write_results(Path(FLAGS.output), {
+  provenance.write_results(prefix, {
       **provenance.header("experiments.target_sharpness", commit), "rows": rows,
       "wall_seconds": time.time() - start}, markdown)
   print(markdown, end="")

@@ -113,3 +113,8 @@ def test_target_sharpness_of_orthogonal_words_by_hand(chunk_size):
   # A zero embedding gives the uniform ỹ.
   uniform = analysis.target_sharpness(np.zeros((3, 2), np.float32), np.array([0, 1]), tau)
   np.testing.assert_allclose(uniform, (np.log(3), 1 / 3), rtol=1e-6)
+
+
+def test_a_diverged_matrix_has_no_distance_not_distance_zero():
+  rng = np.random.default_rng(0)
+  assert np.isnan(analysis.subspace_distance(rng.normal(size=(50, 5)), np.full((50, 4), np.nan)))

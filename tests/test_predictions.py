@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 
 def test_predictions_cli_reports_probabilities_and_top_words(trained_run, tmp_path, run_module):
   result = run_module("experiments.predictions", f"--workdirs={trained_run[0]}",
@@ -25,3 +27,13 @@ def test_predictions_of_a_folder_that_is_not_a_run_is_one_line(tmp_path, run_mod
   assert result.returncode == 2
   assert len(result.stderr.strip().splitlines()) == 1
   assert result.stderr.startswith("error: ")
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--num_frequent=-1", "error: --num_frequent=-1 must be >= 0"),
+    ("--output=", "error: --output='' must be a file prefix, e.g. experiments/results/NAME"),
+])
+def test_bad_flags_are_one_line_before_any_run_is_read(flag, message, tmp_path, run_module):
+  result = run_module("experiments.predictions", f"--workdirs={tmp_path}", flag)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [message]

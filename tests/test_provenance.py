@@ -6,6 +6,7 @@ import subprocess
 import pytest
 
 from tied_lm import provenance
+from tied_lm.errors import UserError
 
 
 def test_only_changes_outside_the_results_mark_the_commit_dirty(tmp_path, monkeypatch):
@@ -44,3 +45,15 @@ def test_hardware_names_the_cpu_family_and_its_matmul_extensions_as_lscpu_does()
   assert hardware["cpu_isa"] == [f for f in provenance.MATMUL_ISA if f in flags]
   if platform.machine() == "x86_64":  # every x86 machine this project has run on has AVX2
     assert "avx2" in hardware["cpu_isa"]
+
+
+def test_output_prefixes_keep_their_dots_and_bad_ones_are_refused(tmp_path):
+  prefix = provenance.output_prefix(str(tmp_path / "sharpness_tau0.5"))
+  assert provenance.with_extension(prefix, ".json") == tmp_path / "sharpness_tau0.5.json"
+  provenance.write_results(prefix, {"x": 1}, "| x |\n")
+  assert sorted(p.name for p in tmp_path.iterdir()) == [
+      "sharpness_tau0.5.json", "sharpness_tau0.5.md"]
+  for bad, message in (("", "must be a file prefix"), (f"{tmp_path}/", "must be a file prefix"),
+                       (str(tmp_path), "is a folder")):
+    with pytest.raises(UserError, match=message):
+      provenance.output_prefix(bad)

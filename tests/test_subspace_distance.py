@@ -6,11 +6,17 @@ import pytest
 @pytest.mark.parametrize(("flag", "message"), [
     ("--betas=x", "error: --betas, --taus and --seeds take numbers: "
                   "could not convert string to float: 'x'\n"),
-    ("--betas=1.5", "error: every β must be in [0, 1] and every τ > 0\n"),
-    ("--num_words=1", "error: --num_words=1 must be at least 2\n"),
+    ("--betas=1.5", "error: every β must be in [0, 1] and every τ finite and > 0\n"),
+    ("--taus=nan", "error: every β must be in [0, 1] and every τ finite and > 0\n"),
+    ("--learning_rate=0", "error: --learning_rate=0.0 must be finite and > 0\n"),
+    ("--hidden_size=0", "error: --hidden_size=0 must be at least 1\n"),
+    ("--num_words=1", "error: --num_words=1 must be in [2, 929,589] (PTB train's length)\n"),
+    ("--num_words=2000000",
+     "error: --num_words=2000000 must be in [2, 929,589] (PTB train's length)\n"),
+    ("--output=", "error: --output='' must be a file prefix, e.g. experiments/results/NAME\n"),
 ])
 def test_bad_flags_are_one_line_errors(flag, message, tmp_path, run_module):
-  result = run_module("experiments.subspace_distance", flag, f"--output={tmp_path / 'out'}")
+  result = run_module("experiments.subspace_distance", f"--output={tmp_path / 'out'}", flag)
   assert result.returncode == 2
   assert result.stderr == message
   assert list(tmp_path.iterdir()) == []

@@ -69,4 +69,9 @@ def test_cli_reports_how_far_an_untied_classifier_is_from_the_embedding(tmp_path
 def test_cli_refuses_a_bad_tau_in_one_line(trained_run, sharpness_cli):
   result = sharpness_cli(f"--workdirs={trained_run[0]}", "--taus=0")
   assert result.returncode == 2
-  assert result.stderr.strip().splitlines() == ["error: --taus=0: every τ must be positive"]
+  assert result.stderr.strip().splitlines() == [
+      "error: --taus=0: every τ must be finite and positive"]
+  result = sharpness_cli(f"--workdirs={trained_run[0]}", "--output=/dev/null/x")
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [
+      "error: cannot write the folder of --output /dev/null: /dev/null is not a directory"]

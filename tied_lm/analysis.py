@@ -17,6 +17,7 @@ distribution ỹ = softmax(L[y] Lᵀ / τ) is from uniform for an embedding L.
 """
 
 import functools
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -39,11 +40,13 @@ def subspace_distance(a: np.ndarray, b: np.ndarray) -> float:
   With orthonormal bases Q_a, Q_b of the two spaces,
   d = sqrt(1 - ||Q_aᵀ Q_b||_F² / min(K, M)): 0 when one space contains the
   other, 1 when they are orthogonal. Two random K-dimensional subspaces of R^N
-  are at about sqrt(1 - K / N).
+  are at about sqrt(1 - K / N). NaN if either matrix is not finite.
   """
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[0]:
     raise ValueError(f"need [N, K] and [N, M] matrices, got {a.shape} and {b.shape}")
+  if not (np.isfinite(a).all() and np.isfinite(b).all()):
+    return math.nan  # a diverged W: max(0, 1 - nan) would read as distance 0, a perfect tie
   basis_a, basis_b = np.linalg.qr(a)[0], np.linalg.qr(b)[0]
   overlap = np.sum((basis_a.T @ basis_b) ** 2) / min(a.shape[1], b.shape[1])
   return float(np.sqrt(max(0.0, 1.0 - overlap)))

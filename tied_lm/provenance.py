@@ -13,7 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from tied_lm.fileio import atomic_write
+from tied_lm.errors import UserError
+from tied_lm.fileio import atomic_write, check_writable_directory
 
 # The checkout holding this package (an installed copy has no git: commit "unknown").
 # The experiments use it as their checkout too: `python -m experiments.X` runs from a
@@ -129,10 +130,27 @@ def write_json(path: Path, results: dict) -> None:
   atomic_write(path, json.dumps(results, indent=2) + "\n")
 
 
+def output_prefix(value: str) -> Path:
+  """An --output PREFIX of PREFIX.json, .md, ...: refused in one line, before any work,
+  if empty, a folder, or in a folder that cannot be written."""
+  if not value.strip() or value.endswith(os.sep):
+    raise UserError(f"--output={value!r} must be a file prefix, e.g. experiments/results/NAME")
+  prefix = Path(value).expanduser()
+  if prefix.is_dir():
+    raise UserError(f"--output={value}: {prefix} is a folder; name a file prefix in it")
+  check_writable_directory(prefix.parent, "the folder of --output")
+  return prefix
+
+
+def with_extension(prefix: Path, extension: str) -> Path:
+  """PREFIX + extension: unlike Path.with_suffix, keeps a dot in the prefix (tau0.5)."""
+  return prefix.parent / (prefix.name + extension)
+
+
 def write_results(prefix: Path, results: dict, markdown: str) -> None:
   """PREFIX.json (the results) and PREFIX.md (their table), each written atomically."""
-  write_json(prefix.with_suffix(".json"), results)
-  atomic_write(prefix.with_suffix(".md"), markdown)
+  write_json(with_extension(prefix, ".json"), results)
+  atomic_write(with_extension(prefix, ".md"), markdown)
 
 
 def record_launch(
