@@ -173,29 +173,31 @@ def test_download_writes_verified_ptb_files(tmp_path, monkeypatch):
   )  # no temporary files left behind
 
 
-def test_download_unpacks_the_wikitext2_archive(tmp_path, monkeypatch):
+def wikitext2_archive() -> bytes:
+  """The three WikiText-2 files zipped as the public archive holds them."""
   archive = io.BytesIO()
   with zipfile.ZipFile(archive, "w") as z:
     for split in data.SPLITS:
       name = f"wiki.{split}.tokens"
       z.writestr(f"wikitext-2/{name}", (SHARED / "wikitext-2" / name).read_bytes())
-  monkeypatch.setattr(data, "_download", lambda url: archive.getvalue())
+  return archive.getvalue()
+
+
+def test_download_unpacks_the_wikitext2_archive(tmp_path, monkeypatch):
+  archive = wikitext2_archive()
+  monkeypatch.setattr(data, "_download", lambda url: archive)
   corpus = data.load_corpus("wikitext2", str(tmp_path))
   assert len(corpus.valid) == 217_646
 
 
 def test_a_download_cut_short_tries_the_next_mirror(tmp_path, monkeypatch):
-  archive = io.BytesIO()
-  with zipfile.ZipFile(archive, "w") as z:
-    for split in data.SPLITS:
-      name = f"wiki.{split}.tokens"
-      z.writestr(f"wikitext-2/{name}", (SHARED / "wikitext-2" / name).read_bytes())
-  first, second = data.SOURCES["wikitext2"].urls[:2]
+  archive = wikitext2_archive()
+  first = data.SOURCES["wikitext2"].urls[0]
 
   def download(url):
     if url == first:  # the server closed the connection before the end of the body
       raise http.client.IncompleteRead(b"PK", 1000)
-    return archive.getvalue()
+    return archive
 
   monkeypatch.setattr(data, "_download", download)
   assert len(data.load_corpus("wikitext2", str(tmp_path)).valid) == 217_646
