@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
-from tied_lm import data, errors, fileio, hostmem, models, provenance, train
+from tied_lm import data, errors, hostmem, models, provenance, train
 from tied_lm.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -516,12 +516,9 @@ def timed_configs(
 
 def output_path(default_name: str) -> Path:
   """--output, or experiments/results/`default_name`; refused before any timing if unwritable."""
-  output = (Path(FLAGS.output).expanduser() if FLAGS.output.strip()
-            else REPO / "experiments/results" / default_name)
-  if output.is_dir():
-    raise UserError(f"--output={output} is a directory: name a JSON file")
-  fileio.check_writable_directory(output.parent, "the folder of --output")
-  return output
+  if FLAGS.output.strip():
+    return provenance.output_file(FLAGS.output, "a JSON file")
+  return REPO / "experiments/results" / default_name
 
 
 @errors.command

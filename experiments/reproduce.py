@@ -96,7 +96,8 @@ def define_flags() -> None:
   flags.DEFINE_bool("rescore", False, "Score finished runs on valid and test at batch 1.")
   flags.DEFINE_string("results_dir", str(provenance.REPO / "experiments/results"),
                       "Where the per-run JSON, TABLE.md and the PNGs go.")
-  flags.mark_flag_as_required("root")
+  for name in ("root", "results_dir"):
+    errors.require_name(name, "a directory")
 
 
 def run_name(dataset: str, size: str, variant: str, tag: str = "") -> str:
@@ -551,9 +552,6 @@ def main(argv: list[str]) -> None:
                       f"{', '.join(allowed)}")
   if FLAGS.parallel < 1:
     raise UserError(f"--parallel={FLAGS.parallel} must be at least 1")
-  for name in ("root", "results_dir"):
-    if not FLAGS[name].value.strip():
-      raise UserError(f"--{name} is empty: name a directory")
   root = Path(FLAGS.root).expanduser().resolve()
   results_dir = Path(FLAGS.results_dir).expanduser().resolve()
   # Checked before any training: a bad results_dir would otherwise fail after the grid.

@@ -124,7 +124,7 @@ def test_time_runner_counts_the_pages_a_step_maps_in():
      "than the 10 each timed call runs"),
     ("profile_step", ["--eval_batch_size=1000"], "--eval_batch_size=1000 needs 200,001 "
      "validation tokens for 10 windows per timed call; the split has 73,760"),
-    ("benchmark", ["--output={tmp_path}"], "is a directory: name a JSON file"),
+    ("benchmark", ["--output={tmp_path}"], "is a folder; name a JSON file in it"),
     ("profile_step", ["--output=/dev/null/x.json"], "cannot write the folder of --output "
      "/dev/null: /dev/null is not a directory"),
 ])

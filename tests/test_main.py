@@ -44,7 +44,7 @@ def run_main(*args, tmp_path, env: dict[str, str] | None = None):
          "config argument 'small,tied' must be SIZE,VARIANT"),
         (["--config=configs/ptb.py:small,real", "--config.num_epochs=2", "--config.loss.tua=3"],
          "unknown config field in --config.loss.tua"),
-        (["--config=configs/default.py", "--workdir="], "--workdir is empty"),
+        (["--config=configs/default.py", "--workdir="], "--workdir=: is empty: name the run"),
         (["--config=configs/default.py", "extra"], "unexpected arguments: extra"),
         (["--config=configs/default.py", "--config.batch_size=3"],
          "batch_size=3 is not divisible by the 2 devices"),

@@ -251,8 +251,8 @@ def test_bad_grid_is_a_one_line_error(tmp_path, harness):
      "repeated in --datasets, --sizes, --variants or a --sweep"),
     (["--variants=al", "--sweep=loss.tau=5,5"], "the grid names ptb_small_al_tau5 more than "
      "once"),
-    (["--root="], "--root is empty: name a directory"),
-    (["--results_dir= "], "--results_dir is empty: name a directory"),
+    (["--root="], "flag --root=: is empty: name a directory"),
+    (["--results_dir= "], "flag --results_dir= : is empty: name a directory"),
     (["--results_dir={file}"], "cannot write --results_dir {file}: {file} is not a directory"),
     (["--root={file}/runs"], "cannot write --root {file}/runs: {file} is not a directory"),
 ])

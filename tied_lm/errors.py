@@ -71,6 +71,15 @@ def require_values(*names: str) -> None:
     flags.register_validator(name, bool, message="needs at least one value")
 
 
+def require_name(name: str, what: str) -> None:
+  """A string flag that names something (a folder, a file): required unless it has a
+  default, and refused at parse time, in one line, when blank."""
+  if flags.FLAGS[name].default is None:
+    flags.mark_flag_as_required(name)
+  flags.register_validator(name, lambda value: value is None or bool(value.strip()),
+                           message=f"is empty: name {what}")
+
+
 def no_positional_arguments(argv: list[str]) -> None:
   """For commands driven by flags alone: anything else on the line is bad input."""
   if len(argv) > 1:

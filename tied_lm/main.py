@@ -26,7 +26,8 @@ flags.DEFINE_bool(
     "multihost", False,
     "Call jax.distributed.initialize() (implied by JAX_COORDINATOR_ADDRESS in the environment).",
 )
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flag_as_required("config")
+errors.require_name("workdir", "the run's directory")
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -81,8 +82,6 @@ def initialize_multihost() -> None:
 @errors.command
 def main(argv: list[str]) -> None:
   errors.no_positional_arguments(argv)
-  if not FLAGS.workdir.strip():
-    raise errors.UserError("--workdir is empty: name the run's directory")
   # JAX loads here, after the flags are parsed and checked: --help and a bad flag or
   # config file answer in well under a second, not the 4 s that importing JAX takes.
   from tied_lm import provenance, train

@@ -135,11 +135,17 @@ def output_prefix(value: str) -> Path:
   if empty, a folder, or in a folder that cannot be written."""
   if not value.strip() or value.endswith(os.sep):
     raise UserError(f"--output={value!r} must be a file prefix, e.g. experiments/results/NAME")
-  prefix = Path(value).expanduser()
-  if prefix.is_dir():
-    raise UserError(f"--output={value}: {prefix} is a folder; name a file prefix in it")
-  check_writable_directory(prefix.parent, "the folder of --output")
-  return prefix
+  return output_file(value, "a file prefix")
+
+
+def output_file(value: str, what: str) -> Path:
+  """--output=`value`, a file or file prefix (`what`, for the message): refused in one
+  line, before any work, if a folder or in a folder that cannot be written."""
+  path = Path(value).expanduser()
+  if path.is_dir():
+    raise UserError(f"--output={value}: {path} is a folder; name {what} in it")
+  check_writable_directory(path.parent, "the folder of --output")
+  return path
 
 
 def with_extension(prefix: Path, extension: str) -> Path:
