@@ -87,6 +87,9 @@ def test_average_probabilities_and_top_next_words_match_a_direct_softmax():
   expected = np.argsort(-last)[:3]
   assert [word for word, _ in top] == [vocab[i] for i in expected]
   np.testing.assert_allclose([p for _, p in top], last[expected], rtol=1e-5)
+  # A bfloat16-trained model's lists are computed in float32, as its perplexity is.
+  bfloat16_model = model.clone(compute_dtype="bfloat16")
+  assert analysis.top_next_words(bfloat16_model, params, vocab, list(ids[:6]), k=3) == top
 
 
 @pytest.mark.parametrize("chunk_size", [2, 4096])

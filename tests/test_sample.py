@@ -68,3 +68,19 @@ def test_a_nan_temperature_and_a_negative_length_are_refused(trained_run):
     sample.generate(run, "the", 5, float("nan"), 0, 0)
   with pytest.raises(UserError, match="num_words=-3 must be >= 0"):
     sample.generate(run, "the", -3, 1.0, 0, 0)
+
+
+def test_a_bfloat16_trained_run_samples_from_its_float32_logits(trained_run, monkeypatch):
+  run = train.load_trained(trained_run[0])
+  bfloat16_run = run._replace(model=run.model.clone(compute_dtype="bfloat16"))
+  dtypes = []
+  original = sample.next_word_logits
+
+  def spy(params, token, carry, *, model):
+    dtypes.append(model.compute_dtype)
+    return original(params, token, carry, model=model)
+
+  monkeypatch.setattr(sample, "next_word_logits", spy)
+  words = sample.generate(bfloat16_run, "the company", 5, 1.0, 0, 3)
+  assert dtypes == ["float32"] * 7
+  assert words == sample.generate(run, "the company", 5, 1.0, 0, 3)

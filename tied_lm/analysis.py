@@ -184,7 +184,9 @@ def top_next_words(
     model: models.LSTMLanguageModel, params: Any, vocab: tuple[str, ...], prompt_ids: list[int],
     k: int = 10,
 ) -> list[tuple[str, float]]:
-  """The k most likely next words after the prompt, with their probabilities."""
+  """The k most likely next words after the prompt, with their probabilities (float32,
+  as evaluation computes them, whatever the training precision)."""
+  model = model.for_evaluation(len(prompt_ids))
   carry = model.initial_carry(1)
   logits, _ = model.apply(
       {"params": params}, jnp.asarray(prompt_ids, jnp.int32)[None], carry, deterministic=True)

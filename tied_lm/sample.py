@@ -78,15 +78,17 @@ def generate(
     raise UserError(f"num_words={num_words} must be >= 0")
   if not 0 <= top_k <= run.corpus.vocab_size:
     raise UserError(f"top_k={top_k} must be in [0, {run.corpus.vocab_size}]")
-  carry = run.model.initial_carry(1)
+  # float32, as evaluation scores the model, whatever the training precision.
+  model = run.model.for_evaluation(1)
+  carry = model.initial_carry(1)
   for token in encode_prompt(prompt, run.corpus.vocab):
-    logits, carry = next_word_logits(run.params, jnp.int32(token), carry, model=run.model)
+    logits, carry = next_word_logits(run.params, jnp.int32(token), carry, model=model)
   words, key = [], jax.random.key(seed)
   for _ in range(num_words):
     key, subkey = jax.random.split(key)
     token = sample_word(subkey, logits, temperature, top_k)
     words.append(run.corpus.vocab[int(token)])
-    logits, carry = next_word_logits(run.params, token, carry, model=run.model)
+    logits, carry = next_word_logits(run.params, token, carry, model=model)
   return words
 
 
