@@ -72,6 +72,17 @@ def test_every_command_reports_bad_flags_in_one_line_with_status_2(command, run_
   assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
 
 
+@pytest.mark.parametrize("module, extra", [
+    ("tied_lm.evaluate", []), ("tied_lm.sample", []), ("tied_lm.neighbors", ["--words=a"]),
+])
+def test_a_blank_workdir_is_named_as_such(module, extra, run_module):
+  # Without the check, " " read as the current folder: "is not a tied_lm run".
+  result = run_module(module, "--workdir= ", *extra, timeout=120)
+  assert result.returncode == 2
+  assert result.stderr.strip() == (
+      "error: flag --workdir= : is empty: name a run directory of tied_lm.main")
+
+
 @pytest.mark.parametrize("command", [
     ["experiments.target_sharpness", "--help"],
     ["experiments.predictions", "--help"],

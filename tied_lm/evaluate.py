@@ -23,7 +23,7 @@ def define_flags() -> None:
   flags.DEFINE_enum("split", "test", ["train", "valid", "test"], "Which split to score.")
   flags.DEFINE_integer("eval_batch_size", None, "Rows scored in parallel (default: the run's).",
                        lower_bound=1)
-  flags.mark_flag_as_required("workdir")
+  errors.require_name("workdir", "a run directory of tied_lm.main")
 
 
 @errors.command

@@ -23,7 +23,7 @@ def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "A run directory of tied_lm.main.")
   flags.DEFINE_list("words", None, "Words to look up, comma-separated.")
   flags.DEFINE_integer("k", 10, "Neighbours per word.")
-  flags.mark_flag_as_required("workdir")
+  errors.require_name("workdir", "a run directory of tied_lm.main")
   errors.require_values("words")
 
 

@@ -32,7 +32,7 @@ def define_flags() -> None:
   flags.DEFINE_float("temperature", 1.0, "Softmax temperature (> 0); lower is more conservative.")
   flags.DEFINE_integer("top_k", 0, "Sample among the k most likely words only (0: all).")
   flags.DEFINE_integer("seed", 0, "Random seed.")
-  flags.mark_flag_as_required("workdir")
+  errors.require_name("workdir", "a run directory of tied_lm.main")
 
 
 @functools.partial(jax.jit, static_argnames="model")
