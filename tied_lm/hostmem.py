@@ -1,11 +1,11 @@
 """Host memory: glibc malloc settings under which XLA:CPU reuses its step buffers.
 
-XLA:CPU allocates each step's temporaries (about 100 MB for the small PTB
-model's train step, 172 MB for medium's) with malloc from its worker threads.
+XLA:CPU allocates each step's temporaries with malloc from its worker threads.
 glibc gives such a thread its own arena, whose heaps are at most 64 MB, so a
 larger block falls back to mmap and is unmapped again when freed: every step
-then page-faults its temporaries in anew (42,000 minor faults and about 100 ms
-of system time per medium step on a 2-core AMD EPYC). With one arena, no mmap
+then page-faults its temporaries in anew (42,092 minor faults per medium step
+on a 2-core AMD EPYC: `minor_faults_per_step` in
+experiments/results/benchmark_cpu_amd_glibc_defaults.json). With one arena, no mmap
 and no trimming, freed blocks stay in the process and the next step reuses
 them. The numbers computed do not change; the process keeps its peak heap.
 """

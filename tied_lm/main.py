@@ -4,8 +4,8 @@ Any config field can be overridden, e.g. --config.loss.tau=5; unknown fields
 are rejected.
 
 Several processes (hosts) train one model with JAX's own multi-host runtime:
-pass --multihost, or set JAX_COORDINATOR_ADDRESS (with JAX_NUM_PROCESSES and
-JAX_PROCESS_ID where no cluster manager provides them). Every process runs the
+pass --multihost, or set JAX_COORDINATOR_ADDRESS (JAX_NUM_PROCESSES and
+JAX_PROCESS_ID, when set, override what a cluster manager says). Every process runs the
 same command on the same workdir; each feeds its own rows of the batch, and
 only process 0 writes metrics and checkpoints.
 """
