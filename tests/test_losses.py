@@ -260,3 +260,17 @@ def test_targets_that_do_not_match_the_logits_are_refused_not_paired_wrongly():
       losses.cross_entropy_and_kl(logits, targets, embedding, 2.0)
     with pytest.raises(ValueError, match=r"need \(2, 3\)"):
       losses.augmented_loss(logits, targets, embedding, 2.0)
+
+
+@pytest.mark.parametrize("tau", [-2.0, 0.0, float("nan")])
+def test_a_temperature_that_is_not_positive_gives_nan_not_a_plausible_number(inputs, tau):
+  logits, targets, embedding = inputs
+  assert np.isnan(losses.target_distribution(embedding, targets, tau)).all()
+  assert np.isnan(losses.augmented_loss(logits, targets, embedding, tau)).all()
+  cross_entropy, kl = losses.cross_entropy_and_kl(logits, targets, embedding, tau)
+  assert np.isnan(kl).all()
+  # The cross-entropy has no temperature, so it stays right.
+  np.testing.assert_allclose(cross_entropy, losses.cross_entropy(logits, targets), rtol=1e-6)
+  # A positive τ is untouched (the NumPy reference of the tests above).
+  np.testing.assert_allclose(losses.augmented_loss(logits, targets, embedding, 2.0),
+                             np_kl(logits, targets, embedding, 2.0), rtol=1e-5)

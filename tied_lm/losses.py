@@ -54,6 +54,12 @@ def _target_log_distribution(
   return jax.nn.log_softmax(_target_scores(embedding, targets) / tau, axis=-1)
 
 
+def _nan_unless_positive(values: jax.Array, tau: float | jax.Array) -> jax.Array:
+  # τ is traced, so a bad one cannot raise inside jit. A negative τ would flip both
+  # distributions and give a plausible number; NaN says the input was bad instead.
+  return jnp.where(jnp.asarray(tau) > 0, values, jnp.nan)
+
+
 @jax.jit
 def target_distribution(
     embedding: jax.Array, targets: jax.Array, tau: float
@@ -63,12 +69,12 @@ def target_distribution(
   Args:
     embedding: [V, E] the input embedding matrix L.
     targets: [...] integer word ids y in [0, V).
-    tau: temperature τ > 0.
+    tau: temperature τ > 0 (otherwise every value is NaN).
 
   Returns:
     [..., V] float32 probabilities; each row sums to one.
   """
-  return jnp.exp(_target_log_distribution(embedding, targets, tau))
+  return _nan_unless_positive(jnp.exp(_target_log_distribution(embedding, targets, tau)), tau)
 
 
 AUGMENTED_FORMS = ("kl", "cross_entropy")
@@ -107,7 +113,7 @@ def augmented_loss(
     logits: [..., V] bias-free logits z = W h (eq. 3.1 uses no output bias).
     targets: [...] integer word ids y in [0, V).
     embedding: [V, E] the input embedding matrix L that defines ỹ.
-    tau: temperature τ > 0.
+    tau: temperature τ > 0 (otherwise every value is NaN).
     stop_gradient_target: if True, ỹ is a constant and L gets no gradient
       through it. The paper's default (False) lets gradient flow into L.
     form: "kl", the paper's KL(ỹ ‖ ŷ); or "cross_entropy", H(ỹ, ŷ) =
@@ -125,8 +131,10 @@ def augmented_loss(
     log_target = jax.lax.stop_gradient(log_target)
   log_model = jax.nn.log_softmax(_at_least_float32(logits) / tau, axis=-1)
   if form == "cross_entropy":
-    return -jnp.sum(jnp.exp(log_target) * log_model, axis=-1)
-  return jnp.sum(jnp.exp(log_target) * (log_target - log_model), axis=-1)
+    loss = -jnp.sum(jnp.exp(log_target) * log_model, axis=-1)
+  else:
+    loss = jnp.sum(jnp.exp(log_target) * (log_target - log_model), axis=-1)
+  return _nan_unless_positive(loss, tau)
 
 
 @functools.partial(
@@ -160,7 +168,7 @@ def cross_entropy_and_kl(
     targets: [...] integer word ids in [0, V) (a negative id is not padding: it wraps
       around to a word).
     embedding: [V, E] the input embedding L (ignored unless `augmented`).
-    tau: temperature τ > 0.
+    tau: temperature τ > 0 (otherwise every kl is NaN).
     output_bias: [V] or None; enters the cross-entropy only (eq. 3.1).
     augmented: if False the KL is zeros and costs nothing.
     stop_gradient_target: if True, ỹ is a constant.
@@ -202,7 +210,7 @@ def cross_entropy_and_kl(
     word_scores = jax.lax.stop_gradient(word_scores)
   cross_entropy, kl = _fused_cross_entropy_and_kl(
       logits, bias, word_scores, word_of_token, targets, tau, form)
-  return cross_entropy.reshape(batch_shape), kl.reshape(batch_shape)
+  return cross_entropy.reshape(batch_shape), _nan_unless_positive(kl, tau).reshape(batch_shape)
 
 
 # How the fused passes are written for XLA:CPU. Each row reduction over an [N, V]
