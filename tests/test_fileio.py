@@ -1,8 +1,12 @@
-"""tied_lm.fileio: atomic writes."""
+"""tied_lm.fileio: atomic writes, run directories."""
 
 import os
 import stat
 
+import pytest
+
+from tied_lm import fileio
+from tied_lm.errors import UserError
 from tied_lm.fileio import atomic_write
 
 
@@ -19,3 +23,25 @@ def test_atomic_write_replaces_the_file_with_ordinary_permissions(tmp_path):
   assert (tmp_path / "bytes.bin").read_bytes() == b"\x00\x01"
   assert stat.S_IMODE(path.stat().st_mode) == 0o644  # not mkstemp's 0o600
   assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp left
+
+
+def test_a_run_directory_is_made_or_refused_in_one_line(tmp_path):
+  run = tmp_path / "a" / "run"
+  fileio.make_run_directory(run)
+  assert run.is_dir()
+  fileio.make_run_directory(run)  # again: nothing to do
+  (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+  with pytest.raises(UserError, match=r"the workdir .*dangling is a broken symbolic link"):
+    fileio.make_run_directory(tmp_path / "dangling")
+  (tmp_path / "file").write_text("")
+  with pytest.raises(UserError, match=r"cannot make the workdir .*file/run: "):
+    fileio.make_run_directory(tmp_path / "file" / "run")
+  # Entries of the wrong kind would fail later, deep in training.
+  (run / "metrics.jsonl").mkdir()
+  with pytest.raises(UserError, match=r"run/metrics.jsonl is a folder, where a run keeps its "
+                     r"file metrics.jsonl: move it away or use another --workdir"):
+    fileio.make_run_directory(run)
+  (run / "metrics.jsonl").rmdir()
+  (run / "checkpoints").write_text("")
+  with pytest.raises(UserError, match=r"run/checkpoints is a file, where a run keeps its folder"):
+    fileio.make_run_directory(run)

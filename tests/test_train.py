@@ -233,6 +233,14 @@ def test_evaluation_with_batch_one_equals_scoring_the_whole_stream_at_once():
         ("model.lstm_implementation", "cuda", "model.lstm_implementation='cuda' must be"),
         ("model.lstm_implementation", "cudnn",
          "model.lstm_implementation='cudnn' needs an NVIDIA GPU .* devices are cpu"),
+        # inf passes "> 0": an infinite learning rate saved an infinite state.
+        ("optim.learning_rate", float("inf"), "optim.learning_rate=inf must be finite"),
+        ("optim.clip_norm", float("inf"), "optim.clip_norm=inf must be finite"),
+        ("loss.tau", float("inf"), "loss.tau=inf must be finite"),
+        ("loss.gamma", float("inf"), "loss.gamma=inf must be finite"),
+        ("model.init_scale", float("inf"), "model.init_scale=inf must be finite"),
+        ("seed", 2**63 - 1, r"seed=9223372036854775807 must be in \[0, 2\*\*63 - 1\)"),
+        ("seed", -1, r"seed=-1 must be in \[0, 2\*\*63 - 1\)"),
     ],
 )
 def test_bad_configs_are_refused_with_a_clear_message(field, value, message):
@@ -459,6 +467,47 @@ def test_non_finite_loss_stops_the_run_and_names_the_kept_checkpoint(tmp_path):
       r"--config.on_nonfinite=skip skips such steps instead")):
     train.train_and_evaluate(config, str(tmp_path / "run"))
   assert len(reporting.read_records(tmp_path / "run", "epoch")) == 1
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+def test_an_update_that_overflows_is_never_checkpointed(tmp_path):
+  # A finite loss and gradient, but 1e39 is inf in float32: the update is not finite.
+  write_tiny_corpus(tmp_path / "corpus")
+  config = tiny_run_config(tmp_path / "corpus", 1)
+  config.optim.learning_rate, config.checkpoint_every_steps = 1e39, 1
+  with pytest.raises(train.NonFiniteError, match=(
+      r"the parameters after step 1 are not finite \(an update overflowed: is the learning "
+      r"rate too large\?\); no checkpoint was written")):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not [d for d in (tmp_path / "run/checkpoints").iterdir() if d.name.isdigit()]
+
+
+def test_an_evaluation_batch_larger_than_a_split_is_refused_before_training(tmp_path):
+  write_tiny_corpus(tmp_path / "corpus")  # 40 lines of 8 words and <eos>: 360 tokens
+  config = tiny_run_config(tmp_path / "corpus", 1)
+  config.eval_batch_size = 360
+  with pytest.raises(train.ConfigError, match=(
+      "eval_batch_size=360 exceeds the 359 targets of the smaller evaluation split")):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
+def test_a_resume_on_another_vocabulary_is_refused_and_leaves_the_run_as_it_was(tmp_path):
+  write_tiny_corpus(tmp_path / "corpus")
+  run = tmp_path / "run"
+  train.train_and_evaluate(tiny_run_config(tmp_path / "corpus", 1), str(run))
+  saved = {name: (run / name).read_bytes() for name in ("config.json", "results.json")}
+  # The same words with two of them renamed: same vocabulary size, so same shapes.
+  other = tmp_path / "other"
+  other.mkdir()
+  for split in ("train", "valid", "test"):
+    text = (tmp_path / "corpus" / f"{split}.txt").read_text()
+    (other / f"{split}.txt").write_text(re.sub(r"\bw([12])\b", r"v\1", text))
+  with pytest.raises(train.ConfigError, match=(
+      "the workdir's checkpoints were trained on another vocabulary than the corpus of "
+      "dataset='text', data_dir=.*other' gives now")):
+    train.train_and_evaluate(tiny_run_config(other, 2), str(run))
+  assert {name: (run / name).read_bytes() for name in saved} == saved
 
 
 def test_a_torn_checkpoint_is_set_aside_the_previous_one_used_and_tmp_saves_removed(

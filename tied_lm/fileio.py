@@ -51,6 +51,31 @@ def check_writable_directory(directory: Path, what: str) -> None:
     )
 
 
+# What a run directory holds, by kind: a stray file or folder under one of these
+# names would otherwise fail deep in training (orbax, TensorBoard, the lock).
+RUN_DIRECTORY_LAYOUT = {
+    "checkpoints": "folder", "tensorboard": "folder", "lock": "file", "config.json": "file",
+    "metrics.jsonl": "file", "results.json": "file", "launches.jsonl": "file",
+}
+
+
+def make_run_directory(directory: Path) -> None:
+  """Makes a run directory (and its parents) if need be, and refuses one whose entries are
+  of the wrong kind (a folder named metrics.jsonl, a file named checkpoints), in one line."""
+  if directory.is_symlink() and not directory.exists():
+    raise UserError(f"the workdir {directory} is a broken symbolic link (to "
+                    f"{os.readlink(directory)})")
+  try:
+    directory.mkdir(parents=True, exist_ok=True)
+  except OSError as error:
+    raise UserError(f"cannot make the workdir {directory}: {error.strerror or error}") from None
+  for name, kind in RUN_DIRECTORY_LAYOUT.items():
+    path = directory / name
+    if path.exists() and path.is_dir() != (kind == "folder"):
+      raise UserError(f"{path} is a {'folder' if path.is_dir() else 'file'}, where a run "
+                      f"keeps its {kind} {name}: move it away or use another --workdir")
+
+
 def lock_directory(directory: Path) -> IO[str]:
   """Takes `directory`'s lock (the file `lock` in it) for as long as the returned file is open.
 

@@ -5,6 +5,7 @@ the same workdir resumes from the last checkpoint.
 """
 
 import functools
+import hashlib
 import json
 import math
 import signal
@@ -99,6 +100,15 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
   for name in ("input_dropout", "hidden_dropout", "output_dropout"):
     rate = config.model[name]
     checks.append((0 <= rate < 1, f"model.{name}={rate} is a drop probability in [0, 1)"))
+  # inf passes the comparisons above; an infinite learning rate, say, makes the first
+  # update infinite while its loss is still finite.
+  for field in ("model.init_scale", "loss.tau", "loss.gamma", "optim.learning_rate",
+                "optim.clip_norm"):
+    section, name = field.split(".")
+    value = config[section][name]
+    checks.append((math.isfinite(value), f"{field}={value} must be finite"))
+  # seed + 1 keys the dropout: both must fit in 64 bits.
+  checks.append((0 <= config.seed < 2**63 - 1, f"seed={config.seed} must be in [0, 2**63 - 1)"))
   m = config.model
   checks.append((
       not m.tie_embeddings or m.hidden_size == m.embed_dim or m.output_projection,
@@ -377,6 +387,11 @@ FIXED_FIELDS = (
     "model.num_layers", "model.tie_embeddings", "model.output_bias", "model.output_projection",
     "num_steps", "max_steps_per_epoch", "eval_batch_size",
 )
+
+
+def vocab_digest(vocab: tuple[str, ...]) -> str:
+  """SHA-256 of the words in id order: a resumed run must map ids to the same words."""
+  return hashlib.sha256("\n".join(vocab).encode("utf-8")).hexdigest()
 
 
 class NonFiniteError(UserError):
@@ -689,8 +704,13 @@ def train_and_evaluate(
   workdir = Path(workdir).expanduser()
   fileio.check_writable_directory(workdir, "the workdir")
   corpus = data.load_corpus(config.dataset, config.data_dir, config.max_vocab_size)
+  scored = min(len(corpus.valid), len(corpus.test)) - 1
+  if config.eval_batch_size > scored:
+    raise ConfigError(
+        f"eval_batch_size={config.eval_batch_size} exceeds the {scored:,} targets of the "
+        "smaller evaluation split: each row needs at least one")
   inputs, targets = data.train_windows(corpus.train, config.batch_size, config.num_steps)
-  workdir.mkdir(parents=True, exist_ok=True)
+  fileio.make_run_directory(workdir)
   # Process 0 speaks for all: the others of a multi-process run share its workdir.
   lock = fileio.lock_directory(workdir) if jax.process_index() == 0 else None
   try:
@@ -749,15 +769,24 @@ def _train_and_evaluate(
       "best_valid_perplexity": None,
       "records": [],  # what metrics.jsonl holds, see tied_lm.reporting
       "config": config.to_dict(),
+      "vocab_digest": vocab_digest(corpus.vocab),
   }
-  restored = checkpoints.restore_latest(
-      arrays, lambda saved: check_fixed_fields(config, saved.get("config", {}))
-  )
+
+  def check_same_run(saved: dict[str, Any]) -> None:
+    check_fixed_fields(config, saved.get("config", {}))
+    # Checkpoints from before the digest was saved are not checked.
+    if saved.get("vocab_digest", meta["vocab_digest"]) != meta["vocab_digest"]:
+      raise ConfigError(
+          f"the workdir's checkpoints were trained on another vocabulary than the corpus of "
+          f"dataset={config.dataset!r}, data_dir={config.data_dir!r} gives now (its words "
+          "or their ids differ); use the corpus they were trained on, or a new --workdir")
+
+  restored = checkpoints.restore_latest(arrays, check_same_run)
   carry = zero_carry()
   restored_step = None
   if restored is not None:
-    restored_step, arrays, meta = restored
-    meta["config"] = config.to_dict()
+    restored_step, arrays, restored_meta = restored
+    meta.update(restored_meta, config=config.to_dict())
     state = arrays["state"]
     if meta["step_in_epoch"]:
       carry = _local_carry(arrays["carry"], like=carry)
@@ -793,7 +822,17 @@ def _train_and_evaluate(
   def save(epoch_done: int, step_in_epoch: int, state, carry) -> int:
     """Checkpoints the replicated state and carry after this many steps; returns the step."""
     step = epoch_done * steps_per_epoch + step_in_epoch
-    arrays["state"] = to_numpy(first_replica(state))
+    host_state = to_numpy(first_replica(state))
+    if not all(np.isfinite(x).all() for x in jax.tree.leaves(host_state.params)):
+      # Finite losses and gradients can still give an overflowing update; such a
+      # state must not replace the last good checkpoint.
+      kept = checkpoints.latest_step()
+      raise NonFiniteError(
+          f"the parameters after step {step} are not finite (an update overflowed: is the "
+          "learning rate too large?); "
+          + (f"checkpoint {kept} in {checkpoints.directory} is kept"
+             if kept is not None else "no checkpoint was written"))
+    arrays["state"] = host_state
     arrays["carry"] = _gather_carry(carry)
     meta.update(epoch=epoch_done, step_in_epoch=step_in_epoch)
     checkpoints.save(step, arrays, meta)
