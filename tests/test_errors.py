@@ -20,6 +20,17 @@ def test_command_turns_a_user_error_into_one_line_and_status_2(capsys):
   assert capsys.readouterr().err == "error: bad input in x.txt\n"
 
 
+def test_command_turns_ctrl_c_into_one_line_and_status_130(capsys):
+  @errors.command
+  def main(argv):
+    raise KeyboardInterrupt  # e.g. while JAX compiles, before any step
+
+  with pytest.raises(SystemExit) as exit_info:
+    main(["prog"])
+  assert exit_info.value.code == 130
+  assert capsys.readouterr().err == "stopped by SIGINT (Ctrl-C)\n"
+
+
 def test_command_leaves_other_errors_and_normal_returns_alone(capsys):
   calls = []
 

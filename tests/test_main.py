@@ -66,6 +66,23 @@ def test_bad_input_is_one_line_and_exit_status_2(args, message, tmp_path):
     assert lines[0] == "error: " + message
 
 
+@pytest.mark.parametrize("source,message", [
+    ("def get_config():\n  return undefined_name\n",
+     "line 2: NameError: name 'undefined_name' is not defined"),
+    ("def get_config(:\n", "line 1: SyntaxError: invalid syntax"),
+    ("x = 1\n", "the file defines no get_config()"),
+    ("def get_config():\n  return {'seed': 0}\n",
+     "get_config() returned a dict, not an ml_collections.ConfigDict"),
+])
+def test_a_broken_config_file_is_one_line_naming_it(source, message, tmp_path):
+  config_file = tmp_path / "my_config.py"
+  config_file.write_text(source)
+  result, workdir = run_main(f"--config={config_file}", tmp_path=tmp_path)
+  assert result.returncode == 2
+  assert result.stderr.strip() == f"error: --config={config_file}: {message}", result.stderr
+  assert not workdir.exists()
+
+
 @pytest.mark.parametrize("args", [["--help"], ["--config=configs/default.py", "--workdir=x", "y"],
                                   ["--config=configs/ptbb.py:small,real", "--workdir=x"]])
 def test_help_and_bad_flags_answer_before_jax_is_imported(args, modules_imported_by):

@@ -31,7 +31,8 @@ def fail(message: str) -> NoReturn:
 
 
 def command(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
-  """Wraps a command's `main(argv)` for `app.run`: a UserError it raises is `fail`ed.
+  """Wraps a command's `main(argv)` for `app.run`: a UserError it raises is `fail`ed,
+  a KeyboardInterrupt is one line and status 130.
 
   Other libraries' INFO lines (orbax logs several per checkpoint) are dropped, so that
   stderr holds our progress, their warnings and, on bad input, the one error line.
@@ -44,6 +45,11 @@ def command(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
       main(argv)
     except UserError as error:
       fail(str(error))
+    except KeyboardInterrupt:
+      # Ctrl-C outside a training loop (which saves and reports its own stop): one
+      # line and the shell's status for SIGINT, not a traceback through JAX.
+      print("stopped by SIGINT (Ctrl-C)", file=sys.stderr)
+      sys.exit(130)
 
   return wrapped
 

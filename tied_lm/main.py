@@ -13,7 +13,9 @@ only process 0 writes metrics and checkpoints.
 import os
 import re
 import sys
+import traceback
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -30,11 +32,43 @@ flags.mark_flag_as_required("config")
 errors.require_name("workdir", "the run's directory")
 
 
+def _config_spec(argv: list[str]) -> str | None:
+  """The value of --config in argv (either spelling), or None."""
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _config_file_error(argv: list[str], error: Exception) -> str | None:
+  """One line for an error that the --config file itself raised, else None."""
+  spec = _config_spec(argv)
+  if spec is None:
+    return None
+  path = os.path.realpath(spec.split(":")[0])
+  if isinstance(error, AttributeError) and "get_config" in str(error):
+    return f"--config={spec}: the file defines no get_config()"
+  if isinstance(error, SyntaxError) and os.path.realpath(error.filename or "") == path:
+    return f"--config={spec}: line {error.lineno}: SyntaxError: {error.msg}"
+  lines = [frame.lineno for frame in traceback.extract_tb(error.__traceback__)
+           if os.path.realpath(frame.filename) == path]
+  if not lines:
+    return None
+  return f"--config={spec}: line {lines[-1]}: {type(error).__name__}: {error}"
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """Parses flags, turning config-file and override errors into one line."""
   try:
     remaining = errors.parse_flags(argv)
-  except (AttributeError, KeyError) as e:
+  except Exception as e:  # noqa: BLE001 -- a config file can raise anything; others re-raised
+    message = _config_file_error(argv, e)
+    if message:
+      errors.fail(message)
+    if not isinstance(e, (AttributeError, KeyError)):
+      raise
     # ml_collections raises these for an override of a field the config lacks.
     overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
     # The message starts with the missing key, quoted: name the overrides that use it.
@@ -51,6 +85,9 @@ def parse_flags(argv: list[str]) -> list[str]:
     # first use of the config, which would come after JAX loads, as a traceback.
     reason = re.sub(r"^\[Errno \d+\] ", "", str(e).strip().splitlines()[-1].strip())
     errors.fail(f"--config: {reason}")
+  if not isinstance(FLAGS.config, ml_collections.ConfigDict):
+    errors.fail(f"--config={_config_spec(argv)}: get_config() returned a "
+                f"{type(FLAGS.config).__name__}, not an ml_collections.ConfigDict")
   return remaining
 
 
