@@ -39,7 +39,6 @@ model's best finished run on validation at the default seed, untagged or not:
       --sweep=loss.tau=5,10,20 --sweep=loss.gamma=0.5,0.65,0.8 --parallel=3
 """
 
-import json
 import os
 import re
 import shlex
@@ -235,7 +234,7 @@ def current_batch1(workdir: Path, split: str) -> dict[str, Any] | None:
   path = workdir / f"eval_{split}_batch1.json"
   if not path.is_file():
     return None
-  result = json.loads(path.read_text())
+  result = fileio.read_json(path)
   checkpoints = workdir / "checkpoints"
   steps = [int(d.name) for d in checkpoints.iterdir() if d.name.isdigit()] if (
       checkpoints.is_dir()) else []
@@ -265,10 +264,10 @@ def run_report(workdir: Path) -> dict[str, Any]:
   no test perplexity (scored once, at the end).
   """
   epochs = reporting.read_records(workdir, "epoch")
-  launches = [json.loads(line) for line in (workdir / "launches.jsonl").read_text().splitlines()
-              if line.strip()] if (workdir / "launches.jsonl").is_file() else []
+  launches = fileio.read_json_lines(workdir / "launches.jsonl", appended=True) if (
+      workdir / "launches.jsonl").is_file() else []
   results_file = workdir / "results.json"
-  finished = json.loads(results_file.read_text()) if results_file.is_file() else None
+  finished = fileio.read_json(results_file) if results_file.is_file() else None
   complete = finished is not None
   epochs_completed = finished["epochs_completed"] if finished else epochs[-1]["epoch"]
   # Commit and host of the last launch that trained (a finished run's relaunch only
@@ -280,7 +279,7 @@ def run_report(workdir: Path) -> dict[str, Any]:
     results = finished
   else:
     last = epochs[-1]
-    config = json.loads((workdir / "config.json").read_text())
+    config = fileio.read_json(workdir / "config.json")
     results = {
         "dataset": config["dataset"], "config": config,
         "valid_perplexity": last["best_valid_perplexity"],
@@ -504,8 +503,8 @@ def write_reports(root: Path, results_dir: Path) -> None:
       (p / "metrics.jsonl").is_file() and reporting.read_records(p, "epoch"))):
     report = run_report(workdir)
     output = results_dir / f"{workdir.name}.json"
-    if not report["complete"] and output.is_file() and json.loads(
-        output.read_text()).get("complete", True):
+    if not report["complete"] and output.is_file() and fileio.read_json(
+        output).get("complete", True):
       print(f"kept {output}: a finished run's report, not replaced by {workdir}'s partial one")
       continue
     provenance.write_json(output, report)
@@ -517,9 +516,9 @@ def write_reports(root: Path, results_dir: Path) -> None:
       continue
     model, tag = parsed
     if tag:
-      swept[path.stem] = json.loads(path.read_text())
+      swept[path.stem] = fileio.read_json(path)
     else:
-      reports[model] = json.loads(path.read_text())
+      reports[model] = fileio.read_json(path)
   if swept:
     atomic_write(results_dir / "SWEEP.md", sweep_table(swept, reports))
     print(f"wrote {results_dir / 'SWEEP.md'}")

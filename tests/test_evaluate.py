@@ -63,6 +63,16 @@ def test_a_run_trained_with_cudnn_is_evaluated_with_the_scan_off_gpu(run_copy, e
   assert saved["perplexity"] == pytest.approx(results["test_perplexity"], rel=1e-6)
 
 
+def test_a_damaged_config_json_is_one_line_naming_it(run_copy, evaluate_cli):
+  workdir, _ = run_copy
+  (workdir / "config.json").write_text('{"dataset": "ptb", "mod')  # cut short
+  result = evaluate_cli(f"--workdir={workdir}")
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [
+      f"error: {workdir / 'config.json'} is damaged: not JSON (Unterminated string starting at "
+      "at line 1); restore or remove it"]
+
+
 @pytest.mark.parametrize("make,message", [
     (lambda d: d.mkdir(), "is not a tied_lm run (no config.json)"),
     (lambda d: (d.mkdir(), (d / "config.json").write_text("{}")),

@@ -45,3 +45,23 @@ def test_a_run_directory_is_made_or_refused_in_one_line(tmp_path):
   (run / "checkpoints").write_text("")
   with pytest.raises(UserError, match=r"run/checkpoints is a file, where a run keeps its folder"):
     fileio.make_run_directory(run)
+
+
+def test_damaged_json_is_one_line_naming_the_file_and_a_torn_append_is_skipped(tmp_path):
+  path = tmp_path / "config.json"
+  path.write_text('{"seed": 0')  # cut short
+  with pytest.raises(UserError, match=r"config.json is damaged: not JSON \(.* at line 1\); "
+                     "restore or remove it"):
+    fileio.read_json(path)
+  path.write_text('{"seed": 0}')
+  assert fileio.read_json(path) == {"seed": 0}
+
+  lines = tmp_path / "launches.jsonl"
+  lines.write_text('{"a": 1}\n\n{"a": 2}\n{"a": 3, "comm')  # killed while appending
+  assert fileio.read_json_lines(lines, appended=True) == [{"a": 1}, {"a": 2}]
+  # A file written whole has no excuse for a torn line, nor an appended one in its middle.
+  with pytest.raises(UserError, match=r"launches.jsonl is damaged: line 3 is not JSON"):
+    fileio.read_json_lines(lines)
+  lines.write_text('{"a": 1}\n{"a": 2, \n{"a": 3}\n')
+  with pytest.raises(UserError, match=r"launches.jsonl is damaged: line 2 is not JSON"):
+    fileio.read_json_lines(lines, appended=True)

@@ -83,6 +83,20 @@ def test_a_folder_that_is_not_a_run_is_one_line(tmp_path, make, message, summari
   assert result.stderr.strip().splitlines() == [f"error: {folder} {message}"]
 
 
+def test_a_damaged_metrics_file_is_one_line_naming_it(two_runs, tmp_path, summarize_cli):
+  workdir, _ = two_runs[0]
+  damaged = tmp_path / "damaged"
+  damaged.mkdir()
+  (damaged / "config.json").write_text((workdir / "config.json").read_text())
+  lines = (workdir / "metrics.jsonl").read_text().splitlines()
+  (damaged / "metrics.jsonl").write_text("\n".join([*lines[:2], lines[2][:20]]) + "\n")
+  result = summarize_cli(damaged)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [
+      f"error: {damaged / 'metrics.jsonl'} is damaged: line 3 is not JSON (Unterminated string "
+      "starting at); restore or remove it"]
+
+
 def test_tokens_per_second_is_the_median_that_results_json_reports(two_runs):
   for workdir, results in two_runs:  # two epochs: the median is their mean
     assert summarize.load_run(workdir)["tokens_per_second"] == pytest.approx(

@@ -1,10 +1,12 @@
-"""Files and directories: atomic writes, writability checks and a run directory's lock."""
+"""Files and directories: atomic writes, JSON reads, writability checks and a run
+directory's lock."""
 
 import fcntl
+import json
 import os
 import tempfile
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from tied_lm.errors import UserError
 
@@ -34,6 +36,35 @@ def atomic_write(path: str | os.PathLike, content: str | bytes) -> None:
   except BaseException:
     Path(tmp).unlink(missing_ok=True)
     raise
+
+
+def read_json(path: Path) -> Any:
+  """A JSON file's content; a damaged file is a UserError naming it, not a traceback."""
+  try:
+    return json.loads(Path(path).read_text())
+  except json.JSONDecodeError as error:
+    raise UserError(f"{path} is damaged: not JSON ({error.msg} at line {error.lineno}); "
+                    "restore or remove it") from None
+
+
+def read_json_lines(path: Path, *, appended: bool = False) -> list[Any]:
+  """The objects of a JSON-lines file, one per non-blank line.
+
+  appended: the file grows by appends (launches.jsonl), so a process killed while
+  writing may leave its last line torn; that line is skipped. Any other damaged line,
+  or any in a file written whole (metrics.jsonl), is a UserError naming the file.
+  """
+  lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+  objects = []
+  for number, line in enumerate(lines, 1):
+    try:
+      objects.append(json.loads(line))
+    except json.JSONDecodeError as error:
+      if appended and number == len(lines):
+        break
+      raise UserError(f"{path} is damaged: line {number} is not JSON ({error.msg}); "
+                      "restore or remove it") from None
+  return objects
 
 
 def check_writable_directory(directory: Path, what: str) -> None:

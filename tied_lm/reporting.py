@@ -23,7 +23,7 @@ import ml_collections
 import tqdm
 from absl import logging
 
-from tied_lm.fileio import atomic_write
+from tied_lm.fileio import atomic_write, read_json_lines
 
 # record kind -> {record key: TensorBoard tag}
 SCALARS = {
@@ -190,5 +190,5 @@ def read_records(workdir: Path, kind: str | None = None) -> list[dict[str, Any]]
   path = Path(workdir) / "metrics.jsonl"
   if not path.is_file():
     return []
-  records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  records = read_json_lines(path)
   return [r for r in records if kind is None or r.get("kind", "epoch") == kind]

@@ -9,7 +9,6 @@ epochs so far and no test perplexity. `--plot` needs matplotlib
 (`pip install -e ".[plot]"`).
 """
 
-import json
 import statistics
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from absl import app, flags
 
 from tied_lm import errors, reporting
 from tied_lm.errors import UserError
+from tied_lm.fileio import read_json
 
 FLAGS = flags.FLAGS
 
@@ -57,9 +57,9 @@ def load_run(workdir: Path) -> dict[str, Any]:
   if not workdir.is_dir():
     raise UserError(f"{workdir} is not a directory")
   config_file, results_file = workdir / "config.json", workdir / "results.json"
-  results = json.loads(results_file.read_text()) if results_file.is_file() else None
+  results = read_json(results_file) if results_file.is_file() else None
   if config_file.is_file():
-    config = json.loads(config_file.read_text())
+    config = read_json(config_file)
   elif results is not None:
     config = results["config"]
   else:

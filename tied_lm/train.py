@@ -6,7 +6,6 @@ the same workdir resumes from the last checkpoint.
 
 import functools
 import hashlib
-import json
 import math
 import signal
 import threading
@@ -622,7 +621,7 @@ def load_trained(workdir: str | Path) -> TrainedRun:
         f"{workdir} has no checkpoint yet: training writes the first one after "
         "checkpoint_every_steps steps or one epoch"
     )
-  config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
+  config = ml_collections.ConfigDict(fileio.read_json(config_file))
   if config.model.lstm_implementation == "cudnn" and jax.default_backend() != "gpu":
     # cuDNN runs on NVIDIA GPUs only; the scan computes the same from the same parameters.
     config.model.lstm_implementation = "scan"
