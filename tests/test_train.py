@@ -544,7 +544,9 @@ def test_a_saved_carry_is_split_over_the_devices_in_either_layout():
   np.testing.assert_array_equal(gathered[0][1], rows)  # saved per row again
 
 
-def test_ctrl_c_during_the_test_evaluation_is_one_line_and_a_rerun_tests(tmp_path, monkeypatch):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_the_test_evaluation_is_one_line_and_a_rerun_tests(
+    tmp_path, monkeypatch, signum):
   write_tiny_corpus(tmp_path / "corpus")
   config = tiny_run_config(tmp_path / "corpus", 1)
   evaluate = train.evaluate
@@ -553,7 +555,7 @@ def test_ctrl_c_during_the_test_evaluation_is_one_line_and_a_rerun_tests(tmp_pat
   def evaluate_until_the_test(*args):
     calls.append(args)
     if len(calls) == 2:  # epoch 1's validation, then the test
-      raise KeyboardInterrupt
+      os.kill(os.getpid(), signum)  # SIGTERM's default would end the process silently
     return evaluate(*args)
 
   monkeypatch.setattr(train, "evaluate", evaluate_until_the_test)
@@ -561,14 +563,33 @@ def test_ctrl_c_during_the_test_evaluation_is_one_line_and_a_rerun_tests(tmp_pat
     train.train_and_evaluate(config, str(tmp_path / "run"))
   checkpoints = (tmp_path / "run" / "checkpoints").resolve()
   assert re.fullmatch(
-      rf"stopped by SIGINT during the test evaluation: checkpoint \d+ in "
+      rf"stopped by {signum.name} before the test evaluation ended: checkpoint \d+ in "
       rf"{re.escape(str(checkpoints))} holds every epoch; run the same command again to "
       r"evaluate", str(raised.value))
-  assert raised.value.signum == signal.SIGINT
+  assert raised.value.signum == signum
   assert not (tmp_path / "run" / "results.json").exists()
   monkeypatch.setattr(train, "evaluate", evaluate)
   results = train.train_and_evaluate(config, str(tmp_path / "run"))
   assert results["epochs_completed"] == 1 and results["test_perplexity"] > 1
+  assert len(reporting.read_records(tmp_path / "run", "epoch")) == 1
+
+
+def test_a_signal_in_the_last_epoch_stops_before_the_test(tmp_path, monkeypatch):
+  write_tiny_corpus(tmp_path / "corpus")
+  config = tiny_run_config(tmp_path / "corpus", 1)
+  evaluate, calls = train.evaluate, []
+
+  def evaluate_and_count(*args):
+    calls.append(args)
+    if len(calls) == 1:  # the last epoch's validation: SIGTERM arrives
+      os.kill(os.getpid(), signal.SIGTERM)
+    return evaluate(*args)
+
+  monkeypatch.setattr(train, "evaluate", evaluate_and_count)
+  with pytest.raises(train.Interrupted, match="stopped by SIGTERM before the test evaluation "
+                     "ended: checkpoint .* holds every epoch"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert len(calls) == 1  # no test was started
   assert len(reporting.read_records(tmp_path / "run", "epoch")) == 1
 
 

@@ -4,12 +4,14 @@
 the same workdir resumes from the last checkpoint.
 """
 
+import contextlib
 import functools
 import hashlib
 import math
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -584,6 +586,37 @@ def _check_finite(window: list[dict[str, Any]], first_step: int, on_nonfinite: s
   )
 
 
+class _Stopped(Exception):
+  """SIGTERM or SIGHUP during the final test, raised as SIGINT raises KeyboardInterrupt."""
+
+  def __init__(self, signum: int):
+    super().__init__(signum)
+    self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals_raise() -> Iterator[None]:
+  """SIGTERM and SIGHUP raise _Stopped while active (one process, main thread only).
+
+  The final test has no step boundary to stop at, and by default SIGTERM would end
+  the process without a word.
+  """
+
+  def handler(signum, frame):
+    raise _Stopped(signum)
+
+  previous = {}
+  if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+      if signal.getsignal(signum) != signal.SIG_IGN:  # e.g. SIGHUP under nohup
+        previous[signum] = signal.signal(signum, handler)
+  try:
+    yield
+  finally:
+    for signum, old_handler in previous.items():
+      signal.signal(signum, old_handler)
+
+
 def _interrupted(signum: int, step: int, checkpoints: Checkpoints) -> Interrupted:
   return Interrupted(
       f"stopped by {signal.Signals(signum).name}: checkpoint {step} saved in "
@@ -881,16 +914,23 @@ def _train_and_evaluate(
         if signals.received is not None and epoch < config.num_epochs:
           raise _interrupted(signals.received, saved, checkpoints)
 
+    def test_interrupted(signum: int) -> Interrupted:  # the training is saved: only the test left
+      return Interrupted(
+          f"stopped by {signal.Signals(signum).name} before the test evaluation ended: "
+          f"checkpoint {checkpoints.latest_step()} in {checkpoints.directory} holds every "
+          "epoch; run the same command again to evaluate", signum)
+
+    if signals.received is not None:  # during the last epoch: stop now, as asked
+      raise test_interrupted(signals.received)
     try:
-      test_perplexity, test_tokens = evaluate(
-          model, arrays["best_params"], corpus.test, config.eval_batch_size, config.num_steps
-      )
-    except KeyboardInterrupt:  # Ctrl-C: the training is saved, only the test is left
-      raise Interrupted(
-          f"stopped by SIGINT during the test evaluation: checkpoint "
-          f"{checkpoints.latest_step()} in {checkpoints.directory} holds every epoch; run the "
-          "same command again to evaluate", signal.SIGINT,
-      ) from None
+      with _signals_raise():
+        test_perplexity, test_tokens = evaluate(
+            model, arrays["best_params"], corpus.test, config.eval_batch_size, config.num_steps
+        )
+    except KeyboardInterrupt:
+      raise test_interrupted(signal.SIGINT) from None
+    except _Stopped as stopped:
+      raise test_interrupted(stopped.signum) from None
     reporter.add({
         "kind": "test",
         "step": meta["epoch"] * steps_per_epoch,
