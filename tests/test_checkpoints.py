@@ -41,6 +41,27 @@ def test_an_unreadable_checkpoint_is_set_aside_and_the_previous_one_used(tmp_pat
   assert sorted(p.name for p in checkpoints.directory.iterdir()) == ["1"]
 
 
+def test_a_reader_skips_an_unreadable_checkpoint_moves_nothing_and_names_the_last(
+    tmp_path, caplog):
+  checkpoints = Checkpoints(tmp_path)
+  checkpoints.save(1, _arrays(1.0), {"epoch": 1})
+  checkpoints.save(2, _arrays(2.0), {"epoch": 2})
+  for path in (checkpoints.directory / "2" / "arrays").rglob("*"):
+    if path.is_file():
+      path.write_bytes(b"torn")
+  step, best = Checkpoints(tmp_path, read_only=True).restore_best_params()
+  assert step == 1
+  np.testing.assert_array_equal(best["w"], np.full((3, 2), -1.0))
+  assert "checkpoint 2 in" in caplog.text and "using checkpoint 1" in caplog.text
+  assert sorted(p.name for p in checkpoints.directory.iterdir()) == ["1", "2"]
+  for path in (checkpoints.directory / "1" / "arrays").rglob("*"):
+    if path.is_file():
+      path.write_bytes(b"torn")
+  with pytest.raises(UserError, match=r"none of the 2 checkpoint\(s\) in .* can be read "
+                     r"\(the newest, 2: "):
+    Checkpoints(tmp_path, read_only=True).restore_best_params()
+
+
 def test_if_no_checkpoint_can_be_read_restoring_fails_in_one_line_and_moves_nothing(tmp_path):
   checkpoints = Checkpoints(tmp_path)
   checkpoints.save(1, _arrays(1.0), {"epoch": 1})

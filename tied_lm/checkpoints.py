@@ -61,12 +61,31 @@ class Checkpoints:
       )
 
   def restore_best_params(self) -> tuple[int, Any]:
-    """(step, best params as NumPy arrays) of the newest checkpoint, read without a template."""
-    step = self._manager.latest_step()
-    restored = self._manager.restore(
-        step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore())
-    )
-    return step, restored["arrays"]["best_params"]
+    """(step, best params as NumPy arrays) of the newest readable checkpoint, read without
+    a template. A reader moves nothing: a newer checkpoint it cannot read is skipped with
+    a warning (the trainer sets it aside when it next starts).
+
+    Raises:
+      UserError: if no checkpoint can be read.
+    """
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    unreadable = []
+    for step in steps:
+      try:
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore())
+        )
+      except Exception as error:  # noqa: BLE001 -- reported below, whichever way it ends
+        unreadable.append((step, error))
+        continue
+      for bad_step, error in unreadable:
+        logging.warning("checkpoint %d in %s cannot be read (%s); using checkpoint %d",
+                        bad_step, self.directory, _describe(error), step)
+      return step, restored["arrays"]["best_params"]
+    newest, error = unreadable[0] if unreadable else (None, None)
+    raise UserError(
+        f"none of the {len(steps)} checkpoint(s) in {self.directory} can be read"
+        + (f" (the newest, {newest}: {_describe(error)})" if unreadable else ""))
 
   def restore_latest(
       self, arrays_like: dict[str, Any], check_meta: Any
