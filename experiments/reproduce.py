@@ -553,6 +553,8 @@ def main(argv: list[str]) -> None:
     raise UserError(f"--parallel={FLAGS.parallel} must be at least 1")
   root = Path(FLAGS.root).expanduser().resolve()
   results_dir = Path(FLAGS.results_dir).expanduser().resolve()
+  if root.exists() and not root.is_dir():
+    raise UserError(f"--root={root} is a file, not a directory of runs")
   # Checked before any training: a bad results_dir would otherwise fail after the grid.
   fileio.check_writable_directory(results_dir, "--results_dir")
   grid = [(d, s, v, point) for d in FLAGS.datasets for s in FLAGS.sizes

@@ -41,3 +41,6 @@ def test_neighbors_of_a_word_outside_the_vocabulary_is_one_line(trained_run, run
   result = run_module("tied_lm.neighbors", f"--workdir={trained_run[0]}", "--words=the,notaword")
   assert result.returncode == 2
   assert result.stderr == "error: not in the vocabulary: notaword\n"
+  result = run_module("tied_lm.neighbors", f"--workdir={trained_run[0]}", "--words=the,,a")
+  assert result.returncode == 2
+  assert result.stderr == "error: an empty word in the list (two commas in a row?)\n"

@@ -255,6 +255,7 @@ def test_bad_grid_is_a_one_line_error(tmp_path, harness):
     (["--results_dir= "], "flag --results_dir= : is empty: name a directory"),
     (["--results_dir={file}"], "cannot write --results_dir {file}: {file} is not a directory"),
     (["--root={file}/runs"], "cannot write --root {file}/runs: {file} is not a directory"),
+    (["--root={file}", "--train=false"], "--root={file} is a file, not a directory of runs"),
 ])
 def test_bad_directories_and_repeated_runs_are_one_line_before_any_run(
     tmp_path, harness, args, message):

@@ -55,6 +55,9 @@ def test_sampling_is_deterministic_per_seed_and_maps_unknown_words(trained_run, 
     (["--temperature=0"], "temperature=0.0 must be a finite number > 0"),
     (["--top_k=-1"], "top_k=-1 must be in [0, 10000]"),
     (["--prompt= "], "the prompt is empty"),
+    (["--seed=99999999999999999999"],
+     "flag --seed=99999999999999999999: 99999999999999999999 is not an integer in the range "
+     "[0, 9223372036854775807]"),
 ])
 def test_bad_sampling_arguments_are_one_line(trained_run, args, message, sample_cli):
   result = sample_cli(trained_run[0], *args)

@@ -31,6 +31,8 @@ def nearest_neighbors(
     embedding: np.ndarray, vocab: tuple[str, ...], words: list[str], k: int
 ) -> dict[str, list[tuple[str, float]]]:
   """For each word, its k nearest other words by cosine similarity of [V, E] embedding rows."""
+  if not all(words):
+    raise UserError("an empty word in the list (two commas in a row?)")
   index = {word: i for i, word in enumerate(vocab)}
   unknown = [w for w in words if w not in index]
   if unknown:

@@ -31,7 +31,7 @@ def define_flags() -> None:
   flags.DEFINE_integer("num_words", 50, "How many words to generate.")
   flags.DEFINE_float("temperature", 1.0, "Softmax temperature (> 0); lower is more conservative.")
   flags.DEFINE_integer("top_k", 0, "Sample among the k most likely words only (0: all).")
-  flags.DEFINE_integer("seed", 0, "Random seed.")
+  flags.DEFINE_integer("seed", 0, "Random seed.", lower_bound=0, upper_bound=2**63 - 1)
   errors.require_name("workdir", "a run directory of tied_lm.main")
 
 
