@@ -213,8 +213,10 @@ def run_all(commands: list[tuple[Path, list[str]]], parallel: int) -> list[Path]
                 f"after {took}; it resumes from its checkpoint when this command runs "
                 "again", flush=True)
         else:
-          print(f"FAIL  {workdir.name} (exit {process.returncode} after {took}); "
-                f"see {workdir / 'train.log'}", flush=True)
+          reason = last_error(workdir / "train.log")
+          print(f"FAIL  {workdir.name} (exit {process.returncode} after {took})"
+                + (f": {reason}" if reason else "") + f"; see {workdir / 'train.log'}",
+                flush=True)
   finally:
     for signum, handler in previous.items():
       signal.signal(signum, handler)
@@ -223,6 +225,14 @@ def run_all(commands: list[tuple[Path, list[str]]], parallel: int) -> list[Path]
           flush=True)
     unfinished.append(workdir)
   return unfinished
+
+
+def last_error(log: Path) -> str | None:
+  """The one-line `error: ...` a command ended its log with, if it did (bad input)."""
+  with open(log, "rb") as f:
+    f.seek(max(f.seek(0, os.SEEK_END) - 4096, 0))
+    lines = f.read().decode("utf-8", "replace").strip().splitlines()
+  return lines[-1] if lines and lines[-1].startswith("error: ") else None
 
 
 def current_batch1(workdir: Path, split: str) -> dict[str, Any] | None:

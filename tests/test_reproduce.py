@@ -278,6 +278,8 @@ def test_the_report_is_written_when_a_run_fails_and_then_the_failure_is_named(tm
                    "--variants=vd", "--set=optim.learning_rate=-1", "--rescore")
   assert result.returncode == 2
   assert "FAIL  ptb_small_vd (exit 2" in result.stdout
+  # The run's own one-line reason, not only where its log is.
+  assert "): error: optim.learning_rate=-1.0 must be > 0; see " in result.stdout
   assert "| small | REAL | 86.3 / 82.7 | 86.5 / 82.7 |" in (results_dir / "TABLE.md").read_text()
   assert result.stderr.strip().splitlines()[-1] == "error: 1 run(s) did not finish: ptb_small_vd"
 
