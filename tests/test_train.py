@@ -593,7 +593,7 @@ def test_a_signal_in_the_last_epoch_stops_before_the_test(tmp_path, monkeypatch)
   assert len(reporting.read_records(tmp_path / "run", "epoch")) == 1
 
 
-def test_a_workdir_of_another_model_shape_or_epoch_layout_is_refused_by_name(tmp_path):
+def test_a_workdir_of_another_model_shape_or_epoch_layout_is_refused_by_name(tmp_path, caplog):
   write_tiny_corpus(tmp_path / "corpus")
   run = tmp_path / "run"
   train.train_and_evaluate(tiny_run_config(tmp_path / "corpus", 1), str(run))
@@ -622,6 +622,11 @@ def test_a_workdir_of_another_model_shape_or_epoch_layout_is_refused_by_name(tmp
   # Other fields may change on resume, e.g. more epochs.
   assert train.train_and_evaluate(
       tiny_run_config(tmp_path / "corpus", 2), str(run))["epochs_completed"] == 2
+  # Fewer epochs than done cannot undo any: said, and the results say what was done.
+  with caplog.at_level("WARNING"):
+    results = train.train_and_evaluate(tiny_run_config(tmp_path / "corpus", 1), str(run))
+  assert results["epochs_completed"] == 2
+  assert "num_epochs=1, but the run has 2 epochs done: it is tested as trained" in caplog.text
 
 
 def test_a_checkpoint_that_cannot_be_written_is_one_clear_error(tmp_path, monkeypatch):

@@ -826,6 +826,10 @@ def _train_and_evaluate(
         "resumed from checkpoint %d in %s (epoch %d, window %d)", restored_step,
         checkpoints.directory, meta["epoch"] + 1, meta["step_in_epoch"],
     )
+    if meta["epoch"] > config.num_epochs:
+      logging.warning(
+          "num_epochs=%d, but the run has %d epochs done: it is tested as trained, and "
+          "its results say epochs_completed=%d", config.num_epochs, meta["epoch"], meta["epoch"])
   if jax.process_index() == 0:
     # The config in effect, for tied_lm.summarize and readers; written only once the
     # checkpoints are known to fit it, so that a refused resume leaves the run as it was.
