@@ -736,12 +736,12 @@ def train_and_evaluate(
   workdir = Path(workdir).expanduser()
   fileio.check_writable_directory(workdir, "the workdir")
   corpus = data.load_corpus(config.dataset, config.data_dir, config.max_vocab_size)
+  inputs, targets = data.train_windows(corpus.train, config.batch_size, config.num_steps)
   scored = min(len(corpus.valid), len(corpus.test)) - 1
   if config.eval_batch_size > scored:
     raise ConfigError(
         f"eval_batch_size={config.eval_batch_size} exceeds the {scored:,} targets of the "
         "smaller evaluation split: each row needs at least one")
-  inputs, targets = data.train_windows(corpus.train, config.batch_size, config.num_steps)
   fileio.make_run_directory(workdir)
   # Process 0 speaks for all: the others of a multi-process run share its workdir.
   lock = fileio.lock_directory(workdir) if jax.process_index() == 0 else None
