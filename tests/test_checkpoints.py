@@ -22,8 +22,8 @@ def test_restore_latest_returns_the_newest_save_and_keeps_two(tmp_path):
   step, arrays, meta = Checkpoints(tmp_path).restore_latest(_arrays(0.0), lambda meta: None)
   assert (step, meta) == (30, {"epoch": 3})
   np.testing.assert_array_equal(arrays["state"]["w"], np.full((3, 2), 30.0))
-  best_step, best = Checkpoints(tmp_path).restore_best_params()
-  assert best_step == 30
+  best_step, best, meta = Checkpoints(tmp_path).restore_best_params()
+  assert (best_step, meta) == (30, {"epoch": 3})
   np.testing.assert_array_equal(best["w"], np.full((3, 2), -30.0))
 
 
@@ -49,7 +49,7 @@ def test_a_reader_skips_an_unreadable_checkpoint_moves_nothing_and_names_the_las
   for path in (checkpoints.directory / "2" / "arrays").rglob("*"):
     if path.is_file():
       path.write_bytes(b"torn")
-  step, best = Checkpoints(tmp_path, read_only=True).restore_best_params()
+  step, best, _ = Checkpoints(tmp_path, read_only=True).restore_best_params()
   assert step == 1
   np.testing.assert_array_equal(best["w"], np.full((3, 2), -1.0))
   assert "checkpoint 2 in" in caplog.text and "using checkpoint 1" in caplog.text
@@ -99,7 +99,7 @@ def test_a_reader_leaves_a_save_in_flight_alone_and_the_writer_cleans_it_up(tmp_
   # What a trainer's save looks like while orbax writes it (or after a kill mid-save).
   in_flight = tmp_path / "checkpoints" / "6.orbax-checkpoint-tmp-1732760000"
   in_flight.mkdir()
-  step, best = Checkpoints(tmp_path, read_only=True).restore_best_params()
+  step, best, _ = Checkpoints(tmp_path, read_only=True).restore_best_params()
   assert step == 5 and in_flight.is_dir()
   np.testing.assert_array_equal(best["w"], np.full((3, 2), -5.0))
   Checkpoints(tmp_path)

@@ -510,6 +510,39 @@ def test_a_resume_on_another_vocabulary_is_refused_and_leaves_the_run_as_it_was(
   assert {name: (run / name).read_bytes() for name in saved} == saved
 
 
+def test_a_reader_refuses_a_changed_corpus_a_bad_config_and_a_run_without_an_epoch(
+    tmp_path, monkeypatch):
+  write_tiny_corpus(tmp_path / "corpus")
+  run = tmp_path / "run"
+  train.train_and_evaluate(tiny_run_config(tmp_path / "corpus", 1), str(run))
+  assert train.load_trained(run).checkpoint_step > 0
+  # The corpus edited in place: same vocabulary size, two words renamed.
+  for split in ("train", "valid", "test"):
+    path = tmp_path / "corpus" / f"{split}.txt"
+    path.write_text(re.sub(r"\bw([12])\b", r"v\1", path.read_text()))
+  with pytest.raises(UserError, match="was trained on another vocabulary than the corpus of "
+                     "dataset='text'.*: its scores would be of the wrong words"):
+    train.load_trained(run)
+  (run / "config.json").write_text("{}")
+  with pytest.raises(UserError, match="config.json does not describe a tied_lm run"):
+    train.load_trained(run)
+
+  # Stopped within epoch 1, after a mid-epoch checkpoint: its best parameters are the
+  # initial ones, which evaluate, sample, ... would otherwise score as the run's.
+  config = tiny_run_config(tmp_path / "corpus", 1)
+  config.checkpoint_every_steps = 2
+
+  def stop(*args):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(train, "evaluate", stop)
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(config, str(tmp_path / "early"))
+  with pytest.raises(UserError, match=r"early has no finished epoch yet \(checkpoint \d+ is "
+                     r"within epoch 1\): its best parameters are still the initial ones"):
+    train.load_trained(tmp_path / "early")
+
+
 def test_a_torn_checkpoint_is_set_aside_the_previous_one_used_and_tmp_saves_removed(
     tmp_path, caplog):
   write_tiny_corpus(tmp_path / "corpus")

@@ -60,9 +60,9 @@ class Checkpoints:
           f"{self._manager.latest_step()}"
       )
 
-  def restore_best_params(self) -> tuple[int, Any]:
-    """(step, best params as NumPy arrays) of the newest readable checkpoint, read without
-    a template. A reader moves nothing: a newer checkpoint it cannot read is skipped with
+  def restore_best_params(self) -> tuple[int, Any, dict]:
+    """(step, best params as NumPy arrays, meta) of the newest readable checkpoint, read
+    without a template. A reader moves nothing: a newer checkpoint it cannot read is skipped with
     a warning (the trainer sets it aside when it next starts).
 
     Raises:
@@ -73,7 +73,8 @@ class Checkpoints:
     for step in steps:
       try:
         restored = self._manager.restore(
-            step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore())
+            step, args=ocp.args.Composite(
+                arrays=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
         )
       except Exception as error:  # noqa: BLE001 -- reported below, whichever way it ends
         unreadable.append((step, error))
@@ -81,7 +82,7 @@ class Checkpoints:
       for bad_step, error in unreadable:
         logging.warning("checkpoint %d in %s cannot be read (%s); using checkpoint %d",
                         bad_step, self.directory, _describe(error), step)
-      return step, restored["arrays"]["best_params"]
+      return step, restored["arrays"]["best_params"], restored["meta"]
     newest, error = unreadable[0] if unreadable else (None, None)
     raise UserError(
         f"none of the {len(steps)} checkpoint(s) in {self.directory} can be read"

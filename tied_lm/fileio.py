@@ -45,6 +45,8 @@ def read_json(path: Path) -> Any:
   except json.JSONDecodeError as error:
     raise UserError(f"{path} is damaged: not JSON ({error.msg} at line {error.lineno}); "
                     "restore or remove it") from None
+  except UnicodeDecodeError:
+    raise UserError(f"{path} is damaged: not UTF-8 text; restore or remove it") from None
 
 
 def read_json_lines(path: Path, *, appended: bool = False) -> list[Any]:

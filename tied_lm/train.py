@@ -654,13 +654,28 @@ def load_trained(workdir: str | Path) -> TrainedRun:
         f"{workdir} has no checkpoint yet: training writes the first one after "
         "checkpoint_every_steps steps or one epoch"
     )
-  config = ml_collections.ConfigDict(fileio.read_json(config_file))
-  if config.model.lstm_implementation == "cudnn" and jax.default_backend() != "gpu":
+  saved_config = fileio.read_json(config_file)
+  if not (isinstance(saved_config, dict) and isinstance(saved_config.get("model"), dict)
+          and {"dataset", "data_dir", "max_vocab_size"} <= saved_config.keys()):
+    raise UserError(f"{config_file} does not describe a tied_lm run (it needs dataset, "
+                    "data_dir, max_vocab_size and model)")
+  config = ml_collections.ConfigDict(saved_config)
+  if config.model.get("lstm_implementation") == "cudnn" and jax.default_backend() != "gpu":
     # cuDNN runs on NVIDIA GPUs only; the scan computes the same from the same parameters.
     config.model.lstm_implementation = "scan"
   corpus = data.load_corpus(config.dataset, config.data_dir, config.max_vocab_size)
   model = make_model(config, corpus.vocab_size)
-  step, params = Checkpoints(workdir, read_only=True).restore_best_params()
+  step, params, meta = Checkpoints(workdir, read_only=True).restore_best_params()
+  if meta.get("best_epoch") == 0:
+    raise UserError(
+        f"{workdir} has no finished epoch yet (checkpoint {step} is within epoch 1): its best "
+        "parameters are still the initial ones")
+  # Checkpoints from before the digest was saved are not checked.
+  if meta.get("vocab_digest", vocab_digest(corpus.vocab)) != vocab_digest(corpus.vocab):
+    raise UserError(
+        f"{workdir} was trained on another vocabulary than the corpus of "
+        f"dataset={config.dataset!r}, data_dir={config.data_dir!r} gives now (its words or "
+        "their ids differ): its scores would be of the wrong words")
   return TrainedRun(config, corpus, model, jax.tree.map(jnp.asarray, params), step)
 
 
