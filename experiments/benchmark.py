@@ -21,6 +21,7 @@ XLA_FLAGS=--xla_force_host_platform_device_count=2 and --num_devices=1,2.
 
 import json
 import os
+import re
 import resource
 import statistics
 import time
@@ -46,7 +47,8 @@ flags.DEFINE_list("num_devices", ["1"], "Local device counts for the pmapped tra
 errors.require_values("num_devices")
 for _name in ("batch_sizes", "num_devices"):
   flags.register_validator(
-      _name, lambda values: all(v.isdigit() and int(v) > 0 for v in values),
+      # isdigit() accepts "²", which int() refuses.
+      _name, lambda values: all(re.fullmatch(r"[0-9]+", v) and int(v) > 0 for v in values),
       message="must be a comma-separated list of positive integers")
 flags.DEFINE_integer("eval_batch_size", 10, "Batch size of the timed eval step.", lower_bound=1)
 flags.DEFINE_enum("compare", "", ["", "torch"], "Also time the PyTorch reference.")
@@ -77,8 +79,13 @@ def load_config(spec: str, overrides: list[str]) -> ml_collections.ConfigDict:
   if not (REPO / path).is_file():
     raise UserError(f"config {spec!r}: no file {path} in {REPO}")
   namespace: dict[str, Any] = {}
-  source = (REPO / path).read_text()
-  exec(compile(source, path, "exec"), namespace)  # noqa: S102 -- our own config files
+  try:
+    source = (REPO / path).read_text()
+    exec(compile(source, path, "exec"), namespace)  # noqa: S102 -- our own config files
+  except Exception as error:  # noqa: BLE001 -- whatever the file raises, one line
+    raise UserError(f"config {spec!r}: {type(error).__name__}: {error}") from None
+  if "get_config" not in namespace:
+    raise UserError(f"config {spec!r}: the file defines no get_config()")
   try:
     config = namespace["get_config"](args) if args else namespace["get_config"]()
   except (ValueError, KeyError, TypeError) as error:  # TypeError: a get_config of other args

@@ -111,8 +111,8 @@ def main(argv: list[str]) -> None:
     raise UserError(f"--learning_rate={FLAGS.learning_rate} must be finite and > 0")
   if FLAGS.hidden_size < 1:
     raise UserError(f"--hidden_size={FLAGS.hidden_size} must be at least 1")
+  # Also refuses a folder named PREFIX.png; the folder of PREFIX is made by the JSON's write.
   prefix = provenance.output_prefix(FLAGS.output)
-  summarize.check_plot_path(provenance.with_extension(prefix, ".png"))
   summarize.pyplot()  # matplotlib missing: say so now, not after the sweep
   # Imported here, not at the top: --help and flag errors then answer without JAX (about 4 s).
   from tied_lm import analysis

@@ -125,6 +125,10 @@ def test_time_runner_counts_the_pages_a_step_maps_in():
     ("profile_step", ["--eval_batch_size=1000"], "--eval_batch_size=1000 needs 200,001 "
      "validation tokens for 10 windows per timed call; the split has 73,760"),
     ("benchmark", ["--output={tmp_path}"], "is a folder; name a JSON file in it"),
+    ("benchmark", ["--batch_sizes=²"], "must be a comma-separated list of positive integers"),
+    ("benchmark", ["--configs=README.md"], "config 'README.md': SyntaxError: "),
+    ("benchmark", ["--configs=configs/__init__.py"],
+     "config 'configs/__init__.py': the file defines no get_config()"),
     ("profile_step", ["--output=/dev/null/x.json"], "cannot write the folder of --output "
      "/dev/null: /dev/null is not a directory"),
 ])

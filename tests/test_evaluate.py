@@ -63,6 +63,15 @@ def test_a_run_trained_with_cudnn_is_evaluated_with_the_scan_off_gpu(run_copy, e
   assert saved["perplexity"] == pytest.approx(results["test_perplexity"], rel=1e-6)
 
 
+def test_an_eval_batch_larger_than_the_split_is_one_line(trained_run, evaluate_cli):
+  # It ran out of memory (80 GB of logits) with a traceback.
+  result = evaluate_cli(f"--workdir={trained_run[0]}", "--split=valid", "--eval_batch_size=73760")
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [
+      "error: --eval_batch_size=73760 exceeds the 73,759 targets of the valid split: each row "
+      "needs at least one"]
+
+
 def test_a_damaged_config_json_is_one_line_naming_it(run_copy, evaluate_cli):
   workdir, _ = run_copy
   (workdir / "config.json").write_text('{"dataset": "ptb", "mod')  # cut short

@@ -53,7 +53,13 @@ def test_output_prefixes_keep_their_dots_and_bad_ones_are_refused(tmp_path):
   provenance.write_results(prefix, {"x": 1}, "| x |\n")
   assert sorted(p.name for p in tmp_path.iterdir()) == [
       "sharpness_tau0.5.json", "sharpness_tau0.5.md"]
+  (tmp_path / "taken.md").mkdir()  # PREFIX.json would be written, then PREFIX.md fail
   for bad, message in (("", "must be a file prefix"), (f"{tmp_path}/", "must be a file prefix"),
-                       (str(tmp_path), "is a folder")):
+                       (str(tmp_path), "is a folder"),
+                       (str(tmp_path / "taken"), r"taken.md is a folder")):
     with pytest.raises(UserError, match=message):
       provenance.output_prefix(bad)
+  assert not (tmp_path / "taken.json").exists()
+  # A JSON file's path ending in a separator names a folder, not a file called so.
+  with pytest.raises(UserError, match="is a folder; name a JSON file in it"):
+    provenance.output_file(f"{tmp_path}/new/", "a JSON file")

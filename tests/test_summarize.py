@@ -6,6 +6,7 @@ import pytest
 
 from configs import default, paper
 from tied_lm import summarize, train
+from tied_lm.errors import UserError
 
 
 @pytest.mark.parametrize("size", list(paper.SIZES))
@@ -101,3 +102,9 @@ def test_tokens_per_second_is_the_median_that_results_json_reports(two_runs):
   for workdir, results in two_runs:  # two epochs: the median is their mean
     assert summarize.load_run(workdir)["tokens_per_second"] == pytest.approx(
         results["train_tokens_per_second"], rel=1e-12)
+
+
+def test_a_plot_path_that_is_a_folder_is_refused_before_the_table(tmp_path):
+  (tmp_path / "curves.png").mkdir()  # savefig failed on it after the table was printed
+  with pytest.raises(UserError, match=r"--plot=.*curves.png is a folder; name an image file"):
+    summarize.check_plot_path(tmp_path / "curves.png")

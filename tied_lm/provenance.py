@@ -130,19 +130,29 @@ def write_json(path: Path, results: dict) -> None:
   atomic_write(path, json.dumps(results, indent=2) + "\n")
 
 
+OUTPUT_EXTENSIONS = (".json", ".md", ".png")  # what the scripts write under a prefix
+
+
 def output_prefix(value: str) -> Path:
   """An --output PREFIX of PREFIX.json, .md, ...: refused in one line, before any work,
-  if empty, a folder, or in a folder that cannot be written."""
+  if empty, a folder, in a folder that cannot be written, or if one of its outputs
+  is a folder."""
   if not value.strip() or value.endswith(os.sep):
     raise UserError(f"--output={value!r} must be a file prefix, e.g. experiments/results/NAME")
-  return output_file(value, "a file prefix")
+  prefix = output_file(value, "a file prefix")
+  # A folder in the way of one output would fail the command after the work, with the
+  # other outputs already written.
+  for extension in OUTPUT_EXTENSIONS:
+    if with_extension(prefix, extension).is_dir():
+      raise UserError(f"--output={value}: {with_extension(prefix, extension)} is a folder")
+  return prefix
 
 
 def output_file(value: str, what: str) -> Path:
   """--output=`value`, a file or file prefix (`what`, for the message): refused in one
   line, before any work, if a folder or in a folder that cannot be written."""
   path = Path(value).expanduser()
-  if path.is_dir():
+  if path.is_dir() or value.endswith(os.sep):
     raise UserError(f"--output={value}: {path} is a folder; name {what} in it")
   check_writable_directory(path.parent, "the folder of --output")
   return path

@@ -110,6 +110,8 @@ def check_plot_path(path: Path) -> None:
     raise UserError(f"--plot={path}: the file must end in .png, .pdf or .svg")
   if not path.parent.is_dir():
     raise UserError(f"--plot={path}: no directory {path.parent}")
+  if path.is_dir():
+    raise UserError(f"--plot={path} is a folder; name an image file")
 
 
 def pyplot() -> Any:
