@@ -107,6 +107,11 @@ def main(argv: list[str]) -> None:
     raise UserError("every β must be in [0, 1] and every τ finite and > 0")
   if not (betas and taus and seeds) or FLAGS.num_epochs < 1:
     raise UserError("--betas, --taus and --seeds need a value each, and --num_epochs >= 1")
+  for name, values in (("betas", betas), ("taus", taus), ("seeds", seeds)):
+    if len(set(values)) < len(values):  # a repeated seed would count twice in mean ± std
+      raise UserError(f"--{name} repeats a value: {', '.join(FLAGS[name].value)}")
+  if any(not 0 <= seed < 2**32 for seed in seeds):
+    raise UserError(f"every seed must be in [0, 2**32): {', '.join(FLAGS.seeds)}")
   if not (math.isfinite(FLAGS.learning_rate) and FLAGS.learning_rate > 0):
     raise UserError(f"--learning_rate={FLAGS.learning_rate} must be finite and > 0")
   if FLAGS.hidden_size < 1:

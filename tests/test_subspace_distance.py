@@ -14,6 +14,10 @@ import pytest
     ("--num_words=2000000",
      "error: --num_words=2000000 must be in [2, 929,589] (PTB train's length)\n"),
     ("--output=", "error: --output='' must be a file prefix, e.g. experiments/results/NAME\n"),
+    # A repeated seed was trained again and counted twice in mean ± std.
+    ("--seeds=0,0", "error: --seeds repeats a value: 0, 0\n"),
+    ("--seeds=99999999999999999999", "error: every seed must be in [0, 2**32): "
+     "99999999999999999999\n"),
 ])
 def test_bad_flags_are_one_line_errors(flag, message, tmp_path, run_module):
   result = run_module("experiments.subspace_distance", f"--output={tmp_path / 'out'}", flag)
