@@ -27,13 +27,22 @@ def test_restore_latest_returns_the_newest_save_and_keeps_two(tmp_path):
   np.testing.assert_array_equal(best["w"], np.full((3, 2), -30.0))
 
 
-def test_an_unreadable_checkpoint_is_set_aside_and_the_previous_one_used(tmp_path):
+def _tear(checkpoints: Checkpoints, step: int) -> None:
+  for path in (checkpoints.directory / str(step) / "arrays").rglob("*"):
+    if path.is_file():
+      path.write_bytes(b"torn")
+
+
+def _two_saves_the_newest_torn(tmp_path) -> Checkpoints:
   checkpoints = Checkpoints(tmp_path)
   checkpoints.save(1, _arrays(1.0), {"epoch": 1})
   checkpoints.save(2, _arrays(2.0), {"epoch": 2})
-  for path in (checkpoints.directory / "2" / "arrays").rglob("*"):
-    if path.is_file():
-      path.write_bytes(b"torn")
+  _tear(checkpoints, 2)
+  return checkpoints
+
+
+def test_an_unreadable_checkpoint_is_set_aside_and_the_previous_one_used(tmp_path):
+  checkpoints = _two_saves_the_newest_torn(tmp_path)
   step, arrays, meta = Checkpoints(tmp_path).restore_latest(_arrays(0.0), lambda meta: None)
   assert (step, meta) == (1, {"epoch": 1})
   np.testing.assert_array_equal(arrays["state"]["w"], np.full((3, 2), 1.0))
@@ -43,20 +52,13 @@ def test_an_unreadable_checkpoint_is_set_aside_and_the_previous_one_used(tmp_pat
 
 def test_a_reader_skips_an_unreadable_checkpoint_moves_nothing_and_names_the_last(
     tmp_path, caplog):
-  checkpoints = Checkpoints(tmp_path)
-  checkpoints.save(1, _arrays(1.0), {"epoch": 1})
-  checkpoints.save(2, _arrays(2.0), {"epoch": 2})
-  for path in (checkpoints.directory / "2" / "arrays").rglob("*"):
-    if path.is_file():
-      path.write_bytes(b"torn")
+  checkpoints = _two_saves_the_newest_torn(tmp_path)
   step, best, _ = Checkpoints(tmp_path, read_only=True).restore_best_params()
   assert step == 1
   np.testing.assert_array_equal(best["w"], np.full((3, 2), -1.0))
   assert "checkpoint 2 in" in caplog.text and "using checkpoint 1" in caplog.text
   assert sorted(p.name for p in checkpoints.directory.iterdir()) == ["1", "2"]
-  for path in (checkpoints.directory / "1" / "arrays").rglob("*"):
-    if path.is_file():
-      path.write_bytes(b"torn")
+  _tear(checkpoints, 1)
   with pytest.raises(UserError, match=r"none of the 2 checkpoint\(s\) in .* can be read "
                      r"\(the newest, 2: "):
     Checkpoints(tmp_path, read_only=True).restore_best_params()
