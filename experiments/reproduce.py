@@ -48,7 +48,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from absl import app, flags
 
@@ -157,7 +157,14 @@ def child_environment(parallel: int) -> dict[str, str]:
   return environment
 
 
-def run_all(commands: list[tuple[Path, list[str]]], parallel: int) -> list[Path]:
+class Outcome(NamedTuple):
+  """What run_all left: the workdirs not finished, and the first signal it got (or None)."""
+
+  unfinished: list[Path]
+  stopped_by: int | None
+
+
+def run_all(commands: list[tuple[Path, list[str]]], parallel: int) -> Outcome:
   """Runs the commands, `parallel` at a time, each logging to WORKDIR/train.log.
 
   SIGTERM, SIGINT (Ctrl-C) or SIGHUP (the terminal closed) to this process is
@@ -167,9 +174,9 @@ def run_all(commands: list[tuple[Path, list[str]]], parallel: int) -> list[Path]
   signal makes tied_lm.main give up waiting). A signal this process ignores
   (SIGHUP under nohup) stays ignored.
 
-  Returns the workdirs whose command did not finish: failed, stopped by a
-  signal (tied_lm.main saves a checkpoint and exits 128 + the signal's number),
-  or not started.
+  Returns the workdirs whose command did not finish (failed, stopped by a
+  signal: tied_lm.main saves a checkpoint and exits 128 + the signal's number,
+  or not started), and the first signal this process got.
   """
   pending, running, unfinished = list(commands), [], []
   environment = child_environment(parallel)
@@ -224,7 +231,7 @@ def run_all(commands: list[tuple[Path, list[str]]], parallel: int) -> list[Path]
     print(f"skip  {workdir.name}: not started after {signal.Signals(received[0]).name}",
           flush=True)
     unfinished.append(workdir)
-  return unfinished
+  return Outcome(unfinished, received[0] if received else None)
 
 
 def last_error(log: Path) -> str | None:
@@ -574,13 +581,13 @@ def main(argv: list[str]) -> None:
   if repeated:
     raise UserError(f"the grid names {', '.join(repeated)} more than once: a value is "
                     "repeated in --datasets, --sizes, --variants or a --sweep")
-  unfinished = []
+  unfinished, stopped_by = [], None
   if FLAGS.train:
     fileio.check_writable_directory(root, "--root")
     commands = [(workdir, train_command(d, s, v, workdir, [*FLAGS.set, *overrides]))
                 for (d, s, v, (_, overrides)), workdir in zip(grid, workdirs, strict=True)
                 if not (workdir / "results.json").is_file()]
-    unfinished = run_all(commands, FLAGS.parallel)
+    unfinished, stopped_by = run_all(commands, FLAGS.parallel)
   # After a stop or a failure, no rescoring (it takes long; the next run does it), but
   # the reports still take in every finished run and every partial one.
   if FLAGS.rescore and not unfinished:
@@ -588,6 +595,11 @@ def main(argv: list[str]) -> None:
       if (workdir / "results.json").is_file():
         rescore(workdir)
   write_reports(root, results_dir)
+  if stopped_by is not None:
+    # A preempted job says so by its status, as tied_lm.main does (schedulers requeue on it).
+    print(f"stopped by {signal.Signals(stopped_by).name}: {len(unfinished)} run(s) resume "
+          "from their checkpoints when this command runs again", file=sys.stderr)
+    sys.exit(128 + stopped_by)
   if unfinished:
     raise UserError(f"{len(unfinished)} run(s) did not finish: "
                     f"{', '.join(w.name for w in unfinished)}")

@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -42,8 +43,9 @@ def test_run_all_tells_a_stopped_run_from_a_failed_one(tmp_path, capsys):
     return [sys.executable, "-c", f"import sys; sys.exit({status})"]
   commands = [(tmp_path / "done", exiting(0)), (tmp_path / "stopped", exiting(128 + 15)),
               (tmp_path / "failed", exiting(1))]
-  unfinished = reproduce.run_all(commands, parallel=3)
+  unfinished, stopped_by = reproduce.run_all(commands, parallel=3)
   assert sorted(unfinished) == [tmp_path / "failed", tmp_path / "stopped"]
+  assert stopped_by is None  # a run's own exit status is not a signal to the harness
   out = capsys.readouterr().out
   assert "done  done in" in out
   assert "stop  stopped by SIGTERM after" in out and "resumes from its checkpoint" in out
@@ -81,10 +83,11 @@ def test_a_signal_to_run_all_reaches_each_running_command_once_and_starts_no_mor
   previous = signal.signal(signum, lambda *_: None)  # run_all installs its own
   try:
     threading.Thread(target=signal_when_started, daemon=True).start()
-    unfinished = reproduce.run_all(commands, parallel=1)
+    unfinished, stopped_by = reproduce.run_all(commands, parallel=1)
   finally:
     signal.signal(signum, previous)
   assert unfinished == [tmp_path / "first", tmp_path / "second"]
+  assert stopped_by == signum  # main exits 128 + it, as tied_lm.main does
   session, signals = record.read_text().splitlines()
   # In a session of its own, a signal to our process group would not reach it as well.
   assert session.startswith("session ") and int(session.split()[1]) != os.getsid(0)
@@ -109,7 +112,7 @@ def test_run_all_leaves_an_ignored_hangup_ignored(tmp_path, capsys):
   previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
   try:
     threading.Thread(target=hang_up_when_started, daemon=True).start()
-    assert reproduce.run_all([(tmp_path / "run", command)], parallel=1) == []
+    assert reproduce.run_all([(tmp_path / "run", command)], parallel=1) == ([], None)
     assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
   finally:
     signal.signal(signal.SIGHUP, previous)
@@ -352,3 +355,20 @@ def test_a_failed_rescore_is_one_line(tmp_path, capfd):
   with pytest.raises(UserError, match=r"rescoring .*run on valid failed \(exit 2\); its output"):
     reproduce.rescore(tmp_path / "run")
   assert "is not a tied_lm run (no config.json)" in capfd.readouterr().err
+
+
+def test_a_signal_to_the_harness_is_its_exit_status_after_the_reports(tmp_path):
+  # A scheduler that preempts the harness must see 143, as from tied_lm.main, not 2.
+  root, results_dir = tmp_path / "runs", tmp_path / "results"
+  harness = subprocess.Popen(
+      [sys.executable, "-m", "experiments.reproduce", f"--root={root}",
+       f"--results_dir={results_dir}", "--sizes=small", "--variants=vd",
+       *(f"--set={s}" for s in TINY)],
+      cwd=provenance.REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  assert harness.stdout.readline().startswith("start ptb_small_vd")
+  harness.send_signal(signal.SIGTERM)
+  _, stderr = harness.communicate(timeout=300)
+  assert harness.returncode == 128 + signal.SIGTERM
+  assert stderr.strip().splitlines()[-1] == (
+      "stopped by SIGTERM: 1 run(s) resume from their checkpoints when this command runs again")
+  assert (results_dir / "TABLE.md").is_file()  # the reports were still written
