@@ -395,6 +395,22 @@ def vocab_digest(vocab: tuple[str, ...]) -> str:
   return hashlib.sha256("\n".join(vocab).encode("utf-8")).hexdigest()
 
 
+def check_vocabulary(
+    saved_meta: dict[str, Any], vocab: tuple[str, ...], config: ml_collections.ConfigDict,
+    subject: str, consequence: str,
+) -> None:
+  """Raises ConfigError if a checkpoint's vocabulary digest is not `vocab`'s.
+
+  Checkpoints from before the digest was saved are not checked.
+  """
+  digest = vocab_digest(vocab)
+  if saved_meta.get("vocab_digest", digest) != digest:
+    raise ConfigError(
+        f"{subject} trained on another vocabulary than the corpus of "
+        f"dataset={config.dataset!r}, data_dir={config.data_dir!r} gives now (its words or "
+        f"their ids differ){consequence}")
+
+
 class NonFiniteError(UserError):
   """A step produced a non-finite loss or gradient and on_nonfinite is 'stop'."""
 
@@ -670,12 +686,8 @@ def load_trained(workdir: str | Path) -> TrainedRun:
     raise UserError(
         f"{workdir} has no finished epoch yet (checkpoint {step} is within epoch 1): its best "
         "parameters are still the initial ones")
-  # Checkpoints from before the digest was saved are not checked.
-  if meta.get("vocab_digest", vocab_digest(corpus.vocab)) != vocab_digest(corpus.vocab):
-    raise UserError(
-        f"{workdir} was trained on another vocabulary than the corpus of "
-        f"dataset={config.dataset!r}, data_dir={config.data_dir!r} gives now (its words or "
-        "their ids differ): its scores would be of the wrong words")
+  check_vocabulary(meta, corpus.vocab, config, f"{workdir} was",
+                   ": its scores would be of the wrong words")
   return TrainedRun(config, corpus, model, jax.tree.map(jnp.asarray, params), step)
 
 
@@ -821,12 +833,8 @@ def _train_and_evaluate(
 
   def check_same_run(saved: dict[str, Any]) -> None:
     check_fixed_fields(config, saved.get("config", {}))
-    # Checkpoints from before the digest was saved are not checked.
-    if saved.get("vocab_digest", meta["vocab_digest"]) != meta["vocab_digest"]:
-      raise ConfigError(
-          f"the workdir's checkpoints were trained on another vocabulary than the corpus of "
-          f"dataset={config.dataset!r}, data_dir={config.data_dir!r} gives now (its words "
-          "or their ids differ); use the corpus they were trained on, or a new --workdir")
+    check_vocabulary(saved, corpus.vocab, config, "the workdir's checkpoints were",
+                     "; use the corpus they were trained on, or a new --workdir")
 
   restored = checkpoints.restore_latest(arrays, check_same_run)
   carry = zero_carry()
