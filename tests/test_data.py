@@ -70,6 +70,15 @@ def test_eval_windows_score_every_target_once(length, batch_size, num_steps):
   assert pairs == sorted(zip(ids[:-1].tolist(), ids[1:].tolist(), strict=True))
 
 
+def test_eval_windows_take_one_row_per_target_at_most():
+  inputs, _, weights = data.eval_windows(np.arange(11), batch_size=10, num_steps=2)
+  assert inputs.shape == (1, 10, 2) and weights.sum() == 10
+  with pytest.raises(data.DataError, match=(
+      "^eval_batch_size=11 exceeds the 10 targets of the test split: each row needs at least "
+      "one$")):
+    data.eval_windows(np.arange(11), batch_size=11, num_steps=2, split="test")
+
+
 def test_device_windows_keep_rows_with_their_process_and_device():
   windows = np.arange(3 * 8 * 2).reshape(3, 8, 2)  # [windows, batch 8, steps 2]
   for process in range(2):

@@ -68,7 +68,7 @@ def test_an_eval_batch_larger_than_the_split_is_one_line(trained_run, evaluate_c
   result = evaluate_cli(f"--workdir={trained_run[0]}", "--split=valid", "--eval_batch_size=73760")
   assert result.returncode == 2
   assert result.stderr.strip().splitlines() == [
-      "error: --eval_batch_size=73760 exceeds the 73,759 targets of the valid split: each row "
+      "error: eval_batch_size=73760 exceeds the 73,759 targets of the valid split: each row "
       "needs at least one"]
 
 

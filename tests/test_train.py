@@ -486,8 +486,8 @@ def test_an_evaluation_batch_larger_than_a_split_is_refused_before_training(tmp_
   write_tiny_corpus(tmp_path / "corpus")  # 40 lines of 8 words and <eos>: 360 tokens
   config = tiny_run_config(tmp_path / "corpus", 1)
   config.eval_batch_size = 360
-  with pytest.raises(train.ConfigError, match=(
-      "eval_batch_size=360 exceeds the 359 targets of the smaller evaluation split")):
+  with pytest.raises(data.DataError, match=(
+      "eval_batch_size=360 exceeds the 359 targets of the valid split: each row needs")):
     train.train_and_evaluate(config, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
 

@@ -283,8 +283,19 @@ def train_windows(
   return windows(rows[:, :span]), windows(rows[:, 1 : span + 1])
 
 
+def check_eval_batch_size(batch_size: int, ids: np.ndarray, split: str) -> None:
+  """Refuses more evaluation rows than `ids` (a split of N words) has targets, N - 1.
+
+  Each row needs at least one target; a larger batch only pads, and a huge one
+  exhausts memory.
+  """
+  if batch_size > len(ids) - 1:
+    raise DataError(f"eval_batch_size={batch_size} exceeds the {len(ids) - 1:,} targets of the "
+                    f"{split} split: each row needs at least one")
+
+
 def eval_windows(
-    ids: np.ndarray, batch_size: int, num_steps: int
+    ids: np.ndarray, batch_size: int, num_steps: int, split: str = "evaluation"
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Evaluation batches that score every one of the N - 1 targets.
 
@@ -295,11 +306,13 @@ def eval_windows(
 
   Args:
     ids: [N] word ids.
+    split: the split's name, for the error if `batch_size` exceeds N - 1.
 
   Returns:
     inputs, targets: [num_windows, batch_size, num_steps] int32;
     weights: the same shape, float32, 1 for a real target and 0 for padding.
   """
+  check_eval_batch_size(batch_size, ids, split)
   num_targets = len(ids) - 1
   row_len = -(-num_targets // batch_size)
   num_windows = -(-row_len // num_steps)

@@ -34,12 +34,8 @@ def main(argv: list[str]) -> None:
 
   run = train.load_trained(FLAGS.workdir)
   batch_size = FLAGS.eval_batch_size or run.config.eval_batch_size  # both are >= 1
-  ids = run.corpus.split(FLAGS.split)
-  if batch_size > len(ids) - 1:
-    raise UserError(f"--eval_batch_size={batch_size} exceeds the {len(ids) - 1:,} targets of "
-                    f"the {FLAGS.split} split: each row needs at least one")
-  perplexity, tokens = train.evaluate(run.model, run.params, ids, batch_size,
-                                      run.config.num_steps)
+  perplexity, tokens = train.evaluate(run.model, run.params, run.corpus.split(FLAGS.split),
+                                      batch_size, run.config.num_steps, FLAGS.split)
   result = {
       "split": FLAGS.split,
       "perplexity": perplexity,

@@ -347,14 +347,22 @@ def window_nll(outputs: models.LMOutputs, targets: jax.Array, weights: jax.Array
 
 
 def evaluate(
-    model: models.LSTMLanguageModel, params: Any, ids: np.ndarray, batch_size: int, num_steps: int
+    model: models.LSTMLanguageModel,
+    params: Any,
+    ids: np.ndarray,
+    batch_size: int,
+    num_steps: int,
+    split: str = "evaluation",
 ) -> tuple[float, int]:
   """Perplexity over every target token of `ids`, carrying state between windows.
 
   Returns:
     (perplexity, number of target tokens scored), the latter exactly len(ids) - 1.
+
+  Raises:
+    data.DataError: if `batch_size` exceeds len(ids) - 1 (named by `split`).
   """
-  inputs, targets, weights = data.eval_windows(ids, batch_size, num_steps)
+  inputs, targets, weights = data.eval_windows(ids, batch_size, num_steps, split)
   model = model.for_evaluation(num_steps)
   carry = model.initial_carry(batch_size)
   nll_sum = jnp.zeros((), jnp.float32)
@@ -764,11 +772,8 @@ def train_and_evaluate(
   fileio.check_writable_directory(workdir, "the workdir")
   corpus = data.load_corpus(config.dataset, config.data_dir, config.max_vocab_size)
   inputs, targets = data.train_windows(corpus.train, config.batch_size, config.num_steps)
-  scored = min(len(corpus.valid), len(corpus.test)) - 1
-  if config.eval_batch_size > scored:
-    raise ConfigError(
-        f"eval_batch_size={config.eval_batch_size} exceeds the {scored:,} targets of the "
-        "smaller evaluation split: each row needs at least one")
+  for split in ("valid", "test"):  # before training, not after it
+    data.check_eval_batch_size(config.eval_batch_size, corpus.split(split), split)
   fileio.make_run_directory(workdir)
   # Process 0 speaks for all: the others of a multi-process run share its workdir.
   lock = fileio.lock_directory(workdir) if jax.process_index() == 0 else None
