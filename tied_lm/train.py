@@ -434,6 +434,26 @@ class Interrupted(Exception):
     self.signum = signum
 
 
+def _install_handler(signums: tuple[int, ...], handler: Any) -> dict[int, Any]:
+  """Installs `handler` for each of `signums` not ignored; returns the handlers it replaced.
+
+  One process and the main thread only (Python's rule; several processes leave
+  SIGTERM to JAX's preemption service). A signal the process ignores (SIGHUP
+  under nohup) stays ignored. Give the result to `_restore_handlers`.
+  """
+  previous = {}
+  if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+    for signum in signums:
+      if signal.getsignal(signum) != signal.SIG_IGN:
+        previous[signum] = signal.signal(signum, handler)
+  return previous
+
+
+def _restore_handlers(previous: dict[int, Any]) -> None:
+  for signum, handler in previous.items():
+    signal.signal(signum, handler)
+
+
 class StopSignals:
   """Turns SIGTERM, SIGINT and SIGHUP (a closed terminal) into a stop at a step boundary.
 
@@ -447,7 +467,7 @@ class StopSignals:
 
   def __init__(self):
     self.received: int | None = None
-    self._previous = {}
+    self._previous: dict[int, Any] = {}
 
   def _handler(self, signum, frame):
     if self.received is not None:  # a second signal: give up waiting
@@ -463,15 +483,12 @@ class StopSignals:
     return self.received is not None
 
   def __enter__(self) -> "StopSignals":
-    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-      for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        if signal.getsignal(signum) != signal.SIG_IGN:  # e.g. SIGHUP under nohup
-          self._previous[signum] = signal.signal(signum, self._handler)
+    self._previous = _install_handler((signal.SIGTERM, signal.SIGINT, signal.SIGHUP),
+                                      self._handler)
     return self
 
   def __exit__(self, *exc_info) -> None:
-    for signum, handler in self._previous.items():
-      signal.signal(signum, handler)
+    _restore_handlers(self._previous)
 
 
 def check_fixed_fields(config: ml_collections.ConfigDict, saved_config: dict) -> None:
@@ -629,16 +646,11 @@ def _signals_raise() -> Iterator[None]:
   def handler(signum, frame):
     raise _Stopped(signum)
 
-  previous = {}
-  if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-      if signal.getsignal(signum) != signal.SIG_IGN:  # e.g. SIGHUP under nohup
-        previous[signum] = signal.signal(signum, handler)
+  previous = _install_handler((signal.SIGTERM, signal.SIGHUP), handler)
   try:
     yield
   finally:
-    for signum, old_handler in previous.items():
-      signal.signal(signum, old_handler)
+    _restore_handlers(previous)
 
 
 def _interrupted(signum: int, step: int, checkpoints: Checkpoints) -> Interrupted:
