@@ -34,16 +34,22 @@ def define_flags() -> None:
   flags.DEFINE_list("seeds", ["0", "1", "2"], "Initialisation seeds.")
   flags.DEFINE_integer("num_words", 20000, "Tokens of PTB train to train on.")
   flags.DEFINE_integer("hidden_size", 300, "Units (= embedding size) of each layer.")
+  flags.DEFINE_integer("batch_size", 20, "Rows of each training batch.")
+  flags.DEFINE_integer("num_steps", 35, "Unroll of each training window.")
   flags.DEFINE_integer("num_epochs", 30, "Passes over the slice.")
   flags.DEFINE_float("learning_rate", 1.0, "SGD's learning rate (gradients clipped at norm 5).")
   flags.DEFINE_string("output", str(provenance.REPO / "experiments/results/subspace_distance"),
                       "Path prefix: PREFIX.json, PREFIX.md, PREFIX.png.")
 
 
-def slice_ids(ids: np.ndarray, num_words: int) -> tuple[np.ndarray, int]:
-  """The first num_words ids, renumbered 0..V-1 over the words they use; and V."""
-  if not 2 <= num_words <= len(ids):
-    raise UserError(f"--num_words={num_words} must be in [2, {len(ids):,}] (PTB train's length)")
+def slice_ids(ids: np.ndarray, num_words: int, minimum: int) -> tuple[np.ndarray, int]:
+  """The first num_words ids, renumbered 0..V-1 over the words they use; and V.
+
+  `minimum` is the fewest that make one training batch (data.min_train_tokens).
+  """
+  if not minimum <= num_words <= len(ids):
+    raise UserError(f"--num_words={num_words} must be in [{minimum:,}, {len(ids):,}] (one "
+                    "batch of --batch_size rows of --num_steps + 1 words; PTB train's length)")
   words = np.asarray(ids[:num_words])
   used, compact = np.unique(words, return_inverse=True)
   return compact.astype(np.int32), len(used)
@@ -114,8 +120,9 @@ def main(argv: list[str]) -> None:
     raise UserError(f"every seed must be in [0, 2**32): {', '.join(FLAGS.seeds)}")
   if not (math.isfinite(FLAGS.learning_rate) and FLAGS.learning_rate > 0):
     raise UserError(f"--learning_rate={FLAGS.learning_rate} must be finite and > 0")
-  if FLAGS.hidden_size < 1:
-    raise UserError(f"--hidden_size={FLAGS.hidden_size} must be at least 1")
+  for name in ("hidden_size", "batch_size", "num_steps"):
+    if FLAGS[name].value < 1:
+      raise UserError(f"--{name}={FLAGS[name].value} must be at least 1")
   # Also refuses a folder named PREFIX.png; the folder of PREFIX is made by the JSON's write.
   prefix = provenance.output_prefix(FLAGS.output)
   summarize.pyplot()  # matplotlib missing: say so now, not after the sweep
@@ -123,7 +130,8 @@ def main(argv: list[str]) -> None:
   from tied_lm import analysis
 
   corpus = data.load_corpus("ptb")
-  ids, vocab_size = slice_ids(corpus.train, FLAGS.num_words)
+  ids, vocab_size = slice_ids(corpus.train, FLAGS.num_words,
+                             data.min_train_tokens(FLAGS.batch_size, FLAGS.num_steps))
   start = time.time()
   commit = provenance.git_commit()  # what runs, whatever HEAD is at the end
   runs = []
@@ -133,6 +141,7 @@ def main(argv: list[str]) -> None:
         run_start = time.time()
         run = analysis.train_theory_model(
             ids, vocab_size, tau=tau, beta=beta, seed=seed, hidden_size=FLAGS.hidden_size,
+            batch_size=FLAGS.batch_size, num_steps=FLAGS.num_steps,
             num_epochs=FLAGS.num_epochs, learning_rate=FLAGS.learning_rate)
         runs.append({"beta": beta, "tau": None if beta == 0 else tau, "seed": seed,
                      "cross_entropy": run.cross_entropy, "kl": run.kl,
@@ -144,6 +153,7 @@ def main(argv: list[str]) -> None:
       **provenance.header("experiments.subspace_distance", commit),
       "num_words": FLAGS.num_words,
       "vocab_size": vocab_size, "hidden_size": FLAGS.hidden_size,
+      "batch_size": FLAGS.batch_size, "num_steps": FLAGS.num_steps,
       "num_epochs": FLAGS.num_epochs, "learning_rate": FLAGS.learning_rate,
       "betas": betas, "taus": taus, "seeds": seeds, "runs": runs,
       "wall_seconds": time.time() - start,

@@ -46,8 +46,14 @@ def test_train_windows_by_hand():
   assert inputs.shape == (2, 2, 4)
 
 
-def test_train_windows_refuse_a_stream_too_short():
-  with pytest.raises(data.DataError, match="too few"):
+def test_train_windows_need_min_train_tokens():
+  assert data.min_train_tokens(batch_size=2, num_steps=4) == 10  # two rows of 4 + 1
+  inputs, targets = data.train_windows(np.arange(10), batch_size=2, num_steps=4)
+  np.testing.assert_array_equal(inputs[0], [[0, 1, 2, 3], [5, 6, 7, 8]])
+  np.testing.assert_array_equal(targets[0], [[1, 2, 3, 4], [6, 7, 8, 9]])
+  assert inputs.shape == (1, 2, 4)
+  with pytest.raises(data.DataError, match=(
+      "^9 training tokens are too few for batch_size=2 and num_steps=4: need at least 10$")):
     data.train_windows(np.arange(9), batch_size=2, num_steps=4)
 
 

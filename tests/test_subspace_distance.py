@@ -10,9 +10,13 @@ import pytest
     ("--taus=nan", "error: every β must be in [0, 1] and every τ finite and > 0\n"),
     ("--learning_rate=0", "error: --learning_rate=0.0 must be finite and > 0\n"),
     ("--hidden_size=0", "error: --hidden_size=0 must be at least 1\n"),
-    ("--num_words=1", "error: --num_words=1 must be in [2, 929,589] (PTB train's length)\n"),
-    ("--num_words=2000000",
-     "error: --num_words=2000000 must be in [2, 929,589] (PTB train's length)\n"),
+    ("--batch_size=0", "error: --batch_size=0 must be at least 1\n"),
+    ("--num_steps=-1", "error: --num_steps=-1 must be at least 1\n"),
+    # The range said [2, ...] while fewer than one batch, 720 words, failed later.
+    ("--num_words=719", "error: --num_words=719 must be in [720, 929,589] (one batch of "
+     "--batch_size rows of --num_steps + 1 words; PTB train's length)\n"),
+    ("--num_words=2000000", "error: --num_words=2000000 must be in [720, 929,589] (one batch "
+     "of --batch_size rows of --num_steps + 1 words; PTB train's length)\n"),
     ("--output=", "error: --output='' must be a file prefix, e.g. experiments/results/NAME\n"),
     # A repeated seed was trained again and counted twice in mean ± std.
     ("--seeds=0,0", "error: --seeds repeats a value: 0, 0\n"),

@@ -252,6 +252,11 @@ def load_corpus(dataset: str, data_dir: str = "", max_vocab_size: int = 0) -> Co
   return Corpus(vocab=vocab, **ids)
 
 
+def min_train_tokens(batch_size: int, num_steps: int) -> int:
+  """The fewest ids from which `train_windows` makes one window: rows of num_steps + 1."""
+  return batch_size * (num_steps + 1)
+
+
 def train_windows(
     ids: np.ndarray, batch_size: int, num_steps: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -267,13 +272,13 @@ def train_windows(
   Returns:
     inputs, targets: [num_windows, batch_size, num_steps] int32.
   """
-  row_len = len(ids) // batch_size
-  num_windows = (row_len - 1) // num_steps
-  if num_windows < 1:
+  if len(ids) < min_train_tokens(batch_size, num_steps):
     raise DataError(
         f"{len(ids)} training tokens are too few for batch_size={batch_size} and "
-        f"num_steps={num_steps}: need at least {batch_size * (num_steps + 1)}"
+        f"num_steps={num_steps}: need at least {min_train_tokens(batch_size, num_steps)}"
     )
+  row_len = len(ids) // batch_size
+  num_windows = (row_len - 1) // num_steps
   rows = np.asarray(ids[: batch_size * row_len], np.int32).reshape(batch_size, row_len)
   span = num_windows * num_steps
 
