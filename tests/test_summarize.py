@@ -108,3 +108,24 @@ def test_a_plot_path_that_is_a_folder_is_refused_before_the_table(tmp_path):
   (tmp_path / "curves.png").mkdir()  # savefig failed on it after the table was printed
   with pytest.raises(UserError, match=r"--plot=.*curves.png is a folder; name an image file"):
     summarize.check_plot_path(tmp_path / "curves.png")
+
+
+@pytest.mark.parametrize("damage,field", [
+    # An empty results.json showed the run as unfinished; a field removed was a KeyError.
+    (lambda config, results: ({**config}, {}), "'test_perplexity'"),
+    (lambda config, results: ({**config, "model": {"embed_dim": 64}}, results), "'hidden_size'"),
+    (lambda config, results: ({**config, "loss": None}, results), "'NoneType' object"),
+])
+def test_a_run_file_without_its_fields_is_one_line(two_runs, tmp_path, damage, field):
+  workdir, _ = two_runs[0]
+  edited = tmp_path / "edited"
+  edited.mkdir()
+  (edited / "metrics.jsonl").write_text((workdir / "metrics.jsonl").read_text())
+  config, results = damage(json.loads((workdir / "config.json").read_text()),
+                           json.loads((workdir / "results.json").read_text()))
+  (edited / "config.json").write_text(json.dumps(config))
+  (edited / "results.json").write_text(json.dumps(results))
+  with pytest.raises(UserError, match=(
+      rf"^{edited} holds a config.json, results.json or metrics.jsonl that is not a tied_lm "
+      rf"run's \(missing or wrong field: {field}")):
+    summarize.load_run(edited)

@@ -67,6 +67,15 @@ def load_run(workdir: Path) -> dict[str, Any]:
   epochs = reporting.read_records(workdir, "epoch")
   if not epochs:
     raise UserError(f"{workdir} has no finished epoch yet")
+  try:
+    return _summary(workdir, config, results, epochs)
+  except (KeyError, TypeError, AttributeError) as error:  # a file edited or written by another tool
+    raise UserError(f"{workdir} holds a config.json, results.json or metrics.jsonl that is not "
+                    f"a tied_lm run's (missing or wrong field: {error})") from None
+
+
+def _summary(workdir: Path, config: dict[str, Any], results: dict[str, Any] | None,
+             epochs: list[dict[str, Any]]) -> dict[str, Any]:
   best = min(epochs, key=lambda r: r["valid_perplexity"])
   size, variant = describe(config)
   return {
@@ -77,9 +86,9 @@ def load_run(workdir: Path) -> dict[str, Any]:
       "epochs": len(epochs),
       "best_valid_perplexity": best["valid_perplexity"],
       "best_epoch": best["epoch"],
-      "test_perplexity": results["test_perplexity"] if results else None,
-      "test_tokens_scored": results["test_tokens_scored"] if results else None,
-      "num_params": results["num_params"] if results else None,
+      "test_perplexity": None if results is None else results["test_perplexity"],
+      "test_tokens_scored": None if results is None else results["test_tokens_scored"],
+      "num_params": None if results is None else results["num_params"],
       # The median, as results.json takes it.
       "tokens_per_second": statistics.median(r["train_tokens_per_second"] for r in epochs),
       "wall_seconds": epochs[-1]["wall_seconds"],
