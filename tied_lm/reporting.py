@@ -99,11 +99,11 @@ class Reporter:
         writer and sys.stdout.isatty() if progress_bar is None else progress_bar
     )
     self._bar = None
-    self._epoch = self._num_steps = self._first_step = 0
+    self._num_steps = self._first_step = 0
     self._epoch_start = 0.0
 
   def start_epoch(self, epoch: int, num_steps: int, first_step: int) -> None:
-    self._epoch, self._num_steps, self._first_step = epoch, num_steps, first_step
+    self._num_steps, self._first_step = num_steps, first_step
     self._epoch_start = time.time()
     if self._progress_bar:
       self._bar = tqdm.tqdm(
