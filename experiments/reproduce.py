@@ -116,6 +116,23 @@ def parse_run_name(name: str) -> tuple[tuple[str, str, str], str] | None:
   return (model, tag) if model in _GRID else None
 
 
+def misplaced(name: str, report: dict[str, Any]) -> str | None:
+  """Why a run's report does not belong under its grid name (a folder renamed or copied), or None.
+
+  The name's dataset and variant (tied or not, augmented loss or not) must be the
+  report's; its size and output bias may differ, through --set or --sweep.
+  """
+  parsed = parse_run_name(name)
+  if parsed is None:
+    return None
+  (dataset, _, variant), _ = parsed
+  found = (str(report.get("dataset")), re.split(r"[+-]", str(report.get("variant")))[0])
+  if found != (dataset, variant):
+    return (f"{name} holds a {found[0]} {found[1]} run, not the {dataset} {variant} its name "
+            "says; rename it")
+  return None
+
+
 def sweep_points(sweeps: list[str]) -> list[tuple[str, list[str]]]:
   """['loss.tau=5,10', 'loss.gamma=0.5'] -> [('tau5_gamma0.5', [overrides]), ...].
 
@@ -518,7 +535,16 @@ def write_reports(root: Path, results_dir: Path) -> None:
     workdirs = []
   for workdir in (p for p in workdirs if (p / "results.json").is_file() or (
       (p / "metrics.jsonl").is_file() and reporting.read_records(p, "epoch"))):
-    report = run_report(workdir)
+    try:
+      report = run_report(workdir)
+    except (OSError, KeyError, TypeError, AttributeError, IndexError) as error:
+      # A folder copied in part, or another tool's files.
+      print(f"skipped {workdir}: not a complete tied_lm run ({type(error).__name__}: {error})",
+            file=sys.stderr)
+      continue
+    if reason := misplaced(workdir.name, report):
+      print(f"skipped {workdir}: {reason}", file=sys.stderr)
+      continue
     output = results_dir / f"{workdir.name}.json"
     if not report["complete"] and output.is_file() and fileio.read_json(
         output).get("complete", True):
@@ -532,10 +558,13 @@ def write_reports(root: Path, results_dir: Path) -> None:
     if parsed is None:
       continue
     model, tag = parsed
-    if tag:
-      swept[path.stem] = fileio.read_json(path)
+    report = fileio.read_json(path)
+    if reason := misplaced(path.stem, report):
+      print(f"skipped {path}: {reason}", file=sys.stderr)
+    elif tag:
+      swept[path.stem] = report
     else:
-      reports[model] = fileio.read_json(path)
+      reports[model] = report
   if swept:
     atomic_write(results_dir / "SWEEP.md", sweep_table(swept, reports))
     print(f"wrote {results_dir / 'SWEEP.md'}")

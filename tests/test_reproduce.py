@@ -152,7 +152,8 @@ def test_sweep_table_ranks_each_model_by_validation_with_its_untagged_run():
 
 
 def _report(valid, test, seed=0, **extra):
-  return {"valid_perplexity": valid, "test_perplexity": test, "eval_batch_size": 10,
+  return {"dataset": "ptb", "variant": "real", "valid_perplexity": valid,
+          "test_perplexity": test, "eval_batch_size": 10,
           "num_params": 13.3e6, "epochs": 60, "best_epoch": 58, "config": {"seed": seed},
           "hardware": {"device_kind": "cpu"}, "wall_seconds": 75.0, **extra}
 
@@ -322,32 +323,59 @@ def test_a_report_credits_the_launch_that_trained_not_a_later_reevaluation(
 def test_a_run_still_training_gets_a_partial_report_that_never_replaces_a_finished_one(
     trained_run, tmp_path):
   root, results_dir = tmp_path / "runs", tmp_path / "results"
-  for name in ("ptb_small_al_gamma6.5", "ptb_small_vd"):
+  for name in ("ptb_small_real_gamma6.5", "ptb_small_real"):
     shutil.copytree(trained_run[0], root / name)
     (root / name / "results.json").unlink()  # as if stopped after epoch 1 of 40
     config = json.loads((root / name / "config.json").read_text())
     (root / name / "config.json").write_text(json.dumps({**config, "num_epochs": 40}))
   results_dir.mkdir()
   finished = {**reproduce.run_report(trained_run[0]), "valid_perplexity": 123.0}
-  (results_dir / "ptb_small_vd.json").write_text(json.dumps(finished))
+  (results_dir / "ptb_small_real.json").write_text(json.dumps(finished))
 
   reproduce.write_reports(root, results_dir)
-  report = json.loads((results_dir / "ptb_small_al_gamma6.5.json").read_text())
+  report = json.loads((results_dir / "ptb_small_real_gamma6.5.json").read_text())
   assert report["complete"] is False and report["num_epochs"] == 40
   assert report["test_perplexity"] is None
   # From the launch record, as the finished run counted them.
   assert report["num_params"] == trained_run[1]["num_params"] > 0
   assert report["valid_perplexity"] == pytest.approx(trained_run[1]["valid_perplexity"])
   assert report["epochs"] == report["best_epoch"] == 1
-  launches = (root / "ptb_small_al_gamma6.5" / "launches.jsonl").read_text().splitlines()
+  launches = (root / "ptb_small_real_gamma6.5" / "launches.jsonl").read_text().splitlines()
   assert report["commands"] == [json.loads(line) for line in launches]
   assert report["versions"] == provenance.versions()
   assert report["hardware"]["devices"] == 2  # conftest's two host devices
   sweep = (results_dir / "SWEEP.md").read_text()
-  assert (f"| ptb_small_al_gamma6.5 | {report['valid_perplexity']:.2f} (1) | - | - "
+  assert (f"| ptb_small_real_gamma6.5 | {report['valid_perplexity']:.2f} (1) | - | - "
           "| 1 of 40, partial |") in sweep
-  assert json.loads((results_dir / "ptb_small_vd.json").read_text()) == finished
-  assert "| small | VD | 92.6 / 87.3 | 123.0 / " in (results_dir / "TABLE.md").read_text()
+  assert json.loads((results_dir / "ptb_small_real.json").read_text()) == finished
+  assert "| small | REAL | 86.3 / 82.7 | 123.0 / " in (results_dir / "TABLE.md").read_text()
+
+
+def test_a_misnamed_or_partly_copied_run_is_skipped_not_tabled(trained_run, tmp_path, capsys):
+  # The tiny run is PTB, tied, augmented: a REAL run. Named as VD, its numbers were
+  # tabled as VD's; copied without config.json, the report was a traceback.
+  root, results_dir = tmp_path / "runs", tmp_path / "results"
+  shutil.copytree(trained_run[0], root / "ptb_small_vd")
+  shutil.copytree(trained_run[0], root / "wikitext2_small_real_seed1")
+  (root / "ptb_small_al").mkdir(parents=True)
+  shutil.copy(trained_run[0] / "metrics.jsonl", root / "ptb_small_al")
+  results_dir.mkdir()
+  renamed = {**reproduce.run_report(trained_run[0]), "dataset": "wikitext2"}
+  (results_dir / "ptb_small_re.json").write_text(json.dumps(renamed))
+  reproduce.write_reports(root, results_dir)
+  assert capsys.readouterr().err.splitlines() == [
+      f"skipped {root / 'ptb_small_al'}: not a complete tied_lm run (FileNotFoundError: "
+      f"[Errno 2] No such file or directory: '{root / 'ptb_small_al' / 'config.json'}')",
+      f"skipped {root / 'ptb_small_vd'}: ptb_small_vd holds a ptb real run, not the ptb vd its "
+      "name says; rename it",
+      f"skipped {root / 'wikitext2_small_real_seed1'}: wikitext2_small_real_seed1 holds a ptb "
+      "real run, not the wikitext2 real its name says; rename it",
+      f"skipped {results_dir / 'ptb_small_re.json'}: ptb_small_re holds a wikitext2 real run, "
+      "not the ptb re its name says; rename it"]
+  assert sorted(p.name for p in results_dir.glob("*.json")) == ["ptb_small_re.json"]
+  table = (results_dir / "TABLE.md").read_text()
+  assert "| small | VD | 92.6 / 87.3 | not run" in table
+  assert "| small | RE | 89.9 / 85.1 | not run" in table
 
 
 def test_a_failed_rescore_is_one_line(tmp_path, capfd):
