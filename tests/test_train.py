@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 
 import flax
@@ -508,6 +509,25 @@ def test_a_resume_on_another_vocabulary_is_refused_and_leaves_the_run_as_it_was(
       "dataset='text', data_dir=.*other' gives now")):
     train.train_and_evaluate(tiny_run_config(other, 2), str(run))
   assert {name: (run / name).read_bytes() for name in saved} == saved
+
+
+@pytest.mark.parametrize("edit,difference", [
+    ({"output_bias": True}, "model.output_bias=True (checkpoint: False)"),
+    ({"hidden_size": 100, "embed_dim": 100},
+     "model.embed_dim=100 (checkpoint: 64), model.hidden_size=100 (checkpoint: 64)"),
+])
+def test_a_reader_refuses_a_config_json_that_is_not_its_checkpoints(
+    trained_run, tmp_path, edit, difference):
+  # config.json edited, or copied from another run: flax's ScopeParam tracebacks before.
+  run = tmp_path / "run"
+  shutil.copytree(trained_run[0], run)
+  config = json.loads((run / "config.json").read_text())
+  (run / "config.json").write_text(json.dumps({**config, "model": {**config["model"], **edit}}))
+  step = train.Checkpoints(run, read_only=True).restore_best_params()[0]
+  with pytest.raises(train.ConfigError, match=re.escape(
+      f"{run / 'config.json'} does not match checkpoint {step}: {difference}; restore the "
+      "run's own config.json")):
+    train.load_trained(run)
 
 
 def test_a_reader_refuses_a_changed_corpus_a_bad_config_and_a_run_without_an_epoch(

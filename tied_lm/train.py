@@ -491,20 +491,26 @@ class StopSignals:
     _restore_handlers(self._previous)
 
 
-def check_fixed_fields(config: ml_collections.ConfigDict, saved_config: dict) -> None:
-  """Refuses to resume from a workdir whose checkpoints differ in a FIXED_FIELDS field."""
-  differences = []
-  for field in FIXED_FIELDS:
-    ours, theirs = config, saved_config
+def check_fixed_fields(
+    config: ml_collections.ConfigDict, saved_config: dict,
+    subject: str = "the workdir holds checkpoints of another run",
+    remedy: str = "use a new --workdir or the checkpoint's values",
+) -> None:
+  """Raises ConfigError if `config` and a checkpoint's config differ in a FIXED_FIELDS field.
+
+  A field missing on one side is None there.
+  """
+
+  def value(tree: Any, field: str) -> Any:
     for part in field.split("."):
-      ours, theirs = ours[part], theirs.get(part) if isinstance(theirs, dict) else None
-    if ours != theirs:
-      differences.append(f"{field}={ours!r} (checkpoint: {theirs!r})")
+      tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+  ours = config.to_dict()
+  differences = [f"{field}={value(ours, field)!r} (checkpoint: {value(saved_config, field)!r})"
+                 for field in FIXED_FIELDS if value(ours, field) != value(saved_config, field)]
   if differences:
-    raise ConfigError(
-        "the workdir holds checkpoints of another run: " + ", ".join(differences)
-        + "; use a new --workdir or the checkpoint's values"
-    )
+    raise ConfigError(f"{subject}: {', '.join(differences)}; {remedy}")
 
 
 def train_epoch(
@@ -702,6 +708,9 @@ def load_trained(workdir: str | Path) -> TrainedRun:
   corpus = data.load_corpus(config.dataset, config.data_dir, config.max_vocab_size)
   model = make_model(config, corpus.vocab_size)
   step, params, meta = Checkpoints(workdir, read_only=True).restore_best_params()
+  if "config" in meta:  # config.json edited, or checkpoints copied from another run
+    check_fixed_fields(config, meta["config"], f"{config_file} does not match checkpoint {step}",
+                       "restore the run's own config.json")
   if meta.get("best_epoch") == 0:
     raise UserError(
         f"{workdir} has no finished epoch yet (checkpoint {step} is within epoch 1): its best "
