@@ -2,6 +2,7 @@
 
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -65,3 +66,14 @@ def test_damaged_json_is_one_line_naming_the_file_and_a_torn_append_is_skipped(t
   lines.write_text('{"a": 1}\n{"a": 2, \n{"a": 3}\n')
   with pytest.raises(UserError, match=r"launches.jsonl is damaged: line 2 is not JSON"):
     fileio.read_json_lines(lines, appended=True)
+
+
+def test_a_folder_that_cannot_be_written_is_refused_even_for_root(tmp_path):
+  # os.access says yes to root under /proc and /sys, where nothing can be made; the
+  # commands then failed with a traceback after their work.
+  for folder in (Path("/proc/tied_lm_output"), Path("/proc/self")):
+    with pytest.raises(UserError, match=rf"^cannot write --root {folder}: /proc(/self)? is not "
+                       r"writable \("):
+      fileio.check_writable_directory(folder, "--root")
+  fileio.check_writable_directory(tmp_path / "new" / "runs", "--root")
+  assert list(tmp_path.iterdir()) == []  # the probe leaves nothing behind

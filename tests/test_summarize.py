@@ -1,6 +1,7 @@
 """The run table: its numbers, the paper's names, plots and one-line errors."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -108,6 +109,15 @@ def test_a_plot_path_that_is_a_folder_is_refused_before_the_table(tmp_path):
   (tmp_path / "curves.png").mkdir()  # savefig failed on it after the table was printed
   with pytest.raises(UserError, match=r"--plot=.*curves.png is a folder; name an image file"):
     summarize.check_plot_path(tmp_path / "curves.png")
+  with pytest.raises(UserError, match=(  # the same, where root passed an access test
+      r"^cannot write the folder of --plot /proc: /proc is not writable")):
+    summarize.check_plot_path(Path("/proc/curves.png"))
+
+
+def test_a_blank_plot_path_is_refused_not_ignored(two_runs, summarize_cli):
+  result = summarize_cli(two_runs[0][0], "--plot=")
+  assert result.returncode == 2 and result.stdout == ""
+  assert result.stderr.strip().splitlines() == ["error: flag --plot=: is empty: name an image file"]
 
 
 @pytest.mark.parametrize("damage,field", [

@@ -77,10 +77,10 @@ def require_values(*names: str) -> None:
     flags.register_validator(name, bool, message="needs at least one value")
 
 
-def require_name(name: str, what: str) -> None:
+def require_name(name: str, what: str, optional: bool = False) -> None:
   """A string flag that names something (a folder, a file): required unless it has a
-  default, and refused at parse time, in one line, when blank."""
-  if flags.FLAGS[name].default is None:
+  default or is `optional`, and refused at parse time, in one line, when blank."""
+  if flags.FLAGS[name].default is None and not optional:
     flags.mark_flag_as_required(name)
   flags.register_validator(name, lambda value: value is None or bool(value.strip()),
                            message=f"is empty: name {what}")

@@ -77,11 +77,14 @@ def check_writable_directory(directory: Path, what: str) -> None:
   existing = directory
   while not existing.exists():
     existing = existing.parent
-  if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-    raise UserError(
-        f"cannot write {what} {directory}: {existing} is "
-        + ("not a directory" if not existing.is_dir() else "not writable")
-    )
+  if not existing.is_dir():
+    raise UserError(f"cannot write {what} {directory}: {existing} is not a directory")
+  try:  # by trying: root passes os.access even where nothing can be made (/proc, /sys)
+    with tempfile.TemporaryFile(dir=existing):
+      pass
+  except OSError as error:
+    raise UserError(f"cannot write {what} {directory}: {existing} is not writable "
+                    f"({error.strerror or error})") from None
 
 
 # What a run directory holds, by kind: a stray file or folder under one of these

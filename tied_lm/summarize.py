@@ -17,7 +17,7 @@ from absl import app, flags
 
 from tied_lm import errors, reporting
 from tied_lm.errors import UserError
-from tied_lm.fileio import read_json
+from tied_lm.fileio import check_writable_directory, read_json
 
 FLAGS = flags.FLAGS
 
@@ -27,6 +27,7 @@ def define_flags() -> None:
   flags.DEFINE_string(
       "plot", None, "Also draw the runs' validation curves into this image (.png, .pdf or .svg)."
   )
+  errors.require_name("plot", "an image file", optional=True)
 
 # (hidden size -> name) and ((tie, bias, augmented) -> name) as in configs/paper.py;
 # tests/test_summarize.py checks that the two agree.
@@ -121,6 +122,7 @@ def check_plot_path(path: Path) -> None:
     raise UserError(f"--plot={path}: no directory {path.parent}")
   if path.is_dir():
     raise UserError(f"--plot={path} is a folder; name an image file")
+  check_writable_directory(path.parent, "the folder of --plot")
 
 
 def pyplot() -> Any:
