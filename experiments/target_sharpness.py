@@ -71,8 +71,12 @@ def main(argv: list[str]) -> None:
     taus = [float(t) for t in FLAGS.taus]
   except ValueError as error:
     raise UserError(f"--taus: {error}") from None
-  if any(not (math.isfinite(t) and t > 0) for t in taus):
-    raise UserError(f"--taus={','.join(FLAGS.taus)}: every τ must be finite and positive")
+  from tied_lm import losses  # JAX: after the flags, so that --help answers without it
+
+  if not all(map(losses.is_temperature, taus)):
+    low, high = losses.TEMPERATURE_RANGE
+    raise UserError(f"--taus={','.join(FLAGS.taus)}: every τ must be in [{low:.3g}, "
+                    f"{high:.3g}] (float32's positive normal numbers)")
   prefix = provenance.output_prefix(FLAGS.output)  # before the runs are scored
   rows = [row for workdir in FLAGS.workdirs for row in run_rows(workdir, taus)]
   markdown = table(rows)

@@ -5,8 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tied_lm import sample, train
+from tied_lm import losses, sample, train
 from tied_lm.errors import UserError
+
+FLOAT32_RANGE = "[1.18e-38, 3.4e+38] (float32's positive normal numbers)"
 
 
 @pytest.fixture
@@ -52,7 +54,9 @@ def test_sampling_is_deterministic_per_seed_and_maps_unknown_words(trained_run, 
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--temperature=0"], "temperature=0.0 must be a finite number > 0"),
+    (["--temperature=0"], f"temperature=0.0 must be in {FLOAT32_RANGE}"),
+    # 0 in float32: every word was id 0.
+    (["--temperature=1e-50"], f"temperature=1e-50 must be in {FLOAT32_RANGE}"),
     (["--top_k=-1"], "top_k=-1 must be in [0, 10000]"),
     (["--prompt= "], "the prompt is empty"),
     (["--seed=99999999999999999999"],
@@ -67,10 +71,19 @@ def test_bad_sampling_arguments_are_one_line(trained_run, args, message, sample_
 
 def test_a_nan_temperature_and_a_negative_length_are_refused(trained_run):
   run = train.load_trained(trained_run[0])
-  with pytest.raises(UserError, match="temperature=nan must be a finite number > 0"):
+  with pytest.raises(UserError, match=r"temperature=nan must be in \[1.18e-38, 3.4e\+38\]"):
     sample.generate(run, "the", 5, float("nan"), 0, 0)
   with pytest.raises(UserError, match="num_words=-3 must be >= 0"):
     sample.generate(run, "the", -3, 1.0, 0, 0)
+
+
+def test_the_smallest_temperature_samples_the_most_likely_word():
+  # Unshifted, 4.5 / 1.18e-38 and 5.0 / 1.18e-38 both overflowed to inf: a tie.
+  logits = jnp.array([4.5, 5.0, -2.0])
+  temperature = losses.TEMPERATURE_RANGE[0]
+  words = [int(sample.sample_word(jax.random.key(seed), logits, temperature, 0))
+           for seed in range(20)]
+  assert words == [1] * 20
 
 
 def test_a_bfloat16_trained_run_samples_from_its_float32_logits(trained_run, monkeypatch):

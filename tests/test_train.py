@@ -212,8 +212,8 @@ def test_evaluation_with_batch_one_equals_scoring_the_whole_stream_at_once():
         ("num_steps", 0, "num_steps=0 must be positive"),
         ("model.input_dropout", 1.0, r"model.input_dropout=1.0 is a drop probability in \[0, 1\)"),
         ("model.hidden_size", 16, "tie_embeddings needs model.hidden_size == model.embed_dim"),
-        ("loss.tau", 0.0, "loss.tau=0.0 must be > 0"),
-        ("loss.tau", -1.0, "loss.tau=-1.0 must be > 0"),
+        ("loss.tau", 0.0, r"loss.tau=0.0 must be in \[1.18e-38"),
+        ("loss.tau", -1.0, r"loss.tau=-1.0 must be in \[1.18e-38"),
         ("loss.augmented_form", "js",
          "loss.augmented_form='js' must be one of kl, cross_entropy"),
         ("loss.kl_output_bias", True,
@@ -237,7 +237,9 @@ def test_evaluation_with_batch_one_equals_scoring_the_whole_stream_at_once():
         # inf passes "> 0": an infinite learning rate saved an infinite state.
         ("optim.learning_rate", float("inf"), "optim.learning_rate=inf must be finite"),
         ("optim.clip_norm", float("inf"), "optim.clip_norm=inf must be finite"),
-        ("loss.tau", float("inf"), "loss.tau=inf must be finite"),
+        ("loss.tau", float("inf"), r"loss.tau=inf must be in \[1.18e-38, 3.4e\+38\] \(float32's"),
+        # 0 or subnormal in float32: NaN losses.
+        ("loss.tau", 1e-39, r"loss.tau=1e-39 must be in \[1.18e-38, 3.4e\+38\] \(float32's"),
         ("loss.gamma", float("inf"), "loss.gamma=inf must be finite"),
         ("model.init_scale", float("inf"), "model.init_scale=inf must be finite"),
         ("seed", 2**63 - 1, r"seed=9223372036854775807 must be in \[0, 2\*\*63 - 1\)"),

@@ -19,6 +19,15 @@ import jax.numpy as jnp
 
 from tied_lm.models import output_scores
 
+# Temperatures the float32 losses can divide by: float32's normal numbers > 0. A
+# smaller one is 0 or subnormal there (logits / tau then inf or NaN), a larger one inf.
+TEMPERATURE_RANGE = (float(jnp.finfo(jnp.float32).tiny), float(jnp.finfo(jnp.float32).max))
+
+
+def is_temperature(value: float) -> bool:
+  """Whether `value` lies in TEMPERATURE_RANGE (NaN does not)."""
+  return TEMPERATURE_RANGE[0] <= value <= TEMPERATURE_RANGE[1]
+
 
 def _at_least_float32(x: jax.Array) -> jax.Array:
   """bf16/fp16 inputs are upcast so that losses are always computed in >= fp32."""

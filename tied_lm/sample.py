@@ -10,7 +10,6 @@ seed gives the same text.
 """
 
 import functools
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags, logging
 
-from tied_lm import data, errors, models, train
+from tied_lm import data, errors, losses, models, train
 from tied_lm.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -29,7 +28,8 @@ def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "A run directory of tied_lm.main.")
   flags.DEFINE_string("prompt", "the", "Words to start from, separated by spaces.")
   flags.DEFINE_integer("num_words", 50, "How many words to generate.")
-  flags.DEFINE_float("temperature", 1.0, "Softmax temperature (> 0); lower is more conservative.")
+  flags.DEFINE_float("temperature", 1.0,
+                     "Softmax temperature, in [1.18e-38, 3.4e+38]; lower is more conservative.")
   flags.DEFINE_integer("top_k", 0, "Sample among the k most likely words only (0: all).")
   flags.DEFINE_integer("seed", 0, "Random seed.", lower_bound=0, upper_bound=2**63 - 1)
   errors.require_name("workdir", "a run directory of tied_lm.main")
@@ -47,7 +47,9 @@ def next_word_logits(
 @functools.partial(jax.jit, static_argnames="top_k")
 def sample_word(key: jax.Array, logits: jax.Array, temperature: float, top_k: int) -> jax.Array:
   """A word id from softmax(logits / temperature), among the top_k most likely (0: all)."""
-  logits = logits / temperature
+  # Shifted so that none overflows: at a tiny temperature the top word keeps 0 and the
+  # others go to -inf, which is greedy decoding.
+  logits = (logits - jnp.max(logits)) / temperature
   if top_k:
     kth_largest = jax.lax.top_k(logits, top_k)[0][-1]
     logits = jnp.where(logits >= kth_largest, logits, -jnp.inf)
@@ -72,8 +74,10 @@ def generate(
     run: train.TrainedRun, prompt: str, num_words: int, temperature: float, top_k: int, seed: int
 ) -> list[str]:
   """The generated words (without the prompt)."""
-  if not (math.isfinite(temperature) and temperature > 0):  # nan <= 0 is False
-    raise UserError(f"temperature={temperature} must be a finite number > 0")
+  if not losses.is_temperature(temperature):  # 1e-50 was 0 in float32: word id 0 each time
+    low, high = losses.TEMPERATURE_RANGE
+    raise UserError(f"temperature={temperature} must be in [{low:.3g}, {high:.3g}] (float32's "
+                    "positive normal numbers)")
   if num_words < 0:
     raise UserError(f"num_words={num_words} must be >= 0")
   if not 0 <= top_k <= run.corpus.vocab_size:

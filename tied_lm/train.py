@@ -43,6 +43,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
   Args:
     num_devices: the global device count the batch is split over.
   """
+  low_tau, high_tau = losses.TEMPERATURE_RANGE
   checks = [
       (config.dataset in data.DATASETS,
        f"dataset={config.dataset!r} is unknown; choose one of {', '.join(data.DATASETS)}"),
@@ -85,7 +86,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
       (config.model.lstm_implementation != "cudnn" or config.model.compute_dtype == "float32",
        "model.lstm_implementation='cudnn' runs in float32 only; set "
        "model.compute_dtype=float32"),
-      (config.loss.tau > 0, f"loss.tau={config.loss.tau} must be > 0"),
+      (losses.is_temperature(config.loss.tau),
+       f"loss.tau={config.loss.tau} must be in [{low_tau:.3g}, {high_tau:.3g}] (float32's "
+       "positive normal numbers)"),
       (config.loss.gamma >= 0, f"loss.gamma={config.loss.gamma} must be >= 0"),
       (config.loss.augmented_form in losses.AUGMENTED_FORMS,
        f"loss.augmented_form={config.loss.augmented_form!r} must be one of "
@@ -103,7 +106,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     checks.append((0 <= rate < 1, f"model.{name}={rate} is a drop probability in [0, 1)"))
   # inf passes the comparisons above; an infinite learning rate, say, makes the first
   # update infinite while its loss is still finite.
-  for field in ("model.init_scale", "loss.tau", "loss.gamma", "optim.learning_rate",
+  for field in ("model.init_scale", "loss.gamma", "optim.learning_rate",
                 "optim.clip_norm"):
     section, name = field.split(".")
     value = config[section][name]
