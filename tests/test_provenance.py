@@ -60,6 +60,14 @@ def test_output_prefixes_keep_their_dots_and_bad_ones_are_refused(tmp_path):
     with pytest.raises(UserError, match=message):
       provenance.output_prefix(bad)
   assert not (tmp_path / "taken.json").exists()
+  # target_sharpness --output=RUN/config replaced the run's config.json, exit 0.
+  (tmp_path / "run").mkdir()
+  (tmp_path / "run" / "config.json").write_text("{}")
+  with pytest.raises(UserError, match=(
+      f"^--output={tmp_path / 'run' / 'config'} would replace {tmp_path / 'run' / 'config.json'}, "
+      "a run's own file; name another prefix$")):
+    provenance.output_prefix(str(tmp_path / "run" / "config"))
+  assert provenance.output_prefix(str(tmp_path / "run" / "results")) == tmp_path / "run/results"
   # A JSON file's path ending in a separator names a folder, not a file called so.
   with pytest.raises(UserError, match="is a folder; name a JSON file in it"):
     provenance.output_file(f"{tmp_path}/new/", "a JSON file")

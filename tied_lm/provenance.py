@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from tied_lm.errors import UserError
-from tied_lm.fileio import atomic_write, check_writable_directory
+from tied_lm.fileio import RUN_DIRECTORY_LAYOUT, atomic_write, check_writable_directory
 
 # The checkout holding this package (an installed copy has no git: commit "unknown").
 # The experiments use it as their checkout too: `python -m experiments.X` runs from a
@@ -143,8 +143,12 @@ def output_prefix(value: str) -> Path:
   # A folder in the way of one output would fail the command after the work, with the
   # other outputs already written.
   for extension in OUTPUT_EXTENSIONS:
-    if with_extension(prefix, extension).is_dir():
-      raise UserError(f"--output={value}: {with_extension(prefix, extension)} is a folder")
+    output = with_extension(prefix, extension)
+    if output.is_dir():
+      raise UserError(f"--output={value}: {output} is a folder")
+    if output.name in RUN_DIRECTORY_LAYOUT and output.exists():  # PREFIX = RUN/config
+      raise UserError(f"--output={value} would replace {output}, a run's own file; name "
+                      "another prefix")
   return prefix
 
 
