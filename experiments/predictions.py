@@ -13,7 +13,6 @@ words in its top ten. Writes JSON and a Markdown table (--output prefix).
 
 import collections
 import time
-from pathlib import Path
 
 from absl import app, flags
 
@@ -65,17 +64,21 @@ def describe_run(workdir: str, prompts: list[str], num_frequent: int) -> dict:
 
 
 def markdown(runs: list[dict]) -> str:
-  words = list(runs[0]["average_probability"])
+  """The runs' average probabilities (a column per word any run tracks; '-' where a run,
+  of another corpus, does not) and top-10 lists, each labelled by run and variant."""
+  words = list(dict.fromkeys(w for run in runs for w in run["average_probability"]))
+  labels = summarize.run_labels([run["workdir"] for run in runs])
   lines = ["| run | variant | " + " | ".join(f"p({w})" for w in words) + " |",
            "|---|---|" + "---|" * len(words)]
-  for run in runs:
-    cells = " | ".join(f"{run['average_probability'].get(w, float('nan')):.4f}" for w in words)
-    lines.append(f"| {Path(run['workdir']).name} | {run['variant']} | {cells} |")
+  for run, label in zip(runs, labels, strict=True):
+    probabilities = run["average_probability"]
+    cells = " | ".join(f"{probabilities[w]:.4f}" if w in probabilities else "-" for w in words)
+    lines.append(f"| {label} | {run['variant']} | {cells} |")
   for prompt in runs[0]["top_next_words"]:
     lines += ["", f"Top 10 after *{prompt}*:", ""]
-    for run in runs:
+    for run, label in zip(runs, labels, strict=True):
       top = ", ".join(f"{word} {p:.3f}" for word, p in run["top_next_words"][prompt])
-      lines.append(f"- {run['variant']}: {top}")
+      lines.append(f"- {label} ({run['variant']}): {top}")
   return "\n".join(lines)
 
 

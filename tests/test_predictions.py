@@ -37,3 +37,26 @@ def test_bad_flags_are_one_line_before_any_run_is_read(flag, message, tmp_path, 
   result = run_module("experiments.predictions", f"--workdirs={tmp_path}", flag)
   assert result.returncode == 2
   assert result.stderr.strip().splitlines() == [message]
+
+
+def test_the_table_shows_each_runs_own_words_and_labels_lists_by_run():
+  # The columns came from the first run (a WikiText-2 run's p(<eos>) read nan and its own
+  # words were left out), and the top-10 lists were labelled by variant alone.
+  from experiments import predictions
+
+  runs = [{"workdir": "/r/a/run", "variant": "real",
+           "average_probability": {"<unk>": 0.05, "the": 0.04},
+           "top_next_words": {"in new york": [("city", 0.5)]}},
+          {"workdir": "/r/b/run", "variant": "real",
+           "average_probability": {"<unk>": 0.02, ",": 0.03},
+           "top_next_words": {"in new york": [("stock", 0.25)]}}]
+  assert predictions.markdown(runs).splitlines() == [
+      "| run | variant | p(<unk>) | p(the) | p(,) |",
+      "|---|---|---|---|---|",
+      "| /r/a/run | real | 0.0500 | 0.0400 | - |",
+      "| /r/b/run | real | 0.0200 | - | 0.0300 |",
+      "",
+      "Top 10 after *in new york*:",
+      "",
+      "- /r/a/run (real): city 0.500",
+      "- /r/b/run (real): stock 0.250"]

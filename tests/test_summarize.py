@@ -139,3 +139,11 @@ def test_a_run_file_without_its_fields_is_one_line(two_runs, tmp_path, damage, f
       rf"^{edited} holds a config.json, results.json or metrics.jsonl that is not a tied_lm "
       rf"run's \(missing or wrong field: {field}")):
     summarize.load_run(edited)
+
+
+def test_run_labels_tell_runs_apart(tmp_path, monkeypatch):
+  # "." gave a blank run cell; a/run and b/run gave two rows named "run".
+  (tmp_path / "ptb_small_vd").mkdir()
+  monkeypatch.chdir(tmp_path / "ptb_small_vd")
+  assert summarize.run_labels([".", "../other"]) == ["ptb_small_vd", "other"]
+  assert summarize.run_labels(["a/run", "b/run"]) == ["a/run", "b/run"]

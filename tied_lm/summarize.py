@@ -97,6 +97,13 @@ def _summary(workdir: Path, config: dict[str, Any], results: dict[str, Any] | No
   }
 
 
+def run_labels(workdirs: list[str]) -> list[str]:
+  """Names that tell the runs apart: each folder's name ('.' resolved), or the paths as
+  given where two folders share a name (a/run, b/run)."""
+  names = [Path(w).expanduser().resolve().name or str(w) for w in workdirs]
+  return names if len(set(names)) == len(names) else [str(w) for w in workdirs]
+
+
 def table(runs: list[dict[str, Any]]) -> str:
   """The runs as a Markdown table."""
   header = ("run", "dataset", "size", "variant", "epochs", "best valid ppl (epoch)",
@@ -168,7 +175,8 @@ def main(argv: list[str]) -> None:
     raise UserError("usage: python -m tied_lm.summarize WORKDIR [WORKDIR...] [--plot=F]")
   if FLAGS.plot:
     check_plot_path(Path(FLAGS.plot))
-  runs = [load_run(Path(directory)) for directory in argv[1:]]
+  runs = [{**load_run(Path(directory)), "run": label}
+          for directory, label in zip(argv[1:], run_labels(argv[1:]), strict=True)]
   print(table(runs))
   if FLAGS.plot:
     plot_curves(runs, Path(FLAGS.plot))
