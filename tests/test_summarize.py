@@ -76,13 +76,29 @@ def test_a_run_in_progress_has_no_test_perplexity(two_runs, tmp_path):
 @pytest.mark.parametrize("make,message", [
     (lambda d: None, "is not a directory"),
     (lambda d: d.mkdir(), "is not a tied_lm run (no config.json or results.json)"),
+    # It said "has no finished epoch yet".
+    (lambda d: [d.mkdir(), (d / "config.json").write_text("{}"), (d / "metrics.jsonl").mkdir()],
+     "/metrics.jsonl is not a file"),
 ])
 def test_a_folder_that_is_not_a_run_is_one_line(tmp_path, make, message, summarize_cli):
   folder = tmp_path / "folder"
   make(folder)
   result = summarize_cli(folder)
   assert result.returncode == 2
-  assert result.stderr.strip().splitlines() == [f"error: {folder} {message}"]
+  assert result.stderr.strip().splitlines() == [
+      f"error: {folder}{'' if message.startswith('/') else ' '}{message}"]
+
+
+def test_a_finished_run_with_an_empty_metrics_file_says_so(two_runs, tmp_path):
+  workdir, _ = two_runs[0]
+  emptied = tmp_path / "emptied"
+  emptied.mkdir()
+  for name in ("config.json", "results.json"):
+    (emptied / name).write_text((workdir / name).read_text())
+  (emptied / "metrics.jsonl").write_text("")
+  with pytest.raises(UserError, match=(
+      "metrics.jsonl holds no epoch record, though results.json says the run finished")):
+    summarize.load_run(emptied)
 
 
 def test_a_damaged_metrics_file_is_one_line_naming_it(two_runs, tmp_path, summarize_cli):

@@ -23,6 +23,7 @@ import ml_collections
 import tqdm
 from absl import logging
 
+from tied_lm.errors import UserError
 from tied_lm.fileio import atomic_write, read_json_lines
 
 # record kind -> {record key: TensorBoard tag}
@@ -188,7 +189,9 @@ def read_records(workdir: Path, kind: str | None = None) -> list[dict[str, Any]]
   Runs from before records had a kind hold one record per epoch: those count as "epoch".
   """
   path = Path(workdir) / "metrics.jsonl"
-  if not path.is_file():
+  if not path.exists():
     return []
+  if not path.is_file():
+    raise UserError(f"{path} is not a file")
   records = read_json_lines(path)
   return [r for r in records if kind is None or r.get("kind", "epoch") == kind]

@@ -66,6 +66,9 @@ def load_run(workdir: Path) -> dict[str, Any]:
   else:
     raise UserError(f"{workdir} is not a tied_lm run (no config.json or results.json)")
   epochs = reporting.read_records(workdir, "epoch")
+  if not epochs and results is not None:
+    raise UserError(f"{workdir / 'metrics.jsonl'} holds no epoch record, though results.json "
+                    "says the run finished: restore the file")
   if not epochs:
     raise UserError(f"{workdir} has no finished epoch yet")
   try:
