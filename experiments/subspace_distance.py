@@ -109,12 +109,14 @@ def main(argv: list[str]) -> None:
     seeds = [int(s) for s in FLAGS.seeds]
   except ValueError as error:
     raise UserError(f"--betas, --taus and --seeds take numbers: {error}") from None
+  if any(not 0 <= b <= 1 for b in betas):
+    raise UserError(f"every β must be in [0, 1]: {', '.join(FLAGS.betas)}")
   from tied_lm import losses  # JAX: after the flags, so that --help answers without it
 
-  if any(not 0 <= b <= 1 for b in betas) or not all(map(losses.is_temperature, taus)):
+  if not all(map(losses.is_temperature, taus)):
     low, high = losses.TEMPERATURE_RANGE
-    raise UserError(f"every β must be in [0, 1] and every τ in [{low:.3g}, {high:.3g}] "
-                    "(float32's positive normal numbers)")
+    raise UserError(f"every τ must be in [{low:.3g}, {high:.3g}] (float32's positive normal "
+                    f"numbers): {', '.join(FLAGS.taus)}")
   if not (betas and taus and seeds) or FLAGS.num_epochs < 1:
     raise UserError("--betas, --taus and --seeds need a value each, and --num_epochs >= 1")
   for name, values in (("betas", betas), ("taus", taus), ("seeds", seeds)):
