@@ -113,6 +113,9 @@ def test_target_sharpness_of_orthogonal_words_by_hand(chunk_size):
       sharpness.entropy, -(np.exp(log_target) * log_target).sum(1).mean(), rtol=1e-6)
   np.testing.assert_allclose(
       sharpness.target_probability, np.exp(log_target[np.arange(6), targets]).mean(), rtol=1e-6)
+  # A [2, 3] batch of the same ids: the same means (it divided by 2, not 6: probability > 1).
+  assert analysis.target_sharpness(embedding, targets.reshape(2, 3), tau, chunk_size) == (
+      pytest.approx(sharpness))
   # A zero embedding gives the uniform ỹ.
   uniform = analysis.target_sharpness(np.zeros((3, 2), np.float32), np.array([0, 1]), tau)
   np.testing.assert_allclose(uniform, (np.log(3), 1 / 3), rtol=1e-6)

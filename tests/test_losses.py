@@ -201,10 +201,10 @@ def test_fused_terms_equal_the_separate_losses_and_their_gradients(
       0 if extra_distinct is None else len(np.unique(targets)) + extra_distinct)
   with_bias = bias_in is not None
   bias = jnp.linspace(-1.0, 1.0, V) if with_bias else None
-  tau, alpha = 3.0, 0.7
+  tau, alpha = jnp.float32(3.0), 0.7  # τ differentiated too: its gradient was 0
   cotangent = jnp.asarray(np.random.default_rng(1).normal(size=targets.shape), jnp.float32)
 
-  def separate(logits, embedding, bias):
+  def separate(logits, embedding, tau, bias):
     scores = logits if bias is None else logits + bias
     cross_entropy = losses.cross_entropy(scores, targets)
     kl = losses.augmented_loss(
@@ -213,7 +213,7 @@ def test_fused_terms_equal_the_separate_losses_and_their_gradients(
     )
     return jnp.sum(cotangent * (cross_entropy + alpha * kl)), (cross_entropy, kl)
 
-  def fused(logits, embedding, bias):
+  def fused(logits, embedding, tau, bias):
     cross_entropy, kl = losses.cross_entropy_and_kl(
         logits, targets, embedding, tau, output_bias=bias,
         stop_gradient_target=stop_gradient_target, max_distinct_targets=max_distinct_targets,
@@ -221,11 +221,13 @@ def test_fused_terms_equal_the_separate_losses_and_their_gradients(
     )
     return jnp.sum(cotangent * (cross_entropy + alpha * kl)), (cross_entropy, kl)
 
-  argnums = (0, 1, 2) if with_bias else (0, 1)
+  argnums = (0, 1, 2, 3) if with_bias else (0, 1, 2)
   (_, expected_terms), expected_grads = jax.value_and_grad(separate, argnums, has_aux=True)(
-      logits, embedding, bias
+      logits, embedding, tau, bias
   )
-  (_, terms), grads = jax.value_and_grad(fused, argnums, has_aux=True)(logits, embedding, bias)
+  (_, terms), grads = jax.value_and_grad(fused, argnums, has_aux=True)(
+      logits, embedding, tau, bias)
+  assert abs(expected_grads[2]) > 0.1
   for got, expected in zip(terms + grads, expected_terms + expected_grads, strict=True):
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
   if stop_gradient_target:  # L gets no gradient through ỹ, and the logits' gradient is unchanged
@@ -254,8 +256,12 @@ def test_fused_terms_without_augmented_loss_are_cross_entropy_and_zero(inputs):
 def test_targets_that_do_not_match_the_logits_are_refused_not_paired_wrongly():
   logits = jnp.zeros((2, 3, 7))
   embedding = jnp.ones((7, 4))
-  for targets in (jnp.zeros((3, 2), jnp.int32), jnp.zeros((6,), jnp.int32)):
+  # cross_entropy broadcast (2, 1) targets against (2, 3, 7) logits, silently.
+  for targets in (jnp.zeros((3, 2), jnp.int32), jnp.zeros((6,), jnp.int32),
+                  jnp.zeros((2, 1), jnp.int32)):
     message = r"targets have shape .*; logits \(2, 3, 7\) need \(2, 3\)"
+    with pytest.raises(ValueError, match=message):
+      losses.cross_entropy(logits, targets)
     with pytest.raises(ValueError, match=message):
       losses.cross_entropy_and_kl(logits, targets, embedding, 2.0)
     with pytest.raises(ValueError, match=r"need \(2, 3\)"):
@@ -274,3 +280,22 @@ def test_a_temperature_that_is_not_positive_gives_nan_not_a_plausible_number(inp
   # A positive τ is untouched (the NumPy reference of the tests above).
   np.testing.assert_allclose(losses.augmented_loss(logits, targets, embedding, 2.0),
                              np_kl(logits, targets, embedding, 2.0), rtol=1e-5)
+
+
+def test_too_few_distinct_target_rows_give_nan_not_a_wrong_kl(inputs):
+  logits, targets, embedding = inputs  # 12 tokens
+  num_words = len(np.unique(targets))
+  expected = losses.augmented_loss(logits, targets, embedding, 2.0)
+  for rows in (num_words, num_words + 2):
+    _, kl = losses.cross_entropy_and_kl(
+        logits, targets, embedding, 2.0, max_distinct_targets=rows)
+    np.testing.assert_allclose(kl, expected, rtol=1e-5)
+  # One row short: tokens of the missing word read another word's ỹ (a wrong, finite KL).
+  cross_entropy, kl = losses.cross_entropy_and_kl(
+      logits, targets, embedding, 2.0, max_distinct_targets=num_words - 1)
+  assert np.isnan(kl).all()
+  np.testing.assert_allclose(cross_entropy, losses.cross_entropy(logits, targets), rtol=1e-6)
+  # An empty batch (jnp.unique wanted a fill_value).
+  cross_entropy, kl = losses.cross_entropy_and_kl(
+      jnp.zeros((0, V)), jnp.zeros((0,), jnp.int32), embedding, 2.0, max_distinct_targets=3)
+  assert cross_entropy.shape == kl.shape == (0,)

@@ -216,7 +216,7 @@ def target_sharpness(
 
   Args:
     embedding: [V, E] the input embedding L.
-    targets: [N] word ids y (a stretch of text weights words by frequency).
+    targets: [...] word ids y, any shape (a stretch of text weights words by frequency).
     tau: temperature τ > 0.
     chunk_size: distinct words per [chunk, V] block, to bound memory.
   """
@@ -228,7 +228,7 @@ def target_sharpness(
     totals += np.asarray(_target_sharpness_sums(
         embedding, jnp.asarray(words[chunk], jnp.int32),
         jnp.asarray(counts[chunk], jnp.float32), tau), np.float64)
-  entropy, target_probability = totals / len(targets)
+  entropy, target_probability = totals / counts.sum()  # every id, whatever the shape
   return TargetSharpness(float(entropy), float(target_probability))
 
 

@@ -46,6 +46,7 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
   Returns:
     [...] NLL (float32, or float64 for float64 inputs) of each target, shaped like `targets`.
   """
+  _check_targets(logits, targets)
   log_probs = jax.nn.log_softmax(_at_least_float32(logits), axis=-1)
   return -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
 
@@ -166,8 +167,8 @@ def cross_entropy_and_kl(
   """Both terms of the objective in fused passes, with a hand-written gradient.
 
   Equal to `cross_entropy(logits + output_bias, targets)` and
-  `augmented_loss(logits, targets, embedding, tau)` and to their gradients
-  (tests check both); the training step uses this form because it reads each
+  `augmented_loss(logits, targets, embedding, tau)` and to their gradients,
+  τ's included (tests check both); the training step uses this form because it reads each
   [N, V] array a few times instead of materialising every intermediate
   softmax that autodiff of the separate functions keeps (it keeps the logits
   and each token's row of ỹ for the backward pass).
@@ -182,7 +183,7 @@ def cross_entropy_and_kl(
     augmented: if False the KL is zeros and costs nothing.
     stop_gradient_target: if True, ỹ is a constant.
     max_distinct_targets: if > 0, at least the number of distinct ids in
-      `targets`: the target scores L[y] Lᵀ and ỹ, which depend on the word
+      `targets` (fewer: every kl is NaN): the target scores L[y] Lᵀ and ỹ, which depend on the word
       alone, are computed once per distinct word ([U, V] for U of these) and
       each token takes its word's row of ỹ. Same numbers up to float
       summation order; a text repeats words, so the products and the
@@ -210,16 +211,22 @@ def cross_entropy_and_kl(
     # Both terms then read the same biased logits; autodiff of this add carries
     # the bias's share of the KL's gradient. One extra [N, V] pass.
     logits, bias = logits + bias, None
+  fits = True
   if max_distinct_targets:
-    words, word_of_token = jnp.unique(targets, return_inverse=True, size=max_distinct_targets)
+    words, word_of_token = jnp.unique(
+        targets, return_inverse=True, size=max_distinct_targets, fill_value=0)
     word_scores = _target_scores(embedding, words)  # [U, V]
+    # More distinct words than rows would pair tokens with the wrong ỹ: NaN says so.
+    sorted_targets = jnp.sort(targets)
+    fits = jnp.sum(sorted_targets[1:] != sorted_targets[:-1]) < max_distinct_targets
   else:
     word_of_token, word_scores = None, _target_scores(embedding, targets)  # [N, V]
   if stop_gradient_target:
     word_scores = jax.lax.stop_gradient(word_scores)
   cross_entropy, kl = _fused_cross_entropy_and_kl(
-      logits, bias, word_scores, word_of_token, targets, tau, form)
-  return cross_entropy.reshape(batch_shape), _nan_unless_positive(kl, tau).reshape(batch_shape)
+      logits, bias, word_scores, word_of_token, targets, tau, form, stop_gradient_target)
+  kl = jnp.where(fits, _nan_unless_positive(kl, tau), jnp.nan)
+  return cross_entropy.reshape(batch_shape), kl.reshape(batch_shape)
 
 
 # How the fused passes are written for XLA:CPU. Each row reduction over an [N, V]
@@ -331,19 +338,22 @@ def _word_sums(token_values: jax.Array, word_of_token: jax.Array | None, num_wor
 # W, C and the one [N, V] -> [U, V] sum Σ w z.
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _fused_cross_entropy_and_kl(logits, bias, word_scores, word_of_token, targets, tau, form):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _fused_cross_entropy_and_kl(
+    logits, bias, word_scores, word_of_token, targets, tau, form, constant_target):
   """(cross_entropy, kl), each [N], of logits [N, V] against ỹ = softmax(word_scores / τ).
 
   word_scores: [U, V], one row per word; token n's word is `word_of_token[n]`
   ([N] ints), or token n's is row n where `word_of_token` is None. kl is
-  H(ỹ, ŷ) where `form` is "cross_entropy".
+  H(ỹ, ŷ) where `form` is "cross_entropy". constant_target: ỹ gets no gradient,
+  not even through τ (word_scores come in behind a stop_gradient then).
   """
   return _fused_cross_entropy_and_kl_fwd(
-      logits, bias, word_scores, word_of_token, targets, tau, form)[0]
+      logits, bias, word_scores, word_of_token, targets, tau, form, constant_target)[0]
 
 
-def _fused_cross_entropy_and_kl_fwd(logits, bias, word_scores, word_of_token, targets, tau, form):
+def _fused_cross_entropy_and_kl_fwd(
+    logits, bias, word_scores, word_of_token, targets, tau, form, constant_target):
   cross_entropy, (_, _, _, log_normalizer) = _fused_cross_entropy_fwd(logits, bias, targets)
   inverse_tau = _inverse(tau, logits.dtype)
   model_log_normalizer = _logsumexp(logits, inverse_tau)  # [N]
@@ -364,14 +374,14 @@ def _fused_cross_entropy_and_kl_fwd(logits, bias, word_scores, word_of_token, ta
     )
   residuals = (
       logits, bias, word_scores, word_of_token, targets, tau, log_normalizer,
-      model_log_normalizer, word_log_normalizer, word_probs, target_probs, kl,
+      model_log_normalizer, word_log_normalizer, word_probs, target_probs, kl, expected_logit,
   )
   return (cross_entropy, kl), residuals
 
 
-def _fused_cross_entropy_and_kl_bwd(form, residuals, grads):
+def _fused_cross_entropy_and_kl_bwd(form, constant_target, residuals, grads):
   (logits, bias, word_scores, word_of_token, targets, tau, log_normalizer, model_log_normalizer,
-   word_log_normalizer, word_probs, target_probs, kl) = residuals
+   word_log_normalizer, word_probs, target_probs, kl, expected_logit) = residuals
   grad_cross_entropy, grad_kl = grads
   inverse_tau = _inverse(tau, logits.dtype)
   kl_weight = grad_kl * inverse_tau  # w, [N]
@@ -411,7 +421,18 @@ def _fused_cross_entropy_and_kl_bwd(form, residuals, grads):
       None if bias is None
       else _cross_entropy_bias_grad(logits, bias, targets, log_normalizer, grad_cross_entropy)
   )
-  return grad_logits, grad_bias, grad_word_scores, None, None, jnp.zeros_like(tau)
+  # τ enters as z / τ and s / τ only, so d/dτ = -(Σ z ∂/∂z + Σ s ∂/∂s) / τ over the augmented
+  # term, with Σ z ∂/∂z = Σ w (Σ ŷ z - Σ ỹ z). Two more passes, which XLA drops when τ
+  # takes no gradient (training).
+  scaled_logits, scale, model_normalizer = _unshared(logits, inverse_tau, model_log_normalizer)
+  model_expected_logit = jnp.sum(  # Σ ŷ z, [N]
+      jnp.exp(scaled_logits * scale - model_normalizer[:, None]) * scaled_logits, axis=-1)
+  scaled_sum = jnp.sum(kl_weight * (model_expected_logit - expected_logit))
+  if not constant_target:
+    scores, grads_of_scores = _unshared(word_scores, grad_word_scores)
+    scaled_sum = scaled_sum + jnp.sum(scores * grads_of_scores)
+  grad_tau = jnp.full(jnp.shape(tau), -scaled_sum * inverse_tau, jnp.result_type(tau))
+  return grad_logits, grad_bias, grad_word_scores, None, None, grad_tau
 
 
 _fused_cross_entropy_and_kl.defvjp(_fused_cross_entropy_and_kl_fwd, _fused_cross_entropy_and_kl_bwd)
