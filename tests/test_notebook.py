@@ -16,8 +16,10 @@ def test_loss_variants_notebook_runs_and_reports_three_curves():
   assert all(not c.outputs and c.execution_count is None for c in code_cells), (
       "commit the notebook without outputs"
   )
+  # In experiments/, where Jupyter starts its kernel: `from configs import ...` failed there.
   NotebookClient(
-      notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(REPO)}}
+      notebook, timeout=600, kernel_name="python3",
+      resources={"metadata": {"path": str(NOTEBOOK.parent)}},
   ).execute()  # raises CellExecutionError on the first failing cell
   printed = "".join(o.get("text", "") for c in code_cells for o in c.outputs)
   assert "dJ/dz equals (ŷ - ỹ)/τ: True" in printed
