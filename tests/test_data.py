@@ -57,6 +57,18 @@ def test_train_windows_need_min_train_tokens():
     data.train_windows(np.arange(9), batch_size=2, num_steps=4)
 
 
+@pytest.mark.parametrize("batch_size,num_steps,name", [(0, 4, "batch_size"), (2, 0, "num_steps"),
+                                                       (2, -1, "num_steps")])
+def test_windows_refuse_empty_shapes(batch_size, num_steps, name):
+  # A zero batch or unroll divided by zero inside the batching.
+  value = batch_size if name == "batch_size" else num_steps
+  with pytest.raises(data.DataError, match=f"^{name}={value} must be positive$"):
+    data.train_windows(np.arange(20), batch_size, num_steps)
+  eval_name = "eval_batch_size" if name == "batch_size" else name
+  with pytest.raises(data.DataError, match=f"^{eval_name}={value} must be positive$"):
+    data.eval_windows(np.arange(20), batch_size, num_steps)
+
+
 def test_eval_windows_by_hand():
   inputs, targets, weights = data.eval_windows(np.arange(11), batch_size=3, num_steps=2)
   rows = lambda x: x.transpose(1, 0, 2).reshape(3, -1)  # noqa: E731
@@ -117,6 +129,15 @@ def test_text_corpus_caps_the_vocabulary_with_unk(tmp_path):
   full = data.load_corpus("text", str(tmp_path))
   assert full.vocab == ("a", "b", "<eos>", "c", "d", "<unk>")
   np.testing.assert_array_equal(full.valid, [0, 5, 2])  # 'z' is not in train
+  with pytest.raises(data.DataError, match=r"^max_vocab_size=1 must be 0 \(every word\) or >= 2"):
+    data.load_corpus("text", str(tmp_path), max_vocab_size=1)
+
+
+def test_closed_corpora_refuse_a_vocabulary_cap(tmp_path):
+  # It was ignored: a notebook asking for 5 words got PTB's 10,000.
+  with pytest.raises(data.DataError, match=(
+      "^max_vocab_size=5 applies to dataset='text' only; 'ptb' has its own fixed vocabulary$")):
+    data.load_corpus("ptb", str(tmp_path), max_vocab_size=5)
 
 
 def test_closed_vocabulary_rejects_unknown_words():

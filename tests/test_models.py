@@ -406,3 +406,23 @@ def test_cudnn_layers_equal_the_scan_without_recurrent_masks(monkeypatch):
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN needs an NVIDIA GPU")
 def test_cudnn_kernel_equals_the_scan_on_gpu():
   _check_cudnn_layers()
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("lstm_implementation", "cuda", "lstm_implementation='cuda' must be 'scan' or 'cudnn'"),
+        ("compute_dtype", "bf16", "compute_dtype='bf16' must be 'float32' or 'bfloat16'"),
+        ("input_dropout", 1.0, r"input_dropout=1.0 is a drop probability in \[0, 1\)"),
+        ("hidden_dropout", -0.5, r"hidden_dropout=-0.5 is a drop probability in \[0, 1\)"),
+        ("vocab_size", 0, "vocab_size=0 must be positive"),
+        ("init_scale", float("inf"), "init_scale=inf must be finite"),
+        ("unroll", 0, "unroll=0 must be positive"),
+    ],
+)
+def test_the_module_refuses_the_fields_a_config_would(field, value, message):
+  # Notebook users build the module without a config; validate_config's checks are these.
+  fields = dict(vocab_size=10, embed_dim=4, hidden_size=4) | {field: value}
+  model = models.LSTMLanguageModel(**fields)
+  with pytest.raises(ValueError, match=f"^{message}"):
+    model.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))

@@ -228,6 +228,17 @@ def to_ids(
   )
 
 
+def max_vocab_size_problem(dataset: str, max_vocab_size: int) -> str | None:
+  """Why `max_vocab_size` cannot apply to `dataset`, or None if it can."""
+  if max_vocab_size < 0 or max_vocab_size == 1:
+    return (f"max_vocab_size={max_vocab_size} must be 0 (every word) or >= 2 (<unk> and the "
+            "most frequent words)")
+  if max_vocab_size and dataset != "text":
+    return (f"max_vocab_size={max_vocab_size} applies to dataset='text' only; {dataset!r} has "
+            "its own fixed vocabulary")
+  return None
+
+
 def load_corpus(dataset: str, data_dir: str = "", max_vocab_size: int = 0) -> Corpus:
   """Loads `ptb`, `wikitext2` (closed vocabularies) or a `text` directory.
 
@@ -239,8 +250,11 @@ def load_corpus(dataset: str, data_dir: str = "", max_vocab_size: int = 0) -> Co
   """
   if dataset not in DATASETS:
     raise DataError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
-  root = resolve_data_dir(data_dir)
+  problem = max_vocab_size_problem(dataset, max_vocab_size)
+  if problem:
+    raise DataError(problem)
   closed = dataset != "text"
+  root = resolve_data_dir(data_dir)
   files = ensure_files(dataset, root) if closed else text_files(root)
   tokens = {split: tokenize(path) for split, path in files.items()}
   for split, split_tokens in tokens.items():
@@ -250,6 +264,12 @@ def load_corpus(dataset: str, data_dir: str = "", max_vocab_size: int = 0) -> Co
   word_to_id = {w: i for i, w in enumerate(vocab)}
   ids = {s: to_ids(t, word_to_id, s, closed) for s, t in tokens.items()}
   return Corpus(vocab=vocab, **ids)
+
+
+def _check_window_shape(batch_size: int, num_steps: int, batch_name: str) -> None:
+  for name, value in ((batch_name, batch_size), ("num_steps", num_steps)):
+    if value <= 0:
+      raise DataError(f"{name}={value} must be positive")
 
 
 def min_train_tokens(batch_size: int, num_steps: int) -> int:
@@ -272,6 +292,7 @@ def train_windows(
   Returns:
     inputs, targets: [num_windows, batch_size, num_steps] int32.
   """
+  _check_window_shape(batch_size, num_steps, "batch_size")
   if len(ids) < min_train_tokens(batch_size, num_steps):
     raise DataError(
         f"{len(ids)} training tokens are too few for batch_size={batch_size} and "
@@ -294,6 +315,7 @@ def check_eval_batch_size(batch_size: int, ids: np.ndarray, split: str) -> None:
   Each row needs at least one target; a larger batch only pads, and a huge one
   exhausts memory.
   """
+  _check_window_shape(batch_size, 1, "eval_batch_size")
   if batch_size > len(ids) - 1:
     raise DataError(f"eval_batch_size={batch_size} exceeds the {len(ids) - 1:,} targets of the "
                     f"{split} split: each row needs at least one")
@@ -318,6 +340,7 @@ def eval_windows(
     weights: the same shape, float32, 1 for a real target and 0 for padding.
   """
   check_eval_batch_size(batch_size, ids, split)
+  _check_window_shape(batch_size, num_steps, "eval_batch_size")
   num_targets = len(ids) - 1
   row_len = -(-num_targets // batch_size)
   num_windows = -(-row_len // num_steps)

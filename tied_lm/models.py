@@ -5,8 +5,11 @@ H hidden size. Internally the recurrent layers run time-major ([T, B, ...])
 because `lax.scan` iterates over the leading axis.
 """
 
+import dataclasses
 import functools
-from typing import NamedTuple
+import math
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -15,6 +18,45 @@ from jax.experimental import rnn
 
 # One (c, h) pair of [B, H] arrays per layer.
 Carry = tuple[tuple[jax.Array, jax.Array], ...]
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+LSTM_IMPLEMENTATIONS = ("scan", "cudnn")
+
+
+def field_problems(fields: Mapping[str, Any], prefix: str = "") -> list[str]:
+  """What is wrong with `LSTMLanguageModel` fields (a config's `model` section), one line each.
+
+  Args:
+    fields: the module's fields by name; `vocab_size` is checked where present
+      (configs take it from the corpus).
+    prefix: put before each field's name in the messages, e.g. "model.".
+  """
+  f = fields
+  checks = [
+      (f.get("vocab_size", 1) > 0, f"{prefix}vocab_size={f.get('vocab_size')} must be positive"),
+      (f["num_layers"] > 0, f"{prefix}num_layers={f['num_layers']} must be positive"),
+      (f["embed_dim"] > 0, f"{prefix}embed_dim={f['embed_dim']} must be positive"),
+      (f["hidden_size"] > 0, f"{prefix}hidden_size={f['hidden_size']} must be positive"),
+      (f["init_scale"] > 0, f"{prefix}init_scale={f['init_scale']} must be > 0"),
+      # inf passes "> 0" and gives infinite weights.
+      (math.isfinite(f["init_scale"]), f"{prefix}init_scale={f['init_scale']} must be finite"),
+      (f["unroll"] > 0, f"{prefix}unroll={f['unroll']} must be positive"),
+      (f["compute_dtype"] in COMPUTE_DTYPES,
+       f"{prefix}compute_dtype={f['compute_dtype']!r} must be 'float32' or 'bfloat16'"),
+      (f["lstm_implementation"] in LSTM_IMPLEMENTATIONS,
+       f"{prefix}lstm_implementation={f['lstm_implementation']!r} must be 'scan' or 'cudnn'"),
+      (f["lstm_implementation"] != "cudnn" or f["compute_dtype"] == "float32",
+       f"{prefix}lstm_implementation='cudnn' runs in float32 only; set "
+       f"{prefix}compute_dtype=float32"),
+  ]
+  for name in ("input_dropout", "hidden_dropout", "output_dropout"):
+    checks.append((0 <= f[name] < 1, f"{prefix}{name}={f[name]} is a drop probability in [0, 1)"))
+  checks.append((
+      not f["tie_embeddings"] or f["hidden_size"] == f["embed_dim"] or f["output_projection"],
+      f"tie_embeddings needs {prefix}hidden_size == {prefix}embed_dim (got {f['hidden_size']} "
+      f"!= {f['embed_dim']}); set {prefix}output_projection=True to add a projection",
+  ))
+  return [message for ok, message in checks if not ok]
 
 
 def uniform_init(scale: float) -> nn.initializers.Initializer:
@@ -394,15 +436,9 @@ class LSTMLanguageModel(nn.Module):
   lstm_implementation: str = "scan"
 
   def setup(self) -> None:
-    if (
-        self.tie_embeddings
-        and self.hidden_size != self.embed_dim
-        and not self.output_projection
-    ):
-      raise ValueError(
-          f"tie_embeddings needs hidden_size == embed_dim (got {self.hidden_size}"
-          f" != {self.embed_dim}); set output_projection=True to add a projection"
-      )
+    problems = field_problems({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+    if problems:
+      raise ValueError(problems[0])
     init = uniform_init(self.init_scale)
     self.embed = TiedEmbed(self.vocab_size, self.embed_dim, embedding_init=init)
     # nn.Dense's own dot of bf16 inputs would give bf16 logits, and XLA:CPU runs it in fp32.

@@ -44,6 +44,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     num_devices: the global device count the batch is split over.
   """
   low_tau, high_tau = losses.TEMPERATURE_RANGE
+  vocab_problem = data.max_vocab_size_problem(config.dataset, config.max_vocab_size)
   checks = [
       (config.dataset in data.DATASETS,
        f"dataset={config.dataset!r} is unknown; choose one of {', '.join(data.DATASETS)}"),
@@ -62,30 +63,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
        f"on_nonfinite={config.on_nonfinite!r} must be 'stop' or 'skip'"),
       (config.batch_size % num_devices == 0,
        f"batch_size={config.batch_size} is not divisible by the {num_devices} devices"),
-      (config.max_vocab_size == 0 or config.max_vocab_size >= 2,
-       f"max_vocab_size={config.max_vocab_size} must be 0 (every word) or >= 2 (<unk> and "
-       "the most frequent words)"),
-      (config.max_vocab_size == 0 or config.dataset == "text",
-       f"max_vocab_size={config.max_vocab_size} applies to dataset='text' only; "
-       f"{config.dataset!r} has its own fixed vocabulary"),
-      (config.model.num_layers > 0,
-       f"model.num_layers={config.model.num_layers} must be positive"),
-      (config.model.embed_dim > 0, f"model.embed_dim={config.model.embed_dim} must be positive"),
-      (config.model.hidden_size > 0,
-       f"model.hidden_size={config.model.hidden_size} must be positive"),
-      (config.model.init_scale > 0, f"model.init_scale={config.model.init_scale} must be > 0"),
-      (config.model.unroll > 0, f"model.unroll={config.model.unroll} must be positive"),
-      (config.model.compute_dtype in ("float32", "bfloat16"),
-       f"model.compute_dtype={config.model.compute_dtype!r} must be 'float32' or 'bfloat16'"),
-      (config.model.lstm_implementation in ("scan", "cudnn"),
-       f"model.lstm_implementation={config.model.lstm_implementation!r} must be 'scan' or "
-       "'cudnn'"),
+      (vocab_problem is None, vocab_problem),
       (config.model.lstm_implementation != "cudnn" or jax.default_backend() == "gpu",
        "model.lstm_implementation='cudnn' needs an NVIDIA GPU (jax.experimental.rnn); this "
        f"run's devices are {jax.default_backend()}"),
-      (config.model.lstm_implementation != "cudnn" or config.model.compute_dtype == "float32",
-       "model.lstm_implementation='cudnn' runs in float32 only; set "
-       "model.compute_dtype=float32"),
       (losses.is_temperature(config.loss.tau),
        f"loss.tau={config.loss.tau} must be in [{low_tau:.3g}, {high_tau:.3g}] (float32's "
        "positive normal numbers)"),
@@ -101,24 +82,15 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
        f"optim.decay_rate={config.optim.decay_rate} must be in (0, 1]"),
       (config.optim.clip_norm > 0, f"optim.clip_norm={config.optim.clip_norm} must be > 0"),
   ]
-  for name in ("input_dropout", "hidden_dropout", "output_dropout"):
-    rate = config.model[name]
-    checks.append((0 <= rate < 1, f"model.{name}={rate} is a drop probability in [0, 1)"))
   # inf passes the comparisons above; an infinite learning rate, say, makes the first
   # update infinite while its loss is still finite.
-  for field in ("model.init_scale", "loss.gamma", "optim.learning_rate",
-                "optim.clip_norm"):
+  for field in ("loss.gamma", "optim.learning_rate", "optim.clip_norm"):
     section, name = field.split(".")
     value = config[section][name]
     checks.append((math.isfinite(value), f"{field}={value} must be finite"))
   # seed + 1 keys the dropout: both must fit in 64 bits.
   checks.append((0 <= config.seed < 2**63 - 1, f"seed={config.seed} must be in [0, 2**63 - 1)"))
-  m = config.model
-  checks.append((
-      not m.tie_embeddings or m.hidden_size == m.embed_dim or m.output_projection,
-      f"tie_embeddings needs model.hidden_size == model.embed_dim (got {m.hidden_size} "
-      f"!= {m.embed_dim}); set model.output_projection=True to add a projection",
-  ))
+  checks += [(False, problem) for problem in models.field_problems(config.model, "model.")]
   for ok, message in checks:
     if not ok:
       raise ConfigError(message)
