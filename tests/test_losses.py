@@ -268,6 +268,17 @@ def test_targets_that_do_not_match_the_logits_are_refused_not_paired_wrongly():
       losses.augmented_loss(logits, targets, embedding, 2.0)
 
 
+
+@pytest.mark.parametrize("shape", [(1,), (6,), (7, 1)])
+def test_an_output_bias_not_shaped_like_the_vocabulary_is_refused(shape):
+  # A [1] bias broadcast to every word and gave the loss of another model.
+  logits, targets, embedding = jnp.zeros((2, 3, 7)), jnp.zeros((2, 3), jnp.int32), jnp.ones((7, 4))
+  with pytest.raises(ValueError, match=(
+      rf"^output_bias has shape \({shape[0]},{' 1' if len(shape) > 1 else ''}\); logits "
+      r"\(2, 3, 7\) need \(7,\)")):
+    losses.cross_entropy_and_kl(logits, targets, embedding, 2.0, output_bias=jnp.zeros(shape))
+
+
 @pytest.mark.parametrize("tau", [-2.0, 0.0, float("nan")])
 def test_a_temperature_that_is_not_positive_gives_nan_not_a_plausible_number(inputs, tau):
   logits, targets, embedding = inputs

@@ -78,11 +78,12 @@ def target_distribution(
 
   Args:
     embedding: [V, E] the input embedding matrix L.
-    targets: [...] integer word ids y in [0, V).
+    targets: [...] integer word ids y in [0, V) (a negative id is not padding: it wraps
+      around to a word).
     tau: temperature τ > 0 (otherwise every value is NaN).
 
   Returns:
-    [..., V] float32 probabilities; each row sums to one.
+    [..., V] probabilities in float32 (float64 for float64 inputs); each row sums to one.
   """
   return _nan_unless_positive(jnp.exp(_target_log_distribution(embedding, targets, tau)), tau)
 
@@ -121,7 +122,8 @@ def augmented_loss(
 
   Args:
     logits: [..., V] bias-free logits z = W h (eq. 3.1 uses no output bias).
-    targets: [...] integer word ids y in [0, V).
+    targets: [...] integer word ids y in [0, V) (a negative id is not padding: it wraps
+      around to a word).
     embedding: [V, E] the input embedding matrix L that defines ỹ.
     tau: temperature τ > 0 (otherwise every value is NaN).
     stop_gradient_target: if True, ỹ is a constant and L gets no gradient
@@ -132,7 +134,8 @@ def augmented_loss(
       cross-entropy also pushes towards a sharper ỹ.
 
   Returns:
-    [...] float32 KL divergence (or cross-entropy) of each token, >= 0.
+    [...] KL divergence (or cross-entropy) of each token, >= 0, in float32 (float64 for
+    float64 inputs).
   """
   _check_form(form)
   _check_targets(logits, targets)
@@ -196,11 +199,16 @@ def cross_entropy_and_kl(
       the bias enters the cross-entropy only.
 
   Returns:
-    (cross_entropy, kl), each [...] float32; kl is the augmented term in `form`.
+    (cross_entropy, kl), each [...] float32 (float64 for float64 inputs); kl is the
+    augmented term in `form`.
   """
   _check_form(form)
   _check_targets(logits, targets)
   batch_shape, vocab_size = targets.shape, logits.shape[-1]
+  if output_bias is not None and output_bias.shape != (vocab_size,):
+    # A [1] bias would broadcast to every word: a plausible loss of another model.
+    raise ValueError(f"output_bias has shape {output_bias.shape}; logits {logits.shape} need "
+                     f"({vocab_size},)")
   logits = _at_least_float32(logits).reshape(-1, vocab_size)
   bias = None if output_bias is None else _at_least_float32(output_bias)
   targets = targets.reshape(-1)
