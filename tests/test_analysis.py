@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tied_lm import analysis, losses, models
+from tied_lm import analysis, data, losses, models, train
 
 
 def test_subspace_distance_known_cases():
@@ -69,7 +69,7 @@ def test_the_augmented_loss_puts_w_in_the_span_of_l_the_more_the_larger_tau():
   assert _one_step_distance(tau=10.0, beta=0.0)[0] > 0.8
 
 
-def test_average_probabilities_and_top_next_words_match_a_direct_softmax():
+def test_average_probabilities_and_top_next_words_match_a_direct_softmax(monkeypatch):
   model = models.LSTMLanguageModel(vocab_size=9, embed_dim=6, hidden_size=6)
   params = model.init(jax.random.key(1), jnp.zeros((1, 1), jnp.int32), model.initial_carry(1),
                       deterministic=True)["params"]
@@ -80,6 +80,10 @@ def test_average_probabilities_and_top_next_words_match_a_direct_softmax():
   probabilities = np.asarray(jax.nn.softmax(logits[0], axis=-1))
   got = analysis.average_probabilities(model, params, ids, [0, 4, 8], batch_size=1, num_steps=5)
   np.testing.assert_allclose(got, probabilities[:, [0, 4, 8]].mean(0), rtol=1e-5)
+  with monkeypatch.context() as patch:  # a host one row of logits short
+    patch.setattr(train.os, "sysconf", {"SC_PAGE_SIZE": 1, "SC_PHYS_PAGES": 2 * 5 * 9 * 4 - 1}.get)
+    with pytest.raises(data.DataError, match="^eval_batch_size=2 needs .* lower eval_batch_size$"):
+      analysis.average_probabilities(model, params, ids, [0], batch_size=2, num_steps=5)
 
   vocab = tuple(f"w{i}" for i in range(9))
   top = analysis.top_next_words(model, params, vocab, list(ids[:6]), k=3)

@@ -189,6 +189,45 @@ def test_uniform_model_has_perplexity_equal_to_vocabulary_size(batch_size):
   assert perplexity == pytest.approx(V, rel=1e-5)
 
 
+def test_a_batch_whose_logits_alone_exceed_memory_is_refused(monkeypatch):
+  # eval_batch_size one below the valid split's targets asked XLA for 103 GB (traceback).
+  host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  rows = host // (35 * 10_000 * 4) + 1  # one row more than the host's memory holds
+  message = train.logits_memory_problem("eval_batch_size", rows, rows, 35, 10_000)
+  assert message == (
+      f"eval_batch_size={rows} needs {rows * 1.4e-3:,.1f} GB for its float32 logits alone "
+      f"([{rows:,}, 35, 10,000]), more than this host's {host / 1e9:,.1f} GB of memory; lower "
+      "eval_batch_size")
+  assert train.logits_memory_problem("eval_batch_size", rows, rows - 1, 35, 10_000) is None
+  # A CPU's devices share the host: two of them hold twice the logits.
+  half = (rows + 1) // 2
+  assert "on each of 2 devices" in train.logits_memory_problem(
+      "batch_size", 2 * half, half, 35, 10_000, num_devices=2)
+  assert train.logits_memory_problem("batch_size", 2 * half, half, 35, 10_000) is None
+
+  class Gpu:  # a device that reports its allocator's limit: each device on its own
+    def memory_stats(self):
+      return {"bytes_limit": 10 * 35 * 10_000 * 4}
+  monkeypatch.setattr(train.jax, "local_devices", lambda: [Gpu()])
+  assert train.logits_memory_problem("batch_size", 20, 10, 35, 10_000, num_devices=2) is None
+  assert train.logits_memory_problem("batch_size", 22, 11, 35, 10_000, num_devices=2) == (
+      "batch_size=22 needs 0.0 GB for its float32 logits alone ([11, 35, 10,000] on each of 2 "
+      "devices), more than a device's 0.0 GB of memory; lower batch_size")
+
+
+def test_evaluate_checks_the_logits_memory_before_it_runs(monkeypatch):
+  config = small_config()
+  model = train.make_model(config, V)
+  params = train.create_train_state(config, model, steps_per_epoch=1).params
+  ids = np.random.default_rng(1).integers(0, V, 38).astype(np.int32)
+  page = {"SC_PAGE_SIZE": 1, "SC_PHYS_PAGES": 7 * T * V * 4 - 1}  # a host one row short
+  monkeypatch.setattr(train.os, "sysconf", page.__getitem__)
+  with pytest.raises(data.DataError, match=(
+      rf"^eval_batch_size=7 needs 0.0 GB for its float32 logits alone \(\[7, {T}, {V}\]\)")):
+    train.evaluate(model, params, ids, batch_size=7, num_steps=T)
+  assert train.evaluate(model, params, ids, batch_size=6, num_steps=T)[1] == 37
+
+
 def test_evaluation_with_batch_one_equals_scoring_the_whole_stream_at_once():
   config = small_config()
   model = train.make_model(config, V)
@@ -491,6 +530,24 @@ def test_an_evaluation_batch_larger_than_a_split_is_refused_before_training(tmp_
   config.eval_batch_size = 360
   with pytest.raises(data.DataError, match=(
       "eval_batch_size=360 exceeds the 359 targets of the valid split: each row needs")):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("field,error", [("eval_batch_size", data.DataError),
+                                         ("batch_size", train.ConfigError)])
+def test_batches_whose_logits_cannot_fit_are_refused_before_training(tmp_path, monkeypatch,
+                                                                     field, error):
+  write_tiny_corpus(tmp_path / "corpus")
+  config = tiny_run_config(tmp_path / "corpus", 1)
+  if field == "batch_size":
+    config.eval_batch_size = 1  # fits where the training batch does not
+  vocab_size = data.load_corpus("text", str(tmp_path / "corpus")).vocab_size
+  rows = config[field] // (jax.device_count() if field == "batch_size" else 1)
+  devices = jax.local_device_count() if field == "batch_size" else 1
+  host = rows * config.num_steps * vocab_size * 4 * devices - 1  # one byte short
+  monkeypatch.setattr(train.os, "sysconf", {"SC_PAGE_SIZE": 1, "SC_PHYS_PAGES": host}.get)
+  with pytest.raises(error, match=f"^{field}={config[field]} needs .* lower {field}$"):
     train.train_and_evaluate(config, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
 

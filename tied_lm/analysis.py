@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tied_lm import data, losses, models
+from tied_lm import data, losses, models, train
 
 
 def normalize_rows(x: jax.Array) -> jax.Array:
@@ -162,6 +162,7 @@ def average_probabilities(
     between windows, as in `train.evaluate`).
   """
   inputs, _, weights = data.eval_windows(ids, batch_size, num_steps)
+  train.check_eval_memory(batch_size, num_steps, model.vocab_size)
   model = model.for_evaluation(num_steps)
   carry = model.initial_carry(batch_size)
   selected = jnp.asarray(word_ids, jnp.int32)

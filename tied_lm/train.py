@@ -8,6 +8,7 @@ import contextlib
 import functools
 import hashlib
 import math
+import os
 import signal
 import threading
 import time
@@ -321,6 +322,42 @@ def window_nll(outputs: models.LMOutputs, targets: jax.Array, weights: jax.Array
   return jnp.sum(cross_entropy * weights)
 
 
+def logits_memory_problem(
+    name: str, value: int, rows: int, num_steps: int, vocab_size: int, num_devices: int = 1
+) -> str | None:
+  """Why a batch cannot fit in memory because its float32 logits alone do not, or None.
+
+  A lower bound: a batch refused here cannot run; one accepted may still run out.
+  Where the device reports its allocator's limit (a GPU) each device's [rows,
+  num_steps, V] logits must fit in it; on a CPU the `num_devices` of this process
+  share the host's memory.
+
+  Args:
+    name, value: the config field that set the batch, for the message.
+    rows: the batch rows on each device.
+  """
+  per_device = rows * num_steps * vocab_size * 4
+  limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+  if limit is not None:
+    needed, where = per_device, "a device's"
+  else:
+    needed, where = per_device * num_devices, "this host's"
+    limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  if needed <= limit:
+    return None
+  shape = f"[{rows:,}, {num_steps}, {vocab_size:,}]" + (
+      f" on each of {num_devices} devices" if num_devices > 1 else "")
+  return (f"{name}={value} needs {needed / 1e9:,.1f} GB for its float32 logits alone ({shape}), "
+          f"more than {where} {limit / 1e9:,.1f} GB of memory; lower {name}")
+
+
+def check_eval_memory(batch_size: int, num_steps: int, vocab_size: int) -> None:
+  """Raises data.DataError if an evaluation batch's logits cannot fit (one device)."""
+  problem = logits_memory_problem("eval_batch_size", batch_size, batch_size, num_steps, vocab_size)
+  if problem:
+    raise data.DataError(problem)
+
+
 def evaluate(
     model: models.LSTMLanguageModel,
     params: Any,
@@ -335,9 +372,11 @@ def evaluate(
     (perplexity, number of target tokens scored), the latter exactly len(ids) - 1.
 
   Raises:
-    data.DataError: if `batch_size` exceeds len(ids) - 1 (named by `split`).
+    data.DataError: if `batch_size` exceeds len(ids) - 1 (named by `split`), or its
+      logits alone exceed the memory (`check_eval_memory`).
   """
   inputs, targets, weights = data.eval_windows(ids, batch_size, num_steps, split)
+  check_eval_memory(batch_size, num_steps, model.vocab_size)
   model = model.for_evaluation(num_steps)
   carry = model.initial_carry(batch_size)
   nll_sum = jnp.zeros((), jnp.float32)
@@ -770,6 +809,13 @@ def train_and_evaluate(
   inputs, targets = data.train_windows(corpus.train, config.batch_size, config.num_steps)
   for split in ("valid", "test"):  # before training, not after it
     data.check_eval_batch_size(config.eval_batch_size, corpus.split(split), split)
+  check_eval_memory(config.eval_batch_size, config.num_steps, corpus.vocab_size)
+  rows = config.batch_size // num_devices
+  problem = logits_memory_problem(
+      "batch_size", config.batch_size, rows, config.num_steps, corpus.vocab_size,
+      jax.local_device_count())
+  if problem:
+    raise ConfigError(problem)
   fileio.make_run_directory(workdir)
   # Process 0 speaks for all: the others of a multi-process run share its workdir.
   lock = fileio.lock_directory(workdir) if jax.process_index() == 0 else None
