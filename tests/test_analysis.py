@@ -81,7 +81,7 @@ def test_average_probabilities_and_top_next_words_match_a_direct_softmax(monkeyp
   got = analysis.average_probabilities(model, params, ids, [0, 4, 8], batch_size=1, num_steps=5)
   np.testing.assert_allclose(got, probabilities[:, [0, 4, 8]].mean(0), rtol=1e-5)
   with monkeypatch.context() as patch:  # a host one row of logits short
-    patch.setattr(train.os, "sysconf", {"SC_PAGE_SIZE": 1, "SC_PHYS_PAGES": 2 * 5 * 9 * 4 - 1}.get)
+    patch.setattr(train.hostmem, "total_bytes", lambda: 2 * 5 * 9 * 4 - 1)
     with pytest.raises(data.DataError, match="^eval_batch_size=2 needs .* lower eval_batch_size$"):
       analysis.average_probabilities(model, params, ids, [0], batch_size=2, num_steps=5)
 
@@ -94,6 +94,8 @@ def test_average_probabilities_and_top_next_words_match_a_direct_softmax(monkeyp
   # A bfloat16-trained model's lists are computed in float32, as its perplexity is.
   bfloat16_model = model.clone(compute_dtype="bfloat16")
   assert analysis.top_next_words(bfloat16_model, params, vocab, list(ids[:6]), k=3) == top
+  with pytest.raises(ValueError, match="^prompt_ids is empty: the next word needs at least one"):
+    analysis.top_next_words(model, params, vocab, [], k=3)
 
 
 @pytest.mark.parametrize("chunk_size", [2, 4096])

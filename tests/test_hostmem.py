@@ -56,3 +56,18 @@ def test_reused_buffers_no_longer_page_fault():
 def test_a_users_own_malloc_tunables_are_left_alone(monkeypatch):
   monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=4")
   assert hostmem.reuse_freed_memory() == {}
+
+
+def test_total_bytes_is_the_container_cap_where_it_is_lower(tmp_path, monkeypatch):
+  # In a capped container the host's RAM overstates what the process may use.
+  physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  v2, v1 = tmp_path / "memory.max", tmp_path / "memory.limit_in_bytes"
+  monkeypatch.setattr(hostmem, "_CGROUP_LIMITS", (v2, v1))
+  assert hostmem.total_bytes() == physical  # neither file
+  v2.write_text("max\n")
+  v1.write_text("9223372036854771712\n")  # v1's "no cap"
+  assert hostmem.total_bytes() == physical
+  v1.write_text("1073741824\n")
+  assert hostmem.total_bytes() == 2**30
+  v2.write_text(f"{2**29}\n")
+  assert hostmem.total_bytes() == 2**29

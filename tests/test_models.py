@@ -413,6 +413,8 @@ def test_cudnn_kernel_equals_the_scan_on_gpu():
     [
         ("lstm_implementation", "cuda", "lstm_implementation='cuda' must be 'scan' or 'cudnn'"),
         ("compute_dtype", "bf16", "compute_dtype='bf16' must be 'float32' or 'bfloat16'"),
+        ("compute_dtype", jnp.bfloat16, r"compute_dtype=<class 'jax.numpy.bfloat16'> must be "
+         r"'float32' or 'bfloat16' \(a name, not a dtype\)"),
         ("input_dropout", 1.0, r"input_dropout=1.0 is a drop probability in \[0, 1\)"),
         ("hidden_dropout", -0.5, r"hidden_dropout=-0.5 is a drop probability in \[0, 1\)"),
         ("vocab_size", 0, "vocab_size=0 must be positive"),

@@ -191,13 +191,13 @@ def test_uniform_model_has_perplexity_equal_to_vocabulary_size(batch_size):
 
 def test_a_batch_whose_logits_alone_exceed_memory_is_refused(monkeypatch):
   # eval_batch_size one below the valid split's targets asked XLA for 103 GB (traceback).
-  host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-  rows = host // (35 * 10_000 * 4) + 1  # one row more than the host's memory holds
+  monkeypatch.setattr(train.hostmem, "total_bytes", lambda: 25_300_000_000)
+  rows = 25_300_000_000 // (35 * 10_000 * 4) + 1  # one row more than the host holds
   message = train.logits_memory_problem("eval_batch_size", rows, rows, 35, 10_000)
+  # 25.3008 GB: rounded up, so that it does not read "25.3 GB, more than 25.3 GB".
   assert message == (
-      f"eval_batch_size={rows} needs {rows * 1.4e-3:,.1f} GB for its float32 logits alone "
-      f"([{rows:,}, 35, 10,000]), more than this host's {host / 1e9:,.1f} GB of memory; lower "
-      "eval_batch_size")
+      f"eval_batch_size={rows} needs 25.4 GB for its float32 logits alone ([{rows:,}, 35, "
+      "10,000]), more than this host's 25.3 GB of memory; lower eval_batch_size")
   assert train.logits_memory_problem("eval_batch_size", rows, rows - 1, 35, 10_000) is None
   # A CPU's devices share the host: two of them hold twice the logits.
   half = (rows + 1) // 2
@@ -207,12 +207,12 @@ def test_a_batch_whose_logits_alone_exceed_memory_is_refused(monkeypatch):
 
   class Gpu:  # a device that reports its allocator's limit: each device on its own
     def memory_stats(self):
-      return {"bytes_limit": 10 * 35 * 10_000 * 4}
+      return {"bytes_limit": 1000 * 35 * 10_000 * 4}
   monkeypatch.setattr(train.jax, "local_devices", lambda: [Gpu()])
-  assert train.logits_memory_problem("batch_size", 20, 10, 35, 10_000, num_devices=2) is None
-  assert train.logits_memory_problem("batch_size", 22, 11, 35, 10_000, num_devices=2) == (
-      "batch_size=22 needs 0.0 GB for its float32 logits alone ([11, 35, 10,000] on each of 2 "
-      "devices), more than a device's 0.0 GB of memory; lower batch_size")
+  assert train.logits_memory_problem("batch_size", 2000, 1000, 35, 10_000, num_devices=2) is None
+  assert train.logits_memory_problem("batch_size", 2002, 1001, 35, 10_000, num_devices=2) == (
+      "batch_size=2002 needs 1.5 GB for its float32 logits alone ([1,001, 35, 10,000] on each "
+      "of 2 devices), more than a device's 1.4 GB of memory; lower batch_size")
 
 
 def test_evaluate_checks_the_logits_memory_before_it_runs(monkeypatch):
@@ -220,10 +220,9 @@ def test_evaluate_checks_the_logits_memory_before_it_runs(monkeypatch):
   model = train.make_model(config, V)
   params = train.create_train_state(config, model, steps_per_epoch=1).params
   ids = np.random.default_rng(1).integers(0, V, 38).astype(np.int32)
-  page = {"SC_PAGE_SIZE": 1, "SC_PHYS_PAGES": 7 * T * V * 4 - 1}  # a host one row short
-  monkeypatch.setattr(train.os, "sysconf", page.__getitem__)
+  monkeypatch.setattr(train.hostmem, "total_bytes", lambda: 7 * T * V * 4 - 1)  # a row short
   with pytest.raises(data.DataError, match=(
-      rf"^eval_batch_size=7 needs 0.0 GB for its float32 logits alone \(\[7, {T}, {V}\]\)")):
+      rf"^eval_batch_size=7 needs 0.1 GB for its float32 logits alone \(\[7, {T}, {V}\]\)")):
     train.evaluate(model, params, ids, batch_size=7, num_steps=T)
   assert train.evaluate(model, params, ids, batch_size=6, num_steps=T)[1] == 37
 
@@ -547,7 +546,7 @@ def test_batches_whose_logits_cannot_fit_are_refused_before_training(tmp_path, m
   rows = config[field] // (jax.device_count() if field == "batch_size" else 1)
   devices = jax.local_device_count() if field == "batch_size" else 1
   host = rows * config.num_steps * vocab_size * 4 * devices - 1  # one byte short
-  monkeypatch.setattr(train.os, "sysconf", {"SC_PAGE_SIZE": 1, "SC_PHYS_PAGES": host}.get)
+  monkeypatch.setattr(train.hostmem, "total_bytes", lambda: host)
   with pytest.raises(error, match=f"^{field}={config[field]} needs .* lower {field}$"):
     train.train_and_evaluate(config, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()

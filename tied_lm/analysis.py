@@ -187,6 +187,8 @@ def top_next_words(
 ) -> list[tuple[str, float]]:
   """The k most likely next words after the prompt, with their probabilities (float32,
   as evaluation computes them, whatever the training precision)."""
+  if not len(prompt_ids):  # for_evaluation(0) would blame a field the caller never set
+    raise ValueError("prompt_ids is empty: the next word needs at least one word before it")
   model = model.for_evaluation(len(prompt_ids))
   carry = model.initial_carry(1)
   logits, _ = model.apply(

@@ -1,4 +1,5 @@
-"""Host memory: glibc malloc settings under which XLA:CPU reuses its step buffers.
+"""Host memory: how much there is, and glibc malloc settings under which XLA:CPU reuses its
+step buffers.
 
 XLA:CPU allocates each step's temporaries with malloc from its worker threads.
 glibc gives such a thread its own arena, whose heaps are at most 64 MB, so a
@@ -13,6 +14,25 @@ them. The numbers computed do not change; the process keeps its peak heap.
 import ctypes
 import os
 import platform
+from pathlib import Path
+
+# A container's memory cap: cgroup v2, then v1 ("max" or a huge number when uncapped).
+_CGROUP_LIMITS = (Path("/sys/fs/cgroup/memory.max"),
+                  Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
+
+
+def total_bytes() -> int:
+  """The memory this process may use at most: the host's RAM, or its container's cap if lower."""
+  total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  for path in _CGROUP_LIMITS:
+    try:
+      text = path.read_text().strip()
+    except OSError:
+      continue
+    if text.isdigit():
+      total = min(total, int(text))
+  return total
+
 
 # From glibc's <malloc.h>.
 _M_TRIM_THRESHOLD = -1

@@ -42,7 +42,8 @@ def field_problems(fields: Mapping[str, Any], prefix: str = "") -> list[str]:
       (math.isfinite(f["init_scale"]), f"{prefix}init_scale={f['init_scale']} must be finite"),
       (f["unroll"] > 0, f"{prefix}unroll={f['unroll']} must be positive"),
       (f["compute_dtype"] in COMPUTE_DTYPES,
-       f"{prefix}compute_dtype={f['compute_dtype']!r} must be 'float32' or 'bfloat16'"),
+       f"{prefix}compute_dtype={f['compute_dtype']!r} must be 'float32' or 'bfloat16' (a "
+       "name, not a dtype)"),
       (f["lstm_implementation"] in LSTM_IMPLEMENTATIONS,
        f"{prefix}lstm_implementation={f['lstm_implementation']!r} must be 'scan' or 'cudnn'"),
       (f["lstm_implementation"] != "cudnn" or f["compute_dtype"] == "float32",

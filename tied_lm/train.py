@@ -8,7 +8,6 @@ import contextlib
 import functools
 import hashlib
 import math
-import os
 import signal
 import threading
 import time
@@ -26,7 +25,7 @@ from flax.training import train_state
 from jax import lax
 from jax.experimental import multihost_utils
 
-from tied_lm import data, fileio, losses, models, provenance, reporting
+from tied_lm import data, fileio, hostmem, losses, models, provenance, reporting
 from tied_lm.checkpoints import Checkpoints
 from tied_lm.errors import UserError
 from tied_lm.fileio import atomic_write
@@ -330,7 +329,7 @@ def logits_memory_problem(
   A lower bound: a batch refused here cannot run; one accepted may still run out.
   Where the device reports its allocator's limit (a GPU) each device's [rows,
   num_steps, V] logits must fit in it; on a CPU the `num_devices` of this process
-  share the host's memory.
+  share the host's memory (`hostmem.total_bytes`).
 
   Args:
     name, value: the config field that set the batch, for the message.
@@ -342,13 +341,15 @@ def logits_memory_problem(
     needed, where = per_device, "a device's"
   else:
     needed, where = per_device * num_devices, "this host's"
-    limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limit = hostmem.total_bytes()
   if needed <= limit:
     return None
   shape = f"[{rows:,}, {num_steps}, {vocab_size:,}]" + (
       f" on each of {num_devices} devices" if num_devices > 1 else "")
-  return (f"{name}={value} needs {needed / 1e9:,.1f} GB for its float32 logits alone ({shape}), "
-          f"more than {where} {limit / 1e9:,.1f} GB of memory; lower {name}")
+  # Rounded apart (needed up, the limit down), so that the two never read the same.
+  return (f"{name}={value} needs {math.ceil(needed / 1e8) / 10:,.1f} GB for its float32 logits "
+          f"alone ({shape}), more than {where} {math.floor(limit / 1e8) / 10:,.1f} GB of memory; "
+          f"lower {name}")
 
 
 def check_eval_memory(batch_size: int, num_steps: int, vocab_size: int) -> None:
