@@ -71,3 +71,5 @@ def test_total_bytes_is_the_container_cap_where_it_is_lower(tmp_path, monkeypatc
   assert hostmem.total_bytes() == 2**30
   v2.write_text(f"{2**29}\n")
   assert hostmem.total_bytes() == 2**29
+  monkeypatch.delattr(hostmem.os, "sysconf")  # Windows has none: no limit is known
+  assert hostmem.total_bytes() is None

@@ -199,6 +199,9 @@ def test_a_batch_whose_logits_alone_exceed_memory_is_refused(monkeypatch):
       f"eval_batch_size={rows} needs 25.4 GB for its float32 logits alone ([{rows:,}, 35, "
       "10,000]), more than this host's 25.3 GB of memory; lower eval_batch_size")
   assert train.logits_memory_problem("eval_batch_size", rows, rows - 1, 35, 10_000) is None
+  with monkeypatch.context() as unknown:  # a system that does not say: nothing refused
+    unknown.setattr(train.hostmem, "total_bytes", lambda: None)
+    assert train.logits_memory_problem("eval_batch_size", rows, rows, 35, 10_000) is None
   # A CPU's devices share the host: two of them hold twice the logits.
   half = (rows + 1) // 2
   assert "on each of 2 devices" in train.logits_memory_problem(

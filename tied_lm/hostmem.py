@@ -21,9 +21,15 @@ _CGROUP_LIMITS = (Path("/sys/fs/cgroup/memory.max"),
                   Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
 
 
-def total_bytes() -> int:
-  """The memory this process may use at most: the host's RAM, or its container's cap if lower."""
-  total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+def total_bytes() -> int | None:
+  """The memory this process may use at most: the host's RAM, or its container's cap if lower.
+
+  None where the system does not say (no sysconf, as on Windows).
+  """
+  try:
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+  except (AttributeError, ValueError, OSError):
+    return None
   for path in _CGROUP_LIMITS:
     try:
       text = path.read_text().strip()

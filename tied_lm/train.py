@@ -342,7 +342,7 @@ def logits_memory_problem(
   else:
     needed, where = per_device * num_devices, "this host's"
     limit = hostmem.total_bytes()
-  if needed <= limit:
+  if limit is None or needed <= limit:  # None: the system does not say
     return None
   shape = f"[{rows:,}, {num_steps}, {vocab_size:,}]" + (
       f" on each of {num_devices} devices" if num_devices > 1 else "")
