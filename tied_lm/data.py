@@ -266,10 +266,10 @@ def load_corpus(dataset: str, data_dir: str = "", max_vocab_size: int = 0) -> Co
   return Corpus(vocab=vocab, **ids)
 
 
-def _check_window_shape(batch_size: int, num_steps: int, batch_name: str) -> None:
-  for name, value in ((batch_name, batch_size), ("num_steps", num_steps)):
-    if value <= 0:
-      raise DataError(f"{name}={value} must be positive")
+def _check_positive(name: str, value: int) -> None:
+  # A zero batch or unroll would divide by zero in the batching below.
+  if value <= 0:
+    raise DataError(f"{name}={value} must be positive")
 
 
 def min_train_tokens(batch_size: int, num_steps: int) -> int:
@@ -292,7 +292,8 @@ def train_windows(
   Returns:
     inputs, targets: [num_windows, batch_size, num_steps] int32.
   """
-  _check_window_shape(batch_size, num_steps, "batch_size")
+  _check_positive("batch_size", batch_size)
+  _check_positive("num_steps", num_steps)
   if len(ids) < min_train_tokens(batch_size, num_steps):
     raise DataError(
         f"{len(ids)} training tokens are too few for batch_size={batch_size} and "
@@ -315,7 +316,7 @@ def check_eval_batch_size(batch_size: int, ids: np.ndarray, split: str) -> None:
   Each row needs at least one target; a larger batch only pads, and a huge one
   exhausts memory.
   """
-  _check_window_shape(batch_size, 1, "eval_batch_size")
+  _check_positive("eval_batch_size", batch_size)
   if batch_size > len(ids) - 1:
     raise DataError(f"eval_batch_size={batch_size} exceeds the {len(ids) - 1:,} targets of the "
                     f"{split} split: each row needs at least one")
@@ -340,7 +341,7 @@ def eval_windows(
     weights: the same shape, float32, 1 for a real target and 0 for padding.
   """
   check_eval_batch_size(batch_size, ids, split)
-  _check_window_shape(batch_size, num_steps, "eval_batch_size")
+  _check_positive("num_steps", num_steps)
   num_targets = len(ids) - 1
   row_len = -(-num_targets // batch_size)
   num_windows = -(-row_len // num_steps)
