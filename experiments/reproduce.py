@@ -120,7 +120,8 @@ def misplaced(name: str, report: dict[str, Any]) -> str | None:
   """Why a run's report does not belong under its grid name (a folder renamed or copied), or None.
 
   The name's dataset and variant (tied or not, augmented loss or not) must be the
-  report's; its size and output bias may differ, through --set or --sweep.
+  report's; its size and output bias may differ, through --set or --sweep (the
+  tables then give the size beside the numbers).
   """
   parsed = parse_run_name(name)
   if parsed is None:
@@ -368,8 +369,24 @@ def _cell(report: dict[str, Any] | None, key: str, digits: int = 1) -> str:
   return " / ".join("-" if value is None else f"{value:.{digits}f}" for value in values)
 
 
-def _params(num_params: int | None) -> str:
-  return "-" if num_params is None else f"{num_params / 1e6:.1f}M"
+def _params(num_params: int | None, paper_params: str = "") -> str:
+  """'13.3M (14M)': ours, then the paper's count where it gives one."""
+  ours = "-" if num_params is None else f"{num_params / 1e6:.1f}M"
+  return f"{ours} ({paper_params})" if paper_params else ours
+
+
+def _hardware(report: dict[str, Any]) -> str:
+  """The accelerator's name, or for a CPU run the CPU's (device_kind alone says 'cpu')."""
+  hardware = report["hardware"]
+  if hardware["device_kind"] == "cpu" and hardware.get("host_cpu"):
+    return f"{hardware['host_cpu']} (CPU)"
+  return hardware["device_kind"]
+
+
+def _size_note(report: dict[str, Any], size: str) -> str:
+  """' (16 units)' where --set or --sweep changed the model's size from its row's; else ''."""
+  actual = report.get("size", size)
+  return "" if actual == size else f" ({actual})"
 
 
 def _epochs(report: dict[str, Any], with_best: bool = True) -> str:
@@ -420,7 +437,7 @@ def _chosen_cell(key: tuple[str, str, str],
   if key not in chosen:
     return "-"
   tag, report = chosen[key]
-  cell = (f"{_cell(report, 'perplexity')} "
+  cell = (f"{_cell(report, 'perplexity')}{_size_note(report, key[1])} "
           f"([{tag or 'paper settings'}]({run_name(*key, tag)}.json))")
   runs = [report, *other_seeds(key, tag, swept)]
   if len(runs) > 1:
@@ -453,6 +470,8 @@ def table(reports: dict[tuple[str, str, str], dict[str, Any]], root_hint: str,
            "(the untagged one and its sweeps, SWEEP.md), the one with the best validation",
            "perplexity, named by its tag (the settings it changes); where the same",
            "settings also ran at other seeds (tagged TAG_seedN), the seeds and their mean.",
+           "A size in brackets after the numbers: the run's model is not its row's size",
+           "(changed by --set or --sweep).",
            ""]
   for dataset in DATASETS:
     keys = [k for k in PAPER if k[0] == dataset] + [
@@ -472,16 +491,16 @@ def table(reports: dict[tuple[str, str, str], dict[str, Any]], root_hint: str,
         command = (f"python -m experiments.reproduce --root={root_hint} --datasets={dataset} "
                    f"--sizes={size} --variants={variant} --rescore")
         lines.append(f"| {size} | {variant.upper()} | {paper_cell} | not run: `{command}` "
-                     f"| | | ({PAPER_PARAMS.get((size, variant), '')}) | | | "
+                     f"| | | {_params(None, PAPER_PARAMS.get((size, variant), ''))} | | | "
                      f"| {_chosen_cell(key, chosen, swept)} |")
         continue
       lines.append(
-          f"| {size} | {variant.upper()} | {paper_cell} | {_cell(report, 'perplexity')} "
+          f"| {size} | {variant.upper()} | {paper_cell} "
+          f"| {_cell(report, 'perplexity')}{_size_note(report, size)} "
           f"| {report['eval_batch_size']} | {_cell(report, 'perplexity_batch1')} "
-          f"| {_params(report['num_params'])}"
-          f"{f' ({paper_params})' if (paper_params := PAPER_PARAMS.get((size, variant))) else ''} "
+          f"| {_params(report['num_params'], PAPER_PARAMS.get((size, variant), ''))} "
           f"| {_epochs(report)} "
-          f"| {report['hardware']['device_kind']} "
+          f"| {_hardware(report)} "
           f"| {reporting.format_seconds(report['wall_seconds'])} "
           f"| {_chosen_cell(key, chosen, swept)} |")
     lines.append("")
@@ -516,7 +535,7 @@ def sweep_table(swept: dict[str, dict[str, Any]],
         f"| {'-' if test is None else f'{test:.2f}'} "
         f"| {_cell(report, 'perplexity_batch1', digits=2)} "
         f"| {_epochs(report, with_best=False)} "
-        f"| {report['hardware']['device_kind']} "
+        f"| {_hardware(report)} "
         f"| {reporting.format_seconds(report['wall_seconds'])} |")
   return "\n".join(lines) + "\n"
 

@@ -202,6 +202,25 @@ def test_table_puts_ours_beside_the_paper_and_says_what_was_not_run():
   assert "wikitext2" in text and text.rstrip().endswith("Why it misses.")
 
 
+def test_table_names_a_cpu_a_changed_size_and_only_the_paper_count_of_a_missing_run():
+  cpu = {"device_kind": "cpu", "host_cpu": "AMD EPYC"}
+  reports = {("ptb", "small", "vd"): _report(92.0, 88.0, size="16 units", hardware=cpu),
+             ("ptb", "medium", "real"): _report(78.6, 75.9, size="medium")}
+  swept = {"ptb_small_re_hidden_size650": _report(80.0, 76.0, size="medium")}
+  chosen = reproduce.chosen_on_validation(reports, swept)
+  ptb = reproduce.table(reports, "ROOT", chosen=chosen, swept=swept).split("## wikitext2")[0]
+  rows = {tuple(c.strip() for c in line.split("|")[1:3]): [c.strip() for c in line.split("|")]
+          for line in ptb.splitlines() if line.startswith("| ")}
+  assert rows[("small", "VD")][4] == "92.0 / 88.0 (16 units)"
+  assert rows[("small", "VD")][9] == "AMD EPYC (CPU)"
+  assert rows[("medium", "REAL")][4] == "78.6 / 75.9"  # its own size: no note
+  assert rows[("medium", "REAL")][9] == "cpu"  # an older report without host_cpu
+  assert rows[("small", "RE")][11].startswith("80.0 / 76.0 (medium) ([hidden_size650]")
+  assert rows[("large", "VD")][7] == "- (66M)" and rows[("large", "AL")][7] == "-"
+  sweep = reproduce.sweep_table(swept, reports)
+  assert "| ptb_small_re_hidden_size650 | 80.00 (58) | 76.00 | - | 60 | cpu | 1m15s |" in sweep
+
+
 def test_reports_without_a_run_directory_come_from_the_json_files(tmp_path, capsys):
   results_dir = tmp_path / "results"
   results_dir.mkdir()
