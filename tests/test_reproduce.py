@@ -362,7 +362,9 @@ def test_a_run_still_training_gets_a_partial_report_that_never_replaces_a_finish
   launches = (root / "ptb_small_real_gamma6.5" / "launches.jsonl").read_text().splitlines()
   assert report["commands"] == [json.loads(line) for line in launches]
   assert report["versions"] == provenance.versions()
-  assert report["hardware"]["devices"] == 2  # conftest's two host devices
+  # As the finished run names them: conftest's two host devices.
+  assert report["hardware"]["devices"] == trained_run[1]["devices"] and len(
+      trained_run[1]["devices"]) == 2
   sweep = (results_dir / "SWEEP.md").read_text()
   assert (f"| ptb_small_real_gamma6.5 | {report['valid_perplexity']:.2f} (1) | - | - "
           "| 1 of 40, partial |") in sweep

@@ -110,6 +110,13 @@ def versions() -> dict:
   return {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__}
 
 
+def device_names() -> list[str]:
+  """Every device of the run, all processes' (['cuda:0'], ['TFRT_CPU_0', ...])."""
+  import jax  # deferred, as in `versions`
+
+  return [str(d) for d in jax.devices()]
+
+
 def command_line(module: str) -> str:
   """This process's command as one would type it: `python -m MODULE FLAGS...`, quoted."""
   return shlex.join(["python", "-m", module, *sys.argv[1:]])
@@ -181,17 +188,18 @@ def record_launch(
 
   Each line: the command as typed (None when train_and_evaluate was called
   from Python), the commit, the host CPU (its name and `cpu_details`), the
-  device kind and count, the library versions, the UTC time, the
-  checkpoint step it resumed from (None for a fresh start), the epochs
-  already done (a launch of a finished run only re-evaluates it) and the
-  model's parameter count (so that a run still training can report it).
+  device kind, the devices (named as results.json names them), the library
+  versions, the UTC time, the checkpoint step it resumed from (None for a
+  fresh start), the epochs already done (a launch of a finished run only
+  re-evaluates it) and the model's parameter count (so that a run still
+  training can report it).
   """
   import jax  # deferred, as in `versions`
 
   launch = {
       "command": command, "commit": git_commit(), "host_cpu": cpu_model(),
       "host_cpu_details": cpu_details(), "device_kind": jax.local_devices()[0].device_kind,
-      "devices": jax.device_count(), "versions": versions(),
+      "devices": device_names(), "versions": versions(),
       "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
       "resumed_step": resumed_step, "epochs_done": epochs_done, "num_params": num_params,
   }

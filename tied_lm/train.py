@@ -1038,7 +1038,7 @@ def _train_and_evaluate(
       ),
       "wall_seconds": history[-1]["wall_seconds"],
       "versions": provenance.versions(),
-      "devices": [str(d) for d in jax.devices()],
+      "devices": provenance.device_names(),
       "device_kind": jax.devices()[0].device_kind,
       "config": config.to_dict(),
   }
