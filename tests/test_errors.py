@@ -1,6 +1,9 @@
 """How every command reports bad input: one line on stderr, exit status 2."""
 
+import gc
 import logging
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -29,6 +32,33 @@ def test_command_turns_ctrl_c_into_one_line_and_status_130(capsys):
     main(["prog"])
   assert exit_info.value.code == 130
   assert capsys.readouterr().err == "stopped by SIGINT (Ctrl-C)\n"
+
+
+def test_a_ctrl_c_lost_in_a_gc_callback_still_stops_the_command(capsys):
+  # Python ignores what a gc callback raises: a Ctrl-C landing in JAX's let the
+  # command carry on (seen 1 s into tied_lm.main, which then trained).
+  def callback(phase, info):
+    if phase == "start" and not interrupted:
+      interrupted.append(phase)
+      raise KeyboardInterrupt
+
+  @errors.command
+  def main(argv):
+    gc.callbacks.append(callback)
+    try:
+      gc.collect()
+      for _ in range(200):
+        time.sleep(0.01)
+    finally:
+      gc.callbacks.remove(callback)
+    finished.append(True)
+
+  interrupted, finished, hook = [], [], sys.unraisablehook
+  with pytest.raises(SystemExit) as exit_:
+    main([])
+  assert interrupted and not finished and exit_.value.code == 130
+  assert capsys.readouterr().err.endswith("stopped by SIGINT (Ctrl-C)\n")
+  assert sys.unraisablehook is hook  # put back when the command ends
 
 
 def test_command_leaves_other_errors_and_normal_returns_alone(capsys):

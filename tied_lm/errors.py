@@ -1,9 +1,11 @@
 """The one error type for bad user input, and how every command reports it."""
 
+import _thread
 import functools
 import logging as python_logging
 import os
 import sys
+import threading
 from collections.abc import Callable
 from typing import NoReturn
 
@@ -30,6 +32,21 @@ def fail(message: str) -> NoReturn:
   sys.exit(2)
 
 
+def _interrupt_again(unraisable: "sys.UnraisableHookArgs") -> None:
+  """sys.unraisablehook: a KeyboardInterrupt that Python could not raise is sent again.
+
+  Python ignores what a gc callback raises (JAX registers one), so a Ctrl-C that
+  lands in one was printed and lost, and the command carried on. Sent again from
+  another thread a moment later (sent now, it would land in this hook and be lost
+  too), it reaches the code that runs then; landing in a callback again, it is sent
+  again.
+  """
+  if issubclass(unraisable.exc_type, KeyboardInterrupt):
+    threading.Timer(0.01, _thread.interrupt_main).start()
+  else:
+    sys.__unraisablehook__(unraisable)
+
+
 def command(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
   """Wraps a command's `main(argv)` for `app.run`: a UserError it raises is `fail`ed,
   a KeyboardInterrupt is one line and status 130.
@@ -41,6 +58,7 @@ def command(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
   @functools.wraps(main)
   def wrapped(argv: list[str]) -> None:
     logging.get_absl_handler().addFilter(_ours_or_a_warning)
+    previous_hook, sys.unraisablehook = sys.unraisablehook, _interrupt_again
     try:
       main(argv)
     except UserError as error:
@@ -50,6 +68,8 @@ def command(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
       # line and the shell's status for SIGINT, not a traceback through JAX.
       print("stopped by SIGINT (Ctrl-C)", file=sys.stderr)
       sys.exit(130)
+    finally:
+      sys.unraisablehook = previous_hook
 
   return wrapped
 
