@@ -42,7 +42,9 @@ def _interrupt_again(unraisable: "sys.UnraisableHookArgs") -> None:
   again.
   """
   if issubclass(unraisable.exc_type, KeyboardInterrupt):
-    threading.Timer(0.01, _thread.interrupt_main).start()
+    resend = threading.Timer(0.01, _thread.interrupt_main)
+    resend.daemon = True  # a command that ends first has nothing left to interrupt
+    resend.start()
   else:
     sys.__unraisablehook__(unraisable)
 

@@ -111,7 +111,7 @@ def versions() -> dict:
 
 
 def device_names() -> list[str]:
-  """Every device of the run, all processes' (['cuda:0'], ['TFRT_CPU_0', ...])."""
+  """Every device of the run, all processes' (['cuda:0'], ['cpu:0', 'cpu:1'])."""
   import jax  # deferred, as in `versions`
 
   return [str(d) for d in jax.devices()]
