@@ -1,6 +1,7 @@
 """The run table: its numbers, the paper's names, plots and one-line errors."""
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,41 @@ def test_a_run_in_progress_has_no_test_perplexity(two_runs, tmp_path):
   assert "| - | - | - |" in summarize.table([run])
 
 
+def test_a_run_in_its_first_epoch_is_a_row_of_dashes_beside_the_others(
+    two_runs, tmp_path, summarize_cli):
+  # It was refused, and the whole table with it.
+  workdir, _ = two_runs[0]
+  starting = tmp_path / "starting"
+  starting.mkdir()
+  (starting / "config.json").write_text((workdir / "config.json").read_text())
+  lines = (workdir / "metrics.jsonl").read_text().splitlines()
+  steps = [line for line in lines if json.loads(line)["kind"] != "epoch"][:1]
+  (starting / "metrics.jsonl").write_text("\n".join(steps) + "\n")
+  plot = tmp_path / "curves.png"
+  result = summarize_cli(workdir, starting, f"--plot={plot}")
+  assert result.returncode == 0, result.stderr
+  rows = result.stdout.splitlines()[2:4]
+  assert rows[0].startswith(f"| {workdir.name} | ptb | 64 units | re | 2 | ")
+  assert rows[1] == "| starting | ptb | 64 units | re | 0 | - | - | - | - | - | - |"
+  assert plot.read_bytes()[:4] == b"\x89PNG"  # the finished run's curve
+  result = summarize_cli(starting, f"--plot={plot}")
+  assert result.returncode == 0 and result.stderr.strip().splitlines()[-1] == (
+      f"no epoch has finished yet: {plot} not drawn")
+
+
+@pytest.mark.parametrize("line, kind", [("[1, 2]", "list"), ('"epoch"', "str")])
+def test_a_metrics_line_that_is_not_an_object_is_one_line(two_runs, tmp_path, line, kind):
+  workdir, _ = two_runs[0]
+  damaged = tmp_path / "damaged"
+  damaged.mkdir()
+  (damaged / "config.json").write_text((workdir / "config.json").read_text())
+  (damaged / "metrics.jsonl").write_text(
+      (workdir / "metrics.jsonl").read_text().splitlines()[0] + f"\n{line}\n")
+  with pytest.raises(UserError, match=(
+      rf"^{damaged / 'metrics.jsonl'} is damaged: line 2 is a JSON {kind}, not an object")):
+    summarize.load_run(damaged)
+
+
 @pytest.mark.parametrize("make,message", [
     (lambda d: None, "is not a directory"),
     (lambda d: d.mkdir(), "is not a tied_lm run (no config.json or results.json)"),
@@ -130,6 +166,12 @@ def test_a_plot_path_that_is_a_folder_is_refused_before_the_table(tmp_path):
     summarize.check_plot_path(Path("/proc/curves.png"))
 
 
+def test_plotting_without_matplotlib_is_refused_before_the_table(tmp_path, monkeypatch):
+  monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib: ImportError
+  with pytest.raises(UserError, match=r'^plotting needs matplotlib: pip install -e "\.\[plot\]"'):
+    summarize.check_plot_path(tmp_path / "curves.png")
+
+
 def test_a_blank_plot_path_is_refused_not_ignored(two_runs, summarize_cli):
   result = summarize_cli(two_runs[0][0], "--plot=")
   assert result.returncode == 2 and result.stdout == ""
@@ -141,6 +183,10 @@ def test_a_blank_plot_path_is_refused_not_ignored(two_runs, summarize_cli):
     (lambda config, results: ({**config}, {}), "'test_perplexity'"),
     (lambda config, results: ({**config, "model": {"embed_dim": 64}}, results), "'hidden_size'"),
     (lambda config, results: ({**config, "loss": None}, results), "'NoneType' object"),
+    # Fields of the wrong type were a traceback from the table's number formats.
+    (lambda config, results: (config, {**results, "num_params": "706048"}),
+     "'706048' is not a number"),
+    (lambda config, results: (config, {**results, "test_perplexity": True}), "True is not a"),
 ])
 def test_a_run_file_without_its_fields_is_one_line(two_runs, tmp_path, damage, field):
   workdir, _ = two_runs[0]

@@ -49,7 +49,7 @@ def read_json(path: Path) -> Any:
     raise UserError(f"{path} is damaged: not UTF-8 text; restore or remove it") from None
 
 
-def read_json_lines(path: Path, *, appended: bool = False) -> list[Any]:
+def read_json_lines(path: Path, *, appended: bool = False) -> list[dict[str, Any]]:
   """The objects of a JSON-lines file, one per non-blank line.
 
   appended: the file grows by appends (launches.jsonl), so a process killed while
@@ -60,12 +60,16 @@ def read_json_lines(path: Path, *, appended: bool = False) -> list[Any]:
   objects = []
   for number, line in enumerate(lines, 1):
     try:
-      objects.append(json.loads(line))
+      record = json.loads(line)
     except json.JSONDecodeError as error:
       if appended and number == len(lines):
         break
       raise UserError(f"{path} is damaged: line {number} is not JSON ({error.msg}); "
                       "restore or remove it") from None
+    if not isinstance(record, dict):
+      raise UserError(f"{path} is damaged: line {number} is a JSON {type(record).__name__}, "
+                      "not an object; restore or remove it")
+    objects.append(record)
   return objects
 
 

@@ -5,11 +5,12 @@
 Prints a Markdown table (dataset, size, variant, epochs, best valid
 perplexity, test perplexity, tokens scored, parameters, tokens/s, wall time)
 that pastes into a paper or a bug report. A run still in progress shows its
-epochs so far and no test perplexity. `--plot` needs matplotlib
-(`pip install -e ".[plot]"`).
+epochs so far and no test perplexity (in its first epoch: 0, and dashes).
+`--plot` needs matplotlib (`pip install -e ".[plot]"`).
 """
 
 import statistics
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -69,8 +70,6 @@ def load_run(workdir: Path) -> dict[str, Any]:
   if not epochs and results is not None:
     raise UserError(f"{workdir / 'metrics.jsonl'} holds no epoch record, though results.json "
                     "says the run finished: restore the file")
-  if not epochs:
-    raise UserError(f"{workdir} has no finished epoch yet")
   try:
     return _summary(workdir, config, results, epochs)
   except (KeyError, TypeError, AttributeError) as error:  # a file edited or written by another tool
@@ -78,24 +77,34 @@ def load_run(workdir: Path) -> dict[str, Any]:
                     f"a tied_lm run's (missing or wrong field: {error})") from None
 
 
+def _number(value: Any) -> float | None:
+  """A number read from a run's files (None stays None); TypeError for anything else."""
+  if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+    raise TypeError(f"{value!r} is not a number")
+  return value
+
+
 def _summary(workdir: Path, config: dict[str, Any], results: dict[str, Any] | None,
              epochs: list[dict[str, Any]]) -> dict[str, Any]:
-  best = min(epochs, key=lambda r: r["valid_perplexity"])
+  """One row of the table; a run still in its first epoch has None for its numbers."""
+  best = min(epochs, key=lambda r: _number(r["valid_perplexity"])) if epochs else None
   size, variant = describe(config)
+  finished = results is not None
   return {
       "run": workdir.name,
       "dataset": config["dataset"],
       "size": size,
       "variant": variant,
       "epochs": len(epochs),
-      "best_valid_perplexity": best["valid_perplexity"],
-      "best_epoch": best["epoch"],
-      "test_perplexity": None if results is None else results["test_perplexity"],
-      "test_tokens_scored": None if results is None else results["test_tokens_scored"],
-      "num_params": None if results is None else results["num_params"],
+      "best_valid_perplexity": best and best["valid_perplexity"],
+      "best_epoch": best and best["epoch"],
+      "test_perplexity": _number(results["test_perplexity"]) if finished else None,
+      "test_tokens_scored": _number(results["test_tokens_scored"]) if finished else None,
+      "num_params": _number(results["num_params"]) if finished else None,
       # The median, as results.json takes it.
-      "tokens_per_second": statistics.median(r["train_tokens_per_second"] for r in epochs),
-      "wall_seconds": epochs[-1]["wall_seconds"],
+      "tokens_per_second": statistics.median(
+          _number(r["train_tokens_per_second"]) for r in epochs) if epochs else None,
+      "wall_seconds": _number(epochs[-1]["wall_seconds"]) if epochs else None,
       "curve": [(r["epoch"], r["valid_perplexity"]) for r in epochs],
   }
 
@@ -113,14 +122,17 @@ def table(runs: list[dict[str, Any]]) -> str:
             "test ppl", "test tokens", "params", "train tok/s", "wall")
   rows = [header, tuple("---" for _ in header)]
   for run in runs:
-    rows.append((
-        run["run"], run["dataset"], run["size"], run["variant"], str(run["epochs"]),
-        f"{run['best_valid_perplexity']:.2f} ({run['best_epoch']})",
-        "-" if run["test_perplexity"] is None else f"{run['test_perplexity']:.2f}",
-        "-" if run["test_tokens_scored"] is None else f"{run['test_tokens_scored']:,}",
-        "-" if run["num_params"] is None else f"{run['num_params'] / 1e6:.2f}M",
-        f"{run['tokens_per_second']:,.0f}", reporting.format_seconds(run["wall_seconds"]),
-    ))
+    if run["best_valid_perplexity"] is None:  # still in its first epoch
+      numbers = ("-",) * 6
+    else:
+      numbers = (
+          f"{run['best_valid_perplexity']:.2f} ({run['best_epoch']})",
+          "-" if run["test_perplexity"] is None else f"{run['test_perplexity']:.2f}",
+          "-" if run["test_tokens_scored"] is None else f"{run['test_tokens_scored']:,}",
+          "-" if run["num_params"] is None else f"{run['num_params'] / 1e6:.2f}M",
+          f"{run['tokens_per_second']:,.0f}", reporting.format_seconds(run["wall_seconds"]))
+    rows.append((run["run"], run["dataset"], run["size"], run["variant"], str(run["epochs"]),
+                 *numbers))
   return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
@@ -133,6 +145,7 @@ def check_plot_path(path: Path) -> None:
   if path.is_dir():
     raise UserError(f"--plot={path} is a folder; name an image file")
   check_writable_directory(path.parent, "the folder of --plot")
+  pyplot()  # without matplotlib, say so before the table, not after it
 
 
 def pyplot() -> Any:
@@ -153,7 +166,7 @@ def plot_curves(runs: list[dict[str, Any]], path: Path, title: str = "") -> None
   import matplotlib.ticker
 
   figure, axes = plt.subplots(figsize=(6.4, 4.0))
-  for run in runs:
+  for run in (run for run in runs if run["curve"]):  # none yet in a run's first epoch
     epochs, perplexities = zip(*run["curve"], strict=True)
     axes.plot(epochs, perplexities, marker="o", markersize=3,
               label=f"{run['run']} ({run['size']}, {run['variant']})")
@@ -181,7 +194,9 @@ def main(argv: list[str]) -> None:
   runs = [{**load_run(Path(directory)), "run": label}
           for directory, label in zip(argv[1:], run_labels(argv[1:]), strict=True)]
   print(table(runs))
-  if FLAGS.plot:
+  if FLAGS.plot and not any(run["curve"] for run in runs):
+    print(f"no epoch has finished yet: {FLAGS.plot} not drawn", file=sys.stderr)
+  elif FLAGS.plot:
     plot_curves(runs, Path(FLAGS.plot))
     print(f"wrote {FLAGS.plot}")
 
