@@ -372,6 +372,21 @@ def tiny_run_config(data_dir, num_epochs):
   return config
 
 
+def test_a_relative_data_dir_is_saved_absolute_for_the_tools_run_elsewhere(
+    tmp_path, monkeypatch):
+  # Saved as typed, evaluate, sample and neighbors run from another folder missed the corpus.
+  write_tiny_corpus(tmp_path / "corpus")
+  monkeypatch.chdir(tmp_path)
+  config = tiny_run_config("corpus", 1)
+  train.train_and_evaluate(config, "run")
+  assert config.data_dir == "corpus"  # the caller's config is left alone
+  saved = json.loads((tmp_path / "run" / "config.json").read_text())
+  assert saved["data_dir"] == str(tmp_path / "corpus")
+  (tmp_path / "elsewhere").mkdir()
+  monkeypatch.chdir(tmp_path / "elsewhere")
+  assert train.load_trained(tmp_path / "run").corpus.vocab_size == 32  # 30 words, <eos>, <unk>
+
+
 def test_a_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path, monkeypatch):
   write_tiny_corpus(tmp_path / "corpus")
   straight = train.train_and_evaluate(tiny_run_config(tmp_path / "corpus", 3), str(tmp_path / "a"))

@@ -804,6 +804,11 @@ def train_and_evaluate(
   """
   num_devices = jax.device_count()
   validate_config(config, num_devices)
+  if config.data_dir and not Path(config.data_dir).is_absolute():
+    # Saved as typed, it named another folder for evaluate, sample or a resume run
+    # from elsewhere. A copy: the caller's config stays as it was.
+    config = ml_collections.ConfigDict(config)
+    config.data_dir = str(Path(config.data_dir).expanduser().absolute())
   workdir = Path(workdir).expanduser()
   fileio.check_writable_directory(workdir, "the workdir")
   corpus = data.load_corpus(config.dataset, config.data_dir, config.max_vocab_size)
