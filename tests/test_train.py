@@ -607,6 +607,26 @@ def test_a_reader_refuses_a_config_json_that_is_not_its_checkpoints(
     train.load_trained(run)
 
 
+@pytest.mark.parametrize("edit,message", [
+    # A traceback (ValueError, or TypeError from a comparison) or, in some tools, no word.
+    ({"model": {"lstm_implementation": "bogus"}},
+     "model.lstm_implementation='bogus' must be 'scan' or 'cudnn'"),
+    ({"model": {"unroll": 0}}, "model.unroll=0 must be positive"),
+    ({"model": {"unroll": "x"}}, "a model field is missing or of the wrong type"),
+    ({"data_dir": 5}, "data_dir=5 must be a folder's name or ''"),
+])
+def test_a_reader_refuses_a_hand_edited_field_the_checkpoint_does_not_fix(
+    trained_run, tmp_path, edit, message):
+  run = tmp_path / "run"
+  shutil.copytree(trained_run[0], run)
+  config = json.loads((run / "config.json").read_text())
+  edited = {**config, **edit, "model": {**config["model"], **edit.get("model", {})}}
+  (run / "config.json").write_text(json.dumps(edited))
+  with pytest.raises(UserError, match=(
+      rf"^{re.escape(str(run / 'config.json'))}: {re.escape(message)}.*; restore the run's own")):
+    train.load_trained(run)
+
+
 def test_a_reader_refuses_a_changed_corpus_a_bad_config_and_a_run_without_an_epoch(
     tmp_path, monkeypatch):
   write_tiny_corpus(tmp_path / "corpus")

@@ -720,8 +720,6 @@ def load_trained(workdir: str | Path) -> TrainedRun:
   if config.model.get("lstm_implementation") == "cudnn" and jax.default_backend() != "gpu":
     # cuDNN runs on NVIDIA GPUs only; the scan computes the same from the same parameters.
     config.model.lstm_implementation = "scan"
-  corpus = data.load_corpus(config.dataset, config.data_dir, config.max_vocab_size)
-  model = make_model(config, corpus.vocab_size)
   step, params, meta = Checkpoints(workdir, read_only=True).restore_best_params()
   if "config" in meta:  # config.json edited, or checkpoints copied from another run
     check_fixed_fields(config, meta["config"], f"{config_file} does not match checkpoint {step}",
@@ -730,6 +728,17 @@ def load_trained(workdir: str | Path) -> TrainedRun:
     raise UserError(
         f"{workdir} has no finished epoch yet (checkpoint {step} is within epoch 1): its best "
         "parameters are still the initial ones")
+  # Fields the checkpoint does not fix, edited by hand: one line, not a traceback later.
+  try:
+    problems = models.field_problems(config.model, "model.")
+  except (KeyError, TypeError) as error:
+    problems = [f"a model field is missing or of the wrong type ({error})"]
+  if not isinstance(config.data_dir, str):
+    problems.append(f"data_dir={config.data_dir!r} must be a folder's name or ''")
+  if problems:
+    raise UserError(f"{config_file}: {problems[0]}; restore the run's own config.json")
+  corpus = data.load_corpus(config.dataset, config.data_dir, config.max_vocab_size)
+  model = make_model(config, corpus.vocab_size)
   check_vocabulary(meta, corpus.vocab, config, f"{workdir} was",
                    ": its scores would be of the wrong words")
   return TrainedRun(config, corpus, model, jax.tree.map(jnp.asarray, params), step)
