@@ -119,6 +119,7 @@ def test_time_runner_counts_the_pages_a_step_maps_in():
     ("profile_step", ["--num_devices=2"], "profile_step times one device"),
     ("profile_step", ["--batch_sizes=0"], "must be a comma-separated list of positive integers"),
     ("benchmark", ["--num_devices="], "needs at least one value"),
+    ("benchmark", ["--num_devices=1,"], "--num_devices=['1', '']: has an empty entry (two commas"),
     # More windows per timed call than the split has: the step time would be overstated.
     ("benchmark", ["--batch_sizes=8192"], "batch 8192: the train split has 5 windows, fewer "
      "than the 10 each timed call runs"),

@@ -43,4 +43,5 @@ def test_neighbors_of_a_word_outside_the_vocabulary_is_one_line(trained_run, run
   assert result.stderr == "error: not in the vocabulary: notaword\n"
   result = run_module("tied_lm.neighbors", f"--workdir={trained_run[0]}", "--words=the,,a")
   assert result.returncode == 2
-  assert result.stderr == "error: an empty word in the list (two commas in a row?)\n"
+  assert result.stderr == ("error: flag --words=['the', '', 'a']: has an empty entry (two "
+                           "commas in a row, or one at either end?)\n")

@@ -112,14 +112,19 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def require_values(*names: str) -> None:
-  """List flags that need a value: given (unless they have a default) and not empty.
+  """List flags that need a value: given (unless they have a default), not empty, and
+  without an empty entry.
 
-  `--words=` (an empty list) is then refused at parse time, in one line.
+  `--words=` (an empty list) and `--workdirs=a,` (whose '' named the current
+  folder) are then refused at parse time, in one line.
   """
   for name in names:
     if flags.FLAGS[name].default is None:
       flags.mark_flag_as_required(name)
     flags.register_validator(name, bool, message="needs at least one value")
+    flags.register_validator(
+        name, lambda values: values is None or all(str(v).strip() for v in values),
+        message="has an empty entry (two commas in a row, or one at either end?)")
 
 
 def require_name(name: str, what: str, optional: bool = False) -> None:
