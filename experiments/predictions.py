@@ -13,11 +13,15 @@ words in its top ten. Writes JSON and a Markdown table (--output prefix).
 
 import collections
 import time
+from typing import TYPE_CHECKING
 
 from absl import app, flags
 
 from tied_lm import data, errors, provenance, summarize
 from tied_lm.errors import UserError
+
+if TYPE_CHECKING:  # imports JAX: --help and flag errors answer without it
+  from tied_lm import train
 
 FLAGS = flags.FLAGS
 PROMPTS = ("the company said", "the stock market", "he said the", "in new york")
@@ -39,12 +43,12 @@ def frequent_words(corpus: data.Corpus, count: int) -> list[int]:
   return [word for word, _ in counts.most_common(count + 1) if word != unk][:count]
 
 
-def describe_run(workdir: str, prompts: list[str], num_frequent: int) -> dict:
-  """One run's average probabilities and top-10 lists."""
+def describe_run(workdir: str, run: "train.TrainedRun", prompts: dict[str, list[int]],
+                 num_frequent: int) -> dict:
+  """One run's average probabilities and top-10 lists (prompts: as its word ids)."""
   # Imported here, not at the top: --help and flag errors then answer without JAX (about 4 s).
-  from tied_lm import analysis, sample, train
+  from tied_lm import analysis
 
-  run = train.load_trained(workdir)
   vocab = run.corpus.vocab
   tracked = ([vocab.index(data.UNK)] if data.UNK in vocab else []) + frequent_words(
       run.corpus, num_frequent)
@@ -57,9 +61,8 @@ def describe_run(workdir: str, prompts: list[str], num_frequent: int) -> dict:
       "average_probability": {vocab[w]: float(p) for w, p in zip(tracked, averages,
                                                                  strict=True)},
       "top_next_words": {
-          prompt: analysis.top_next_words(
-              run.model, run.params, vocab, sample.encode_prompt(prompt, vocab))
-          for prompt in prompts},
+          prompt: analysis.top_next_words(run.model, run.params, vocab, ids)
+          for prompt, ids in prompts.items()},
   }
 
 
@@ -90,7 +93,15 @@ def main(argv: list[str]) -> None:
   prefix = provenance.output_prefix(FLAGS.output)  # before the runs are scored
   start = time.time()
   commit = provenance.git_commit()  # what runs, whatever HEAD is at the end
-  runs = [describe_run(w, FLAGS.prompt, FLAGS.num_frequent) for w in FLAGS.workdirs]
+  from tied_lm import sample, train  # JAX: after the flags, as in describe_run
+
+  # Every run loaded and every prompt encoded before any is scored: a bad last
+  # workdir or prompt is refused at once, not after minutes of scoring the others.
+  loaded = [train.load_trained(w) for w in FLAGS.workdirs]
+  prompts = [{p: sample.encode_prompt(p, run.corpus.vocab) for p in FLAGS.prompt}
+             for run in loaded]
+  runs = [describe_run(w, run, ids, FLAGS.num_frequent)
+          for w, run, ids in zip(FLAGS.workdirs, loaded, prompts, strict=True)]
   results = {
       **provenance.header("experiments.predictions", commit),
       "runs": runs, "wall_seconds": time.time() - start,

@@ -14,12 +14,16 @@ command, commit, hardware and versions) and PREFIX.md.
 
 import math
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 from absl import app, flags
 
 from tied_lm import errors, provenance
 from tied_lm.errors import UserError
+
+if TYPE_CHECKING:  # imports JAX: --help and flag errors answer without it
+  from tied_lm import train
 
 FLAGS = flags.FLAGS
 
@@ -32,12 +36,11 @@ def define_flags() -> None:
   errors.require_values("workdirs", "taus")
 
 
-def run_rows(workdir: str, taus: list[float]) -> list[dict]:
-  """One row per τ for the run in `workdir`, on its validation text."""
+def run_rows(workdir: str, run: "train.TrainedRun", taus: list[float]) -> list[dict]:
+  """One row per τ for the run loaded from `workdir`, on its validation text."""
   # Imported here, not at the top: --help and flag errors then answer without JAX (about 4 s).
-  from tied_lm import analysis, train
+  from tied_lm import analysis
 
-  run = train.load_trained(workdir)
   embedding = np.asarray(run.params["embed"]["embedding"], np.float32)
   targets = np.asarray(run.corpus.valid)
   mean_squared_norm = float(np.mean(np.sum(embedding[targets] ** 2, axis=-1)))
@@ -78,7 +81,12 @@ def main(argv: list[str]) -> None:
     raise UserError(f"--taus={','.join(FLAGS.taus)}: every τ must be in [{low:.3g}, "
                     f"{high:.3g}] (float32's positive normal numbers)")
   prefix = provenance.output_prefix(FLAGS.output)  # before the runs are scored
-  rows = [row for workdir in FLAGS.workdirs for row in run_rows(workdir, taus)]
+  from tied_lm import train
+
+  # Every run loaded before any is measured: a bad last workdir is refused at once.
+  loaded = [train.load_trained(workdir) for workdir in FLAGS.workdirs]
+  rows = [row for workdir, run in zip(FLAGS.workdirs, loaded, strict=True)
+          for row in run_rows(workdir, run, taus)]
   markdown = table(rows)
   provenance.write_results(prefix, {
       **provenance.header("experiments.target_sharpness", commit), "rows": rows,

@@ -51,6 +51,24 @@ def run_module():
 
 
 @pytest.fixture(scope="session")
+def run_module_unscored():
+  """`run_module_unscored(MODULE, SCORER, *ARGS)`: as `run_module`, with
+  `tied_lm.analysis.SCORER` replaced by a function that exits with 'scored first': what
+  tells a command that checks all its inputs before it scores any run."""
+
+  def run(module: str, scorer: str, *args: str) -> subprocess.CompletedProcess:
+    script = (f"import runpy, sys\nfrom tied_lm import analysis\n"
+              f"def scored(*args, **kwargs):\n  raise SystemExit('scored first')\n"
+              f"analysis.{scorer} = scored\n"
+              f"sys.argv = ['{module}', *sys.argv[1:]]\n"
+              f"runpy.run_module('{module}', run_name='__main__', alter_sys=True)\n")
+    return subprocess.run([sys.executable, "-c", script, *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+
+  return run
+
+
+@pytest.fixture(scope="session")
 def modules_imported_by():
   """`modules_imported_by(MODULE, *ARGS)` runs `python -X importtime -m MODULE ARGS` in the
   checkout under test and returns (its exit status, the names of the modules it imported):

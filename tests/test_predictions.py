@@ -29,6 +29,20 @@ def test_predictions_of_a_folder_that_is_not_a_run_is_one_line(tmp_path, run_mod
   assert result.stderr.startswith("error: ")
 
 
+@pytest.mark.parametrize("flags", [["--prompt=the", "--prompt=  "],
+                                   ["--workdirs={run},{run}/nowhere"]])
+def test_every_run_and_prompt_is_checked_before_any_run_is_scored(
+    trained_run, tmp_path, run_module_unscored, flags):
+  # A bad last workdir or prompt was refused only after the earlier runs were scored
+  # (minutes at the paper's sizes).
+  result = run_module_unscored(
+      "experiments.predictions", "average_probabilities", f"--workdirs={trained_run[0]}",
+      f"--output={tmp_path / 'out'}", *(f.format(run=trained_run[0]) for f in flags))
+  assert result.returncode == 2, result.stderr
+  assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
+  assert not list(tmp_path.glob("out*"))
+
+
 @pytest.mark.parametrize("flag, message", [
     ("--num_frequent=-1", "error: --num_frequent=-1 must be >= 0"),
     ("--output=", "error: --output='' must be a file prefix, e.g. experiments/results/NAME"),

@@ -76,3 +76,14 @@ def test_cli_refuses_a_bad_tau_in_one_line(trained_run, sharpness_cli):
   assert result.returncode == 2
   assert result.stderr.strip().splitlines() == [
       "error: cannot write the folder of --output /dev/null: /dev/null is not a directory"]
+
+
+def test_every_run_is_loaded_before_any_is_measured(trained_run, tmp_path, run_module_unscored):
+  # A bad last workdir was refused only after the earlier runs were measured.
+  result = run_module_unscored(
+      "experiments.target_sharpness", "target_sharpness",
+      f"--workdirs={trained_run[0]},{trained_run[0]}/nowhere", f"--output={tmp_path / 'out'}")
+  assert result.returncode == 2, result.stderr
+  assert result.stderr.strip().splitlines() == [
+      f"error: {trained_run[0]}/nowhere is not a directory"]
+  assert not list(tmp_path.glob("out*"))
