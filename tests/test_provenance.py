@@ -67,7 +67,13 @@ def test_output_prefixes_keep_their_dots_and_bad_ones_are_refused(tmp_path):
       f"^--output={tmp_path / 'run' / 'config'} would replace {tmp_path / 'run' / 'config.json'}, "
       "a run's own file; name another prefix$")):
     provenance.output_prefix(str(tmp_path / "run" / "config"))
-  assert provenance.output_prefix(str(tmp_path / "run" / "results")) == tmp_path / "run/results"
+  # RUN/results.json, absent while the run trains, made it read as finished.
+  with pytest.raises(UserError, match=(
+      f"^--output={tmp_path / 'run' / 'results'} would write {tmp_path / 'run' / 'results.json'} "
+      "into a run's directory, under the name of a run's own file; name another prefix$")):
+    provenance.output_prefix(str(tmp_path / "run" / "results"))
+  assert provenance.output_prefix(str(tmp_path / "run" / "sharpness")) == tmp_path / "run/sharpness"
+  assert provenance.output_prefix(str(tmp_path / "results")) == tmp_path / "results"  # no run
   # A JSON file's path ending in a separator names a folder, not a file called so.
   with pytest.raises(UserError, match="is a folder; name a JSON file in it"):
     provenance.output_file(f"{tmp_path}/new/", "a JSON file")

@@ -142,8 +142,9 @@ OUTPUT_EXTENSIONS = (".json", ".md", ".png")  # what the scripts write under a p
 
 def output_prefix(value: str) -> Path:
   """An --output PREFIX of PREFIX.json, .md, ...: refused in one line, before any work,
-  if empty, a folder, in a folder that cannot be written, or if one of its outputs
-  is a folder."""
+  if empty, a folder, in a folder that cannot be written, if one of its outputs is a
+  folder, or if one would take a run's own file name (results.json, ...) in a run's
+  directory."""
   if not value.strip() or value.endswith(os.sep):
     raise UserError(f"--output={value!r} must be a file prefix, e.g. experiments/results/NAME")
   prefix = output_file(value, "a file prefix")
@@ -156,6 +157,10 @@ def output_prefix(value: str) -> Path:
     if output.name in RUN_DIRECTORY_LAYOUT and output.exists():  # PREFIX = RUN/config
       raise UserError(f"--output={value} would replace {output}, a run's own file; name "
                       "another prefix")
+    # RUN/results.json written by an analysis made a run still training read as finished.
+    if output.name in RUN_DIRECTORY_LAYOUT and (output.parent / "config.json").is_file():
+      raise UserError(f"--output={value} would write {output} into a run's directory, under "
+                      "the name of a run's own file; name another prefix")
   return prefix
 
 
