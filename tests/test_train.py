@@ -627,6 +627,17 @@ def test_a_reader_refuses_a_hand_edited_field_the_checkpoint_does_not_fix(
     train.load_trained(run)
 
 
+def test_a_reader_refuses_a_run_folder_entry_of_the_wrong_kind(trained_run, tmp_path):
+  # A file named checkpoints was reported as "no checkpoint yet".
+  run = tmp_path / "run"
+  shutil.copytree(trained_run[0], run)
+  shutil.rmtree(run / "checkpoints")
+  (run / "checkpoints").write_text("")
+  with pytest.raises(UserError, match=re.escape(
+      f"{run / 'checkpoints'} is a file, where a run keeps its folder checkpoints")):
+    train.load_trained(run)
+
+
 def test_a_reader_refuses_a_changed_corpus_a_bad_config_and_a_run_without_an_epoch(
     tmp_path, monkeypatch):
   write_tiny_corpus(tmp_path / "corpus")

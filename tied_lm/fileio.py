@@ -109,6 +109,13 @@ def make_run_directory(directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
   except OSError as error:
     raise UserError(f"cannot make the workdir {directory}: {error.strerror or error}") from None
+  check_run_directory(directory)
+
+
+def check_run_directory(directory: Path) -> None:
+  """Refuses, in one line, a run directory whose entries are of the wrong kind: what a
+  trainer would fail on deep in training, and a reader would misread (a folder named
+  results.json read as a run still training, a file named checkpoints as none yet)."""
   for name, kind in RUN_DIRECTORY_LAYOUT.items():
     path = directory / name
     if path.exists() and path.is_dir() != (kind == "folder"):

@@ -18,7 +18,7 @@ from absl import app, flags
 
 from tied_lm import errors, reporting
 from tied_lm.errors import UserError
-from tied_lm.fileio import check_writable_directory, read_json
+from tied_lm.fileio import check_run_directory, check_writable_directory, read_json
 
 FLAGS = flags.FLAGS
 
@@ -58,6 +58,7 @@ def load_run(workdir: Path) -> dict[str, Any]:
   """What the table shows of one run directory; UserError if it is not one."""
   if not workdir.is_dir():
     raise UserError(f"{workdir} is not a directory")
+  check_run_directory(workdir)
   config_file, results_file = workdir / "config.json", workdir / "results.json"
   results = read_json(results_file) if results_file.is_file() else None
   if config_file.is_file():

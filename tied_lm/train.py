@@ -703,6 +703,7 @@ def load_trained(workdir: str | Path) -> TrainedRun:
   config_file = workdir / "config.json"
   if not workdir.is_dir():
     raise UserError(f"{workdir} is not a directory")
+  fileio.check_run_directory(workdir)
   if not config_file.is_file():
     raise UserError(f"{workdir} is not a tied_lm run (no config.json)")
   checkpoint_dir = workdir / "checkpoints"
