@@ -5,6 +5,7 @@ import importlib.machinery
 import logging
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -67,6 +68,42 @@ def test_a_ctrl_c_during_a_gc_callback_still_stops_the_command(capsys):
     signal.signal(signal.SIGINT, inherited)
   assert interrupted and not finished and exit_.value.code == 130
   assert capsys.readouterr().err == "stopped by SIGINT (Ctrl-C)\n"
+
+
+def test_a_put_off_ctrl_c_does_not_outlive_its_command_and_threads_may_run_commands():
+  # A resend still pending when the command returned raised KeyboardInterrupt in
+  # whatever ran next; and a command run off the main thread failed in signal.signal.
+  def callback(phase, info):
+    if phase == "start" and not interrupted:
+      interrupted.append(phase)
+      signal.raise_signal(signal.SIGINT)  # put off: it lands in a gc callback
+
+  @errors.command
+  def main(argv):
+    gc.callbacks.append(callback)
+    try:
+      gc.collect()
+    finally:
+      gc.callbacks.remove(callback)
+    finished.append(True)  # returns before the resend is due
+
+  interrupted, finished = [], []
+  inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    main([])
+    try:
+      time.sleep(0.1)  # the resend would land here
+    except KeyboardInterrupt:
+      pytest.fail("a put-off Ctrl-C outlived its command")
+  finally:
+    signal.signal(signal.SIGINT, inherited)
+  assert interrupted and finished
+
+  ran = []
+  thread = threading.Thread(target=errors.command(ran.append), args=(["x"],))
+  thread.start()
+  thread.join()
+  assert ran == [["x"]]
 
 
 def test_a_ctrl_c_waits_while_a_c_extension_initialises():

@@ -114,21 +114,24 @@ def test_a_metrics_line_that_is_not_an_object_is_one_line(two_runs, tmp_path, li
     (lambda d: d.mkdir(), "is not a tied_lm run (no config.json or results.json)"),
     # It said "has no finished epoch yet".
     (lambda d: [d.mkdir(), (d / "config.json").write_text("{}"), (d / "metrics.jsonl").mkdir()],
-     "/metrics.jsonl is a folder, where a run keeps its file metrics.jsonl: move it away"),
+     "/metrics.jsonl is a folder, where a run keeps its file metrics.jsonl: move it away or "
+     "use another --workdir"),
     # A folder named results.json showed the run as unfinished; one named config.json was
     # passed over for results.json's config.
     (lambda d: [d.mkdir(), (d / "config.json").write_text("{}"), (d / "results.json").mkdir()],
-     "/results.json is a folder, where a run keeps its file results.json: move it away"),
+     "/results.json is a folder, where a run keeps its file results.json: move it away or "
+     "use another --workdir"),
     (lambda d: [d.mkdir(), (d / "config.json").mkdir(), (d / "results.json").write_text("{}")],
-     "/config.json is a folder, where a run keeps its file config.json: move it away"),
+     "/config.json is a folder, where a run keeps its file config.json: move it away or "
+     "use another --workdir"),
 ])
 def test_a_folder_that_is_not_a_run_is_one_line(tmp_path, make, message, summarize_cli):
   folder = tmp_path / "folder"
   make(folder)
   result = summarize_cli(folder)
   assert result.returncode == 2
-  [line] = result.stderr.strip().splitlines()
-  assert line.startswith(f"error: {folder}{'' if message.startswith('/') else ' '}{message}")
+  assert result.stderr.strip().splitlines() == [
+      f"error: {folder}{'' if message.startswith('/') else ' '}{message}"]
 
 
 def test_a_finished_run_with_an_empty_metrics_file_says_so(two_runs, tmp_path):

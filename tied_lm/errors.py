@@ -46,7 +46,7 @@ def _unsafe_to_raise(frame: types.FrameType | None) -> bool:
   first second of tied_lm.main.
   """
   waiting = {getattr(callback, "__code__", None) for callback in gc.callbacks}
-  waiting.add(_interrupt.__code__)  # a Ctrl-C while one is being put off
+  waiting.add(_Interrupt.__call__.__code__)  # a Ctrl-C while one is being put off
   while frame is not None:
     code = frame.f_code
     if code in waiting or (code.co_name in ("create_module", "exec_module") and isinstance(
@@ -56,16 +56,27 @@ def _unsafe_to_raise(frame: types.FrameType | None) -> bool:
   return False
 
 
-def _interrupt(signum: int, frame: types.FrameType | None) -> None:
-  """The SIGINT handler of every command: KeyboardInterrupt, as Python's own, except
-  where it would be lost or fatal (`_unsafe_to_raise`): there the signal is sent
-  again 10 ms later, from another thread, until it lands where it is safe."""
-  if _unsafe_to_raise(frame):
-    resend = threading.Timer(0.01, _thread.interrupt_main)
-    resend.daemon = True  # a command that ends first has nothing left to interrupt
-    resend.start()
-    return
-  raise KeyboardInterrupt
+class _Interrupt:
+  """One command's SIGINT handler: KeyboardInterrupt, as Python's own, except where it
+  would be lost or fatal (`_unsafe_to_raise`): there the signal is sent again 10 ms
+  later, from another thread, until it lands where it is safe. `cancel` drops the
+  resends still pending, so that none outlives the command."""
+
+  def __init__(self) -> None:
+    self.resends: list[threading.Timer] = []
+
+  def __call__(self, signum: int, frame: types.FrameType | None) -> None:
+    if _unsafe_to_raise(frame):
+      resend = threading.Timer(0.01, _thread.interrupt_main)
+      resend.daemon = True
+      self.resends.append(resend)
+      resend.start()
+      return
+    raise KeyboardInterrupt
+
+  def cancel(self) -> None:
+    for resend in self.resends:
+      resend.cancel()
 
 
 def command(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
@@ -79,10 +90,14 @@ def command(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
   @functools.wraps(main)
   def wrapped(argv: list[str]) -> None:
     logging.get_absl_handler().addFilter(_ours_or_a_warning)
-    # Not where SIGINT is ignored (a background job of a script) or handled otherwise.
-    previous = signal.getsignal(signal.SIGINT)
-    if previous is signal.default_int_handler:
-      signal.signal(signal.SIGINT, _interrupt)
+    # Only where Python's own handler is in place: not where SIGINT is ignored (a
+    # background job of a script) or handled otherwise (IPython), nor off the main
+    # thread, where signal.signal raises.
+    interrupt = None
+    if (threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+      interrupt = _Interrupt()
+      signal.signal(signal.SIGINT, interrupt)
     try:
       main(argv)
     except UserError as error:
@@ -93,8 +108,9 @@ def command(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
       print("stopped by SIGINT (Ctrl-C)", file=sys.stderr)
       sys.exit(130)
     finally:
-      if previous is signal.default_int_handler:
-        signal.signal(signal.SIGINT, previous)
+      if interrupt is not None:
+        interrupt.cancel()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
   return wrapped
 

@@ -817,7 +817,7 @@ def train_and_evaluate(
   if config.data_dir and not Path(config.data_dir).is_absolute():
     # Saved as typed, it named another folder for evaluate, sample or a resume run
     # from elsewhere. A copy: the caller's config stays as it was.
-    config = ml_collections.ConfigDict(config)
+    config = ml_collections.ConfigDict(config.to_dict())
     config.data_dir = str(Path(config.data_dir).expanduser().absolute())
   workdir = Path(workdir).expanduser()
   fileio.check_writable_directory(workdir, "the workdir")
