@@ -7,6 +7,7 @@ import signal
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,35 @@ def test_a_ctrl_c_during_a_gc_callback_still_stops_the_command(capsys):
     signal.signal(signal.SIGINT, inherited)
   assert interrupted and not finished and exit_.value.code == 130
   assert capsys.readouterr().err == "stopped by SIGINT (Ctrl-C)\n"
+
+
+def test_a_ctrl_c_lost_in_a_weakref_callback_still_stops_the_command(capsys):
+  # Seen in CI: the Ctrl-C landed in a WeakSet's callback, which Python ignores too.
+  class Thing:
+    pass
+
+  def callback(reference):
+    signal.raise_signal(signal.SIGINT)  # handled here, then ignored by Python
+
+  @errors.command
+  def main(argv):
+    thing = Thing()
+    reference = weakref.ref(thing, callback)
+    del thing  # runs the callback
+    for _ in range(200):
+      time.sleep(0.01)
+    finished.append(reference)
+
+  finished, hook = [], sys.unraisablehook
+  inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    with pytest.raises(SystemExit) as exit_:
+      main([])
+  finally:
+    signal.signal(signal.SIGINT, inherited)
+  assert not finished and exit_.value.code == 130
+  assert capsys.readouterr().err == "stopped by SIGINT (Ctrl-C)\n"
+  assert sys.unraisablehook is hook  # put back
 
 
 def test_a_put_off_ctrl_c_does_not_outlive_its_command_and_threads_may_run_commands():

@@ -11,7 +11,7 @@ import sys
 import threading
 import types
 from collections.abc import Callable
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from absl import flags, logging
 
@@ -43,10 +43,12 @@ def _unsafe_to_raise(frame: types.FrameType | None) -> bool:
   command carried on, and a run 1 s into tied_lm.main trained to the end. Fatal in a
   C extension's initialisation: jaxlib's turns it into a C++ exception nobody catches
   and the process aborts (status 134, a core dump). Both seen with Ctrl-C in the
-  first second of tied_lm.main.
+  first second of tied_lm.main. (Lost too in a weakref callback or a __del__, which
+  cannot be told from their frames: `_Interrupt.unraisable` catches those.)
   """
   waiting = {getattr(callback, "__code__", None) for callback in gc.callbacks}
-  waiting.add(_Interrupt.__call__.__code__)  # a Ctrl-C while one is being put off
+  # A Ctrl-C while one is being put off.
+  waiting |= {_Interrupt.__call__.__code__, _Interrupt.unraisable.__code__}
   while frame is not None:
     code = frame.f_code
     if code in waiting or (code.co_name in ("create_module", "exec_module") and isinstance(
@@ -59,20 +61,32 @@ def _unsafe_to_raise(frame: types.FrameType | None) -> bool:
 class _Interrupt:
   """One command's SIGINT handler: KeyboardInterrupt, as Python's own, except where it
   would be lost or fatal (`_unsafe_to_raise`): there the signal is sent again 10 ms
-  later, from another thread, until it lands where it is safe. `cancel` drops the
-  resends still pending, so that none outlives the command."""
+  later, from another thread, until it lands where it is safe. Its `unraisable`, the
+  command's sys.unraisablehook, sends again one that Python ignored all the same (in a
+  weakref callback or a __del__). `cancel` drops the resends still pending, so that
+  none outlives the command."""
 
-  def __init__(self) -> None:
+  def __init__(self, previous_hook: Callable[["sys.UnraisableHookArgs"], Any]) -> None:
     self.resends: list[threading.Timer] = []
+    self.previous_hook = previous_hook
 
   def __call__(self, signum: int, frame: types.FrameType | None) -> None:
     if _unsafe_to_raise(frame):
-      resend = threading.Timer(0.01, _thread.interrupt_main)
-      resend.daemon = True
-      self.resends.append(resend)
-      resend.start()
+      self.resend()
       return
     raise KeyboardInterrupt
+
+  def unraisable(self, unraisable: "sys.UnraisableHookArgs") -> None:
+    if issubclass(unraisable.exc_type, KeyboardInterrupt):
+      self.resend()
+    else:
+      self.previous_hook(unraisable)
+
+  def resend(self) -> None:
+    resend = threading.Timer(0.01, _thread.interrupt_main)
+    resend.daemon = True
+    self.resends.append(resend)
+    resend.start()
 
   def cancel(self) -> None:
     for resend in self.resends:
@@ -96,8 +110,9 @@ def command(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
     interrupt = None
     if (threading.current_thread() is threading.main_thread()
         and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
-      interrupt = _Interrupt()
+      interrupt = _Interrupt(sys.unraisablehook)
       signal.signal(signal.SIGINT, interrupt)
+      sys.unraisablehook = interrupt.unraisable
     try:
       main(argv)
     except UserError as error:
@@ -111,6 +126,7 @@ def command(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
       if interrupt is not None:
         interrupt.cancel()
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        sys.unraisablehook = interrupt.previous_hook
 
   return wrapped
 
