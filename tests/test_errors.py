@@ -1,5 +1,6 @@
 """How every command reports bad input: one line on stderr, exit status 2."""
 
+import contextlib
 import gc
 import importlib.machinery
 import logging
@@ -38,36 +39,51 @@ def test_command_turns_ctrl_c_into_one_line_and_status_130(capsys):
   assert capsys.readouterr().err == "stopped by SIGINT (Ctrl-C)\n"
 
 
+@contextlib.contextmanager
+def _python_sigint_handler():
+  """As from a terminal: started in the background by a script (CI), the tests inherit
+  SIGINT ignored, which a command leaves alone."""
+  inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, inherited)
+
+
+def _ctrl_c_in_a_gc_callback() -> bool:
+  """Sends SIGINT from a gc callback: handled there, where Python ignores what the
+  handler raises. True once sent."""
+  sent = []
+
+  def callback(phase, info):
+    if phase == "start" and not sent:
+      sent.append(phase)
+      signal.raise_signal(signal.SIGINT)  # handled before the callback returns
+
+  gc.callbacks.append(callback)
+  try:
+    gc.collect()
+  finally:
+    gc.callbacks.remove(callback)
+  return bool(sent)
+
+
 def test_a_ctrl_c_during_a_gc_callback_still_stops_the_command(capsys):
   # Python ignores what a gc callback raises: a Ctrl-C landing in JAX's let the
   # command carry on (seen 1 s into tied_lm.main, which then trained to the end).
-  def callback(phase, info):
-    if phase == "start" and not interrupted:
-      interrupted.append(phase)
-      signal.raise_signal(signal.SIGINT)  # handled before the callback returns
-
   @errors.command
   def main(argv):
-    gc.callbacks.append(callback)
-    try:
-      gc.collect()
-    finally:
-      gc.callbacks.remove(callback)
+    sent.append(_ctrl_c_in_a_gc_callback())
     for _ in range(200):
       time.sleep(0.01)
     finished.append(True)
 
-  interrupted, finished = [], []
-  # As from a terminal: started in the background by a script (CI), the tests inherit
-  # SIGINT ignored, which the command leaves alone.
-  inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
-  try:
+  sent, finished = [], []
+  with _python_sigint_handler():
     with pytest.raises(SystemExit) as exit_:
       main([])
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
-  finally:
-    signal.signal(signal.SIGINT, inherited)
-  assert interrupted and not finished and exit_.value.code == 130
+  assert sent == [True] and not finished and exit_.value.code == 130
   assert capsys.readouterr().err == "stopped by SIGINT (Ctrl-C)\n"
 
 
@@ -89,12 +105,8 @@ def test_a_ctrl_c_lost_in_a_weakref_callback_still_stops_the_command(capsys):
     finished.append(reference)
 
   finished, hook = [], sys.unraisablehook
-  inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
-  try:
-    with pytest.raises(SystemExit) as exit_:
-      main([])
-  finally:
-    signal.signal(signal.SIGINT, inherited)
+  with _python_sigint_handler(), pytest.raises(SystemExit) as exit_:
+    main([])
   assert not finished and exit_.value.code == 130
   assert capsys.readouterr().err == "stopped by SIGINT (Ctrl-C)\n"
   assert sys.unraisablehook is hook  # put back
@@ -103,31 +115,19 @@ def test_a_ctrl_c_lost_in_a_weakref_callback_still_stops_the_command(capsys):
 def test_a_put_off_ctrl_c_does_not_outlive_its_command_and_threads_may_run_commands():
   # A resend still pending when the command returned raised KeyboardInterrupt in
   # whatever ran next; and a command run off the main thread failed in signal.signal.
-  def callback(phase, info):
-    if phase == "start" and not interrupted:
-      interrupted.append(phase)
-      signal.raise_signal(signal.SIGINT)  # put off: it lands in a gc callback
-
   @errors.command
   def main(argv):
-    gc.callbacks.append(callback)
-    try:
-      gc.collect()
-    finally:
-      gc.callbacks.remove(callback)
-    finished.append(True)  # returns before the resend is due
+    sent.append(_ctrl_c_in_a_gc_callback())  # put off: it lands in a gc callback
+    # Returns before the resend is due.
 
-  interrupted, finished = [], []
-  inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
-  try:
+  sent = []
+  with _python_sigint_handler():
     main([])
     try:
       time.sleep(0.1)  # the resend would land here
     except KeyboardInterrupt:
       pytest.fail("a put-off Ctrl-C outlived its command")
-  finally:
-    signal.signal(signal.SIGINT, inherited)
-  assert interrupted and finished
+  assert sent == [True]
 
   ran = []
   thread = threading.Thread(target=errors.command(ran.append), args=(["x"],))
