@@ -28,7 +28,8 @@ and best-epoch perplexities, tokens scored, eval batch sizes, parameters,
 epochs, wall time, hardware, versions, commit, commands and the per-epoch
 curve). A run with epochs done but no results.json yet gets a partial file
 ("complete": false; best validation so far, no test), which never replaces a
-finished run's. From all such files in RESULTS_DIR, including those made on other
+finished run's, nor a partial one with more epochs (a run restarted after its
+directory was lost). From all such files in RESULTS_DIR, including those made on other
 machines, it writes TABLE.md (ours beside the paper, in the paper's layout,
 "not run" with the command for the rest) and one PNG of validation curves per
 dataset and size (needs matplotlib: `pip install -e ".[plot]"`); the tagged
@@ -565,10 +566,17 @@ def write_reports(root: Path, results_dir: Path) -> None:
       print(f"skipped {workdir}: {reason}", file=sys.stderr)
       continue
     output = results_dir / f"{workdir.name}.json"
-    if not report["complete"] and output.is_file() and fileio.read_json(
-        output).get("complete", True):
-      print(f"kept {output}: a finished run's report, not replaced by {workdir}'s partial one")
-      continue
+    previous = fileio.read_json(output) if output.is_file() else None
+    if not report["complete"] and previous is not None:
+      if previous.get("complete", True):
+        print(f"kept {output}: a finished run's report, not replaced by {workdir}'s partial one")
+        continue
+      if previous.get("epochs", 0) > report["epochs"]:
+        # A run restarted after its directory was lost keeps the longer curve until it
+        # catches up.
+        print(f"kept {output}: {previous['epochs']} epochs, not replaced by {workdir}'s "
+              f"{report['epochs']}")
+        continue
     provenance.write_json(output, report)
     print(f"wrote {output}")
   reports, swept = {}, {}

@@ -372,6 +372,27 @@ def test_a_run_still_training_gets_a_partial_report_that_never_replaces_a_finish
   assert "| small | REAL | 86.3 / 82.7 | 123.0 / " in (results_dir / "TABLE.md").read_text()
 
 
+def test_a_restarted_run_keeps_the_lost_runs_longer_partial_report_until_it_catches_up(
+    trained_run, tmp_path, capsys):
+  root, results_dir = tmp_path / "runs", tmp_path / "results"
+  shutil.copytree(trained_run[0], root / "ptb_small_real")
+  (root / "ptb_small_real" / "results.json").unlink()  # one epoch of the restarted run
+  results_dir.mkdir()
+  output = results_dir / "ptb_small_real.json"
+  partial = reproduce.run_report(root / "ptb_small_real")
+  lost = {**partial, "epochs": 2, "best_epoch": 2, "valid_perplexity": 111.0}
+  output.write_text(json.dumps(lost))
+
+  reproduce.write_reports(root, results_dir)
+  assert json.loads(output.read_text()) == lost
+  assert f"kept {output}: 2 epochs, not replaced by {root / 'ptb_small_real'}'s 1" in (
+      capsys.readouterr().out)
+  output.write_text(json.dumps({**lost, "epochs": 1}))  # level: the run's own report wins
+  reproduce.write_reports(root, results_dir)
+  assert json.loads(output.read_text())["valid_perplexity"] == pytest.approx(
+      partial["valid_perplexity"])
+
+
 def test_a_misnamed_or_partly_copied_run_is_skipped_not_tabled(trained_run, tmp_path, capsys):
   # The tiny run is PTB, tied, augmented: a REAL run. Named as VD, its numbers were
   # tabled as VD's; copied without config.json, the report was a traceback.
