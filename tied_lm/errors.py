@@ -132,15 +132,20 @@ def command(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """`app.run`'s flags_parser for every command: a bad or missing flag is one line.
+  """`app.run`'s flags_parser for every command: a bad or missing flag is one line
+  and status 2; help that was asked for is status 0.
 
-  (absl's own parser prints two lines and exits with status 1.)
+  (absl's own parser prints two lines for a bad flag, and exits with status 1
+  for both.)
   """
   try:
     return flags.FLAGS(argv)
   except flags.Error as error:
     # The message of a failing config file embeds a traceback; its last line says why.
     fail(str(error).strip().splitlines()[-1].strip())
+  except SystemExit as stop:
+    # absl's --help, --helpshort, --helpfull and --helpxml print, then exit with 1.
+    raise SystemExit(0 if stop.code == 1 else stop.code) from None
 
 
 def require_values(*names: str) -> None:
