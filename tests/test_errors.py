@@ -5,6 +5,7 @@ import gc
 import importlib.machinery
 import logging
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -37,6 +38,25 @@ def test_command_turns_ctrl_c_into_one_line_and_status_130(capsys):
     main(["prog"])
   assert exit_info.value.code == 130
   assert capsys.readouterr().err == "stopped by SIGINT (Ctrl-C)\n"
+
+
+def test_a_ctrl_c_while_the_process_exits_after_a_command_prints_nothing(tmp_path):
+  # JAX's exit handler clearing its caches took a Ctrl-C pressed just after a run's last
+  # line, and Python printed it under that line as a traceback.
+  script = tmp_path / "command.py"
+  script.write_text(
+      "import atexit, signal\n"
+      "from absl import app\n"
+      "from tied_lm import errors\n"
+      "signal.signal(signal.SIGINT, signal.default_int_handler)  # as from a terminal\n"
+      "@errors.command\n"
+      "def main(argv):\n"
+      "  atexit.register(lambda: (signal.raise_signal(signal.SIGINT), print('cleaned up')))\n"
+      "  print('done')\n"
+      "app.run(main, flags_parser=errors.parse_flags)\n")
+  result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          cwd=Path(__file__).parents[1], timeout=60)
+  assert (result.returncode, result.stdout, result.stderr) == (0, "done\ncleaned up\n", "")
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ import pytest
 
 from configs import default, ptb, wikitext2
 from tied_lm import data, fileio, losses, reporting, train
+from tied_lm.checkpoints import Checkpoints
 from tied_lm.errors import UserError
 
 B, T, V = 4, 5, 23
@@ -735,6 +736,36 @@ def test_a_signal_during_the_test_evaluation_is_one_line_and_a_rerun_tests(
   assert len(reporting.read_records(tmp_path / "run", "epoch")) == 1
 
 
+def test_a_second_ctrl_c_while_the_stops_checkpoint_is_written_waits_for_it(
+    tmp_path, monkeypatch, caplog):
+  # It raised KeyboardInterrupt inside orbax's wait: the checkpoint was left half-written
+  # (the run resumed from the one before) under pages of tracebacks.
+  write_tiny_corpus(tmp_path / "corpus")
+  save = Checkpoints.save
+
+  def save_after_two_ctrl_cs(self, step, arrays, meta):
+    signal.raise_signal(signal.SIGINT)  # stop after this step (the last of epoch 1)
+    signal.raise_signal(signal.SIGINT)  # impatient
+    save(self, step, arrays, meta)
+
+  monkeypatch.setattr(Checkpoints, "save", save_after_two_ctrl_cs)
+  inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    with pytest.raises(train.Interrupted) as raised:
+      train.train_and_evaluate(tiny_run_config(tmp_path / "corpus", 2), str(tmp_path / "run"))
+  finally:
+    signal.signal(signal.SIGINT, inherited)
+  step = int(re.fullmatch(r"stopped by SIGINT: checkpoint (\d+) saved in .*; run the same "
+                          r"command again to resume", str(raised.value))[1])
+  assert f"SIGINT again: writing checkpoint {step} first; once more to abandon it" in caplog.text
+  monkeypatch.setattr(Checkpoints, "save", save)
+  results = train.train_and_evaluate(tiny_run_config(tmp_path / "corpus", 2),
+                                     str(tmp_path / "run"))
+  assert results["epochs_completed"] == 2
+  launches = [json.loads(line) for line in (tmp_path / "run/launches.jsonl").open()]
+  assert [launch["resumed_step"] for launch in launches] == [None, step]
+
+
 def test_a_signal_in_the_last_epoch_stops_before_the_test(tmp_path, monkeypatch):
   write_tiny_corpus(tmp_path / "corpus")
   config = tiny_run_config(tmp_path / "corpus", 1)
@@ -859,3 +890,20 @@ def test_a_second_sigint_interrupts_at_once():
     signal.raise_signal(signal.SIGINT)
     signal.raise_signal(signal.SIGINT)
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_second_signal_waits_for_the_checkpoint_being_written_and_a_third_does_not(signum):
+  inherited = signal.signal(signum, signal.default_int_handler)
+  try:
+    with train.StopSignals() as signals:
+      signal.raise_signal(signum)
+      with signals.writing(7):
+        signal.raise_signal(signum)  # held: the checkpoint is written first
+      assert signals.received == signum
+      with signals.writing(8), pytest.raises(KeyboardInterrupt):
+        signal.raise_signal(signum)
+        signal.raise_signal(signum)  # the third of a stop: give up waiting
+    assert signal.getsignal(signum) is signal.default_int_handler
+  finally:
+    signal.signal(signum, inherited)

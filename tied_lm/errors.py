@@ -1,6 +1,7 @@
 """The one error type for bad user input, and how every command reports it."""
 
 import _thread
+import atexit
 import functools
 import gc
 import importlib.machinery
@@ -93,6 +94,13 @@ class _Interrupt:
       resend.cancel()
 
 
+def _ignore_ctrl_c_at_exit() -> None:
+  """The command has ended and said how: a Ctrl-C while the process exits would only
+  print a traceback from another library's exit handler (JAX clears its caches) under
+  the command's last line."""
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def command(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
   """Wraps a command's `main(argv)` for `app.run`: a UserError it raises is `fail`ed,
   a KeyboardInterrupt is one line and status 130.
@@ -127,6 +135,10 @@ def command(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
         interrupt.cancel()
         signal.signal(signal.SIGINT, signal.default_int_handler)
         sys.unraisablehook = interrupt.previous_hook
+        # Registered last, so run first of the exit handlers (JAX's and TensorBoard's
+        # were registered during the command).
+        atexit.unregister(_ignore_ctrl_c_at_exit)
+        atexit.register(_ignore_ctrl_c_at_exit)
 
   return wrapped
 

@@ -473,23 +473,44 @@ class StopSignals:
   """Turns SIGTERM, SIGINT and SIGHUP (a closed terminal) into a stop at a step boundary.
 
   One process: while active, these signals only set `received`; a second one
-  acts as usual. One that the process ignores (SIGHUP under nohup) stays
-  ignored. Several processes: JAX's preemption service (started by
-  jax.distributed.initialize) catches SIGTERM on any process and agrees with
-  the others on one step at which all of them stop, so that they save the
-  same checkpoint; SIGINT and SIGHUP keep their defaults there.
+  acts as usual (Ctrl-C: KeyboardInterrupt), except while a checkpoint is being
+  written (`writing`), where it waits for the checkpoint and a third one acts.
+  One that the process ignores (SIGHUP under nohup) stays ignored. Several
+  processes: JAX's preemption service (started by jax.distributed.initialize)
+  catches SIGTERM on any process and agrees with the others on one step at which
+  all of them stop, so that they save the same checkpoint; SIGINT and SIGHUP keep
+  their defaults there.
   """
 
   def __init__(self):
     self.received: int | None = None
     self._previous: dict[int, Any] = {}
+    self._writing: int | None = None  # the step of the checkpoint being written
+    self._held = False
 
   def _handler(self, signum, frame):
-    if self.received is not None:  # a second signal: give up waiting
-      signal.signal(signum, self._previous[signum])
+    name = signal.Signals(signum).name
+    if self.received is not None:
+      if self._writing is not None and not self._held:
+        # Raised inside orbax's wait, a KeyboardInterrupt left the stop's checkpoint
+        # half-written (the run resumed from the one before) under pages of tracebacks.
+        self._held = True
+        logging.warning("%s again: writing checkpoint %d first; once more to abandon it",
+                        name, self._writing)
+        return
+      signal.signal(signum, self._previous[signum])  # give up waiting
       signal.raise_signal(signum)
     self.received = signum
-    logging.warning("%s received: stopping after this step", signal.Signals(signum).name)
+    logging.warning("%s received: stopping after this step", name)
+
+  @contextlib.contextmanager
+  def writing(self, step: int) -> Iterator[None]:
+    """While checkpoint `step` is written, a second signal waits for it (see the class)."""
+    self._writing = step
+    try:
+      yield
+    finally:
+      self._writing, self._held = None, False
 
   def stop_at(self, global_step: int) -> bool:
     """True if the run must stop after `global_step`; call it after every step."""
@@ -940,6 +961,7 @@ def _train_and_evaluate(
   state = replicate(state)
   dropout_key = jax.random.key(config.seed + 1)
   schedule = learning_rate_schedule(config.optim, steps_per_epoch)
+  signals = StopSignals()
 
   def save(epoch_done: int, step_in_epoch: int, state, carry) -> int:
     """Checkpoints the replicated state and carry after this many steps; returns the step."""
@@ -957,12 +979,13 @@ def _train_and_evaluate(
     arrays["state"] = host_state
     arrays["carry"] = _gather_carry(carry)
     meta.update(epoch=epoch_done, step_in_epoch=step_in_epoch)
-    checkpoints.save(step, arrays, meta)
-    reporter.write_metrics()  # metrics.jsonl always matches the newest checkpoint
+    with signals.writing(step):
+      checkpoints.save(step, arrays, meta)
+      reporter.write_metrics()  # metrics.jsonl always matches the newest checkpoint
     return step
 
   try:
-    with StopSignals() as signals:
+    with signals:
       for epoch in range(meta["epoch"] + 1, config.num_epochs + 1):
         state, carry = _train_one_epoch(
             epoch, state, carry, p_train_step, device_inputs, device_targets, dropout_key,
