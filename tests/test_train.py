@@ -766,6 +766,36 @@ def test_a_second_ctrl_c_while_the_stops_checkpoint_is_written_waits_for_it(
   assert [launch["resumed_step"] for launch in launches] == [None, step]
 
 
+def test_a_second_ctrl_c_during_training_names_the_checkpoint_to_resume_from(
+    tmp_path, monkeypatch):
+  # It ended in errors.command's generic 'stopped by SIGINT (Ctrl-C)', which did not say
+  # that the run resumes, nor from where.
+  write_tiny_corpus(tmp_path / "corpus")
+  evaluate, calls = train.evaluate, []
+
+  def evaluate_after_two_ctrl_cs(*args):
+    calls.append(args)
+    if len(calls) == 2:  # epoch 2's validation, epoch 1 checkpointed
+      signal.raise_signal(signal.SIGINT)
+      signal.raise_signal(signal.SIGINT)
+    return evaluate(*args)
+
+  monkeypatch.setattr(train, "evaluate", evaluate_after_two_ctrl_cs)
+  inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    with pytest.raises(train.Interrupted) as raised:
+      train.train_and_evaluate(tiny_run_config(tmp_path / "corpus", 3), str(tmp_path / "run"))
+  finally:
+    signal.signal(signal.SIGINT, inherited)
+  checkpoints = tmp_path / "run" / "checkpoints"
+  (step,) = [int(d.name) for d in checkpoints.iterdir()]
+  assert str(raised.value) == (
+      f"stopped by SIGINT at once: checkpoint {step} in {checkpoints.resolve()} is the "
+      "latest; run the same command again to resume from it")
+  assert raised.value.signum == signal.SIGINT
+  assert len(reporting.read_records(tmp_path / "run", "epoch")) == 1
+
+
 def test_a_signal_in_the_last_epoch_stops_before_the_test(tmp_path, monkeypatch):
   write_tiny_corpus(tmp_path / "corpus")
   config = tiny_run_config(tmp_path / "corpus", 1)

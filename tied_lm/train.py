@@ -703,6 +703,16 @@ def _interrupted(signum: int, step: int, checkpoints: Checkpoints) -> Interrupte
   )
 
 
+def _interrupted_at_once(signum: int, checkpoints: Checkpoints) -> Interrupted:
+  kept = checkpoints.latest_step()
+  return Interrupted(
+      f"stopped by {signal.Signals(signum).name} at once: "
+      + (f"checkpoint {kept} in {checkpoints.directory} is the latest; run the same command "
+         "again to resume from it" if kept is not None else "no checkpoint was written yet"),
+      signum,
+  )
+
+
 class TrainedRun(NamedTuple):
   """A run directory's best parameters with what it takes to use them."""
 
@@ -1053,6 +1063,9 @@ def _train_and_evaluate(
         "test_tokens_scored": test_tokens,
     })
     reporter.write_metrics()
+  except KeyboardInterrupt:  # a second Ctrl-C, or a first where SIGINT keeps its default
+    reporter.close()
+    raise _interrupted_at_once(signal.SIGINT, checkpoints) from None
   except BaseException:
     reporter.close()
     raise
