@@ -1063,7 +1063,7 @@ def _train_and_evaluate(
         "test_tokens_scored": test_tokens,
     })
     reporter.write_metrics()
-  except KeyboardInterrupt:  # a second Ctrl-C, or a first where SIGINT keeps its default
+  except KeyboardInterrupt:  # a second Ctrl-C (the first, with several processes)
     reporter.close()
     raise _interrupted_at_once(signal.SIGINT, checkpoints) from None
   except BaseException:
