@@ -665,7 +665,7 @@ def test_a_reader_refuses_a_changed_corpus_a_bad_config_and_a_run_without_an_epo
     raise KeyboardInterrupt
 
   monkeypatch.setattr(train, "evaluate", stop)
-  with pytest.raises(KeyboardInterrupt):
+  with pytest.raises(train.Interrupted, match="stopped by SIGINT at once: checkpoint"):
     train.train_and_evaluate(config, str(tmp_path / "early"))
   with pytest.raises(UserError, match=r"early has no finished epoch yet \(checkpoint \d+ is "
                      r"within epoch 1\): its best parameters are still the initial ones"):
