@@ -5,6 +5,7 @@ import atexit
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -95,6 +96,16 @@ def trained_run(tmp_path_factory):
   config.num_epochs, config.max_steps_per_epoch = 1, 40
   workdir = tmp_path_factory.mktemp("trained") / "run"
   return workdir, train.train_and_evaluate(config, str(workdir))
+
+
+@pytest.fixture
+def terminal_sigint():
+  """SIGINT as from a terminal (Python's KeyboardInterrupt) for one test: started in the
+  background by a script (CI), the tests inherit SIGINT ignored, which the commands and
+  train.StopSignals leave alone."""
+  inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+  yield
+  signal.signal(signal.SIGINT, inherited)
 
 
 @pytest.fixture

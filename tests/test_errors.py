@@ -1,6 +1,5 @@
 """How every command reports bad input: one line on stderr, exit status 2."""
 
-import contextlib
 import gc
 import importlib.machinery
 import logging
@@ -59,17 +58,6 @@ def test_a_ctrl_c_while_the_process_exits_after_a_command_prints_nothing(tmp_pat
   assert (result.returncode, result.stdout, result.stderr) == (0, "done\ncleaned up\n", "")
 
 
-@contextlib.contextmanager
-def _python_sigint_handler():
-  """As from a terminal: started in the background by a script (CI), the tests inherit
-  SIGINT ignored, which a command leaves alone."""
-  inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
-  try:
-    yield
-  finally:
-    signal.signal(signal.SIGINT, inherited)
-
-
 def _ctrl_c_in_a_gc_callback() -> bool:
   """Sends SIGINT from a gc callback: handled there, where Python ignores what the
   handler raises. True once sent."""
@@ -88,7 +76,7 @@ def _ctrl_c_in_a_gc_callback() -> bool:
   return bool(sent)
 
 
-def test_a_ctrl_c_during_a_gc_callback_still_stops_the_command(capsys):
+def test_a_ctrl_c_during_a_gc_callback_still_stops_the_command(capsys, terminal_sigint):
   # Python ignores what a gc callback raises: a Ctrl-C landing in JAX's let the
   # command carry on (seen 1 s into tied_lm.main, which then trained to the end).
   @errors.command
@@ -99,15 +87,14 @@ def test_a_ctrl_c_during_a_gc_callback_still_stops_the_command(capsys):
     finished.append(True)
 
   sent, finished = [], []
-  with _python_sigint_handler():
-    with pytest.raises(SystemExit) as exit_:
-      main([])
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+  with pytest.raises(SystemExit) as exit_:
+    main([])
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
   assert sent == [True] and not finished and exit_.value.code == 130
   assert capsys.readouterr().err == "stopped by SIGINT (Ctrl-C)\n"
 
 
-def test_a_ctrl_c_lost_in_a_weakref_callback_still_stops_the_command(capsys):
+def test_a_ctrl_c_lost_in_a_weakref_callback_still_stops_the_command(capsys, terminal_sigint):
   # Seen in CI: the Ctrl-C landed in a WeakSet's callback, which Python ignores too.
   class Thing:
     pass
@@ -125,14 +112,15 @@ def test_a_ctrl_c_lost_in_a_weakref_callback_still_stops_the_command(capsys):
     finished.append(reference)
 
   finished, hook = [], sys.unraisablehook
-  with _python_sigint_handler(), pytest.raises(SystemExit) as exit_:
+  with pytest.raises(SystemExit) as exit_:
     main([])
   assert not finished and exit_.value.code == 130
   assert capsys.readouterr().err == "stopped by SIGINT (Ctrl-C)\n"
   assert sys.unraisablehook is hook  # put back
 
 
-def test_a_put_off_ctrl_c_does_not_outlive_its_command_and_threads_may_run_commands():
+def test_a_put_off_ctrl_c_does_not_outlive_its_command_and_threads_may_run_commands(
+    terminal_sigint):
   # A resend still pending when the command returned raised KeyboardInterrupt in
   # whatever ran next; and a command run off the main thread failed in signal.signal.
   @errors.command
@@ -141,12 +129,11 @@ def test_a_put_off_ctrl_c_does_not_outlive_its_command_and_threads_may_run_comma
     # Returns before the resend is due.
 
   sent = []
-  with _python_sigint_handler():
-    main([])
-    try:
-      time.sleep(0.1)  # the resend would land here
-    except KeyboardInterrupt:
-      pytest.fail("a put-off Ctrl-C outlived its command")
+  main([])
+  try:
+    time.sleep(0.1)  # the resend would land here
+  except KeyboardInterrupt:
+    pytest.fail("a put-off Ctrl-C outlived its command")
   assert sent == [True]
 
   ran = []

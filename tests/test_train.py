@@ -737,7 +737,7 @@ def test_a_signal_during_the_test_evaluation_is_one_line_and_a_rerun_tests(
 
 
 def test_a_second_ctrl_c_while_the_stops_checkpoint_is_written_waits_for_it(
-    tmp_path, monkeypatch, caplog):
+    tmp_path, monkeypatch, caplog, terminal_sigint):
   # It raised KeyboardInterrupt inside orbax's wait: the checkpoint was left half-written
   # (the run resumed from the one before) under pages of tracebacks.
   write_tiny_corpus(tmp_path / "corpus")
@@ -749,12 +749,8 @@ def test_a_second_ctrl_c_while_the_stops_checkpoint_is_written_waits_for_it(
     save(self, step, arrays, meta)
 
   monkeypatch.setattr(Checkpoints, "save", save_after_two_ctrl_cs)
-  inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
-  try:
-    with pytest.raises(train.Interrupted) as raised:
-      train.train_and_evaluate(tiny_run_config(tmp_path / "corpus", 2), str(tmp_path / "run"))
-  finally:
-    signal.signal(signal.SIGINT, inherited)
+  with pytest.raises(train.Interrupted) as raised:
+    train.train_and_evaluate(tiny_run_config(tmp_path / "corpus", 2), str(tmp_path / "run"))
   step = int(re.fullmatch(r"stopped by SIGINT: checkpoint (\d+) saved in .*; run the same "
                           r"command again to resume", str(raised.value))[1])
   assert f"SIGINT again: writing checkpoint {step} first; once more to abandon it" in caplog.text
@@ -767,7 +763,7 @@ def test_a_second_ctrl_c_while_the_stops_checkpoint_is_written_waits_for_it(
 
 
 def test_a_second_ctrl_c_during_training_names_the_checkpoint_to_resume_from(
-    tmp_path, monkeypatch):
+    tmp_path, monkeypatch, terminal_sigint):
   # It ended in errors.command's generic 'stopped by SIGINT (Ctrl-C)', which did not say
   # that the run resumes, nor from where.
   write_tiny_corpus(tmp_path / "corpus")
@@ -781,12 +777,8 @@ def test_a_second_ctrl_c_during_training_names_the_checkpoint_to_resume_from(
     return evaluate(*args)
 
   monkeypatch.setattr(train, "evaluate", evaluate_after_two_ctrl_cs)
-  inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
-  try:
-    with pytest.raises(train.Interrupted) as raised:
-      train.train_and_evaluate(tiny_run_config(tmp_path / "corpus", 3), str(tmp_path / "run"))
-  finally:
-    signal.signal(signal.SIGINT, inherited)
+  with pytest.raises(train.Interrupted) as raised:
+    train.train_and_evaluate(tiny_run_config(tmp_path / "corpus", 3), str(tmp_path / "run"))
   checkpoints = tmp_path / "run" / "checkpoints"
   (step,) = [int(d.name) for d in checkpoints.iterdir()]
   assert str(raised.value) == (
@@ -915,7 +907,7 @@ def test_an_ignored_hangup_stays_ignored():  # nohup: closing the terminal stops
     signal.signal(signal.SIGHUP, previous)
 
 
-def test_a_second_sigint_interrupts_at_once():
+def test_a_second_sigint_interrupts_at_once(terminal_sigint):
   with train.StopSignals(), pytest.raises(KeyboardInterrupt):
     signal.raise_signal(signal.SIGINT)
     signal.raise_signal(signal.SIGINT)
