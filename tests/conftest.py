@@ -99,13 +99,25 @@ def trained_run(tmp_path_factory):
 
 
 @pytest.fixture
-def terminal_sigint():
+def set_signal_handler():
+  """signal.signal for one test: the handlers the tests inherited come back at its end."""
+  inherited = {}
+
+  def set_handler(signum: int, handler) -> None:
+    previous = signal.signal(signum, handler)
+    inherited.setdefault(signum, previous)
+
+  yield set_handler
+  for signum, handler in inherited.items():
+    signal.signal(signum, handler)
+
+
+@pytest.fixture
+def terminal_sigint(set_signal_handler):
   """SIGINT as from a terminal (Python's KeyboardInterrupt) for one test: started in the
   background by a script (CI), the tests inherit SIGINT ignored, which the commands and
   train.StopSignals leave alone."""
-  inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
-  yield
-  signal.signal(signal.SIGINT, inherited)
+  set_signal_handler(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture

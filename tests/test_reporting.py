@@ -39,6 +39,11 @@ def test_tensorboard_scalars_equal_the_records_of_metrics_jsonl(finished_run):
       for event, record in zip(logged, of_kind, strict=True):
         assert event.value == pytest.approx(record[key], rel=1e-6), tag
   assert "config/text_summary" in events.Tags()["tensors"]
+  # The finished run's hparams, with its best validation and its test perplexity.
+  test_record = records[-1]
+  for key, tag in [("best_valid_perplexity", "hparam/valid_perplexity"),
+                   ("test_perplexity", "hparam/test_perplexity")]:
+    assert [e.value for e in events.Scalars(tag)] == [pytest.approx(test_record[key])], tag
   train_records = [r for r in records if r["kind"] == "train"]
   assert [r["step"] for r in train_records] == [5, 10, 15, 20, 25, 30, 35, 40]
   for r in train_records:

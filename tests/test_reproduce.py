@@ -54,7 +54,7 @@ def test_run_all_tells_a_stopped_run_from_a_failed_one(tmp_path, capsys):
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_a_signal_to_run_all_reaches_each_running_command_once_and_starts_no_more(
-    tmp_path, capsys, signum
+    tmp_path, capsys, signum, set_signal_handler
 ):
   # A command that records the signals it gets and its session, then exits as
   # tied_lm.main does after its checkpoint (128 + the signal), a second after the first.
@@ -80,12 +80,9 @@ def test_a_signal_to_run_all_reaches_each_running_command_once_and_starts_no_mor
       time.sleep(0.05)
     os.kill(os.getpid(), signum)
 
-  previous = signal.signal(signum, lambda *_: None)  # run_all installs its own
-  try:
-    threading.Thread(target=signal_when_started, daemon=True).start()
-    unfinished, stopped_by = reproduce.run_all(commands, parallel=1)
-  finally:
-    signal.signal(signum, previous)
+  set_signal_handler(signum, lambda *_: None)  # run_all installs its own
+  threading.Thread(target=signal_when_started, daemon=True).start()
+  unfinished, stopped_by = reproduce.run_all(commands, parallel=1)
   assert unfinished == [tmp_path / "first", tmp_path / "second"]
   assert stopped_by == signum  # main exits 128 + it, as tied_lm.main does
   session, signals = record.read_text().splitlines()
@@ -98,7 +95,7 @@ def test_a_signal_to_run_all_reaches_each_running_command_once_and_starts_no_mor
   assert not (tmp_path / "second").exists()
 
 
-def test_run_all_leaves_an_ignored_hangup_ignored(tmp_path, capsys):
+def test_run_all_leaves_an_ignored_hangup_ignored(tmp_path, capsys, set_signal_handler):
   # Under nohup SIGHUP is ignored: closing the terminal must not stop the runs.
   started = tmp_path / "started"
   command = [sys.executable, "-c",
@@ -109,13 +106,10 @@ def test_run_all_leaves_an_ignored_hangup_ignored(tmp_path, capsys):
       time.sleep(0.05)
     os.kill(os.getpid(), signal.SIGHUP)
 
-  previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
-  try:
-    threading.Thread(target=hang_up_when_started, daemon=True).start()
-    assert reproduce.run_all([(tmp_path / "run", command)], parallel=1) == ([], None)
-    assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
-  finally:
-    signal.signal(signal.SIGHUP, previous)
+  set_signal_handler(signal.SIGHUP, signal.SIG_IGN)
+  threading.Thread(target=hang_up_when_started, daemon=True).start()
+  assert reproduce.run_all([(tmp_path / "run", command)], parallel=1) == ([], None)
+  assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
   assert "done  run in" in capsys.readouterr().out
 
 

@@ -882,29 +882,24 @@ def test_a_workdir_another_process_trains_in_is_refused_and_left_alone(tmp_path)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
-def test_stop_signals_turn_the_first_signal_into_a_stop_and_restore_the_handlers(signum):
+def test_stop_signals_turn_the_first_signal_into_a_stop_and_restore_the_handlers(
+    signum, set_signal_handler):
   # Whatever the tests inherited (under nohup SIGHUP is ignored, and stays so: next test).
-  inherited = signal.signal(signum, signal.default_int_handler)
-  try:
-    with train.StopSignals() as signals:
-      assert not signals.stop_at(0)
-      signal.raise_signal(signum)
-      assert signals.received == signum
-      assert signals.stop_at(1)
-    assert signal.getsignal(signum) is signal.default_int_handler
-  finally:
-    signal.signal(signum, inherited)
+  set_signal_handler(signum, signal.default_int_handler)
+  with train.StopSignals() as signals:
+    assert not signals.stop_at(0)
+    signal.raise_signal(signum)
+    assert signals.received == signum
+    assert signals.stop_at(1)
+  assert signal.getsignal(signum) is signal.default_int_handler
 
 
-def test_an_ignored_hangup_stays_ignored():  # nohup: closing the terminal stops nothing
-  previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
-  try:
-    with train.StopSignals() as signals:
-      assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
-      signal.raise_signal(signal.SIGHUP)
-      assert signals.received is None and not signals.stop_at(0)
-  finally:
-    signal.signal(signal.SIGHUP, previous)
+def test_an_ignored_hangup_stays_ignored(set_signal_handler):  # nohup: closing the terminal
+  set_signal_handler(signal.SIGHUP, signal.SIG_IGN)
+  with train.StopSignals() as signals:
+    assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    signal.raise_signal(signal.SIGHUP)
+    assert signals.received is None and not signals.stop_at(0)  # stops nothing
 
 
 def test_a_second_sigint_interrupts_at_once(terminal_sigint):
@@ -915,17 +910,15 @@ def test_a_second_sigint_interrupts_at_once(terminal_sigint):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_second_signal_waits_for_the_checkpoint_being_written_and_a_third_does_not(signum):
-  inherited = signal.signal(signum, signal.default_int_handler)
-  try:
-    with train.StopSignals() as signals:
+def test_a_second_signal_waits_for_the_checkpoint_being_written_and_a_third_does_not(
+    signum, set_signal_handler):
+  set_signal_handler(signum, signal.default_int_handler)
+  with train.StopSignals() as signals:
+    signal.raise_signal(signum)
+    with signals.writing(7):
+      signal.raise_signal(signum)  # held: the checkpoint is written first
+    assert signals.received == signum
+    with signals.writing(8), pytest.raises(KeyboardInterrupt):
       signal.raise_signal(signum)
-      with signals.writing(7):
-        signal.raise_signal(signum)  # held: the checkpoint is written first
-      assert signals.received == signum
-      with signals.writing(8), pytest.raises(KeyboardInterrupt):
-        signal.raise_signal(signum)
-        signal.raise_signal(signum)  # the third of a stop: give up waiting
-    assert signal.getsignal(signum) is signal.default_int_handler
-  finally:
-    signal.signal(signum, inherited)
+      signal.raise_signal(signum)  # the third of a stop: give up waiting
+  assert signal.getsignal(signum) is signal.default_int_handler

@@ -994,6 +994,7 @@ def _train_and_evaluate(
       reporter.write_metrics()  # metrics.jsonl always matches the newest checkpoint
     return step
 
+  final_metrics = None  # TensorBoard's hparams, once the test is scored
   try:
     with signals:
       for epoch in range(meta["epoch"] + 1, config.num_epochs + 1):
@@ -1063,16 +1064,14 @@ def _train_and_evaluate(
         "test_tokens_scored": test_tokens,
     })
     reporter.write_metrics()
+    final_metrics = {
+        "hparam/valid_perplexity": meta["best_valid_perplexity"],
+        "hparam/test_perplexity": test_perplexity,
+    }
   except KeyboardInterrupt:  # a second Ctrl-C (the first, with several processes)
-    reporter.close()
     raise _interrupted_at_once(signal.SIGINT, checkpoints) from None
-  except BaseException:
-    reporter.close()
-    raise
-  reporter.close({
-      "hparam/valid_perplexity": meta["best_valid_perplexity"],
-      "hparam/test_perplexity": test_perplexity,
-  })
+  finally:
+    reporter.close(final_metrics)
   history = [r for r in meta["records"] if r["kind"] == "epoch"]
   results = {
       "dataset": config.dataset,
