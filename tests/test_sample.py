@@ -39,18 +39,34 @@ def test_top_k_samples_only_among_the_k_largest():
               for i in range(400)}) == 5
 
 
-def test_sampling_is_deterministic_per_seed_and_maps_unknown_words(trained_run, sample_cli):
+def test_sampling_is_deterministic_per_seed_and_maps_unknown_words(trained_run, sample_cli,
+                                                                    capsys):
   workdir, _ = trained_run
   args = ["--prompt=the zzyzx company", "--num_words=20", "--seed=3"]
   first, second = sample_cli(workdir, *args), sample_cli(workdir, *args)
   assert first.returncode == 0, first.stderr
   assert first.stdout == second.stdout
   assert "not in the vocabulary, read as <unk>: zzyzx" in first.stderr
-  words = sample.generate(train.load_trained(workdir), "the zzyzx company", 20, 1.0, 0, 3)
+  words = list(sample.generate(train.load_trained(workdir), "the zzyzx company", 20, 1.0, 0, 3))
   assert len(words) == 20
-  assert first.stdout.strip() == sample.as_lines(["the", "zzyzx", "company", *words])
+  sample.print_words(["the", "zzyzx", "company", *words])  # the prompt as typed, then words
+  assert first.stdout == capsys.readouterr().out
   other_seed = sample_cli(workdir, *args[:-1], "--seed=4")
   assert other_seed.stdout != first.stdout
+
+
+def test_words_print_as_they_come_with_a_line_break_for_each_eos(capsys):
+  def words():
+    yield from ["the", "company"]
+    assert capsys.readouterr().out == "the company"  # printed before the next word is drawn
+    yield from ["<eos>", "<eos>", "it", "said", "<eos>"]
+
+  sample.print_words(words())
+  assert capsys.readouterr().out == "\n\nit said\n"
+  sample.print_words(["a", "<eos>", "b"])
+  assert capsys.readouterr().out == "a\nb\n"
+  sample.print_words([])
+  assert capsys.readouterr().out == ""
 
 
 @pytest.mark.parametrize("args,message", [
@@ -97,6 +113,6 @@ def test_a_bfloat16_trained_run_samples_from_its_float32_logits(trained_run, mon
     return original(params, token, carry, model=model)
 
   monkeypatch.setattr(sample, "next_word_logits", spy)
-  words = sample.generate(bfloat16_run, "the company", 5, 1.0, 0, 3)
+  words = list(sample.generate(bfloat16_run, "the company", 5, 1.0, 0, 3))
   assert dtypes == ["float32"] * 7
-  assert words == sample.generate(run, "the company", 5, 1.0, 0, 3)
+  assert words == list(sample.generate(run, "the company", 5, 1.0, 0, 3))

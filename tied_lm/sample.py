@@ -6,11 +6,12 @@
 Every next word comes from the model's own logits function (`model.apply`,
 the one the loss trains), one word at a time with the recurrent state carried.
 Prompt words outside the vocabulary become <unk>, with a warning. The same
-seed gives the same text.
+seed gives the same text. Words print as they are drawn.
 """
 
 import functools
-from collections.abc import Sequence
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -72,8 +73,11 @@ def encode_prompt(prompt: str, vocab: Sequence[str]) -> list[int]:
 
 def generate(
     run: train.TrainedRun, prompt: str, num_words: int, temperature: float, top_k: int, seed: int
-) -> list[str]:
-  """The generated words (without the prompt)."""
+) -> Iterator[str]:
+  """The generated words (without the prompt), each as soon as it is drawn.
+
+  The arguments are checked here, before the first word: bad ones raise UserError.
+  """
   if not losses.is_temperature(temperature):  # 1e-50 was 0 in float32: word id 0 each time
     low, high = losses.TEMPERATURE_RANGE
     raise UserError(f"temperature={temperature} must be in [{low:.3g}, {high:.3g}] (float32's "
@@ -82,18 +86,35 @@ def generate(
     raise UserError(f"num_words={num_words} must be >= 0")
   if not 0 <= top_k <= run.corpus.vocab_size:
     raise UserError(f"top_k={top_k} must be in [0, {run.corpus.vocab_size}]")
+  return _draw(run, encode_prompt(prompt, run.corpus.vocab), num_words, temperature, top_k, seed)
+
+
+def _draw(run: train.TrainedRun, prompt_tokens: list[int], num_words: int, temperature: float,
+          top_k: int, seed: int) -> Iterator[str]:
   # float32, as evaluation scores the model, whatever the training precision.
   model = run.model.for_evaluation(1)
   carry = model.initial_carry(1)
-  for token in encode_prompt(prompt, run.corpus.vocab):
+  for token in prompt_tokens:
     logits, carry = next_word_logits(run.params, jnp.int32(token), carry, model=model)
-  words, key = [], jax.random.key(seed)
+  key = jax.random.key(seed)
   for _ in range(num_words):
     key, subkey = jax.random.split(key)
     token = sample_word(subkey, logits, temperature, top_k)
-    words.append(run.corpus.vocab[int(token)])
+    yield run.corpus.vocab[int(token)]
     logits, carry = next_word_logits(run.params, token, carry, model=model)
-  return words
+
+
+def print_words(words: Iterable[str]) -> None:
+  """Prints words as they come, separated by spaces, with a line break for each <eos>."""
+  at_line_start = True
+  for word in words:
+    if word == data.EOS:
+      print(flush=True)
+    else:
+      print(word if at_line_start else f" {word}", end="", flush=True)
+    at_line_start = word == data.EOS
+  if not at_line_start:
+    print()
 
 
 @errors.command
@@ -101,12 +122,7 @@ def main(argv: list[str]) -> None:
   errors.no_positional_arguments(argv)
   run = train.load_trained(FLAGS.workdir)
   words = generate(run, FLAGS.prompt, FLAGS.num_words, FLAGS.temperature, FLAGS.top_k, FLAGS.seed)
-  print(as_lines([*FLAGS.prompt.split(), *words]))
-
-
-def as_lines(words: Sequence[str]) -> str:
-  """Words joined by spaces, with a line break for each <eos>."""
-  return "\n".join(" ".join(line.split()) for line in " ".join(words).split(data.EOS))
+  print_words(itertools.chain(FLAGS.prompt.split(), words))
 
 
 if __name__ == "__main__":
