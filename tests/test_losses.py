@@ -80,6 +80,23 @@ def test_augmented_loss_is_nonnegative_and_zero_at_its_target(inputs):
   np.testing.assert_allclose(kl, 0.0, atol=1e-6)
 
 
+def test_a_kl_near_zero_is_within_the_documented_rounding_of_the_exact_value():
+  # PTB-sized scores: L[y] · L[y] is about E = 64, so the scores / τ reach about 20, and
+  # the fused KL, a difference of terms that size, rounds to a few 1e-6 (docstrings).
+  rng = np.random.default_rng(0)
+  embedding = rng.normal(size=(1000, 64)).astype(np.float32)
+  targets = rng.integers(0, 1000, size=300)
+  logits = (embedding[targets] @ embedding.T
+            + 1e-3 * rng.normal(size=(300, 1000))).astype(np.float32)
+  exact = np_kl(logits.astype(np.float64), targets, embedding.astype(np.float64), 3.0)
+  args = jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(embedding), 3.0
+  plain = losses.augmented_loss(*args)
+  _, fused = losses.cross_entropy_and_kl(*args)
+  assert float(exact.max()) < 1e-5  # ŷ nearly equals ỹ
+  np.testing.assert_allclose(plain, exact, rtol=0, atol=1e-6)
+  np.testing.assert_allclose(fused, exact, rtol=0, atol=1e-5)
+
+
 def test_augmented_loss_is_stable_for_huge_scores():
   embedding = jnp.eye(V, E) * 1e3
   logits = jnp.full((2, V), 1e4).at[:, 0].set(-1e4)

@@ -134,8 +134,10 @@ def augmented_loss(
       cross-entropy also pushes towards a sharper ỹ.
 
   Returns:
-    [...] KL divergence (or cross-entropy) of each token, >= 0, in float32 (float64 for
-    float64 inputs).
+    [...] KL divergence (or cross-entropy) of each token, in float32 (float64 for float64
+    inputs). A KL is >= 0 up to rounding: where ŷ nearly equals ỹ, float32 can give a few
+    1e-7 below 0 (a few 1e-6 from `cross_entropy_and_kl`, whose KL is a difference of
+    terms the size of the scores / τ).
   """
   _check_form(form)
   _check_targets(logits, targets)
@@ -200,7 +202,8 @@ def cross_entropy_and_kl(
 
   Returns:
     (cross_entropy, kl), each [...] float32 (float64 for float64 inputs); kl is the
-    augmented term in `form`.
+    augmented term in `form`. The KL is a difference of terms the size of the scores / τ,
+    so where ŷ nearly equals ỹ it can be a few 1e-6 below 0 in float32.
   """
   _check_form(form)
   _check_targets(logits, targets)
