@@ -65,5 +65,6 @@ def test_the_eval_blocks_compose_to_the_eval_step():
   hidden = blocks["eval_lstm"].fn()
   assert hidden.shape == (3, config.num_steps, config.model.hidden_size)
   weights = np.ones(inputs.shape, np.float32)
-  _, nll = train.eval_step(params, carry, inputs, targets, weights, model=model)
+  _, nll = train.eval_step(params, carry, np.float32(0), inputs[None], targets[None],
+                           weights[None], model=model)
   np.testing.assert_allclose(blocks["eval_output"].fn(), nll, rtol=1e-6)

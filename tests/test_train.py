@@ -231,7 +231,11 @@ def test_evaluate_checks_the_logits_memory_before_it_runs(monkeypatch):
   assert train.evaluate(model, params, ids, batch_size=6, num_steps=T)[1] == 37
 
 
-def test_evaluation_with_batch_one_equals_scoring_the_whole_stream_at_once():
+# 3: the 8 windows in 3 calls, the last with a padding window; 32: in one call.
+@pytest.mark.parametrize("windows_per_call", [3, 32])
+def test_evaluation_with_batch_one_equals_scoring_the_whole_stream_at_once(
+    monkeypatch, windows_per_call):
+  monkeypatch.setattr(train, "MAX_EVAL_WINDOWS_PER_CALL", windows_per_call)
   config = small_config()
   model = train.make_model(config, V)
   params = train.create_train_state(config, model, steps_per_epoch=1).params
@@ -242,6 +246,21 @@ def test_evaluation_with_batch_one_equals_scoring_the_whole_stream_at_once():
   perplexity, scored = train.evaluate(model, params, ids, batch_size=1, num_steps=T)
   assert scored == 37
   assert perplexity == pytest.approx(expected, rel=1e-5)
+
+
+def test_evaluation_compiles_once_whether_its_params_come_from_the_state_a_checkpoint_or_numpy():
+  # Params from the pmapped state, then from a checkpoint's NumPy arrays: each compiled
+  # the eval step again (three programs for every run).
+  config = small_config()
+  model = train.make_model(config, V)
+  params = train.create_train_state(config, model, steps_per_epoch=1).params
+  ids = np.random.default_rng(2).integers(0, V, 61).astype(np.int32)
+  sources = [train.first_replica(train.replicate(params)), train.to_numpy(params), params]
+  perplexities = [train.evaluate(model, sources[0], ids, batch_size=3, num_steps=T)[0]]
+  compiled = train.eval_step._cache_size()
+  perplexities += [train.evaluate(model, p, ids, batch_size=3, num_steps=T)[0] for p in sources[1:]]
+  assert train.eval_step._cache_size() == compiled
+  assert perplexities[1:] == perplexities[:1] * 2
 
 
 @pytest.mark.parametrize(

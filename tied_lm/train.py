@@ -293,22 +293,44 @@ def pmap_train_step(
   )
 
 
+# The most windows one evaluation call scans: the host dispatches once per call, not per
+# window (a small model's window can take less time than a dispatch), and at most this
+# many minus one padding windows are computed in vain.
+MAX_EVAL_WINDOWS_PER_CALL = 32
+
+
 @functools.partial(jax.jit, static_argnames="model", donate_argnums=1)
 def eval_step(
     params: Any,
     carry: models.Carry,
+    nll_sum: jax.Array,
     inputs: jax.Array,
     targets: jax.Array,
     weights: jax.Array,
     *,
     model: models.LSTMLanguageModel,
 ) -> tuple[models.Carry, jax.Array]:
-  """One window: (new carry, weighted NLL sum). inputs/targets/weights: [B, T]."""
-  outputs = model.apply(
-      {"params": params}, inputs, carry, deterministic=True,
-      method=models.LSTMLanguageModel.outputs,
-  )
-  return outputs.carry, window_nll(outputs, targets, weights)
+  """Consecutive windows, the state carried from each to the next.
+
+  Args:
+    nll_sum: [] the weighted NLL sum so far; each window's is added to it in turn.
+    inputs, targets, weights: [W, B, T], W windows.
+
+  Returns:
+    (the carry after the last window, nll_sum with every window's added).
+  """
+
+  def one_window(carry_and_sum, window):
+    carry, nll_sum = carry_and_sum
+    inputs, targets, weights = window
+    outputs = model.apply(
+        {"params": params}, inputs, carry, deterministic=True,
+        method=models.LSTMLanguageModel.outputs,
+    )
+    return (outputs.carry, nll_sum + window_nll(outputs, targets, weights)), None
+
+  (carry, nll_sum), _ = lax.scan(one_window, (carry, nll_sum), (inputs, targets, weights))
+  return carry, nll_sum
 
 
 def window_nll(outputs: models.LMOutputs, targets: jax.Array, weights: jax.Array) -> jax.Array:
@@ -379,13 +401,23 @@ def evaluate(
   inputs, targets, weights = data.eval_windows(ids, batch_size, num_steps, split)
   check_eval_memory(batch_size, num_steps, model.vocab_size)
   model = model.for_evaluation(num_steps)
-  carry = model.initial_carry(batch_size)
-  nll_sum = jnp.zeros((), jnp.float32)
-  for window in range(len(inputs)):
-    carry, window_nll = eval_step(
-        params, carry, inputs[window], targets[window], weights[window], model=model
+  # Calls of one size for every split, so one compiled program; the padding windows at the
+  # end have zero weight.
+  windows_per_call = min(len(inputs), MAX_EVAL_WINDOWS_PER_CALL)
+  num_calls = -(-len(inputs) // windows_per_call)
+  padding = ((0, num_calls * windows_per_call - len(inputs)), (0, 0), (0, 0))
+  inputs, targets, weights = (np.pad(x, padding) for x in (inputs, targets, weights))
+  # Placed alike wherever the params come from (the pmapped state, a checkpoint, NumPy):
+  # otherwise each source compiled the step again.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  params = jax.device_put(params, device, may_alias=False)
+  carry = jax.device_put(model.initial_carry(batch_size), device)
+  nll_sum = jax.device_put(np.zeros((), np.float32), device)
+  for call in range(num_calls):
+    chunk = slice(call * windows_per_call, (call + 1) * windows_per_call)
+    carry, nll_sum = eval_step(
+        params, carry, nll_sum, inputs[chunk], targets[chunk], weights[chunk], model=model
     )
-    nll_sum += window_nll
   tokens_scored = int(weights.sum())
   return math.exp(float(nll_sum) / tokens_scored), tokens_scored
 
