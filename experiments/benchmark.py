@@ -52,8 +52,10 @@ for _name in ("batch_sizes", "num_devices"):
       message="must be a comma-separated list of positive integers")
 flags.DEFINE_integer("eval_batch_size", 10, "Batch size of the timed eval step.", lower_bound=1)
 flags.DEFINE_enum("compare", "", ["", "torch"], "Also time the PyTorch reference.")
-flags.DEFINE_integer("warmup", 3, "Untimed steps before timing (after compilation).",
-                     lower_bound=0)
+flags.DEFINE_integer(
+    "warmup", 1,
+    "Untimed repeats before timing, after the first call (which compiles); each runs "
+    "--steps_per_repeat steps, like a timed one.", lower_bound=0)
 flags.DEFINE_integer("repeats", 5, "Timed repeats; the median is reported.", lower_bound=1)
 flags.DEFINE_integer("steps_per_repeat", 10, "Steps per timed repeat.", lower_bound=1)
 flags.DEFINE_integer("matmul_size", 4096, "N of the N x N x N fp32 matmul that sets the peak.",
@@ -427,10 +429,12 @@ def benchmark_pair(
     if runner is None:
       stats.append(None)
       continue
-    first, _ = time_runner(runner, 1)  # compiles (ours) or warms the allocator (torch)
-    if FLAGS.warmup:
-      time_runner(runner, FLAGS.warmup)
-    stats.append({"first_step_seconds": first, "repeat_seconds": [], "minor_faults": 0})
+    # Every call, the first included, runs as many steps as a timed one: our evaluate
+    # compiles one program per windows-per-call, so a shorter call would compile another.
+    first, _ = time_runner(runner, FLAGS.steps_per_repeat)  # compiles (ours) or warms (torch)
+    for _ in range(FLAGS.warmup):
+      time_runner(runner, FLAGS.steps_per_repeat)
+    stats.append({"first_call_seconds": first, "repeat_seconds": [], "minor_faults": 0})
   for _ in range(FLAGS.repeats):
     for runner, stat in zip((ours, theirs), stats, strict=True):
       if runner is not None:
@@ -444,11 +448,12 @@ def benchmark_pair(
     # did not reuse (see tied_lm.hostmem).
     stat["minor_faults_per_step"] = stat.pop("minor_faults") / (
         FLAGS.repeats * FLAGS.steps_per_repeat)
-    step_seconds = statistics.median(stat["repeat_seconds"]) / FLAGS.steps_per_repeat
+    repeat_seconds = statistics.median(stat["repeat_seconds"])
+    step_seconds = repeat_seconds / FLAGS.steps_per_repeat
     stat["step_ms"] = 1e3 * step_seconds
     stat["tokens_per_second"] = tokens_per_step / step_seconds
     # The first call compiles (ours) or warms up (torch); AOT-compiled steps overwrite this.
-    stat["compile_seconds"] = max(stat["first_step_seconds"] - step_seconds, 0.0)
+    stat["compile_seconds"] = max(stat["first_call_seconds"] - repeat_seconds, 0.0)
   return stats[0], stats[1]
 
 
@@ -496,7 +501,7 @@ def timed_configs(
   Every row (config x batch size x device count) is checked before any is timed.
   """
   plan = []
-  calls = max(FLAGS.warmup, FLAGS.steps_per_repeat)  # windows one timed call runs
+  calls = FLAGS.steps_per_repeat  # windows each call runs, warm-up included
   for spec in FLAGS.configs:
     config = load_config(spec, FLAGS.set)
     batch_sizes = [int(b) for b in FLAGS.batch_sizes] or [config.batch_size]
@@ -510,7 +515,7 @@ def timed_configs(
       if windows < calls:  # a timed call would run fewer steps than it is counted for
         raise UserError(
             f"config {spec!r}, batch {batch_size}: the train split has {windows} windows, "
-            f"fewer than the {calls} each timed call runs (--steps_per_repeat, --warmup)")
+            f"fewer than the {calls} each timed call runs (--steps_per_repeat)")
     eval_tokens = calls * FLAGS.eval_batch_size * config.num_steps + 1
     if len(corpus.valid) < eval_tokens:
       raise UserError(

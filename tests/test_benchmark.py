@@ -1,12 +1,14 @@
 """experiments/benchmark.py: its FLOP count by hand, bad input, and a tiny end-to-end run."""
 
 import mmap
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from configs import default
 from experiments import benchmark
-from tied_lm import data
+from tied_lm import data, train
 from tied_lm.errors import UserError
 from tied_lm.train import distinct_targets_bound
 
@@ -96,6 +98,36 @@ def test_benchmark_writes_its_rows_with_provenance(run_tiny_timing):
     assert row[kind]["peak_fraction"] == pytest.approx(
         row[kind]["achieved_flops"] / max(samples))
   assert "configs/default.py" in stdout  # the printed table
+
+
+def test_every_call_runs_a_timed_calls_windows_so_our_evaluator_compiles_only_first(
+    monkeypatch):
+  # evaluate compiles one program per windows-per-call: a 1-window first call and a
+  # 3-window warm-up left the first timed repeat (10 windows) to compile.
+  monkeypatch.setattr(benchmark, "FLAGS",
+                      SimpleNamespace(steps_per_repeat=4, warmup=1, repeats=3))
+  config = default.get_config()
+  config.model.embed_dim = config.model.hidden_size = 8
+  model = train.make_model(config, 50)
+  params = train.create_train_state(config, model, steps_per_epoch=1).params
+  ids = np.random.default_rng(0).integers(0, 50, 4 * 2 * 5 + 1).astype(np.int32)
+
+  class Recording:
+    def __init__(self):
+      self.evaluator = benchmark.OurEvaluator(model, params, ids, batch_size=2, num_steps=5)
+      self.calls = []  # (windows, compiled eval programs after the call)
+
+    def run(self, num_steps):
+      self.evaluator.run(num_steps)
+      self.calls.append((num_steps, train.eval_step._cache_size()))
+
+  runner = Recording()
+  stats, _ = benchmark.benchmark_pair(runner, None, tokens_per_step=2 * 5)
+  assert [windows for windows, _ in runner.calls] == [4] * (1 + 1 + 3)
+  assert len({compiled for _, compiled in runner.calls}) == 1
+  assert len(stats["repeat_seconds"]) == 3
+  assert stats["compile_seconds"] == max(
+      stats["first_call_seconds"] - sorted(stats["repeat_seconds"])[1], 0.0)
 
 
 def test_time_runner_counts_the_pages_a_step_maps_in():
