@@ -25,8 +25,8 @@ directory another process trains in.
 The report step (always run; `--train=false` for it alone) reads every run
 under ROOT and writes, for each, RESULTS_DIR/DATASET_SIZE_VARIANT.json (final
 and best-epoch perplexities, tokens scored, eval batch sizes, parameters,
-epochs, wall time, hardware, versions, commit, commands and the per-epoch
-curve). A run with epochs done but no results.json yet gets a partial file
+epochs, wall time, hardware, versions, commit, commands, the per-epoch curve,
+and the batch-1 scores with the commit that scored them). A run with epochs done but no results.json yet gets a partial file
 ("complete": false; best validation so far, no test), which never replaces a
 finished run's, nor a partial one with more epochs (a run restarted after its
 directory was lost). From all such files in RESULTS_DIR, including those made on other
@@ -359,6 +359,8 @@ def run_report(workdir: Path) -> dict[str, Any]:
     if result is not None:
       report[f"{split}_perplexity_batch1"] = result["perplexity"]
       report[f"{split}_tokens_scored_batch1"] = result["tokens_scored"]
+      # Scores written before tied_lm.evaluate recorded its commit have none.
+      report[f"{split}_batch1_commit"] = result.get("commit")
   return report
 
 

@@ -5,6 +5,8 @@ import shutil
 
 import pytest
 
+from tied_lm import provenance
+
 
 @pytest.fixture
 def evaluate_cli(run_module):
@@ -29,6 +31,11 @@ def test_evaluate_reproduces_the_runs_test_perplexity(run_copy, evaluate_cli):
   saved = json.loads((workdir / "eval_test_batch10.json").read_text())
   assert saved["perplexity"] == pytest.approx(results["test_perplexity"], rel=1e-6)
   assert saved["tokens_scored"] == 82_429 == results["test_tokens_scored"]
+  # What scored it, as every results file says.
+  assert saved["command"] == (f"python -m tied_lm.evaluate --workdir={workdir} --split=test "
+                              "--eval_batch_size=10")
+  assert saved["commit"] == provenance.git_commit()
+  assert saved["versions"]["jax"] and saved["hardware"]
 
 
 def test_batch_one_scores_the_same_tokens(run_copy, evaluate_cli):

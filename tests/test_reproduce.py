@@ -314,6 +314,21 @@ def test_a_batch1_score_of_an_older_checkpoint_is_not_current(tmp_path):
   assert reproduce.current_batch1(tmp_path, "valid")["perplexity"] == 88.0
 
 
+def test_a_report_carries_each_batch1_score_with_the_commit_that_scored_it(
+    trained_run, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(trained_run[0], workdir)
+  (workdir / "eval_valid_batch1.json").write_text(json.dumps(
+      {"perplexity": 89.0, "tokens_scored": 5, "commit": "abc1234"}))
+  (workdir / "eval_test_batch1.json").write_text(json.dumps(
+      {"perplexity": 85.0, "tokens_scored": 6}))  # written before scores recorded a commit
+  report = reproduce.run_report(workdir)
+  assert [report[f"valid_{key}"] for key in ("perplexity_batch1", "tokens_scored_batch1",
+                                             "batch1_commit")] == [89.0, 5, "abc1234"]
+  assert [report[f"test_{key}"] for key in ("perplexity_batch1", "tokens_scored_batch1",
+                                            "batch1_commit")] == [85.0, 6, None]
+
+
 def test_a_report_credits_the_launch_that_trained_not_a_later_reevaluation(
     trained_run, tmp_path, monkeypatch):
   from configs import default

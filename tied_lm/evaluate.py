@@ -3,7 +3,8 @@
   python -m tied_lm.evaluate --workdir=/tmp/ptb_small_real --split=test --eval_batch_size=1
 
 Prints the perplexity and the number of target tokens scored, and writes them
-to DIR/eval_SPLIT_batchB.json. Batch 1 conditions every token on its whole
+to DIR/eval_SPLIT_batchB.json with the command, commit, hardware and library
+versions. Batch 1 conditions every token on its whole
 history; larger batches start each row from a zero state (faster).
 """
 
@@ -30,6 +31,7 @@ def define_flags() -> None:
 def main(argv: list[str]) -> None:
   errors.no_positional_arguments(argv)
   hostmem.reuse_freed_memory()
+  commit = provenance.git_commit()  # what scores, whatever HEAD is at the end
   from tied_lm import train  # after the flags, so that --help and flag errors skip JAX
 
   run = train.load_trained(FLAGS.workdir)
@@ -37,6 +39,7 @@ def main(argv: list[str]) -> None:
   perplexity, tokens = train.evaluate(run.model, run.params, run.corpus.split(FLAGS.split),
                                       batch_size, run.config.num_steps, FLAGS.split)
   result = {
+      **provenance.header("tied_lm.evaluate", commit),
       "split": FLAGS.split,
       "perplexity": perplexity,
       "tokens_scored": tokens,
