@@ -22,19 +22,19 @@ after a stop or a failed run it waits for the next invocation. Two runs of the
 grid may not share a name (a repeated value), and tied_lm.main refuses a run
 directory another process trains in.
 
-The report step (always run; `--train=false` for it alone) reads every run
-under ROOT and writes, for each, RESULTS_DIR/DATASET_SIZE_VARIANT.json (final
-and best-epoch perplexities, tokens scored, eval batch sizes, parameters,
-epochs, wall time, hardware, versions, commit, commands, the per-epoch curve,
-and the batch-1 scores with the commit that scored them). A run with epochs done but no results.json yet gets a partial file
-("complete": false; best validation so far, no test), which never replaces a
-finished run's, nor a partial one with more epochs (a run restarted after its
-directory was lost). From all such files in RESULTS_DIR, including those made on other
-machines, it writes TABLE.md (ours beside the paper, in the paper's layout,
-"not run" with the command for the rest) and one PNG of validation curves per
-dataset and size (needs matplotlib: `pip install -e ".[plot]"`); the tagged
-runs of sweeps go to SWEEP.md instead, and TABLE.md's last column names each
-model's best finished run on validation at the default seed, untagged or not:
+The report step (always run; `--train=false` for it alone) reads every run under ROOT and
+writes, for each, RESULTS_DIR/DATASET_SIZE_VARIANT.json (final and best-epoch
+perplexities, tokens scored, eval batch sizes, parameters, epochs, wall time, hardware,
+versions, commit, commands, the per-epoch curve, and the batch-1 scores with the commit
+that scored them). A run with epochs done but no results.json yet gets a partial file
+("complete": false; best validation so far, no test), which never replaces a finished
+run's, nor a partial one with more epochs (a run restarted after its directory was lost).
+From all such files in RESULTS_DIR, including those made on other machines, it writes
+TABLE.md (ours beside the paper, in the paper's layout, "not run" with the command for the
+rest) and one PNG of validation curves per dataset and size (needs matplotlib: `pip
+install -e ".[plot]"`); the tagged runs of sweeps go to SWEEP.md instead, and TABLE.md's
+last column names each model's best finished run on validation at the default seed,
+untagged or not:
 
   python -m experiments.reproduce --root=$HOME/tied_lm_runs --variants=real \
       --sweep=loss.tau=5,10,20 --sweep=loss.gamma=0.5,0.65,0.8 --parallel=3
