@@ -114,5 +114,6 @@ def test_a_bfloat16_trained_run_samples_from_its_float32_logits(trained_run, mon
 
   monkeypatch.setattr(sample, "next_word_logits", spy)
   words = list(sample.generate(bfloat16_run, "the company", 5, 1.0, 0, 3))
-  assert dtypes == ["float32"] * 7
+  # One step per prompt word and per drawn word but the last, which nothing follows.
+  assert dtypes == ["float32"] * (2 + 5 - 1)
   assert words == list(sample.generate(run, "the company", 5, 1.0, 0, 3))

@@ -97,11 +97,12 @@ def _draw(run: train.TrainedRun, prompt_tokens: list[int], num_words: int, tempe
   for token in prompt_tokens:
     logits, carry = next_word_logits(run.params, jnp.int32(token), carry, model=model)
   key = jax.random.key(seed)
-  for _ in range(num_words):
+  for position in range(num_words):
     key, subkey = jax.random.split(key)
     token = sample_word(subkey, logits, temperature, top_k)
     yield run.corpus.vocab[int(token)]
-    logits, carry = next_word_logits(run.params, token, carry, model=model)
+    if position + 1 < num_words:  # nothing follows the last word
+      logits, carry = next_word_logits(run.params, token, carry, model=model)
 
 
 def print_words(words: Iterable[str]) -> None:
