@@ -4,8 +4,8 @@
 
 Prints the perplexity and the number of target tokens scored, and writes them
 to DIR/eval_SPLIT_batchB.json with the command, commit, hardware and library
-versions. Batch 1 conditions every token on its whole
-history; larger batches start each row from a zero state (faster).
+versions. Batch 1 conditions every token on its whole history; larger batches
+start each row from a zero state (faster).
 """
 
 from pathlib import Path
