@@ -49,6 +49,8 @@ def np_forward(params, tokens, masks, num_layers, tied):
     h_all = np.stack(outputs, axis=1)
     x = h_all * mask[:, None, :] if layer + 1 < num_layers else h_all
   x = x * masks.output[:, None, :]
+  if "projection" in params:  # tied, hidden_size != embed_dim: h P, then Lᵀ
+    x = x @ params["projection"]["kernel"]
   if tied:
     return x @ embedding.T
   return x @ params["output_kernel"]["kernel"] + params["output_bias"]
@@ -132,6 +134,8 @@ def test_tied_equals_untied_with_w_equal_to_l_transposed_including_gradients():
   output_part = untied_grads["output_kernel"]["kernel"].T
   np.testing.assert_allclose(tied_grad, input_part + output_part, rtol=1e-5, atol=1e-7)
   # Both parts are really there: rows of words never fed in get only output gradient.
+  unused = np.setdiff1d(np.arange(V), np.asarray(tokens))
+  assert unused.size and not np.asarray(input_part)[unused].any()
   assert float(jnp.abs(input_part).max()) > 1e-4 and float(jnp.abs(output_part).max()) > 1e-4
 
 
@@ -139,10 +143,20 @@ def test_tying_with_mismatched_sizes_projects_or_refuses():
   model = make_model(hidden_size=E + 2, tie_embeddings=True, output_projection=True)
   params = init(model)
   assert params["projection"]["kernel"].shape == (E + 2, E)
-  logits, _ = model.apply(
-      {"params": params}, jnp.zeros((B, T), jnp.int32), model.initial_carry(B), deterministic=True
-  )
-  assert logits.shape == (B, T, V)
+  rng = np.random.default_rng(2)
+  tokens = rng.integers(0, V, (B, T))
+
+  def mask(width):
+    return (rng.random((B, width)) > 0.4) / 0.6
+
+  # The output mask drops units of h, before the projection.
+  masks = DropoutMasks(input=mask(E), hidden=(mask(E + 2), mask(E + 2)), output=mask(E + 2))
+  logits = model.apply(
+      {"params": params}, jnp.asarray(tokens), model.initial_carry(B), deterministic=False,
+      masks=jax.tree.map(jnp.asarray, masks), method=model.outputs,
+  ).logits
+  np.testing.assert_allclose(logits, np_forward(params, tokens, masks, 2, tied=True),
+                             rtol=1e-4, atol=1e-5)
   with pytest.raises(ValueError, match="hidden_size == embed_dim"):
     init(make_model(hidden_size=E + 2, tie_embeddings=True, output_projection=False))
 

@@ -1,6 +1,8 @@
 """experiments/loss_variants.ipynb runs top to bottom, as a user would run it."""
 
 import ast
+import math
+import re
 from pathlib import Path
 
 import nbformat
@@ -28,3 +30,11 @@ def test_loss_variants_notebook_runs_and_reports_three_curves():
   curves = ast.literal_eval(result["data"]["text/plain"])
   assert sorted(curves) == [0.0, 0.5, 1.0]
   assert all([epoch for epoch, _ in curve] == [1, 2] for curve in curves.values())
+  # 40 steps: better than the uniform model (10,000 words), nowhere near converged (~100).
+  assert all(100 < perplexity < 10_000 and math.isfinite(perplexity)
+             for curve in curves.values() for _, perplexity in curve)
+  # The KL computed by hand in the notebook is the augmented loss, and the reverse one is not.
+  forward, augmented, reverse = map(float, re.search(
+      r"KL\(ỹ‖ŷ\) = ([\d.]+) \(the augmented loss: ([\d.]+)\); KL\(ŷ‖ỹ\) = ([\d.]+)",
+      printed).groups())
+  assert forward == augmented > 0 and reverse != forward

@@ -2,7 +2,12 @@
 
 import json
 
+import numpy as np
 import pytest
+
+
+def np_log_softmax(x):
+  return x - x.max() - np.log(np.exp(x - x.max()).sum())
 
 
 def test_predictions_cli_reports_probabilities_and_top_words(trained_run, tmp_path, run_module):
@@ -19,6 +24,18 @@ def test_predictions_cli_reports_probabilities_and_top_words(trained_run, tmp_pa
   assert len(top) == 10
   probabilities = [p for _, p in top]
   assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) <= 1
+  # The same list from the run's checkpoint, by hand: softmax of the logits after the prompt.
+  from tied_lm import train
+
+  trained = train.load_trained(trained_run[0])
+  vocab = trained.corpus.vocab
+  prompt = np.array([[vocab.index(w) for w in ("the", "company", "said")]], np.int32)
+  logits, _ = trained.model.apply({"params": trained.params}, prompt,
+                                  trained.model.initial_carry(1), deterministic=True)
+  expected = np.exp(np_log_softmax(np.asarray(logits[0, -1], np.float64)))
+  order = np.argsort(-expected)[:10]
+  assert [w for w, _ in top] == [vocab[i] for i in order]
+  np.testing.assert_allclose(probabilities, expected[order], rtol=1e-5)
   assert "| run | variant | p(<unk>) |" in (tmp_path / "p.md").read_text()
 
 

@@ -1,4 +1,4 @@
-"""The PyTorch reference of experiments/ computes our model's loss and gradients.
+"""The PyTorch reference of experiments/ computes our model's loss and every gradient.
 
 Runs only where the `bench` extra (torch) is installed; CI skips it.
 """
@@ -65,10 +65,31 @@ def test_torch_reference_matches_loss_and_gradients(model_overrides, form, kl_ou
   torch_loss.backward()
 
   np.testing.assert_allclose(torch_loss.item(), float(loss), rtol=1e-5)
-  np.testing.assert_allclose(
-      reference.embed.weight.grad.numpy(), grads["embed"]["embedding"], rtol=1e-4, atol=1e-6
-  )
-  np.testing.assert_allclose(
-      reference.layers[0].weight_hh_l0.grad.numpy().T, grads["lstm_0"]["recurrent_kernel"],
-      rtol=1e-4, atol=1e-6,
-  )
+  torch_grads = flax_layout_gradients(reference)
+  assert jax.tree.structure(torch_grads) == jax.tree.structure(grads)
+  for (path, ours), theirs in zip(jax.tree_util.tree_leaves_with_path(grads),
+                                  jax.tree.leaves(torch_grads), strict=True):
+    np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-6,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def flax_layout_gradients(model) -> dict:
+  """The reference's gradients in our parameter tree (the inverse of `load_flax_params`)."""
+
+  def grad(parameter):
+    return parameter.grad.numpy()
+
+  grads = {"embed": {"embedding": grad(model.embed.weight)}}
+  for i, layer in enumerate(model.layers):
+    # Our one bias stands for torch's two, which get the same gradient.
+    np.testing.assert_array_equal(grad(layer.bias_hh_l0), grad(layer.bias_ih_l0))
+    grads[f"lstm_{i}"] = {"bias": grad(layer.bias_ih_l0),
+                          "input_kernel": grad(layer.weight_ih_l0).T,
+                          "recurrent_kernel": grad(layer.weight_hh_l0).T}
+  if model.projection is not None:
+    grads["projection"] = {"kernel": grad(model.projection.weight).T}
+  if model.decoder.weight is not model.embed.weight:  # untied
+    grads["output_kernel"] = {"kernel": grad(model.decoder.weight).T}
+  if model.output_bias is not None:
+    grads["output_bias"] = grad(model.output_bias)
+  return grads

@@ -45,17 +45,19 @@ def test_learning_rate_schedule():
   assert rates == [1.0, 1.0, 0.5, 0.5, 0.25, 0.125]
 
 
-@pytest.mark.parametrize("augmented,distinct_targets,form,kl_output_bias", [
-    (False, False, "kl", False), (True, False, "kl", False), (True, True, "kl", False),
-    (True, True, "cross_entropy", False), (True, True, "kl", True)])
+@pytest.mark.parametrize("augmented,distinct_targets,form,kl_output_bias,tied", [
+    (False, False, "kl", False, True), (True, False, "kl", False, True),
+    (True, True, "kl", False, True), (True, True, "cross_entropy", False, True),
+    (True, True, "kl", True, True), (True, True, "kl", False, False)])
 def test_train_step_is_sgd_on_time_summed_batch_averaged_loss(
-    augmented, distinct_targets, form, kl_output_bias):
+    augmented, distinct_targets, form, kl_output_bias, tied):
   """Independent check of the objective: sum over steps, mean over rows, + gamma*tau*KL.
 
   kl_output_bias: a tied model with an output bias whose KL reads the biased logits,
-  the same `logits` as the cross-entropy here.
+  the same `logits` as the cross-entropy here. Untied (the paper's AL): W and a bias, and
+  the KL reads the logits without the bias.
   """
-  config = small_config(output_bias=kl_output_bias)
+  config = small_config(output_bias=kl_output_bias or not tied, tie_embeddings=tied)
   config.loss.augmented = augmented
   config.loss.augmented_form = form
   config.loss.kl_output_bias = kl_output_bias
@@ -70,7 +72,9 @@ def test_train_step_is_sgd_on_time_summed_batch_averaged_loss(
     per_token = losses.cross_entropy(logits, targets)
     if augmented:
       embedding = params["embed"]["embedding"]
-      per_token += 0.7 * 2.0 * losses.augmented_loss(logits, targets, embedding, 2.0, form=form)
+      kl_logits = logits if tied else logits - params["output_bias"]
+      per_token += 0.7 * 2.0 * losses.augmented_loss(kl_logits, targets, embedding, 2.0,
+                                                     form=form)
     return per_token.sum() / B
 
   expected = jax.tree.map(lambda p, g: p - 0.3 * g, state.params, jax.grad(objective)(state.params))
@@ -246,6 +250,29 @@ def test_evaluation_with_batch_one_equals_scoring_the_whole_stream_at_once(
   perplexity, scored = train.evaluate(model, params, ids, batch_size=1, num_steps=T)
   assert scored == 37
   assert perplexity == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("windows_per_call", [2, 32])
+@pytest.mark.parametrize("length,batch_size", [(60, 3), (61, 3), (38, 4)])
+def test_evaluation_with_batches_equals_scoring_each_row_from_a_zero_state(
+    monkeypatch, windows_per_call, length, batch_size):
+  # Batch B splits the N - 1 targets into B contiguous rows of ceil((N - 1) / B), the last
+  # one shorter; each row starts from a zero state and carries it through its windows.
+  monkeypatch.setattr(train, "MAX_EVAL_WINDOWS_PER_CALL", windows_per_call)
+  config = small_config()
+  model = train.make_model(config, V)
+  params = train.create_train_state(config, model, steps_per_epoch=1).params
+  ids = np.random.default_rng(3).integers(0, V, length).astype(np.int32)
+  row_length = -(-(length - 1) // batch_size)
+  nll_sum = 0.0
+  for start in range(0, length - 1, row_length):
+    row = ids[start:min(start + row_length, length - 1) + 1]
+    logits, _ = model.apply({"params": params}, row[None, :-1], model.initial_carry(1),
+                            deterministic=True)
+    nll_sum += float(losses.cross_entropy(logits, row[None, 1:]).sum())
+  perplexity, scored = train.evaluate(model, params, ids, batch_size=batch_size, num_steps=T)
+  assert scored == length - 1
+  assert perplexity == pytest.approx(np.exp(nll_sum / (length - 1)), rel=1e-5)
 
 
 def test_evaluation_compiles_once_whether_its_params_come_from_the_state_a_checkpoint_or_numpy():
