@@ -194,6 +194,32 @@ def test_uniform_model_has_perplexity_equal_to_vocabulary_size(batch_size):
   assert perplexity == pytest.approx(V, rel=1e-5)
 
 
+def test_a_model_whose_parameters_alone_exceed_memory_is_refused_before_its_workdir(
+    monkeypatch, tmp_path):
+  # hidden_size=10**6 logged 16e12 params, then aborted in XLA (status 134) after the
+  # workdir was made.
+  model = train.make_model(small_config(embed_dim=1000, hidden_size=1000), V)
+  # Two 1000 x 4000 kernels per layer, 4000 biases per layer, a 23 x 1000 embedding.
+  count = 2 * (2 * 1000 * 4000 + 4000) + V * 1000
+  monkeypatch.setattr(train.hostmem, "total_bytes", lambda: 8 * count - 1)
+  assert train.parameters_memory_problem(model) == (
+      f"the model's {count:,} parameters need 0.2 GB for themselves and their gradients alone "
+      "(float32), more than this host's 0.1 GB of memory; make it smaller (model.hidden_size, "
+      "model.embed_dim, model.num_layers)")
+  assert "on each of 2 devices" in train.parameters_memory_problem(model, num_devices=2)
+  monkeypatch.setattr(train.hostmem, "total_bytes", lambda: 8 * count)
+  assert train.parameters_memory_problem(model) is None
+  # In a run, before anything is written.
+  monkeypatch.setattr(train.hostmem, "total_bytes", lambda: 8 * count - 1)
+  monkeypatch.setattr(train.data, "load_corpus", lambda *args: data.Corpus(
+      train=np.arange(300) % V, valid=np.arange(60) % V, test=np.arange(60) % V,
+      vocab=tuple(f"w{i}" for i in range(V))))
+  config = small_config(embed_dim=1000, hidden_size=1000)
+  with pytest.raises(train.ConfigError, match="^the model's .* parameters need"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
 def test_a_batch_whose_logits_alone_exceed_memory_is_refused(monkeypatch):
   # eval_batch_size one below the valid split's targets asked XLA for 103 GB (traceback).
   monkeypatch.setattr(train.hostmem, "total_bytes", lambda: 25_300_000_000)
@@ -330,6 +356,16 @@ def test_evaluation_compiles_once_whether_its_params_come_from_the_state_a_check
         ("loss.tau", 1e-39, r"loss.tau=1e-39 must be in \[1.18e-38, 3.4e\+38\] \(float32's"),
         ("loss.gamma", float("inf"), "loss.gamma=inf must be finite"),
         ("model.init_scale", float("inf"), "model.init_scale=inf must be finite"),
+        # Finite in float64, inf once the step casts them to float32.
+        ("optim.learning_rate", 1e39,
+         r"optim.learning_rate=1e\+39 must be finite in float32 \(<= 3.4e\+38\)"),
+        ("loss.gamma", 1e39, r"loss.gamma=1e\+39 must be finite in float32"),
+        ("optim.clip_norm", 1e300, r"optim.clip_norm=1e\+300 must be finite in float32"),
+        ("model.init_scale", 1e300, r"model.init_scale=1e\+300 must be finite in float32"),
+        # Negative: more decays than epochs, from step 1; huge: int32 overflow in the step.
+        ("optim.decay_start_epoch", -5,
+         r"optim.decay_start_epoch=-5 must be in \[0, 2\*\*31\) \(the epochs before"),
+        ("optim.decay_start_epoch", 2**31, r"optim.decay_start_epoch=2147483648 must be in"),
         ("seed", 2**63 - 1, r"seed=9223372036854775807 must be in \[0, 2\*\*63 - 1\)"),
         ("seed", -1, r"seed=-1 must be in \[0, 2\*\*63 - 1\)"),
     ],

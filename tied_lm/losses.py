@@ -17,11 +17,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from tied_lm.models import output_scores
+from tied_lm.models import FLOAT32_MAX, output_scores
 
 # Temperatures the float32 losses can divide by: float32's normal numbers > 0. A
 # smaller one is 0 or subnormal there (logits / tau then inf or NaN), a larger one inf.
-TEMPERATURE_RANGE = (float(jnp.finfo(jnp.float32).tiny), float(jnp.finfo(jnp.float32).max))
+TEMPERATURE_RANGE = (float(jnp.finfo(jnp.float32).tiny), FLOAT32_MAX)
 
 
 def is_temperature(value: float) -> bool:

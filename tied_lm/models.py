@@ -7,7 +7,6 @@ because `lax.scan` iterates over the leading axis.
 
 import dataclasses
 import functools
-import math
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -21,6 +20,15 @@ Carry = tuple[tuple[jax.Array, jax.Array], ...]
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 LSTM_IMPLEMENTATIONS = ("scan", "cudnn")
+FLOAT32_MAX = float(jnp.finfo(jnp.float32).max)
+
+
+def fits_float32(value: float) -> bool:
+  """Whether `value` is finite in float32, where parameters and losses live (NaN is not).
+
+  A float64 setting can be finite and still be inf once the step casts it (1e39, say).
+  """
+  return abs(value) <= FLOAT32_MAX
 
 
 def field_problems(fields: Mapping[str, Any], prefix: str = "") -> list[str]:
@@ -39,7 +47,8 @@ def field_problems(fields: Mapping[str, Any], prefix: str = "") -> list[str]:
       (f["hidden_size"] > 0, f"{prefix}hidden_size={f['hidden_size']} must be positive"),
       (f["init_scale"] > 0, f"{prefix}init_scale={f['init_scale']} must be > 0"),
       # inf passes "> 0" and gives infinite weights.
-      (math.isfinite(f["init_scale"]), f"{prefix}init_scale={f['init_scale']} must be finite"),
+      (fits_float32(f["init_scale"]),
+       f"{prefix}init_scale={f['init_scale']} must be finite in float32 (<= {FLOAT32_MAX:.3g})"),
       (f["unroll"] > 0, f"{prefix}unroll={f['unroll']} must be positive"),
       (f["compute_dtype"] in COMPUTE_DTYPES,
        f"{prefix}compute_dtype={f['compute_dtype']!r} must be 'float32' or 'bfloat16' (a "

@@ -80,6 +80,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
        f"optim.learning_rate={config.optim.learning_rate} must be > 0"),
       (0 < config.optim.decay_rate <= 1,
        f"optim.decay_rate={config.optim.decay_rate} must be in (0, 1]"),
+      # The schedule counts epochs in int32.
+      (0 <= config.optim.decay_start_epoch < 2**31,
+       f"optim.decay_start_epoch={config.optim.decay_start_epoch} must be in [0, 2**31) "
+       "(the epochs before the learning rate decays)"),
       (config.optim.clip_norm > 0, f"optim.clip_norm={config.optim.clip_norm} must be > 0"),
   ]
   # inf passes the comparisons above; an infinite learning rate, say, makes the first
@@ -87,7 +91,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
   for field in ("loss.gamma", "optim.learning_rate", "optim.clip_norm"):
     section, name = field.split(".")
     value = config[section][name]
-    checks.append((math.isfinite(value), f"{field}={value} must be finite"))
+    checks.append((models.fits_float32(value),
+                   f"{field}={value} must be finite in float32 (<= {models.FLOAT32_MAX:.3g})"))
   # seed + 1 keys the dropout: both must fit in 64 bits.
   checks.append((0 <= config.seed < 2**63 - 1, f"seed={config.seed} must be in [0, 2**63 - 1)"))
   checks += [(False, problem) for problem in models.field_problems(config.model, "model.")]
@@ -343,35 +348,65 @@ def window_nll(outputs: models.LMOutputs, targets: jax.Array, weights: jax.Array
   return jnp.sum(cross_entropy * weights)
 
 
-def logits_memory_problem(
-    name: str, value: int, rows: int, num_steps: int, vocab_size: int, num_devices: int = 1
-) -> str | None:
-  """Why a batch cannot fit in memory because its float32 logits alone do not, or None.
+def _memory_shortfall(per_device: int, num_devices: int) -> tuple[str, str, str] | None:
+  """(GB needed, whose memory, GB it has) if `per_device` bytes on each device cannot fit,
+  else None (also where the system does not say).
 
-  A lower bound: a batch refused here cannot run; one accepted may still run out.
-  Where the device reports its allocator's limit (a GPU) each device's [rows,
-  num_steps, V] logits must fit in it; on a CPU the `num_devices` of this process
-  share the host's memory (`hostmem.total_bytes`).
-
-  Args:
-    name, value: the config field that set the batch, for the message.
-    rows: the batch rows on each device.
+  Where the device reports its allocator's limit (a GPU) each device must hold its
+  bytes; on a CPU the `num_devices` of this process share the host's memory
+  (`hostmem.total_bytes`).
   """
-  per_device = rows * num_steps * vocab_size * 4
   limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
   if limit is not None:
     needed, where = per_device, "a device's"
   else:
     needed, where = per_device * num_devices, "this host's"
     limit = hostmem.total_bytes()
-  if limit is None or needed <= limit:  # None: the system does not say
+  if limit is None or needed <= limit:
     return None
+  # Rounded apart (needed up, the limit down), so that the two never read the same.
+  return (f"{math.ceil(needed / 1e8) / 10:,.1f}", where, f"{math.floor(limit / 1e8) / 10:,.1f}")
+
+
+def logits_memory_problem(
+    name: str, value: int, rows: int, num_steps: int, vocab_size: int, num_devices: int = 1
+) -> str | None:
+  """Why a batch cannot fit in memory because its float32 logits alone do not, or None.
+
+  A lower bound: a batch refused here cannot run; one accepted may still run out.
+
+  Args:
+    name, value: the config field that set the batch, for the message.
+    rows: the batch rows on each device.
+    num_devices: this process's devices (see `_memory_shortfall`).
+  """
+  shortfall = _memory_shortfall(rows * num_steps * vocab_size * 4, num_devices)
+  if shortfall is None:
+    return None
+  needed, where, limit = shortfall
   shape = f"[{rows:,}, {num_steps}, {vocab_size:,}]" + (
       f" on each of {num_devices} devices" if num_devices > 1 else "")
-  # Rounded apart (needed up, the limit down), so that the two never read the same.
-  return (f"{name}={value} needs {math.ceil(needed / 1e8) / 10:,.1f} GB for its float32 logits "
-          f"alone ({shape}), more than {where} {math.floor(limit / 1e8) / 10:,.1f} GB of memory; "
-          f"lower {name}")
+  return (f"{name}={value} needs {needed} GB for its float32 logits alone ({shape}), more "
+          f"than {where} {limit} GB of memory; lower {name}")
+
+
+def parameters_memory_problem(model: models.LSTMLanguageModel, num_devices: int = 1) -> str | None:
+  """Why a model cannot train because its float32 parameters and their gradients alone do
+  not fit in memory, or None. A lower bound, as `logits_memory_problem`; counted without
+  allocating anything."""
+  shapes = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, 1), jnp.int32), model.initial_carry(1),
+      deterministic=True))
+  count = sum(x.size for x in jax.tree.leaves(shapes))
+  shortfall = _memory_shortfall(2 * 4 * count, num_devices)
+  if shortfall is None:
+    return None
+  needed, where, limit = shortfall
+  return (f"the model's {count:,} parameters need {needed} GB for themselves and their "
+          f"gradients alone (float32"
+          + (f", on each of {num_devices} devices" if num_devices > 1 else "")
+          + f"), more than {where} {limit} GB of memory; make it smaller (model.hidden_size, "
+          "model.embed_dim, model.num_layers)")
 
 
 def check_eval_memory(batch_size: int, num_steps: int, vocab_size: int) -> None:
@@ -893,6 +928,10 @@ def train_and_evaluate(
   problem = logits_memory_problem(
       "batch_size", config.batch_size, rows, config.num_steps, corpus.vocab_size,
       jax.local_device_count())
+  if problem:
+    raise ConfigError(problem)
+  problem = parameters_memory_problem(make_model(config, corpus.vocab_size),
+                                      jax.local_device_count())
   if problem:
     raise ConfigError(problem)
   fileio.make_run_directory(workdir)
