@@ -66,6 +66,14 @@ def test_damaged_json_is_one_line_naming_the_file_and_a_torn_append_is_skipped(t
   lines.write_text('{"a": 1}\n{"a": 2, \n{"a": 3}\n')
   with pytest.raises(UserError, match=r"launches.jsonl is damaged: line 2 is not JSON"):
     fileio.read_json_lines(lines, appended=True)
+  # Torn inside a multi-byte character: not UTF-8 (it was a UnicodeDecodeError traceback).
+  torn = '{"command": "--prompt=é"}'.encode()[:-3]
+  lines.write_bytes(b'{"a": 1}\n' + torn)
+  assert fileio.read_json_lines(lines, appended=True) == [{"a": 1}]
+  lines.write_bytes(torn + b'\n{"a": 1}\n')
+  with pytest.raises(UserError, match=r"^\S*launches.jsonl is damaged: line 1 is not UTF-8 text; "
+                                      "restore or remove it$"):
+    fileio.read_json_lines(lines, appended=True)
 
 
 def test_a_folder_that_cannot_be_written_is_refused_even_for_root(tmp_path):

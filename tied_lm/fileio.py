@@ -56,15 +56,18 @@ def read_json_lines(path: Path, *, appended: bool = False) -> list[dict[str, Any
   writing may leave its last line torn; that line is skipped. Any other damaged line,
   or any in a file written whole (metrics.jsonl), is a UserError naming the file.
   """
-  lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+  # Decoded line by line: a line torn inside a multi-byte character is not UTF-8.
+  lines = [line for line in Path(path).read_bytes().splitlines() if line.strip()]
   objects = []
   for number, line in enumerate(lines, 1):
     try:
-      record = json.loads(line)
-    except json.JSONDecodeError as error:
+      record = json.loads(line.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
       if appended and number == len(lines):
         break
-      raise UserError(f"{path} is damaged: line {number} is not JSON ({error.msg}); "
+      what = (f"not JSON ({error.msg})" if isinstance(error, json.JSONDecodeError)
+              else "not UTF-8 text")
+      raise UserError(f"{path} is damaged: line {number} is {what}; "
                       "restore or remove it") from None
     if not isinstance(record, dict):
       raise UserError(f"{path} is damaged: line {number} is a JSON {type(record).__name__}, "
