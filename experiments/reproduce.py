@@ -163,6 +163,40 @@ def train_command(dataset: str, size: str, variant: str, workdir: Path,
   return command
 
 
+def check_run_configs(grid: list[tuple[str, str, str, tuple[str, list[str]]]]) -> None:
+  """Parses and checks each run's config and overrides as tied_lm.main will, before any
+  run starts: a mistyped field or a bad value is refused in one line, not after the runs
+  before it have trained. The checks that need the devices stay with each run.
+
+  Raises:
+    UserError: naming the run and the problem.
+  """
+  from ml_collections import config_flags
+
+  from tied_lm import train  # JAX, but no backend: the runs need the devices
+
+  for dataset, size, variant, (tag, overrides) in grid:
+    command = train_command(dataset, size, variant, Path(), [*FLAGS.set, *overrides])
+    # Resolved as the runs resolve it, from the repository's root.
+    argv = ["reproduce", f"--config={provenance.REPO}/{command[3].removeprefix('--config=')}",
+            *command[5:]]
+    run = run_name(dataset, size, variant, tag)
+    flag_values = flags.FlagValues()
+    try:
+      config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values,
+                                      sys_argv=argv)
+      flag_values(argv)
+      train.validate_config(flag_values.config, num_devices=None)
+    except (AttributeError, KeyError) as error:  # ml_collections: a field the config lacks
+      missing = re.search(r"\w+", str(error))
+      raise UserError(f"{run}: unknown config field {missing[0] if missing else error!s} in "
+                      f"--set/--sweep {' '.join([*FLAGS.set, *overrides])}") from None
+    except flags.Error as error:
+      raise UserError(f"{run}: {str(error).strip().splitlines()[-1]}") from None
+    except train.ConfigError as error:
+      raise UserError(f"{run}: {error}") from None
+
+
 def shell(command: list[str]) -> str:
   """A command as one would type it (`python` for the interpreter)."""
   return shlex.join(["python", *command[1:]] if command[0] == sys.executable else command)
@@ -642,6 +676,7 @@ def main(argv: list[str]) -> None:
   unfinished, stopped_by = [], None
   if FLAGS.train:
     fileio.check_writable_directory(root, "--root")
+    check_run_configs(grid)
     commands = [(workdir, train_command(d, s, v, workdir, [*FLAGS.set, *overrides]))
                 for (d, s, v, (_, overrides)), workdir in zip(grid, workdirs, strict=True)
                 if not (workdir / "results.json").is_file()]

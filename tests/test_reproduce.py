@@ -273,6 +273,13 @@ def test_bad_grid_is_a_one_line_error(tmp_path, harness):
     (["--results_dir={file}"], "cannot write --results_dir {file}: {file} is not a directory"),
     (["--root={file}/runs"], "cannot write --root {file}/runs: {file} is not a directory"),
     (["--root={file}", "--train=false"], "--root={file} is a file, not a directory of runs"),
+    # Each run's config, checked before the first run starts.
+    (["--variants=vd,real", "--set=loss.tua=5"],
+     "ptb_small_vd: unknown config field tua in --set/--sweep loss.tua=5"),
+    (["--variants=vd,real", "--sweep=loss.tau=5,abc"],
+     "ptb_small_vd_tauabc: flag --config.loss.tau=abc: could not convert string to float"),
+    (["--variants=vd,real", "--sweep=optim.learning_rate=1,-1"],
+     "ptb_small_vd_learning_rate-1: optim.learning_rate=-1.0 must be > 0"),
 ])
 def test_bad_directories_and_repeated_runs_are_one_line_before_any_run(
     tmp_path, harness, args, message):
@@ -292,11 +299,13 @@ def test_the_report_is_written_when_a_run_fails_and_then_the_failure_is_named(tm
   report = _report(86.47, 82.67, curve=[])  # a report whose run has no records: no curve
   (results_dir / "ptb_small_real.json").write_text(json.dumps(report))
   result = harness(f"--root={root}", f"--results_dir={results_dir}", "--sizes=small",
-                   "--variants=vd", "--set=optim.learning_rate=-1", "--rescore")
+                   "--variants=vd", "--set=eval_batch_size=1000000", "--rescore")
   assert result.returncode == 2
   assert "FAIL  ptb_small_vd (exit 2" in result.stdout
-  # The run's own one-line reason, not only where its log is.
-  assert "): error: optim.learning_rate=-1.0 must be > 0; see " in result.stdout
+  # The run's own one-line reason, not only where its log is (a problem only the corpus
+  # shows, which the harness's own check of the configs cannot see).
+  assert ("): error: eval_batch_size=1000000 exceeds the 73,759 targets of the valid split: "
+          "each row needs at least one; see ") in result.stdout
   assert "| small | REAL | 86.3 / 82.7 | 86.5 / 82.7 |" in (results_dir / "TABLE.md").read_text()
   assert result.stderr.strip().splitlines()[-1] == "error: 1 run(s) did not finish: ptb_small_vd"
 

@@ -37,11 +37,13 @@ class ConfigError(UserError):
   """A config value that cannot work."""
 
 
-def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
+def validate_config(config: ml_collections.ConfigDict, num_devices: int | None) -> None:
   """Raises ConfigError on the first value that cannot work, before any work.
 
   Args:
-    num_devices: the global device count the batch is split over.
+    num_devices: the global device count the batch is split over; None leaves the
+      checks that need the devices to the run (for a process that must not start a
+      backend, which would take a GPU's memory from the runs it launches).
   """
   low_tau, high_tau = losses.TEMPERATURE_RANGE
   vocab_problem = data.max_vocab_size_problem(config.dataset, config.max_vocab_size)
@@ -61,10 +63,11 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
        "(0 = at epoch ends only)"),
       (config.on_nonfinite in ("stop", "skip"),
        f"on_nonfinite={config.on_nonfinite!r} must be 'stop' or 'skip'"),
-      (config.batch_size % num_devices == 0,
+      (num_devices is None or config.batch_size % num_devices == 0,
        f"batch_size={config.batch_size} is not divisible by the {num_devices} devices"),
       (vocab_problem is None, vocab_problem),
-      (config.model.lstm_implementation != "cudnn" or jax.default_backend() == "gpu",
+      (config.model.lstm_implementation != "cudnn" or num_devices is None
+       or jax.default_backend() == "gpu",
        "model.lstm_implementation='cudnn' needs an NVIDIA GPU (jax.experimental.rnn); this "
        f"run's devices are {jax.default_backend()}"),
       (losses.is_temperature(config.loss.tau),
