@@ -41,7 +41,11 @@ def run_main(*args, tmp_path, env: dict[str, str] | None = None):
     "args,message",
     [
         (["--config=configs/ptb.py:small,tied"],
-         "config argument 'small,tied' must be SIZE,VARIANT"),
+         "--config=configs/ptb.py:small,tied: ValueError: config argument 'small,tied' must be "
+         "SIZE,VARIANT"),
+        (["--config=configs/default.py:small,real"],
+         "--config=configs/default.py:small,real: TypeError: get_config() takes 0 positional "
+         "arguments but 1 was given"),
         (["--config=configs/ptb.py:small,real", "--config.num_epochs=2", "--config.loss.tua=3"],
          "unknown config field in --config.loss.tua"),
         (["--config=configs/default.py", "--workdir="], "--workdir=: is empty: name the run"),

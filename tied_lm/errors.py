@@ -7,6 +7,7 @@ import gc
 import importlib.machinery
 import logging as python_logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -153,8 +154,11 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except flags.Error as error:
-    # The message of a failing config file embeds a traceback; its last line says why.
-    fail(str(error).strip().splitlines()[-1].strip())
+    # The message of a failing config file embeds a traceback; its last line says why,
+    # and its first names the flag (`flag --config=FILE:ARGS: Error whilst ...`).
+    lines = str(error).strip().splitlines()
+    flag = re.match(r"flag (--\S+): ", lines[0])
+    fail((f"{flag[1]}: " if flag and len(lines) > 1 else "") + lines[-1].strip())
   except SystemExit as stop:
     # absl's --help, --helpshort, --helpfull and --helpxml print, then exit with 1.
     raise SystemExit(0 if stop.code == 1 else stop.code) from None
