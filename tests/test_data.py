@@ -2,6 +2,7 @@
 
 import http.client
 import io
+import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -159,6 +160,19 @@ def test_data_dir_precedence(monkeypatch):
   assert data.resolve_data_dir("") == Path("/from/env")
   monkeypatch.delenv(data.DATA_DIR_ENV)
   assert data.resolve_data_dir("") == Path("~/.cache/tied_lm").expanduser()
+
+
+def test_a_data_directory_that_is_a_file_is_named_as_such(tmp_path, monkeypatch):
+  # It read "missing ptb.train.txt ... in FILE/ptb and the download failed".
+  monkeypatch.setattr(data, "_download", no_network)
+  afile = tmp_path / "afile"
+  afile.write_text("")
+  monkeypatch.setenv(data.DATA_DIR_ENV, str(afile))
+  for dataset, data_dir, named_by in (("ptb", "", "$TIED_LM_DATA_DIR"),
+                                      ("text", str(afile), "config.data_dir")):
+    with pytest.raises(data.DataError, match=(
+        rf"^the data directory {afile} \({re.escape(named_by)}\) is a file, not a directory$")):
+      data.load_corpus(dataset, data_dir)
 
 
 def no_network(url):

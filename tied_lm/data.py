@@ -255,6 +255,10 @@ def load_corpus(dataset: str, data_dir: str = "", max_vocab_size: int = 0) -> Co
     raise DataError(problem)
   closed = dataset != "text"
   root = resolve_data_dir(data_dir)
+  if root.exists() and not root.is_dir():
+    named_by = "config.data_dir" if data_dir else (
+        f"${DATA_DIR_ENV}" if os.environ.get(DATA_DIR_ENV) else "the default")
+    raise DataError(f"the data directory {root} ({named_by}) is a file, not a directory")
   files = ensure_files(dataset, root) if closed else text_files(root)
   tokens = {split: tokenize(path) for split, path in files.items()}
   for split, split_tokens in tokens.items():
