@@ -278,10 +278,12 @@ def test_evaluation_with_batch_one_equals_scoring_the_whole_stream_at_once(
   assert perplexity == pytest.approx(expected, rel=1e-5)
 
 
-@pytest.mark.parametrize("windows_per_call", [2, 32])
-@pytest.mark.parametrize("length,batch_size", [(60, 3), (61, 3), (38, 4)])
+# 59 targets in rows of 20 (the last 19), 4 windows in 2 calls; 60 in rows of 20, 4 windows
+# in 1 call; 37 in rows of 10 (the last 7), 2 windows in 1 call.
+@pytest.mark.parametrize("length,batch_size,windows_per_call", [
+    (60, 3, 2), (61, 3, 32), (38, 4, 32)])
 def test_evaluation_with_batches_equals_scoring_each_row_from_a_zero_state(
-    monkeypatch, windows_per_call, length, batch_size):
+    monkeypatch, length, batch_size, windows_per_call):
   # Batch B splits the N - 1 targets into B contiguous rows of ceil((N - 1) / B), the last
   # one shorter; each row starts from a zero state and carries it through its windows.
   monkeypatch.setattr(train, "MAX_EVAL_WINDOWS_PER_CALL", windows_per_call)
