@@ -380,6 +380,22 @@ def test_bad_configs_are_refused_with_a_clear_message(field, value, message):
     train.validate_config(config, num_devices=2)
 
 
+def test_without_a_device_count_the_config_is_checked_without_starting_a_backend(monkeypatch):
+  # experiments.reproduce checks its runs' configs so; a backend started there would take
+  # a GPU's memory from the runs it launches.
+  def no_backend():
+    raise AssertionError("a backend was started")
+
+  monkeypatch.setattr(train.jax, "default_backend", no_backend)
+  monkeypatch.setattr(train.jax, "devices", no_backend)
+  config = small_config(lstm_implementation="cudnn")
+  config.batch_size = 3
+  train.validate_config(config, num_devices=None)  # both left to the run
+  config.optim.learning_rate = -1.0
+  with pytest.raises(train.ConfigError, match="optim.learning_rate=-1.0 must be > 0"):
+    train.validate_config(config, num_devices=None)
+
+
 def test_distinct_targets_bound_is_off_where_it_saves_nothing():
   repeats = np.array([[[1, 1, 2], [3, 3, 5]]])  # one window, batch 2, 3 steps
   assert train.distinct_targets_bound(repeats, num_devices=1) == 4

@@ -47,6 +47,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None) 
   """
   low_tau, high_tau = losses.TEMPERATURE_RANGE
   vocab_problem = data.max_vocab_size_problem(config.dataset, config.max_vocab_size)
+  backend = None if num_devices is None else jax.default_backend()  # None: not started
   checks = [
       (config.dataset in data.DATASETS,
        f"dataset={config.dataset!r} is unknown; choose one of {', '.join(data.DATASETS)}"),
@@ -66,10 +67,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None) 
       (num_devices is None or config.batch_size % num_devices == 0,
        f"batch_size={config.batch_size} is not divisible by the {num_devices} devices"),
       (vocab_problem is None, vocab_problem),
-      (config.model.lstm_implementation != "cudnn" or num_devices is None
-       or jax.default_backend() == "gpu",
+      (config.model.lstm_implementation != "cudnn" or backend in (None, "gpu"),
        "model.lstm_implementation='cudnn' needs an NVIDIA GPU (jax.experimental.rnn); this "
-       f"run's devices are {jax.default_backend()}"),
+       f"run's devices are {backend}"),
       (losses.is_temperature(config.loss.tau),
        f"loss.tau={config.loss.tau} must be in [{low_tau:.3g}, {high_tau:.3g}] (float32's "
        "positive normal numbers)"),
