@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import default, ptb, wikitext2
-from tied_lm import data, fileio, losses, reporting, train
+from tied_lm import data, fileio, losses, models, reporting, train
 from tied_lm.checkpoints import Checkpoints
 from tied_lm.errors import UserError
 
@@ -632,10 +632,13 @@ def test_non_finite_loss_stops_the_run_and_names_the_kept_checkpoint(tmp_path):
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
 def test_an_update_that_overflows_is_never_checkpointed(tmp_path):
-  # A finite loss and gradient, but 1e39 is inf in float32: the update is not finite.
+  # A finite loss, gradient and learning rate (validate_config refuses an infinite one), but
+  # their product overflows float32: with a KL weight of 2e6 and no clipping, some gradient
+  # entries times a learning rate of 1e36 exceed 3.4e38.
   write_tiny_corpus(tmp_path / "corpus")
   config = tiny_run_config(tmp_path / "corpus", 1)
-  config.optim.learning_rate, config.checkpoint_every_steps = 1e39, 1
+  config.optim.learning_rate, config.checkpoint_every_steps = 1e36, 1
+  config.optim.clip_norm, config.loss.gamma = models.FLOAT32_MAX, 1e6
   with pytest.raises(train.NonFiniteError, match=(
       r"the parameters after step 1 are not finite \(an update overflowed: is the learning "
       r"rate too large\?\); no checkpoint was written")):
