@@ -43,6 +43,9 @@ def run_main(*args, tmp_path, env: dict[str, str] | None = None):
         (["--config=configs/ptb.py:small,tied"],
          "--config=configs/ptb.py:small,tied: ValueError: config argument 'small,tied' must be "
          "SIZE,VARIANT"),
+        (["--config=configs/ptb.py:small, tied"],  # a space, which the config accepts
+         "--config=configs/ptb.py:small, tied: ValueError: config argument 'small, tied' must "
+         "be SIZE,VARIANT"),
         (["--config=configs/default.py:small,real"],
          "--config=configs/default.py:small,real: TypeError: get_config() takes 0 positional "
          "arguments but 1 was given"),

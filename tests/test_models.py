@@ -433,7 +433,7 @@ def test_cudnn_kernel_equals_the_scan_on_gpu():
         ("hidden_dropout", -0.5, r"hidden_dropout=-0.5 is a drop probability in \[0, 1\)"),
         ("vocab_size", 0, "vocab_size=0 must be positive"),
         ("init_scale", float("inf"), "init_scale=inf must be finite"),
-        ("init_scale", 1e39, r"init_scale=1e\+39 must be finite in float32 \(<= 3.4e\+38\)"),
+        ("init_scale", 2e38, r"init_scale=2e\+38 must be finite and at most 1.7e\+38"),
         ("unroll", 0, "unroll=0 must be positive"),
     ],
 )

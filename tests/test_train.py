@@ -363,7 +363,12 @@ def test_evaluation_compiles_once_whether_its_params_come_from_the_state_a_check
          r"optim.learning_rate=1e\+39 must be finite in float32 \(<= 3.4e\+38\)"),
         ("loss.gamma", 1e39, r"loss.gamma=1e\+39 must be finite in float32"),
         ("optim.clip_norm", 1e300, r"optim.clip_norm=1e\+300 must be finite in float32"),
-        ("model.init_scale", 1e300, r"model.init_scale=1e\+300 must be finite in float32"),
+        ("model.init_scale", 1e300, r"model.init_scale=1e\+300 must be finite and at most "
+         r"1.7e\+38 \(the initial weights' range, 2 \* init_scale, is float32\)"),
+        ("model.init_scale", 2e38, r"model.init_scale=2e\+38 must be finite and at most"),
+        # Both finite, their product (the KL's weight) is not.
+        ("loss.gamma", 2e38, r"loss.gamma \* loss.tau=4e\+38 \(the KL's weight\) must be "
+         r"finite in float32"),
         # Negative: more decays than epochs, from step 1; huge: int32 overflow in the step.
         ("optim.decay_start_epoch", -5,
          r"optim.decay_start_epoch=-5 must be in \[0, 2\*\*31\) \(the epochs before"),

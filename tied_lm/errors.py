@@ -157,7 +157,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     # The message of a failing config file embeds a traceback; its last line says why,
     # and its first names the flag (`flag --config=FILE:ARGS: Error whilst ...`).
     lines = str(error).strip().splitlines()
-    flag = re.match(r"flag (--\S+): ", lines[0])
+    flag = re.match(r"flag (--.+?): Error whilst parsing", lines[0])
     fail((f"{flag[1]}: " if flag and len(lines) > 1 else "") + lines[-1].strip())
   except SystemExit as stop:
     # absl's --help, --helpshort, --helpfull and --helpxml print, then exit with 1.

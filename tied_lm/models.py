@@ -46,9 +46,11 @@ def field_problems(fields: Mapping[str, Any], prefix: str = "") -> list[str]:
       (f["embed_dim"] > 0, f"{prefix}embed_dim={f['embed_dim']} must be positive"),
       (f["hidden_size"] > 0, f"{prefix}hidden_size={f['hidden_size']} must be positive"),
       (f["init_scale"] > 0, f"{prefix}init_scale={f['init_scale']} must be > 0"),
-      # inf passes "> 0" and gives infinite weights.
-      (fits_float32(f["init_scale"]),
-       f"{prefix}init_scale={f['init_scale']} must be finite in float32 (<= {FLOAT32_MAX:.3g})"),
+      # inf passes "> 0" and gives infinite weights, and so does a scale whose uniform range,
+      # 2 * init_scale, is inf in float32.
+      (fits_float32(2 * f["init_scale"]),
+       f"{prefix}init_scale={f['init_scale']} must be finite and at most "
+       f"{FLOAT32_MAX / 2:.3g} (the initial weights' range, 2 * init_scale, is float32)"),
       (f["unroll"] > 0, f"{prefix}unroll={f['unroll']} must be positive"),
       (f["compute_dtype"] in COMPUTE_DTYPES,
        f"{prefix}compute_dtype={f['compute_dtype']!r} must be 'float32' or 'bfloat16' (a "

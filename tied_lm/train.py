@@ -96,6 +96,11 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None) 
     value = config[section][name]
     checks.append((models.fits_float32(value),
                    f"{field}={value} must be finite in float32 (<= {models.FLOAT32_MAX:.3g})"))
+  # The step weighs the KL by γτ: finite factors can still make it inf (and inf * 0 = NaN).
+  alpha = config.loss.gamma * config.loss.tau
+  checks.append((not config.loss.augmented or models.fits_float32(alpha),
+                 f"loss.gamma * loss.tau={alpha:.3g} (the KL's weight) must be finite in "
+                 f"float32 (<= {models.FLOAT32_MAX:.3g})"))
   # seed + 1 keys the dropout: both must fit in 64 bits.
   checks.append((0 <= config.seed < 2**63 - 1, f"seed={config.seed} must be in [0, 2**63 - 1)"))
   checks += [(False, problem) for problem in models.field_problems(config.model, "model.")]
