@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -342,6 +343,21 @@ def test_a_one_line_corpus_is_one_line_and_no_workdir(tmp_path):
       "error: 7 training tokens are too few for batch_size=20 and num_steps=20: need at least 420"
   ]
   assert not workdir.exists()
+
+
+def test_resuming_with_another_config_is_one_line_and_changes_no_run_file(trained_run, tmp_path):
+  # A log line of the corpus and the model came before the error.
+  workdir = tmp_path / "run"
+  shutil.copytree(trained_run[0], workdir)
+  before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file() and p.name != "lock"}
+  result, _ = run_main("--config=configs/default.py", "--config.num_epochs=1",
+                       "--config.max_steps_per_epoch=40", "--config.num_steps=7",
+                       tmp_path=tmp_path)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [
+      "error: the workdir holds checkpoints of another run: num_steps=7 (checkpoint: 20); use "
+      "a new --workdir or the checkpoint's values"]
+  assert {p: p.read_bytes() for p in before} == before
 
 
 def test_an_unwritable_workdir_is_one_line(tmp_path, run_module):

@@ -975,11 +975,6 @@ def _train_and_evaluate(
   model = make_model(config, corpus.vocab_size)
   state = create_train_state(config, model, steps_per_epoch)
   num_params = count_params(state.params)
-  logging.info(
-      "%s: vocab %d, %d train tokens, %d steps/epoch, %d params, %d devices",
-      config.dataset, corpus.vocab_size, len(corpus.train), steps_per_epoch, num_params,
-      num_devices,
-  )
 
   rows_per_device = device_inputs.shape[2]
 
@@ -1010,6 +1005,12 @@ def _train_and_evaluate(
                      "; use the corpus they were trained on, or a new --workdir")
 
   restored = checkpoints.restore_latest(arrays, check_same_run)
+  # Once the checkpoints fit this run: a refused resume is its one error line alone.
+  logging.info(
+      "%s: vocab %d, %d train tokens, %d steps/epoch, %d params, %d devices",
+      config.dataset, corpus.vocab_size, len(corpus.train), steps_per_epoch, num_params,
+      num_devices,
+  )
   carry = zero_carry()
   restored_step = None
   if restored is not None:
