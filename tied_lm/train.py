@@ -405,7 +405,7 @@ def parameters_memory_problem(model: models.LSTMLanguageModel, num_devices: int 
   shapes = jax.eval_shape(lambda: model.init(
       jax.random.key(0), jnp.zeros((1, 1), jnp.int32), model.initial_carry(1),
       deterministic=True))
-  count = sum(x.size for x in jax.tree.leaves(shapes))
+  count = count_params(shapes)
   shortfall = _memory_shortfall(2 * 4 * count, num_devices)
   if shortfall is None:
     return None
