@@ -188,12 +188,9 @@ def check_run_configs(grid: list[tuple[str, str, str, tuple[str, list[str]]]]) -
       flag_values(argv)
       train.validate_config(flag_values.config, num_devices=None)
     except (AttributeError, KeyError) as error:  # ml_collections: a field the config lacks
-      # As tied_lm.main says it: the overrides whose path holds the missing (quoted) key.
-      keys = [override.split("=")[0] for override in [*FLAGS.set, *overrides]]
-      missing = re.search(r"'(\w+)", str(error))
-      named = [key for key in keys if missing and missing[1] in key.split(".")] or keys
-      raise UserError(f"{run}: unknown config field in --set/--sweep {' '.join(named)}"
-                      ) from None
+      keys = [f"--{flag}={override.split('=')[0]}" for flag, given in
+              (("set", FLAGS.set), ("sweep", overrides)) for override in given]
+      raise UserError(f"{run}: {errors.unknown_config_field(error, keys)}") from None
     except flags.Error as error:
       raise UserError(f"{run}: {str(error).strip().splitlines()[-1]}") from None
     except train.ConfigError as error:

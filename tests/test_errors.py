@@ -1,5 +1,6 @@
 """How every command reports bad input: one line on stderr, exit status 2."""
 
+import functools
 import gc
 import importlib.machinery
 import logging
@@ -168,6 +169,24 @@ def test_command_leaves_other_errors_and_normal_returns_alone(capsys):
   assert calls == [["prog"]] and capsys.readouterr().err == ""
   with pytest.raises(ValueError, match="a bug"):
     main(["prog", "x"])
+
+
+@pytest.mark.parametrize("path,message", [
+    ("loss.tua", "unknown config field in --config.loss.tua"),
+    ("losss.tau", 'unknown config field in --set=losss.tau; Did you mean "loss" instead of '
+     '"losss"?'),
+    # Through a field that is not a section, ml_collections names no field: every override.
+    ("loss.tau.x",
+     "unknown config field in --config.loss.tua --config.model.unroll --set=losss.tau"),
+])
+def test_an_unknown_config_field_names_the_overrides_that_hold_it(path, message):
+  from configs import ptb
+
+  config = ptb.get_config("small,real")
+  with pytest.raises((AttributeError, KeyError)) as error:
+    functools.reduce(getattr, path.split("."), config)
+  overrides = ["--config.loss.tua", "--config.model.unroll", "--set=losss.tau"]
+  assert errors.unknown_config_field(error.value, overrides) == message
 
 
 def test_no_positional_arguments():

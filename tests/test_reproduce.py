@@ -275,10 +275,13 @@ def test_bad_grid_is_a_one_line_error(tmp_path, harness):
     (["--root={file}", "--train=false"], "--root={file} is a file, not a directory of runs"),
     # Each run's config, checked before the first run starts.
     (["--variants=vd,real", "--set=model.unroll=5", "--set=loss.tua=5"],
-     "ptb_small_vd: unknown config field in --set/--sweep loss.tua"),
+     "ptb_small_vd: unknown config field in --set=loss.tua"),
+    (["--variants=vd", "--set=model.unroll=5", "--sweep=losss.tau=5"],
+     'ptb_small_vd_tau5: unknown config field in --sweep=losss.tau; Did you mean "loss" '
+     'instead of "losss"?'),
     # Through a field that is not a section: ml_collections names no key.
     (["--variants=vd", "--set=loss.tau.x=1"],
-     "ptb_small_vd: unknown config field in --set/--sweep loss.tau.x"),
+     "ptb_small_vd: unknown config field in --set=loss.tau.x"),
     (["--variants=vd,real", "--sweep=loss.tau=5,abc"],
      "ptb_small_vd_tauabc: flag --config.loss.tau=abc: could not convert string to float"),
     (["--variants=vd,real", "--sweep=optim.learning_rate=1,-1"],

@@ -164,6 +164,18 @@ def parse_flags(argv: list[str]) -> list[str]:
     raise SystemExit(0 if stop.code == 1 else stop.code) from None
 
 
+def unknown_config_field(error: Exception, overrides: list[str]) -> str:
+  """What an override of a field the config lacks gets: 'unknown config field in' the
+  overrides (e.g. `--config.loss.tua`, `--set=loss.tua`) whose path holds the key that
+  ml_collections' AttributeError or KeyError names first, quoted; all of them when
+  none does; then its "Did you mean" suggestion, if it has one.
+  """
+  missing = re.search(r"'(\w+)", str(error))
+  named = [o for o in overrides if missing and missing[1] in re.split(r"[.=]", o)] or overrides
+  suggestion = re.search(r"Did you mean .*\?", str(error))
+  return f"unknown config field in {' '.join(named)}" + (f"; {suggestion[0]}" if suggestion else "")
+
+
 def require_values(*names: str) -> None:
   """List flags that need a value: given (unless they have a default), not empty, and
   without an empty entry.

@@ -70,14 +70,8 @@ def parse_flags(argv: list[str]) -> list[str]:
     if not isinstance(e, (AttributeError, KeyError)):
       raise
     # ml_collections raises these for an override of a field the config lacks.
-    overrides = [a.split("=")[0] for a in argv if a.startswith("--config.")]
-    # The message starts with the missing key, quoted: name the overrides that use it.
-    missing = re.search(r"'(\w+)", str(e))
-    overrides = " ".join(
-        [o for o in overrides if missing and missing[1] in o.split(".")] or overrides)
-    suggestion = re.search(r"Did you mean .*\?", str(e))
-    hint = f"; {suggestion[0]}" if suggestion else ""
-    errors.fail(f"unknown config field in {overrides}{hint}")
+    errors.fail(errors.unknown_config_field(
+        e, [a.split("=")[0] for a in argv if a.startswith("--config.")]))
   try:
     FLAGS.config.keys()
   except OSError as e:
