@@ -1,5 +1,6 @@
 """tied_lm/provenance.py: which changes mark a run's commit dirty; what it says of the CPU."""
 
+import os
 import platform
 import subprocess
 
@@ -45,6 +46,19 @@ def test_hardware_names_the_cpu_family_and_its_matmul_extensions_as_lscpu_does()
   assert hardware["cpu_isa"] == [f for f in provenance.MATMUL_ISA if f in flags]
   if platform.machine() == "x86_64":  # every x86 machine this project has run on has AVX2
     assert "avx2" in hardware["cpu_isa"]
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs Linux and two usable cores")
+def test_hardware_counts_the_cores_a_pinned_process_may_use():
+  cores = os.sched_getaffinity(0)
+  assert provenance.hardware()["cpus_usable"] == len(cores)
+  os.sched_setaffinity(0, {min(cores)})  # as `taskset -c N` would
+  try:
+    hardware = provenance.hardware()
+  finally:
+    os.sched_setaffinity(0, cores)
+  assert (hardware["cpus_usable"], hardware["cpu_count"]) == (1, os.cpu_count())
 
 
 def test_output_prefixes_keep_their_dots_and_bad_ones_are_refused(tmp_path):

@@ -89,14 +89,16 @@ def cpu_details() -> dict:
 
 def hardware() -> dict:
   """The first device's platform and kind, the device count and the CPU: model name,
-  core count and `cpu_details`."""
+  core count, the cores this process may run on, and `cpu_details`."""
   import jax  # deferred, as in `versions`
 
   device = jax.local_devices()[0]
+  # A run pinned to fewer cores (taskset, a container's cpuset) is slower by as much.
+  usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   return {
       "platform": device.platform, "device_kind": device.device_kind,
       "local_devices": jax.local_device_count(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
-      **cpu_details(),
+      "cpus_usable": usable, **cpu_details(),
   }
 
 
