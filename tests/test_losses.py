@@ -298,6 +298,76 @@ def test_targets_that_do_not_match_the_logits_are_refused_not_paired_wrongly():
 
 
 
+def test_an_embedding_of_another_vocabulary_or_a_kl_bias_without_a_bias_is_refused():
+  logits, targets = jnp.zeros((2, 3, 7)), jnp.zeros((2, 3), jnp.int32)
+  for embedding in (jnp.ones((6, 4)), jnp.ones((7,))):
+    message = rf"embedding has shape \({embedding.shape[0]},.*\); logits \(2, 3, 7\) need \(7, E\)"
+    with pytest.raises(ValueError, match=message):
+      losses.augmented_loss(logits, targets, embedding, 2.0)
+    with pytest.raises(ValueError, match=message):
+      losses.cross_entropy_and_kl(logits, targets, embedding, 2.0)
+  # It was ignored: the result of kl_output_bias=False, silently.
+  with pytest.raises(ValueError, match="kl_output_bias=True needs an output_bias"):
+    losses.cross_entropy_and_kl(logits, targets, jnp.ones((7, 4)), 2.0, kl_output_bias=True)
+
+
+def test_ids_wrap_from_minus_v_and_are_nan_outside_as_documented(inputs):
+  logits, targets, embedding = inputs
+  wrapped = targets - V  # in [-V, 0): the same words
+  np.testing.assert_array_equal(losses.cross_entropy(logits, wrapped),
+                                losses.cross_entropy(logits, targets))
+  np.testing.assert_allclose(losses.augmented_loss(logits, wrapped, embedding, 2.0),
+                             losses.augmented_loss(logits, targets, embedding, 2.0), rtol=1e-6)
+  outside = targets.copy()
+  outside[0, 0], outside[1, 1] = V, -V - 1
+  bad = np.zeros(targets.shape, bool)
+  bad[0, 0] = bad[1, 1] = True
+  assert (np.isnan(losses.cross_entropy(logits, outside)) == bad).all()
+  assert (np.isnan(losses.augmented_loss(logits, outside, embedding, 2.0)) == bad).all()
+  _, kl = losses.cross_entropy_and_kl(logits, outside, embedding, 2.0)
+  assert (np.isnan(kl) == bad).all()
+  # Masked out, the augmented term's gradient is still NaN: hence "give padding a real id".
+  grad = jax.grad(lambda e: jnp.where(
+      bad, 0.0, losses.augmented_loss(logits, outside, e, 2.0)).sum())(jnp.asarray(embedding))
+  assert np.isnan(grad).any()
+
+
+def test_the_fused_loss_at_the_smallest_training_tau_stays_near_float64():
+  # Init-sized tied scores (uniform ±0.1 embeddings, E = 200, V = 10,000), against
+  # augmented_loss in float64. The fused KL and its gradients are differences of terms of
+  # size max |scores| / τ: they are the numbers MIN_TRAINING_TAU is chosen by.
+  tau = losses.MIN_TRAINING_TAU
+  rng = np.random.default_rng(0)
+  embedding = rng.uniform(-0.1, 0.1, (10_000, 200))
+  logits = rng.uniform(-0.1, 0.1, (64, 200)) @ embedding.T * 3
+  targets = jnp.asarray(rng.integers(0, 10_000, 64))
+  with jax.enable_x64():
+    expected, (expected_grad_logits, expected_grad_embedding) = jax.value_and_grad(
+        lambda z, e: losses.augmented_loss(z, targets, e, tau).sum(), argnums=(0, 1))(
+            jnp.asarray(logits), jnp.asarray(embedding))
+    expected_kl = losses.augmented_loss(jnp.asarray(logits), targets, jnp.asarray(embedding), tau)
+    assert expected_kl.dtype == jnp.float64
+    expected_kl, expected_grad_logits, expected_grad_embedding = map(
+        np.asarray, (expected_kl, expected_grad_logits, expected_grad_embedding))
+  f32 = (jnp.asarray(logits, jnp.float32), jnp.asarray(embedding, jnp.float32))
+  kl = losses.cross_entropy_and_kl(*f32[:1], targets, f32[1], tau)[1]
+  grad_logits, grad_embedding = jax.grad(
+      lambda z, e: losses.cross_entropy_and_kl(z, targets, e, tau)[1].sum(), argnums=(0, 1))(*f32)
+  np.testing.assert_allclose(kl, expected_kl, rtol=1e-5)
+  for got, want in ((grad_logits, expected_grad_logits),
+                    (grad_embedding, expected_grad_embedding)):
+    assert np.max(np.abs(got - want)) <= 1e-3 * np.max(np.abs(want))
+  # At τ / 100 the same inputs lose far more: the bound is not arbitrary.
+  small_kl = losses.cross_entropy_and_kl(*f32[:1], targets, f32[1], tau / 100)[1]
+  with jax.enable_x64():
+    small_expected = np.asarray(losses.augmented_loss(
+        jnp.asarray(logits), targets, jnp.asarray(embedding), tau / 100))
+  assert np.max(np.abs(small_kl - small_expected) / small_expected) > 1e-5
+  # augmented_loss, term by term, does not lose them.
+  small_plain = losses.augmented_loss(*f32[:1], targets, f32[1], tau / 100)
+  np.testing.assert_allclose(small_plain, small_expected, rtol=1e-5)
+
+
 @pytest.mark.parametrize("shape", [(1,), (6,), (7, 1)])
 def test_an_output_bias_not_shaped_like_the_vocabulary_is_refused(shape):
   # A [1] bias broadcast to every word and gave the loss of another model.

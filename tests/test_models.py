@@ -178,6 +178,23 @@ def test_carry_makes_two_windows_equal_one_long_window():
     np.testing.assert_allclose(h1, h2, atol=1e-6)
 
 
+def test_tokens_and_a_carry_that_do_not_fit_are_refused_not_broadcast():
+  model = make_model()
+  params = {"params": init(model)}
+  tokens = jnp.zeros((B, T), jnp.int32)
+  cases = [
+      (tokens[0], model.initial_carry(B)),  # one row: it became B copies of itself
+      (tokens, model.initial_carry(B + 1)),
+      (tokens, model.initial_carry(B)[:1]),  # a layer short
+      (tokens, tuple((c, h[:, :-1]) for c, h in model.initial_carry(B))),
+  ]
+  for bad_tokens, carry in cases:
+    with pytest.raises(ValueError, match=rf"the model needs tokens \[B, T\] and, per layer, "
+                       rf"\(c, h\) each \[B, {E}\] \(`initial_carry\(B\)`\)"):
+      model.apply(params, bad_tokens, carry, deterministic=True)
+  model.apply(params, tokens, model.initial_carry(B), deterministic=True)  # fits
+
+
 def test_dropout_masks_are_per_row_per_unit_and_scaled():
   model = make_model(input_dropout=0.25, hidden_dropout=0.5, output_dropout=0.75)
   masks = model.apply(

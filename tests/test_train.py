@@ -356,6 +356,9 @@ def test_evaluation_compiles_once_whether_its_params_come_from_the_state_a_check
         ("loss.tau", float("inf"), r"loss.tau=inf must be in \[1.18e-38, 3.4e\+38\] \(float32's"),
         # 0 or subnormal in float32: NaN losses.
         ("loss.tau", 1e-39, r"loss.tau=1e-39 must be in \[1.18e-38, 3.4e\+38\] \(float32's"),
+        # The fused loss loses accuracy as 1/tau (tests/test_losses.py); 1e-6 gave negative KLs.
+        ("loss.tau", 0.05, r"loss.tau=0.05 must be >= 0.1 to train: the fused loss's float32"),
+        ("loss.tau", 1e-6, r"loss.tau=1e-06 must be >= 0.1 to train"),
         ("loss.gamma", float("inf"), "loss.gamma=inf must be finite"),
         ("model.init_scale", float("inf"), "model.init_scale=inf must be finite"),
         # Finite in float64, inf once the step casts them to float32.
@@ -383,6 +386,14 @@ def test_bad_configs_are_refused_with_a_clear_message(field, value, message):
   (config[section] if section else config)[name] = value
   with pytest.raises(train.ConfigError, match=message):
     train.validate_config(config, num_devices=2)
+
+
+def test_a_small_tau_is_refused_only_where_the_augmented_loss_trains():
+  config = small_config()
+  config.loss.tau = losses.MIN_TRAINING_TAU
+  train.validate_config(config, num_devices=2)
+  config.loss.tau, config.loss.augmented = 0.05, False  # no KL: tau is never used
+  train.validate_config(config, num_devices=2)
 
 
 def test_without_a_device_count_the_config_is_checked_without_starting_a_backend(monkeypatch):

@@ -24,6 +24,14 @@ from tied_lm.models import FLOAT32_MAX, output_scores
 TEMPERATURE_RANGE = (float(jnp.finfo(jnp.float32).tiny), FLOAT32_MAX)
 
 
+# The smallest τ a training config may use. The fused loss of the train step computes
+# the KL and its gradient as differences of terms the size of the scores / τ; at
+# τ = 0.1 with init-sized embeddings its float32 results stay within 1e-5 (KL) and
+# 1e-3 (gradients) of float64, and at τ = 0.001 the KL no longer does
+# (tests/test_losses.py): the rounding grows as 1/τ. The paper's τ are 2 to 10.
+MIN_TRAINING_TAU = 0.1
+
+
 def is_temperature(value: float) -> bool:
   """Whether `value` lies in TEMPERATURE_RANGE (NaN does not)."""
   return TEMPERATURE_RANGE[0] <= value <= TEMPERATURE_RANGE[1]
@@ -40,8 +48,9 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
   Args:
     logits: [..., V] unnormalised scores (any float dtype; computed in >= float32).
-    targets: [...] integer word ids in [0, V) (a negative id is not padding: it wraps
-      around to a word).
+    targets: [...] integer word ids in [0, V) (a negative id is not padding: one in
+      [-V, 0) wraps around to a word; one outside [-V, V) gives NaN): give padding a
+      real id and mask the per-token result.
 
   Returns:
     [...] NLL (float32, or float64 for float64 inputs) of each target, shaped like `targets`.
@@ -78,8 +87,8 @@ def target_distribution(
 
   Args:
     embedding: [V, E] the input embedding matrix L.
-    targets: [...] integer word ids y in [0, V) (a negative id is not padding: it wraps
-      around to a word).
+    targets: [...] integer word ids y in [0, V) (a negative id in [-V, 0) wraps
+      around to a word; one outside [-V, V) gives NaN).
     tau: temperature τ > 0 (otherwise every value is NaN).
 
   Returns:
@@ -99,6 +108,13 @@ def _check_targets(logits: jax.Array, targets: jax.Array) -> None:
                      f"{logits.shape[:-1]}")
 
 
+def _check_embedding(logits: jax.Array, embedding: jax.Array) -> None:
+  # Static shapes again: ỹ over another vocabulary would fail later in a broadcast.
+  if embedding.ndim != 2 or embedding.shape[0] != logits.shape[-1]:
+    raise ValueError(f"embedding has shape {embedding.shape}; logits {logits.shape} need "
+                     f"({logits.shape[-1]}, E)")
+
+
 def _check_form(form: str) -> None:
   # `form` is static, so this runs once per trace, not per call.
   if form not in AUGMENTED_FORMS:
@@ -107,7 +123,7 @@ def _check_form(form: str) -> None:
 
 @functools.partial(jax.jit, static_argnames=("stop_gradient_target", "form"))
 def augmented_loss(
-    logits: jax.Array,
+    bias_free_logits: jax.Array,
     targets: jax.Array,
     embedding: jax.Array,
     tau: float,
@@ -121,9 +137,12 @@ def augmented_loss(
   for bf16 inputs.
 
   Args:
-    logits: [..., V] bias-free logits z = W h (eq. 3.1 uses no output bias).
-    targets: [...] integer word ids y in [0, V) (a negative id is not padding: it wraps
-      around to a word).
+    bias_free_logits: [..., V] z = W h without any output bias (eq. 3.1 uses none):
+      `LMOutputs.bias_free_logits`.
+    targets: [...] integer word ids y in [0, V) (a negative id is not padding: one in
+      [-V, 0) wraps around to a word; one outside [-V, V) gives NaN, and NaN gradients
+      even where the result is masked out): give padding a real id and mask the
+      per-token result.
     embedding: [V, E] the input embedding matrix L that defines ỹ.
     tau: temperature τ > 0 (otherwise every value is NaN).
     stop_gradient_target: if True, ỹ is a constant and L gets no gradient
@@ -140,11 +159,12 @@ def augmented_loss(
     terms the size of the scores / τ).
   """
   _check_form(form)
-  _check_targets(logits, targets)
+  _check_targets(bias_free_logits, targets)
+  _check_embedding(bias_free_logits, embedding)
   log_target = _target_log_distribution(embedding, targets, tau)
   if stop_gradient_target:
     log_target = jax.lax.stop_gradient(log_target)
-  log_model = jax.nn.log_softmax(_at_least_float32(logits) / tau, axis=-1)
+  log_model = jax.nn.log_softmax(_at_least_float32(bias_free_logits) / tau, axis=-1)
   if form == "cross_entropy":
     loss = -jnp.sum(jnp.exp(log_target) * log_model, axis=-1)
   else:
@@ -157,7 +177,7 @@ def augmented_loss(
     static_argnames=(
         "augmented", "stop_gradient_target", "max_distinct_targets", "form", "kl_output_bias"))
 def cross_entropy_and_kl(
-    logits: jax.Array,
+    bias_free_logits: jax.Array,
     targets: jax.Array,
     embedding: jax.Array,
     tau: float,
@@ -171,17 +191,20 @@ def cross_entropy_and_kl(
 ) -> tuple[jax.Array, jax.Array]:
   """Both terms of the objective in fused passes, with a hand-written gradient.
 
-  Equal to `cross_entropy(logits + output_bias, targets)` and
-  `augmented_loss(logits, targets, embedding, tau)` and to their gradients,
+  Equal to `cross_entropy(bias_free_logits + output_bias, targets)` and
+  `augmented_loss(bias_free_logits, targets, embedding, tau)` and to their gradients,
   τ's included (tests check both); the training step uses this form because it reads each
   [N, V] array a few times instead of materialising every intermediate
   softmax that autodiff of the separate functions keeps (it keeps the logits
   and each token's row of ỹ for the backward pass).
 
   Args:
-    logits: [..., V] bias-free logits W h.
-    targets: [...] integer word ids in [0, V) (a negative id is not padding: it wraps
-      around to a word).
+    bias_free_logits: [..., V] W h without the output bias, which is added here:
+      `LMOutputs.bias_free_logits` (not `.logits`, which holds the bias already).
+    targets: [...] integer word ids in [0, V) (a negative id is not padding: one in
+      [-V, 0) wraps around to a word; one outside [-V, V) gives NaN, and NaN gradients
+      even where the result is masked out): give padding a real id and mask the
+      per-token result.
     embedding: [V, E] the input embedding L (ignored unless `augmented`).
     tau: temperature τ > 0 (otherwise every kl is NaN).
     output_bias: [V] or None; enters the cross-entropy only (eq. 3.1).
@@ -195,18 +218,26 @@ def cross_entropy_and_kl(
       exponentials shrink (PTB batch 20 by 35: U = 397 for N = 700). 0: one
       row per token.
     form: the augmented term, "kl" or "cross_entropy" (see `augmented_loss`).
-    kl_output_bias: if True, ŷ in the augmented term is softmax((logits +
-      output_bias) / τ), i.e. `augmented_loss(logits + output_bias, ...)`,
-      and the bias gets gradient from both terms. False (the paper's eq.):
-      the bias enters the cross-entropy only.
+    kl_output_bias: if True, ŷ in the augmented term is softmax((bias_free_logits +
+      output_bias) / τ), i.e. `augmented_loss(bias_free_logits + output_bias, ...)`,
+      and the bias gets gradient from both terms (needs an `output_bias`). False
+      (the paper's eq.): the bias enters the cross-entropy only.
 
   Returns:
     (cross_entropy, kl), each [...] float32 (float64 for float64 inputs); kl is the
-    augmented term in `form`. The KL is a difference of terms the size of the scores / τ,
-    so where ŷ nearly equals ỹ it can be a few 1e-6 below 0 in float32.
+    augmented term in `form`. The KL and its gradient are differences of terms the size
+    of the scores / τ, so their float32 rounding grows as max |L[y] Lᵀ| / τ: where ŷ
+    nearly equals ỹ the KL can be a few 1e-6 below 0, and at small τ (max |scores| / τ
+    in the hundreds) it and the embedding's gradient through ỹ lose digits that
+    `augmented_loss` keeps; the training config refuses τ below MIN_TRAINING_TAU.
   """
   _check_form(form)
-  _check_targets(logits, targets)
+  _check_targets(bias_free_logits, targets)
+  if augmented:
+    _check_embedding(bias_free_logits, embedding)
+  if kl_output_bias and output_bias is None:
+    raise ValueError("kl_output_bias=True needs an output_bias")
+  logits = bias_free_logits
   batch_shape, vocab_size = targets.shape, logits.shape[-1]
   if output_bias is not None and output_bias.shape != (vocab_size,):
     # A [1] bias would broadcast to every word: a plausible loss of another model.
@@ -218,7 +249,7 @@ def cross_entropy_and_kl(
   if not augmented:
     cross_entropy = _fused_cross_entropy(logits, bias, targets)
     return cross_entropy.reshape(batch_shape), jnp.zeros(batch_shape, cross_entropy.dtype)
-  if kl_output_bias and bias is not None:
+  if kl_output_bias:
     # Both terms then read the same biased logits; autodiff of this add carries
     # the bias's share of the KL's gradient. One extra [N, V] pass.
     logits, bias = logits + bias, None

@@ -521,6 +521,15 @@ class LSTMLanguageModel(nn.Module):
       self, tokens: jax.Array, carry: Carry, masks: DropoutMasks
   ) -> tuple[jax.Array, Carry]:
     """Embedding and LSTM stack: tokens [B, T] -> (last layer's masked h [B, T, H], carry)."""
+    # Static shapes, checked once per trace: a [T] row would broadcast against a
+    # [B, H] carry into B copies of itself.
+    state_shape = (tokens.shape[0], self.hidden_size) if tokens.ndim == 2 else None
+    if (tokens.ndim != 2 or len(carry) != self.num_layers
+        or any(jnp.shape(x) != state_shape for layer in carry for x in layer)):
+      raise ValueError(
+          f"tokens have shape {tokens.shape} and the carry {jax.tree.map(jnp.shape, carry)}; "
+          f"the model needs tokens [B, T] and, per layer, (c, h) each [B, {self.hidden_size}] "
+          "(`initial_carry(B)`)")
     x = _apply_mask(self.embed(tokens.T), masks.input)  # [T, B, E], time-major
     new_carry = []
     for i, (layer, layer_carry, mask) in enumerate(
