@@ -1,3 +1,4 @@
+import shutil
 import time
 
 import numpy as np
@@ -25,6 +26,24 @@ def test_restore_latest_returns_the_newest_save_and_keeps_two(tmp_path):
   best_step, best, meta = Checkpoints(tmp_path).restore_best_params()
   assert (best_step, meta) == (30, {"epoch": 3})
   np.testing.assert_array_equal(best["w"], np.full((3, 2), -30.0))
+
+
+def test_a_checkpoint_left_by_a_kill_during_its_removal_is_deleted_at_the_next_restore(
+    tmp_path):
+  checkpoints = Checkpoints(tmp_path)
+  for step in (20, 30):
+    checkpoints.save(step, _arrays(float(step)), {"epoch": step // 10})
+  # As a kill between the save of 30 and the removal of 10 leaves it: half-deleted.
+  leftover = checkpoints.directory / "10"
+  shutil.copytree(checkpoints.directory / "20", leftover)
+  (leftover / "_CHECKPOINT_METADATA").unlink()
+  reader = Checkpoints(tmp_path, read_only=True)
+  assert sorted(reader._manager.all_steps()) == [10, 20, 30]
+  assert reader.restore_best_params()[0] == 30  # readers remove nothing
+  assert leftover.is_dir()
+  step, _, _ = Checkpoints(tmp_path).restore_latest(_arrays(0.0), lambda meta: None)
+  assert step == 30
+  assert sorted(p.name for p in checkpoints.directory.iterdir()) == ["20", "30"]
 
 
 def _tear(checkpoints: Checkpoints, step: int) -> None:

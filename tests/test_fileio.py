@@ -2,6 +2,7 @@
 
 import os
 import stat
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,16 @@ def test_a_folder_that_cannot_be_written_is_refused_even_for_root(tmp_path):
       fileio.check_writable_directory(folder, "--root")
   fileio.check_writable_directory(tmp_path / "new" / "runs", "--root")
   assert list(tmp_path.iterdir()) == []  # the probe leaves nothing behind
+
+
+def test_the_temporary_files_of_killed_atomic_writes_are_removed_and_nothing_else(tmp_path):
+  # What atomic_write leaves when kill -9 comes between mkstemp and the rename.
+  fd, left = tempfile.mkstemp(dir=tmp_path, prefix=".metrics.jsonl.", suffix=".tmp")
+  os.close(fd)
+  kept = [tmp_path / name for name in (".notes.tmp", "metrics.jsonl", ".config.json.tmp")]
+  for path in kept:
+    path.write_text("x")
+  (tmp_path / ".dir.abcdefgh.tmp").mkdir()
+  assert fileio.remove_unfinished_writes(tmp_path) == [Path(left)]
+  assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+      [".dir.abcdefgh.tmp", *(p.name for p in kept)])

@@ -264,9 +264,13 @@ def test_kill_9_then_the_same_command_ends_like_an_uninterrupted_run(
   process.kill()
   process.communicate()
   assert process.returncode == -signal.SIGKILL
+  # What a kill inside fileio.atomic_write leaves (mkstemp's name); the next run removes it.
+  unfinished = workdir / ".metrics.jsonl.k9x_2ab7.tmp"
+  unfinished.write_text('{"kind": "epoch"')
   result, _ = run_main(*resumable, tmp_path=tmp_path)
   assert result.returncode == 0, result.stderr[-2000:]
   assert "resumed from checkpoint" in result.stderr
+  assert not unfinished.exists()
   _assert_same_run(workdir, reference_runs[0])
   # The checkpoint fell on a logging interval, so even the train records continue exactly.
   assert _curve(workdir, ("train",)) == _curve(reference_runs[0], ("train",))

@@ -9,6 +9,9 @@ from absl import logging
 
 from tied_lm.errors import UserError
 
+# The newest checkpoints kept: the one a resume starts from, and one before it.
+KEEP = 2
+
 
 class Checkpoints:
   """Orbax checkpoints of the train state, the best params, the carry and the run's meta.
@@ -32,7 +35,7 @@ class Checkpoints:
         # A kill during a save leaves a half-written tmp directory, which the trainer's
         # manager removes. A reader's must not: it may be the trainer's save in flight.
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=2, create=not self._read_only,
+            max_to_keep=KEEP, create=not self._read_only,
             cleanup_tmp_directories=not self._read_only),
     )
 
@@ -119,6 +122,7 @@ class Checkpoints:
       # rather than unreadable by this code (a library upgrade, a full disk, ...).
       if unreadable:
         self._set_aside(unreadable)
+      self._remove_all_but_the_kept()
       return step, arrays, meta
     if unreadable:
       step, error = unreadable[0]
@@ -128,6 +132,17 @@ class Checkpoints:
           "the checkpoints folder aside to start over"
       )
     return None
+
+  def _remove_all_but_the_kept(self) -> None:
+    """Deletes the checkpoints older than the KEEP newest.
+
+    A kill between a save and orbax's removal of the checkpoint it replaces leaves
+    one more (half-deleted if the kill came during the removal, and then orbax warns
+    of it in every command that opens the run). The next save would remove it, but
+    a run killed after its last save makes none.
+    """
+    for step in sorted(self._manager.all_steps(), reverse=True)[KEEP:]:
+      self._manager.delete(step)
 
   def _set_aside(self, unreadable: list[tuple[int, Exception]]) -> None:
     """Moves the unreadable checkpoints to torn_checkpoints/ and reopens the manager."""

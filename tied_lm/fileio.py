@@ -4,6 +4,7 @@ directory's lock."""
 import fcntl
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import IO, Any
@@ -36,6 +37,18 @@ def atomic_write(path: str | os.PathLike, content: str | bytes) -> None:
   except BaseException:
     Path(tmp).unlink(missing_ok=True)
     raise
+
+
+def remove_unfinished_writes(directory: Path) -> list[Path]:
+  """Deletes the temporary files that `atomic_write` left in `directory` when its process
+  was killed before the rename (`.NAME.XXXXXXXX.tmp`); returns them. Only the writer of
+  the directory may call it (a run's lock holder): another one's write may be in flight.
+  """
+  unfinished = sorted(path for path in Path(directory).glob(".*.tmp")
+                      if path.is_file() and re.fullmatch(r"\..+\.[a-z0-9_]{8}\.tmp", path.name))
+  for path in unfinished:
+    path.unlink(missing_ok=True)
+  return unfinished
 
 
 def read_json(path: Path) -> Any:

@@ -949,6 +949,9 @@ def train_and_evaluate(
   # Process 0 speaks for all: the others of a multi-process run share its workdir.
   lock = fileio.lock_directory(workdir) if jax.process_index() == 0 else None
   try:
+    if lock is not None:
+      for path in fileio.remove_unfinished_writes(workdir):
+        logging.info("removed %s, left by a process killed while writing it", path)
     return _train_and_evaluate(config, workdir, command, corpus, inputs, targets)
   finally:
     if lock is not None:
