@@ -1,6 +1,7 @@
 """The train step's objective and pmap equivalence, evaluation bookkeeping, configs, and runs."""
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -827,7 +828,7 @@ def test_a_saved_carry_is_split_over_the_devices_in_either_layout():
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_during_the_test_evaluation_is_one_line_and_a_rerun_tests(
-    tmp_path, monkeypatch, signum):
+    tmp_path, monkeypatch, caplog, signum):
   write_tiny_corpus(tmp_path / "corpus")
   config = tiny_run_config(tmp_path / "corpus", 1)
   evaluate = train.evaluate
@@ -850,7 +851,11 @@ def test_a_signal_during_the_test_evaluation_is_one_line_and_a_rerun_tests(
   assert raised.value.signum == signum
   assert not (tmp_path / "run" / "results.json").exists()
   monkeypatch.setattr(train, "evaluate", evaluate)
+  caplog.set_level(logging.INFO)
   results = train.train_and_evaluate(config, str(tmp_path / "run"))
+  # Not "epoch 2, window 0" of a 1-epoch run.
+  assert re.search(r"resumed from checkpoint \d+ in .* \(training finished at epoch 1\)",
+                   caplog.text)
   assert results["epochs_completed"] == 1 and results["test_perplexity"] > 1
   assert len(reporting.read_records(tmp_path / "run", "epoch")) == 1
 

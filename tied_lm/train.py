@@ -1026,8 +1026,9 @@ def _train_and_evaluate(
     if meta["step_in_epoch"]:
       carry = _local_carry(arrays["carry"], like=carry)
     logging.info(
-        "resumed from checkpoint %d in %s (epoch %d, window %d)", restored_step,
-        checkpoints.directory, meta["epoch"] + 1, meta["step_in_epoch"],
+        "resumed from checkpoint %d in %s (%s)", restored_step, checkpoints.directory,
+        f"epoch {meta['epoch'] + 1}, window {meta['step_in_epoch']}"
+        if meta["epoch"] < config.num_epochs else f"training finished at epoch {meta['epoch']}",
     )
     if meta["epoch"] > config.num_epochs:
       logging.warning(
