@@ -92,10 +92,14 @@ def test_the_temporary_files_of_killed_atomic_writes_are_removed_and_nothing_els
   # What atomic_write leaves when kill -9 comes between mkstemp and the rename.
   fd, left = tempfile.mkstemp(dir=tmp_path, prefix=".metrics.jsonl.", suffix=".tmp")
   os.close(fd)
-  kept = [tmp_path / name for name in (".notes.tmp", "metrics.jsonl", ".config.json.tmp")]
+  kept = [tmp_path / name for name in (
+      ".notes.tmp", "metrics.jsonl", ".config.json.tmp",
+      ".eval_valid_batch10.json.abcd1234.tmp",  # another command's write, maybe in flight
+  )]
   for path in kept:
     path.write_text("x")
-  (tmp_path / ".dir.abcdefgh.tmp").mkdir()
-  assert fileio.remove_unfinished_writes(tmp_path) == [Path(left)]
+  (tmp_path / ".results.json.abcdefgh.tmp").mkdir()
+  names = ["metrics.jsonl", "config.json", "results.json"]
+  assert fileio.remove_unfinished_writes(tmp_path, names) == [Path(left)]
   assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-      [".dir.abcdefgh.tmp", *(p.name for p in kept)])
+      [".results.json.abcdefgh.tmp", *(p.name for p in kept)])

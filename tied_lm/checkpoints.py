@@ -4,6 +4,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -139,10 +140,19 @@ class Checkpoints:
     A kill between a save and orbax's removal of the checkpoint it replaces leaves
     one more (half-deleted if the kill came during the removal, and then orbax warns
     of it in every command that opens the run). The next save would remove it, but
-    a run killed after its last save makes none.
+    a run killed after its last save makes none. One process only: orbax's delete
+    waits for every process at a barrier, and a process that listed the steps after
+    another deleted one would never reach it (several processes leave it to the next
+    save). A failed tidy-up is a warning, not a failed resume.
     """
+    if jax.process_count() > 1:
+      return
     for step in sorted(self._manager.all_steps(), reverse=True)[KEEP:]:
-      self._manager.delete(step)
+      try:
+        self._manager.delete(step)
+      except OSError as error:
+        logging.warning("could not delete checkpoint %d in %s, older than the %d kept: %s",
+                        step, self.directory, KEEP, error)
 
   def _set_aside(self, unreadable: list[tuple[int, Exception]]) -> None:
     """Moves the unreadable checkpoints to torn_checkpoints/ and reopens the manager."""

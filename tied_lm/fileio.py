@@ -2,6 +2,7 @@
 directory's lock."""
 
 import fcntl
+import glob
 import json
 import os
 import re
@@ -39,13 +40,15 @@ def atomic_write(path: str | os.PathLike, content: str | bytes) -> None:
     raise
 
 
-def remove_unfinished_writes(directory: Path) -> list[Path]:
-  """Deletes the temporary files that `atomic_write` left in `directory` when its process
-  was killed before the rename (`.NAME.XXXXXXXX.tmp`); returns them. Only the writer of
-  the directory may call it (a run's lock holder): another one's write may be in flight.
+def remove_unfinished_writes(directory: Path, names: list[str]) -> list[Path]:
+  """Deletes the temporary files that `atomic_write` left for the files `names` in
+  `directory` when its process was killed before the rename (`.NAME.XXXXXXXX.tmp`);
+  returns them. Only their one writer may call it (a run's lock holder, for the run's
+  own files): another process's write of one of them may be in flight.
   """
-  unfinished = sorted(path for path in Path(directory).glob(".*.tmp")
-                      if path.is_file() and re.fullmatch(r"\..+\.[a-z0-9_]{8}\.tmp", path.name))
+  unfinished = sorted(
+      path for name in names for path in Path(directory).glob(f".{glob.escape(name)}.*.tmp")
+      if path.is_file() and re.fullmatch(rf"\.{re.escape(name)}\.[a-z0-9_]{{8}}\.tmp", path.name))
   for path in unfinished:
     path.unlink(missing_ok=True)
   return unfinished

@@ -28,7 +28,8 @@ TEMPERATURE_RANGE = (float(jnp.finfo(jnp.float32).tiny), FLOAT32_MAX)
 # the KL and its gradient as differences of terms the size of the scores / τ; at
 # τ = 0.1 with init-sized embeddings its float32 results stay within 1e-5 (KL) and
 # 1e-3 (gradients) of float64, and at τ = 0.001 the KL no longer does
-# (tests/test_losses.py): the rounding grows as 1/τ. The paper's τ are 2 to 10.
+# (tests/test_losses.py): the rounding grows as max |L[y] Lᵀ| / τ, so larger (trained)
+# embeddings lose more at the same τ. The paper's τ are 2 to 10.
 MIN_TRAINING_TAU = 0.1
 
 

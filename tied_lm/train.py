@@ -949,9 +949,6 @@ def train_and_evaluate(
   # Process 0 speaks for all: the others of a multi-process run share its workdir.
   lock = fileio.lock_directory(workdir) if jax.process_index() == 0 else None
   try:
-    if lock is not None:
-      for path in fileio.remove_unfinished_writes(workdir):
-        logging.info("removed %s, left by a process killed while writing it", path)
     return _train_and_evaluate(config, workdir, command, corpus, inputs, targets)
   finally:
     if lock is not None:
@@ -1035,6 +1032,11 @@ def _train_and_evaluate(
           "num_epochs=%d, but the run has %d epochs done: it is tested as trained, and "
           "its results say epochs_completed=%d", config.num_epochs, meta["epoch"], meta["epoch"])
   if jax.process_index() == 0:
+    # What a kill during a write of the run's own files left (evaluate and the analysis
+    # commands write theirs beside them, maybe now).
+    run_files = [n for n, kind in fileio.RUN_DIRECTORY_LAYOUT.items() if kind == "file"]
+    for path in fileio.remove_unfinished_writes(workdir, run_files):
+      logging.info("removed %s, left by a process killed while writing it", path)
     # The config in effect, for tied_lm.summarize and readers; written only once the
     # checkpoints are known to fit it, so that a refused resume leaves the run as it was.
     atomic_write(workdir / "config.json", config.to_json(indent=2) + "\n")
