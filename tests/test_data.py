@@ -2,6 +2,7 @@
 
 import http.client
 import io
+import lzma
 import re
 import shutil
 import zipfile
@@ -254,6 +255,51 @@ def test_a_download_cut_short_tries_the_next_mirror(tmp_path, monkeypatch):
   monkeypatch.setattr(data, "_download", lambda url: download(first))
   with pytest.raises(data.DataError, match=r"IncompleteRead: IncompleteRead\(2 bytes read"):
     data.ensure_files("wikitext2", tmp_path / "again")
+
+
+@pytest.mark.parametrize("damage", [
+    EOFError("Compressed file ended before the end-of-stream marker was reached"),
+    lzma.LZMAError("Corrupt input data"),
+    NotImplementedError("That compression method is not supported"),  # deflate64
+    "wrong content",  # a well-formed archive of other files
+])
+def test_a_damaged_or_different_archive_at_one_mirror_tries_the_next(
+    tmp_path, monkeypatch, damage):
+  # They were a traceback (the first three) or the end of the download (the last),
+  # with the second mirror never tried.
+  archive = wikitext2_archive()
+  first, second = data.SOURCES["wikitext2"].urls[:2]
+  other = io.BytesIO()
+  with zipfile.ZipFile(other, "w") as z:
+    for split in data.SPLITS:
+      z.writestr(f"wikitext-2/wiki.{split}.tokens", "other text\n")
+
+  def download(url):
+    if url != first:
+      return archive
+    if isinstance(damage, Exception):
+      raise damage
+    return other.getvalue()
+
+  monkeypatch.setattr(data, "_download", download)
+  assert len(data.load_corpus("wikitext2", str(tmp_path)).valid) == 217_646
+  # Every mirror damaged: one line naming each, and nothing written.
+  monkeypatch.setattr(data, "_download", lambda url: download(first))
+  with pytest.raises(data.DataError) as error:
+    data.ensure_files("wikitext2", tmp_path / "again")
+  message = str(error.value)
+  assert first in message and second in message and "\n" not in message
+  assert "nothing was written" in message and not (tmp_path / "again").exists()
+
+
+def test_a_file_that_cannot_be_read_is_one_line_naming_it(tmp_path):
+  # A folder where a file should be; an unreadable file (EACCES) takes the same path,
+  # but root, who runs CI, reads any file.
+  folder = tmp_path / "train.txt"
+  folder.mkdir()
+  for read in (data.tokenize, data.sha256_of):
+    with pytest.raises(data.DataError, match=rf"^cannot read {folder}: Is a directory$"):
+      read(folder)
 
 
 def test_downloaded_file_with_wrong_checksum_is_not_written(tmp_path, monkeypatch):

@@ -503,6 +503,13 @@ def test_a_relative_data_dir_is_saved_absolute_for_the_tools_run_elsewhere(
   (tmp_path / "elsewhere").mkdir()
   monkeypatch.chdir(tmp_path / "elsewhere")
   assert train.load_trained(tmp_path / "run").corpus.vocab_size == 32  # 30 words, <eos>, <unk>
+  # A text corpus named by $TIED_LM_DATA_DIR alone (relative, too) was saved as "".
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setenv(data.DATA_DIR_ENV, "corpus")
+  config.data_dir = ""
+  train.train_and_evaluate(config, "run_from_env")
+  saved = json.loads((tmp_path / "run_from_env" / "config.json").read_text())
+  assert saved["data_dir"] == str(tmp_path / "corpus")
 
 
 def test_a_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import http.client
 import io
+import lzma
 import os
 import urllib.request
 import zipfile
@@ -18,6 +19,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+from absl import logging
 
 from tied_lm.errors import UserError
 from tied_lm.fileio import atomic_write
@@ -99,11 +101,26 @@ def resolve_data_dir(data_dir: str = "") -> Path:
   return Path(chosen).expanduser()
 
 
+def _unreadable(path: Path, error: OSError) -> DataError:
+  return DataError(f"cannot read {path}: {error.strerror or error}")
+
+
+def _is_file(path: Path) -> bool:
+  """Path.is_file, with a folder that may not be searched (EACCES) one line, not a traceback."""
+  try:
+    return path.is_file()
+  except OSError as error:
+    raise _unreadable(path, error) from None
+
+
 def sha256_of(path: Path) -> str:
   digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
+  try:
+    with open(path, "rb") as f:
+      for block in iter(lambda: f.read(1 << 20), b""):
+        digest.update(block)
+  except OSError as error:
+    raise _unreadable(path, error) from None
   return digest.hexdigest()
 
 
@@ -116,6 +133,7 @@ def _fetch_files(source: Source, directory: Path, missing: list[str]) -> None:
   """Downloads the missing files of `source` into `directory`, verified."""
   errors = []
   for url in source.urls:
+    logging.info("downloading %s from %s", ", ".join(missing), url)
     try:
       if source.archive_member_prefix:
         with zipfile.ZipFile(io.BytesIO(_download(url))) as archive:
@@ -125,18 +143,18 @@ def _fetch_files(source: Source, directory: Path, missing: list[str]) -> None:
       else:
         contents = {name: _download(url + name) for name in missing}
     # A connection cut mid-body raises http.client.IncompleteRead (not an OSError); a
-    # damaged archive member, zlib.error.
-    except (OSError, http.client.HTTPException, KeyError, zipfile.BadZipFile,
-            zlib.error) as e:
+    # damaged archive member zlib.error, EOFError or lzma.LZMAError; a member packed
+    # with a method zipfile lacks, NotImplementedError.
+    except (OSError, http.client.HTTPException, KeyError, zipfile.BadZipFile, zlib.error,
+            EOFError, lzma.LZMAError, NotImplementedError) as e:
       errors.append(f"{url}: {type(e).__name__}: {e}")
       continue
-    for name, content in contents.items():
-      actual = hashlib.sha256(content).hexdigest()
-      if actual != source.sha256[name]:
-        raise DataError(
-            f"downloaded {name} from {url} has sha256 {actual}, expected "
-            f"{source.sha256[name]}; nothing was written"
-        )
+    wrong = [f"{name} has sha256 {hashlib.sha256(content).hexdigest()}, expected "
+             f"{source.sha256[name]}" for name, content in contents.items()
+             if hashlib.sha256(content).hexdigest() != source.sha256[name]]
+    if wrong:  # another mirror may serve the right files
+      errors.append(f"{url}: {'; '.join(wrong)}")
+      continue
     try:
       directory.mkdir(parents=True, exist_ok=True)
       for name, content in contents.items():
@@ -145,8 +163,8 @@ def _fetch_files(source: Source, directory: Path, missing: list[str]) -> None:
       raise DataError(f"cannot write the downloaded files into {directory}: {e}") from e
     return
   raise DataError(
-      f"missing {', '.join(missing)} in {directory} and the download failed "
-      f"({'; '.join(errors)}). Put the files there, or point ${DATA_DIR_ENV} or "
+      f"missing {', '.join(missing)} in {directory} and the download failed, nothing was "
+      f"written ({'; '.join(errors)}). Put the files there, or point ${DATA_DIR_ENV} or "
       "config.data_dir at a directory that has them"
   )
 
@@ -155,7 +173,7 @@ def ensure_files(dataset: str, data_dir: Path) -> dict[str, Path]:
   """Returns split -> verified file of a closed corpus, downloading if missing."""
   source = SOURCES[dataset]
   directory = data_dir / source.subdir
-  missing = [name for name in source.files.values() if not (directory / name).is_file()]
+  missing = [name for name in source.files.values() if not _is_file(directory / name)]
   if missing:
     _fetch_files(source, directory, missing)
   for name, expected in source.sha256.items():
@@ -171,7 +189,7 @@ def ensure_files(dataset: str, data_dir: Path) -> dict[str, Path]:
 def text_files(data_dir: Path) -> dict[str, Path]:
   """Returns split -> file of a `text` corpus: train.txt, valid.txt, test.txt."""
   files = {split: data_dir / f"{split}.txt" for split in SPLITS}
-  missing = [p.name for p in files.values() if not p.is_file()]
+  missing = [p.name for p in files.values() if not _is_file(p)]
   if missing:
     raise DataError(
         f"missing {', '.join(missing)} in {data_dir}; a 'text' corpus needs "
@@ -190,6 +208,8 @@ def tokenize(path: Path) -> list[str]:
         tokens.append(EOS)
   except UnicodeDecodeError as e:
     raise DataError(f"{path} is not UTF-8 text: {e}") from e
+  except OSError as error:
+    raise _unreadable(path, error) from None
   return tokens
 
 

@@ -923,11 +923,13 @@ def train_and_evaluate(
   """
   num_devices = jax.device_count()
   validate_config(config, num_devices)
-  if config.data_dir and not Path(config.data_dir).is_absolute():
-    # Saved as typed, it named another folder for evaluate, sample or a resume run
-    # from elsewhere. A copy: the caller's config stays as it was.
+  if (config.data_dir or config.dataset == "text") and not Path(config.data_dir).is_absolute():
+    # Saved as typed, it named another folder for evaluate, sample or a resume run from
+    # elsewhere; and a text corpus named by $TIED_LM_DATA_DIR alone was saved as "". (A
+    # closed corpus is found by its checksums wherever it is.) A copy: the caller's config
+    # stays as it was.
     config = ml_collections.ConfigDict(config.to_dict())
-    config.data_dir = str(Path(config.data_dir).expanduser().absolute())
+    config.data_dir = str(data.resolve_data_dir(config.data_dir).absolute())
   workdir = Path(workdir).expanduser()
   fileio.check_writable_directory(workdir, "the workdir")
   corpus = data.load_corpus(config.dataset, config.data_dir, config.max_vocab_size)
