@@ -194,8 +194,18 @@ def test_missing_files_without_network_name_files_and_directory(tmp_path, monkey
 def test_text_that_is_not_utf8_is_a_data_error_naming_the_file(tmp_path):
   path = tmp_path / "train.txt"
   path.write_bytes(b"caf\xe9 latin-1\n")
-  with pytest.raises(data.DataError, match=r"train\.txt is not UTF-8 text"):
+  with pytest.raises(data.DataError, match=r"train\.txt is not UTF-8 text: byte 3 \(line 1\)"):
     data.tokenize(path)
+  # Past the decoder's first buffer: the byte and line in the file, not in the buffer.
+  path.write_bytes(b"a b c\n" * 10_000 + b"caf\xe9\n")
+  with pytest.raises(data.DataError, match=r"byte 60003 \(line 10001\): invalid continuation"):
+    data.tokenize(path)
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_word(tmp_path):
+  path = tmp_path / "train.txt"
+  path.write_bytes(b"\xef\xbb\xbfthe cat\r\nsat\n")
+  assert data.tokenize(path) == ["the", "cat", data.EOS, "sat", data.EOS]
 
 
 def test_download_into_an_unwritable_place_is_a_data_error(tmp_path, monkeypatch):

@@ -199,15 +199,24 @@ def text_files(data_dir: Path) -> dict[str, Path]:
 
 
 def tokenize(path: Path) -> list[str]:
-  """Whitespace tokens of every line, each line followed by `<eos>`."""
+  """Whitespace tokens of every line, each line followed by `<eos>` (a UTF-8 byte order
+  mark at the start is not part of the first word)."""
   tokens = []
   try:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
       for line in f:
         tokens.extend(line.split())
         tokens.append(EOS)
-  except UnicodeDecodeError as e:
-    raise DataError(f"{path} is not UTF-8 text: {e}") from e
+  except UnicodeDecodeError:
+    # The decoder's position is within its buffer: find the byte in the file.
+    raw = path.read_bytes()
+    try:
+      raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+      line = raw.count(b"\n", 0, e.start) + 1
+      raise DataError(f"{path} is not UTF-8 text: byte {e.start} (line {line}): "
+                      f"{e.reason}") from None
+    raise
   except OSError as error:
     raise _unreadable(path, error) from None
   return tokens
