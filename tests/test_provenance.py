@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from tied_lm import provenance
+from tied_lm import fileio, provenance
 from tied_lm.errors import UserError
 
 
@@ -91,3 +91,17 @@ def test_output_prefixes_keep_their_dots_and_bad_ones_are_refused(tmp_path):
   # A JSON file's path ending in a separator names a folder, not a file called so.
   with pytest.raises(UserError, match="is a folder; name a JSON file in it"):
     provenance.output_file(f"{tmp_path}/new/", "a JSON file")
+
+
+def test_a_launch_after_a_torn_last_line_replaces_it_and_the_file_stays_readable(tmp_path):
+  # A launch killed mid-write left '{"command": "trunc'; the next one was written onto it,
+  # and once another followed, the readers refused the file as damaged.
+  provenance.record_launch(tmp_path, "first", None, 0, 10)
+  launches = tmp_path / "launches.jsonl"
+  with open(launches, "a") as f:
+    f.write('{"command": "trunc')
+  provenance.record_launch(tmp_path, "second", 5, 1, 10)
+  provenance.record_launch(tmp_path, "third", 9, 2, 10)
+  records = fileio.read_json_lines(launches, appended=True)
+  assert [r["command"] for r in records] == ["first", "second", "third"]
+  assert launches.read_text().count("\n") == 3 and "trunc" not in launches.read_text()

@@ -210,5 +210,14 @@ def record_launch(
       "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
       "resumed_step": resumed_step, "epochs_done": epochs_done, "num_params": num_params,
   }
-  with open(workdir / "launches.jsonl", "a") as f:
-    f.write(json.dumps(launch) + "\n")
+  with open(workdir / "launches.jsonl", "a+b") as f:
+    # A launch killed inside its write left a torn last line: this one would extend it
+    # into one damaged line that the readers, once it is not the last, refuse.
+    size = f.seek(0, os.SEEK_END)
+    if size:
+      f.seek(size - 1)
+      if f.read(1) != b"\n":
+        f.seek(0)
+        content = f.read()
+        f.truncate(content.rfind(b"\n") + 1)
+    f.write((json.dumps(launch) + "\n").encode())
