@@ -149,9 +149,9 @@ def _fetch_files(source: Source, directory: Path, missing: list[str]) -> None:
             EOFError, lzma.LZMAError, NotImplementedError) as e:
       errors.append(f"{url}: {type(e).__name__}: {e}")
       continue
-    wrong = [f"{name} has sha256 {hashlib.sha256(content).hexdigest()}, expected "
-             f"{source.sha256[name]}" for name, content in contents.items()
-             if hashlib.sha256(content).hexdigest() != source.sha256[name]]
+    actual = {name: hashlib.sha256(content).hexdigest() for name, content in contents.items()}
+    wrong = [f"{name} has sha256 {digest}, expected {source.sha256[name]}"
+             for name, digest in actual.items() if digest != source.sha256[name]]
     if wrong:  # another mirror may serve the right files
       errors.append(f"{url}: {'; '.join(wrong)}")
       continue

@@ -2,7 +2,6 @@
 directory's lock."""
 
 import fcntl
-import glob
 import json
 import os
 import re
@@ -46,9 +45,10 @@ def remove_unfinished_writes(directory: Path, names: list[str]) -> list[Path]:
   returns them. Only their one writer may call it (a run's lock holder, for the run's
   own files): another process's write of one of them may be in flight.
   """
-  unfinished = sorted(
-      path for name in names for path in Path(directory).glob(f".{glob.escape(name)}.*.tmp")
-      if path.is_file() and re.fullmatch(rf"\.{re.escape(name)}\.[a-z0-9_]{{8}}\.tmp", path.name))
+  # mkstemp's name for atomic_write's prefix and suffix: 8 characters between them.
+  pattern = re.compile(rf"\.(?:{'|'.join(map(re.escape, names))})\.[a-z0-9_]{{8}}\.tmp")
+  unfinished = sorted(path for path in Path(directory).iterdir()
+                      if pattern.fullmatch(path.name) and path.is_file())
   for path in unfinished:
     path.unlink(missing_ok=True)
   return unfinished

@@ -75,7 +75,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None) 
        "positive normal numbers)"),
       (not config.loss.augmented or config.loss.tau >= losses.MIN_TRAINING_TAU,
        f"loss.tau={config.loss.tau} must be >= {losses.MIN_TRAINING_TAU} to train: the "
-       "fused loss's float32 KL and gradients lose accuracy as 1/tau below it"),
+       "fused loss's float32 KL and gradients lose accuracy as tau falls below it"),
       (config.loss.gamma >= 0, f"loss.gamma={config.loss.gamma} must be >= 0"),
       (config.loss.augmented_form in losses.AUGMENTED_FORMS,
        f"loss.augmented_form={config.loss.augmented_form!r} must be one of "
