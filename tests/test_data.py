@@ -1,10 +1,14 @@
 """Corpora, downloads and batching, checked by hand and against the paper's counts."""
 
 import http.client
+import http.server
 import io
 import lzma
+import os
 import re
 import shutil
+import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -155,6 +159,16 @@ def test_empty_split_is_an_error(tmp_path):
     data.load_corpus("text", str(tmp_path))
 
 
+def test_a_split_of_blank_lines_alone_is_an_error(tmp_path):
+  # Each blank line is an <eos>: it passed the 2-token check with nothing to model.
+  for name in ("train.txt", "valid.txt", "test.txt"):
+    (tmp_path / name).write_text("a b\n")
+  (tmp_path / "test.txt").write_text("\n\n \n")
+  with pytest.raises(data.DataError, match=(
+      rf"^the test split {tmp_path / 'test.txt'} has no words, only 3 blank lines$")):
+    data.load_corpus("text", str(tmp_path))
+
+
 def test_data_dir_precedence(monkeypatch):
   monkeypatch.setenv(data.DATA_DIR_ENV, "/from/env")
   assert data.resolve_data_dir("/explicit") == Path("/explicit")
@@ -178,6 +192,31 @@ def test_a_data_directory_that_is_a_file_is_named_as_such(tmp_path, monkeypatch)
 
 def no_network(url):
   raise OSError("network is unreachable")
+
+
+def test_a_folder_where_a_data_file_should_be_is_named_as_such(tmp_path, monkeypatch):
+  # It read "missing train.txt", or started a download that could not replace the folder.
+  monkeypatch.setattr(data, "_download", no_network)
+  for name in ("valid.txt", "test.txt"):
+    (tmp_path / name).write_text("a b\n")
+  (tmp_path / "train.txt").mkdir()
+  shutil.copytree(SHARED / "ptb", tmp_path / "ptb")
+  (tmp_path / "ptb" / "ptb.test.txt").unlink()
+  (tmp_path / "ptb" / "ptb.test.txt").mkdir()
+  for dataset, folder in (("text", tmp_path / "train.txt"),
+                          ("ptb", tmp_path / "ptb" / "ptb.test.txt")):
+    with pytest.raises(data.DataError, match=(
+        rf"^{folder} is a folder, where a data file should be; move it away$")):
+      data.load_corpus(dataset, str(tmp_path))
+
+
+def test_a_file_where_a_corpus_folder_should_be_is_named_as_such(tmp_path, monkeypatch):
+  # It read "missing ... in DIR/ptb and the download failed", or "File exists".
+  monkeypatch.setattr(data, "_download", no_network)
+  (tmp_path / "ptb").write_text("")
+  with pytest.raises(data.DataError, match=(
+      rf"^{tmp_path / 'ptb'} is a file, where the ptb files' folder should be; move it away$")):
+    data.load_corpus("ptb", str(tmp_path))
 
 
 def test_missing_files_without_network_name_files_and_directory(tmp_path, monkeypatch):
@@ -232,6 +271,68 @@ def test_download_writes_verified_ptb_files(tmp_path, monkeypatch):
   assert sorted(p.name for p in (tmp_path / "ptb").iterdir()) == sorted(
       f"ptb.{s}.txt" for s in data.SPLITS
   )  # no temporary files left behind
+
+
+def test_a_download_removes_only_the_stale_leftovers_of_killed_downloads(
+    tmp_path, monkeypatch):
+  monkeypatch.setattr(data, "_download",
+                      lambda url: (SHARED / "ptb" / url.rsplit("/", 1)[1]).read_bytes())
+  (tmp_path / "ptb").mkdir()
+  stale, recent = (tmp_path / "ptb" / f".ptb.valid.txt.{tag}.tmp"
+                   for tag in ("abcd1234", "efgh5678"))
+  for path in (stale, recent):  # `recent` may be another process's download in flight
+    path.write_text("part of a download")
+  hours_ago = time.time() - 2 * data.STALE_WRITE_SECONDS
+  os.utime(stale, (hours_ago, hours_ago))
+  data.ensure_files("ptb", tmp_path)
+  assert not stale.exists() and recent.exists()
+
+
+class _Server(http.server.ThreadingHTTPServer):
+  """A local HTTP server whose every answer is `body`, sent `bytes_per_write` at a time
+  with `pause` seconds between writes."""
+
+  def __init__(self, body: bytes, bytes_per_write: int, pause: float):
+    server = self
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+      def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        try:
+          for start in range(0, len(body), bytes_per_write):
+            self.wfile.write(body[start:start + bytes_per_write])
+            self.wfile.flush()
+            time.sleep(pause)
+        except OSError:  # the client gave up
+          pass
+
+      def log_message(self, *args):
+        pass
+
+    super().__init__(("127.0.0.1", 0), Handler)
+    self.url = f"http://127.0.0.1:{server.server_address[1]}/file"
+
+  def __enter__(self):
+    threading.Thread(target=self.serve_forever, daemon=True).start()
+    return self
+
+  def __exit__(self, *exc_info):
+    self.shutdown()
+    self.server_close()
+
+
+def test_download_reads_the_whole_body_and_stops_a_trickle_at_the_deadline():
+  body = bytes(range(256)) * 1000
+  with _Server(body, bytes_per_write=100_000, pause=0.01) as server:
+    assert data._download(server.url) == body
+  # Each write within the socket timeout, the whole far past the deadline.
+  with _Server(body, bytes_per_write=1_000, pause=0.05) as server:
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"bytes after 0.3 s, not finished$"):
+      data._download(server.url, deadline_seconds=0.3)
+    assert time.monotonic() - started < 5
 
 
 def wikitext2_archive() -> bytes:

@@ -3,6 +3,7 @@
 import os
 import stat
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,14 @@ def test_the_temporary_files_of_killed_atomic_writes_are_removed_and_nothing_els
   assert fileio.remove_unfinished_writes(tmp_path, names) == [Path(left)]
   assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
       [".results.json.abcdefgh.tmp", *(p.name for p in kept)])
+
+
+def test_unfinished_writes_younger_than_the_bound_are_kept(tmp_path):
+  # A cache shared by processes: only a write too old to be in flight is removed.
+  old, new = (tmp_path / f".ptb.train.txt.{tag}.tmp" for tag in ("abcd1234", "efgh5678"))
+  for path in (old, new):
+    path.write_text("x")
+  os.utime(old, (time.time() - 7200, time.time() - 7200))
+  assert fileio.remove_unfinished_writes(tmp_path, ["ptb.train.txt"],
+                                         older_than_seconds=3600) == [old]
+  assert list(tmp_path.iterdir()) == [new]

@@ -13,6 +13,8 @@ import http.client
 import io
 import lzma
 import os
+import stat
+import time
 import urllib.request
 import zipfile
 import zlib
@@ -22,13 +24,18 @@ import numpy as np
 from absl import logging
 
 from tied_lm.errors import UserError
-from tied_lm.fileio import atomic_write
+from tied_lm.fileio import atomic_write, remove_unfinished_writes
 
 EOS = "<eos>"
 UNK = "<unk>"
 SPLITS = ("train", "valid", "test")
 DATA_DIR_ENV = "TIED_LM_DATA_DIR"
 DEFAULT_DATA_DIR = Path("~/.cache/tied_lm")
+# A mirror that trickles (each read within the socket timeout) would otherwise hold a
+# download for ever; the corpora are 5 MB.
+DOWNLOAD_DEADLINE_SECONDS = 600.0
+# A temporary file this old in the cache is from a killed download, not one in flight.
+STALE_WRITE_SECONDS = 3600.0
 
 
 class DataError(UserError):
@@ -106,11 +113,20 @@ def _unreadable(path: Path, error: OSError) -> DataError:
 
 
 def _is_file(path: Path) -> bool:
-  """Path.is_file, with a folder that may not be searched (EACCES) one line, not a traceback."""
+  """Whether `path` is a file, False if nothing is there. A folder (or a device) where
+  the file should be, or a folder that may not be searched (EACCES), is a DataError of
+  one line, not a traceback or a download."""
   try:
-    return path.is_file()
+    mode = path.stat().st_mode
+  except (FileNotFoundError, NotADirectoryError):
+    return False
   except OSError as error:
     raise _unreadable(path, error) from None
+  if stat.S_ISDIR(mode):
+    raise DataError(f"{path} is a folder, where a data file should be; move it away")
+  if not stat.S_ISREG(mode):
+    raise DataError(f"{path} is not a regular file; a data file should be there")
+  return True
 
 
 def sha256_of(path: Path) -> str:
@@ -124,9 +140,21 @@ def sha256_of(path: Path) -> str:
   return digest.hexdigest()
 
 
-def _download(url: str) -> bytes:
+def _download(url: str, deadline_seconds: float = DOWNLOAD_DEADLINE_SECONDS) -> bytes:
+  """The body at `url`; TimeoutError if no read comes within 60 s, or the whole body not
+  within `deadline_seconds`."""
+  start = time.monotonic()
+  chunks = []
   with urllib.request.urlopen(url, timeout=60) as response:
-    return response.read()
+    while chunk := response.read1(1 << 16):  # what has come: read(n) waits for n bytes
+      chunks.append(chunk)
+      if time.monotonic() - start > deadline_seconds:
+        raise TimeoutError(f"{sum(map(len, chunks)):,} bytes after {deadline_seconds:g} s, "
+                           "not finished")
+  body = b"".join(chunks)
+  logging.info("downloaded %s: %.1f MB in %.1f s", url, len(body) / 1e6,
+               time.monotonic() - start)
+  return body
 
 
 def _fetch_files(source: Source, directory: Path, missing: list[str]) -> None:
@@ -159,6 +187,8 @@ def _fetch_files(source: Source, directory: Path, missing: list[str]) -> None:
       directory.mkdir(parents=True, exist_ok=True)
       for name, content in contents.items():
         atomic_write(directory / name, content)
+      remove_unfinished_writes(directory, list(source.files.values()),
+                               older_than_seconds=STALE_WRITE_SECONDS)
     except OSError as e:
       raise DataError(f"cannot write the downloaded files into {directory}: {e}") from e
     return
@@ -173,6 +203,9 @@ def ensure_files(dataset: str, data_dir: Path) -> dict[str, Path]:
   """Returns split -> verified file of a closed corpus, downloading if missing."""
   source = SOURCES[dataset]
   directory = data_dir / source.subdir
+  if directory.exists() and not directory.is_dir():
+    raise DataError(f"{directory} is a file, where the {dataset} files' folder should be; "
+                    "move it away")
   missing = [name for name in source.files.values() if not _is_file(directory / name)]
   if missing:
     _fetch_files(source, directory, missing)
@@ -293,6 +326,9 @@ def load_corpus(dataset: str, data_dir: str = "", max_vocab_size: int = 0) -> Co
   for split, split_tokens in tokens.items():
     if len(split_tokens) < 2:
       raise DataError(f"the {split} split {files[split]} has fewer than 2 tokens")
+    if all(token == EOS for token in split_tokens):  # each blank line is an <eos>
+      raise DataError(f"the {split} split {files[split]} has no words, only "
+                      f"{len(split_tokens)} blank lines")
   vocab = closed_vocab(tokens["train"]) if closed else build_vocab(tokens["train"], max_vocab_size)
   word_to_id = {w: i for i, w in enumerate(vocab)}
   ids = {s: to_ids(t, word_to_id, s, closed) for s, t in tokens.items()}

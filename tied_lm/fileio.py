@@ -5,7 +5,9 @@ import fcntl
 import json
 import os
 import re
+import stat
 import tempfile
+import time
 from pathlib import Path
 from typing import IO, Any
 
@@ -39,18 +41,29 @@ def atomic_write(path: str | os.PathLike, content: str | bytes) -> None:
     raise
 
 
-def remove_unfinished_writes(directory: Path, names: list[str]) -> list[Path]:
+def remove_unfinished_writes(
+    directory: Path, names: list[str], older_than_seconds: float = 0.0
+) -> list[Path]:
   """Deletes the temporary files that `atomic_write` left for the files `names` in
   `directory` when its process was killed before the rename (`.NAME.XXXXXXXX.tmp`);
-  returns them. Only their one writer may call it (a run's lock holder, for the run's
-  own files): another process's write of one of them may be in flight.
+  returns them. Another process's write of one of them may be in flight: call it as
+  their one writer (a run's lock holder, for the run's own files), or delete only files
+  last written more than `older_than_seconds` ago.
   """
   # mkstemp's name for atomic_write's prefix and suffix: 8 characters between them.
   pattern = re.compile(rf"\.(?:{'|'.join(map(re.escape, names))})\.[a-z0-9_]{{8}}\.tmp")
-  unfinished = sorted(path for path in Path(directory).iterdir()
-                      if pattern.fullmatch(path.name) and path.is_file())
-  for path in unfinished:
-    path.unlink(missing_ok=True)
+  now = time.time()
+  unfinished = []
+  for path in sorted(Path(directory).iterdir()):
+    if not pattern.fullmatch(path.name):
+      continue
+    try:
+      status = path.stat()
+    except FileNotFoundError:  # renamed or deleted since the listing
+      continue
+    if stat.S_ISREG(status.st_mode) and now - status.st_mtime >= older_than_seconds:
+      path.unlink(missing_ok=True)
+      unfinished.append(path)
   return unfinished
 
 
