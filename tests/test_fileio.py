@@ -115,3 +115,7 @@ def test_unfinished_writes_younger_than_the_bound_are_kept(tmp_path):
   assert fileio.remove_unfinished_writes(tmp_path, ["ptb.train.txt"],
                                          older_than_seconds=3600) == [old]
   assert list(tmp_path.iterdir()) == [new]
+  # Without a bound, a leftover is removed whatever its time (one copied from a host
+  # whose clock runs ahead).
+  os.utime(new, (time.time() + 7200, time.time() + 7200))
+  assert fileio.remove_unfinished_writes(tmp_path, ["ptb.train.txt"]) == [new]

@@ -547,7 +547,8 @@ def test_a_resumed_run_ends_exactly_like_an_uninterrupted_one(tmp_path, monkeypa
 
 
 def test_missing_data_is_a_clear_error(tmp_path, monkeypatch):
-  monkeypatch.setattr(data, "_download", lambda url: (_ for _ in ()).throw(OSError("offline")))
+  monkeypatch.setattr(data, "_download",
+                      lambda url, deadline: (_ for _ in ()).throw(OSError("offline")))
   config = default.get_config()
   config.data_dir = str(tmp_path / "nowhere")
   with pytest.raises(data.DataError, match="missing ptb.train.txt"):

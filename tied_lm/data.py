@@ -32,7 +32,7 @@ SPLITS = ("train", "valid", "test")
 DATA_DIR_ENV = "TIED_LM_DATA_DIR"
 DEFAULT_DATA_DIR = Path("~/.cache/tied_lm")
 # A mirror that trickles (each read within the socket timeout) would otherwise hold a
-# download for ever; the corpora are 5 MB.
+# download for ever; each corpus is 5 MB at one mirror.
 DOWNLOAD_DEADLINE_SECONDS = 600.0
 # A temporary file this old in the cache is from a killed download, not one in flight.
 STALE_WRITE_SECONDS = 3600.0
@@ -112,21 +112,31 @@ def _unreadable(path: Path, error: OSError) -> DataError:
   return DataError(f"cannot read {path}: {error.strerror or error}")
 
 
-def _is_file(path: Path) -> bool:
-  """Whether `path` is a file, False if nothing is there. A folder (or a device) where
-  the file should be, or a folder that may not be searched (EACCES), is a DataError of
-  one line, not a traceback or a download."""
+def _kind(path: Path) -> str | None:
+  """What is at `path`, symbolic links followed: "file", "folder", "other" (a FIFO, a
+  device) or None for nothing. A broken symbolic link, or a folder above that may not be
+  searched (EACCES), is a DataError of one line, not a traceback or a download."""
   try:
     mode = path.stat().st_mode
   except (FileNotFoundError, NotADirectoryError):
-    return False
+    if path.is_symlink():
+      raise DataError(f"{path} is a broken symbolic link (to {os.readlink(path)}); fix or "
+                      "remove it") from None
+    return None
   except OSError as error:
     raise _unreadable(path, error) from None
-  if stat.S_ISDIR(mode):
+  return "folder" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode) else "other"
+
+
+def _is_file(path: Path) -> bool:
+  """Whether `path` is a file, False if nothing is there; anything else there is a
+  DataError (`_kind`), not a download over it."""
+  kind = _kind(path)
+  if kind == "folder":
     raise DataError(f"{path} is a folder, where a data file should be; move it away")
-  if not stat.S_ISREG(mode):
-    raise DataError(f"{path} is not a regular file; a data file should be there")
-  return True
+  if kind == "other":
+    raise DataError(f"{path} is not a regular file, where a data file should be; move it away")
+  return kind == "file"
 
 
 def sha256_of(path: Path) -> str:
@@ -140,18 +150,20 @@ def sha256_of(path: Path) -> str:
   return digest.hexdigest()
 
 
-def _download(url: str, deadline_seconds: float = DOWNLOAD_DEADLINE_SECONDS) -> bytes:
-  """The body at `url`; TimeoutError if no read comes within 60 s, or the whole body not
-  within `deadline_seconds`."""
+def _download(url: str, deadline: float) -> bytes:
+  """The body at `url`: TimeoutError if no data comes for 60 s or the body is not in by
+  `deadline` (a `time.monotonic()` time), IncompleteRead if the connection ends early."""
   start = time.monotonic()
   chunks = []
   with urllib.request.urlopen(url, timeout=60) as response:
     while chunk := response.read1(1 << 16):  # what has come: read(n) waits for n bytes
       chunks.append(chunk)
-      if time.monotonic() - start > deadline_seconds:
-        raise TimeoutError(f"{sum(map(len, chunks)):,} bytes after {deadline_seconds:g} s, "
-                           "not finished")
-  body = b"".join(chunks)
+      if time.monotonic() > deadline:
+        raise TimeoutError(f"{sum(map(len, chunks)):,} bytes in "
+                           f"{time.monotonic() - start:.1f} s, not finished in time")
+    body = b"".join(chunks)
+    if getattr(response, "length", None):  # bytes the header announced and never came
+      raise http.client.IncompleteRead(body, response.length)
   logging.info("downloaded %s: %.1f MB in %.1f s", url, len(body) / 1e6,
                time.monotonic() - start)
   return body
@@ -162,14 +174,15 @@ def _fetch_files(source: Source, directory: Path, missing: list[str]) -> None:
   errors = []
   for url in source.urls:
     logging.info("downloading %s from %s", ", ".join(missing), url)
+    deadline = time.monotonic() + DOWNLOAD_DEADLINE_SECONDS  # for all files of the mirror
     try:
       if source.archive_member_prefix:
-        with zipfile.ZipFile(io.BytesIO(_download(url))) as archive:
+        with zipfile.ZipFile(io.BytesIO(_download(url, deadline))) as archive:
           contents = {
               name: archive.read(source.archive_member_prefix + name) for name in missing
           }
       else:
-        contents = {name: _download(url + name) for name in missing}
+        contents = {name: _download(url + name, deadline) for name in missing}
     # A connection cut mid-body raises http.client.IncompleteRead (not an OSError); a
     # damaged archive member zlib.error, EOFError or lzma.LZMAError; a member packed
     # with a method zipfile lacks, NotImplementedError.
@@ -187,10 +200,14 @@ def _fetch_files(source: Source, directory: Path, missing: list[str]) -> None:
       directory.mkdir(parents=True, exist_ok=True)
       for name, content in contents.items():
         atomic_write(directory / name, content)
-      remove_unfinished_writes(directory, list(source.files.values()),
-                               older_than_seconds=STALE_WRITE_SECONDS)
     except OSError as e:
       raise DataError(f"cannot write the downloaded files into {directory}: {e}") from e
+    try:
+      for path in remove_unfinished_writes(directory, list(source.files.values()),
+                                           older_than_seconds=STALE_WRITE_SECONDS):
+        logging.info("removed %s, left by a download killed while writing it", path)
+    except OSError as e:  # another user's leftover in a shared cache: the files are in
+      logging.warning("could not remove a killed download's leftovers in %s: %s", directory, e)
     return
   raise DataError(
       f"missing {', '.join(missing)} in {directory} and the download failed, nothing was "
@@ -203,7 +220,7 @@ def ensure_files(dataset: str, data_dir: Path) -> dict[str, Path]:
   """Returns split -> verified file of a closed corpus, downloading if missing."""
   source = SOURCES[dataset]
   directory = data_dir / source.subdir
-  if directory.exists() and not directory.is_dir():
+  if _kind(directory) not in (None, "folder"):
     raise DataError(f"{directory} is a file, where the {dataset} files' folder should be; "
                     "move it away")
   missing = [name for name in source.files.values() if not _is_file(directory / name)]
@@ -317,7 +334,7 @@ def load_corpus(dataset: str, data_dir: str = "", max_vocab_size: int = 0) -> Co
     raise DataError(problem)
   closed = dataset != "text"
   root = resolve_data_dir(data_dir)
-  if root.exists() and not root.is_dir():
+  if _kind(root) not in (None, "folder"):
     named_by = "config.data_dir" if data_dir else (
         f"${DATA_DIR_ENV}" if os.environ.get(DATA_DIR_ENV) else "the default")
     raise DataError(f"the data directory {root} ({named_by}) is a file, not a directory")
@@ -327,8 +344,8 @@ def load_corpus(dataset: str, data_dir: str = "", max_vocab_size: int = 0) -> Co
     if len(split_tokens) < 2:
       raise DataError(f"the {split} split {files[split]} has fewer than 2 tokens")
     if all(token == EOS for token in split_tokens):  # each blank line is an <eos>
-      raise DataError(f"the {split} split {files[split]} has no words, only "
-                      f"{len(split_tokens)} blank lines")
+      raise DataError(f"the {split} split {files[split]} has no words, only line ends "
+                      f"({len(split_tokens)} {EOS} tokens)")
   vocab = closed_vocab(tokens["train"]) if closed else build_vocab(tokens["train"], max_vocab_size)
   word_to_id = {w: i for i, w in enumerate(vocab)}
   ids = {s: to_ids(t, word_to_id, s, closed) for s, t in tokens.items()}

@@ -48,7 +48,7 @@ def remove_unfinished_writes(
   `directory` when its process was killed before the rename (`.NAME.XXXXXXXX.tmp`);
   returns them. Another process's write of one of them may be in flight: call it as
   their one writer (a run's lock holder, for the run's own files), or delete only files
-  last written more than `older_than_seconds` ago.
+  last written at least `older_than_seconds` ago (0: any, whatever its time).
   """
   # mkstemp's name for atomic_write's prefix and suffix: 8 characters between them.
   pattern = re.compile(rf"\.(?:{'|'.join(map(re.escape, names))})\.[a-z0-9_]{{8}}\.tmp")
@@ -61,7 +61,8 @@ def remove_unfinished_writes(
       status = path.stat()
     except FileNotFoundError:  # renamed or deleted since the listing
       continue
-    if stat.S_ISREG(status.st_mode) and now - status.st_mtime >= older_than_seconds:
+    old_enough = older_than_seconds <= 0 or now - status.st_mtime >= older_than_seconds
+    if stat.S_ISREG(status.st_mode) and old_enough:
       path.unlink(missing_ok=True)
       unfinished.append(path)
   return unfinished
