@@ -282,6 +282,29 @@ def test_fused_terms_without_augmented_loss_are_cross_entropy_and_zero(inputs):
   )
 
 
+def test_fused_cross_entropy_with_a_bias_has_the_separate_gradients(inputs):
+  # VD and AL train this way (untied, an output bias, the cross-entropy alone fused).
+  logits, targets, embedding = inputs
+  logits, targets = jnp.asarray(logits, jnp.float32), jnp.asarray(targets)
+  bias = jnp.linspace(-1.0, 1.0, V)
+  cotangent = jnp.asarray(np.random.default_rng(1).normal(size=targets.shape), jnp.float32)
+
+  def separate(logits, bias):
+    return jnp.sum(cotangent * losses.cross_entropy(logits + bias, targets))
+
+  def fused(logits, bias):
+    cross_entropy, _ = losses.cross_entropy_and_kl(
+        logits, targets, jnp.asarray(embedding), 2.0, output_bias=bias, augmented=False)
+    return jnp.sum(cotangent * cross_entropy)
+
+  expected = jax.value_and_grad(separate, (0, 1))(logits, bias)
+  got = jax.value_and_grad(fused, (0, 1))(logits, bias)
+  assert float(jnp.abs(expected[1][1]).max()) > 0.1  # the bias's gradient is not ~0
+  for got_leaf, expected_leaf in zip(jax.tree.leaves(got), jax.tree.leaves(expected),
+                                     strict=True):
+    np.testing.assert_allclose(got_leaf, expected_leaf, rtol=1e-5, atol=1e-6)
+
+
 def test_targets_that_do_not_match_the_logits_are_refused_not_paired_wrongly():
   logits = jnp.zeros((2, 3, 7))
   embedding = jnp.ones((7, 4))

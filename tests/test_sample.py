@@ -39,6 +39,42 @@ def test_top_k_samples_only_among_the_k_largest():
               for i in range(400)}) == 5
 
 
+@pytest.mark.parametrize("temperature,top_k", [(2.0, 0), (0.5, 0), (2.0, 2)])
+def test_words_come_with_the_frequencies_of_the_tempered_softmax(temperature, top_k):
+  logits = jnp.asarray([0.0, 1.0, 2.0, -1.0])
+  draws = jax.vmap(lambda key: sample.sample_word(key, logits, temperature, top_k))(
+      jax.random.split(jax.random.key(0), 20_000))
+  kept = logits if not top_k else jnp.where(logits >= jnp.sort(logits)[-top_k], logits, -jnp.inf)
+  expected = jax.nn.softmax(kept / temperature)
+  frequencies = np.bincount(np.asarray(draws), minlength=4) / 20_000
+  np.testing.assert_allclose(frequencies, expected, atol=0.012)  # 3.5 standard errors
+
+
+def test_each_word_is_drawn_from_the_logits_after_the_prompt_and_all_words_before_it(
+    trained_run, monkeypatch):
+  # The carry goes from word to word: the logits of each draw are the model's over the
+  # whole text so far.
+  run = train.load_trained(trained_run[0])
+  drawn_from = []
+  original = sample.sample_word
+
+  def spy(key, logits, temperature, top_k):
+    drawn_from.append(np.asarray(logits))
+    return original(key, logits, temperature, top_k)
+
+  monkeypatch.setattr(sample, "sample_word", spy)
+  prompt = sample.encode_prompt("the company said", run.corpus.vocab)
+  words = list(sample.generate(run, "the company said", 6, 1.0, 0, 5))
+  index = {word: i for i, word in enumerate(run.corpus.vocab)}
+  text = prompt + [index[word] for word in words]
+  text_logits, _ = run.model.apply({"params": run.params}, jnp.asarray([text[:-1]]),
+                                   run.model.initial_carry(1), deterministic=True)
+  assert len(drawn_from) == 6
+  for position, logits in enumerate(drawn_from):
+    np.testing.assert_allclose(logits, text_logits[0, len(prompt) - 1 + position],
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_sampling_is_deterministic_per_seed_and_maps_unknown_words(trained_run, sample_cli,
                                                                     capsys):
   workdir, _ = trained_run

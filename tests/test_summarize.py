@@ -166,6 +166,22 @@ def test_tokens_per_second_is_the_median_that_results_json_reports(two_runs):
         results["train_tokens_per_second"], rel=1e-12)
 
 
+def test_the_best_epoch_is_the_lowest_validation_and_the_speed_the_median(two_runs, tmp_path):
+  # Three epochs whose validation rises after the second, at three speeds: the median is
+  # not the mean, nor the best epoch the last.
+  run = tmp_path / "three_epochs"
+  run.mkdir()
+  (run / "config.json").write_text((two_runs[0][0] / "config.json").read_text())
+  epochs = [{"kind": "epoch", "epoch": epoch, "valid_perplexity": valid,
+             "train_tokens_per_second": speed, "wall_seconds": 10.0 * epoch}
+            for epoch, valid, speed in ((1, 30.0, 100.0), (2, 20.0, 200.0), (3, 25.0, 600.0))]
+  (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in epochs))
+  summary = summarize.load_run(run)
+  assert (summary["best_valid_perplexity"], summary["best_epoch"]) == (20.0, 2)
+  assert summary["tokens_per_second"] == 200.0 and summary["wall_seconds"] == 30.0
+  assert summary["curve"] == [(1, 30.0), (2, 20.0), (3, 25.0)]
+
+
 def test_a_plot_path_that_is_a_folder_is_refused_before_the_table(tmp_path):
   (tmp_path / "curves.png").mkdir()  # savefig failed on it after the table was printed
   with pytest.raises(UserError, match=r"--plot=.*curves.png is a folder; name an image file"):

@@ -46,22 +46,25 @@ def test_learning_rate_schedule():
   assert rates == [1.0, 1.0, 0.5, 0.5, 0.25, 0.125]
 
 
-@pytest.mark.parametrize("augmented,distinct_targets,form,kl_output_bias,tied", [
-    (False, False, "kl", False, True), (True, False, "kl", False, True),
-    (True, True, "kl", False, True), (True, True, "cross_entropy", False, True),
-    (True, True, "kl", True, True), (True, True, "kl", False, False)])
+@pytest.mark.parametrize("augmented,distinct_targets,form,kl_output_bias,tied,stop_target", [
+    (False, False, "kl", False, True, False), (True, False, "kl", False, True, False),
+    (True, True, "kl", False, True, False), (True, True, "cross_entropy", False, True, False),
+    (True, True, "kl", True, True, False), (True, True, "kl", False, False, False),
+    (False, False, "kl", False, False, False), (True, True, "kl", False, True, True)])
 def test_train_step_is_sgd_on_time_summed_batch_averaged_loss(
-    augmented, distinct_targets, form, kl_output_bias, tied):
+    augmented, distinct_targets, form, kl_output_bias, tied, stop_target):
   """Independent check of the objective: sum over steps, mean over rows, + gamma*tau*KL.
 
   kl_output_bias: a tied model with an output bias whose KL reads the biased logits,
   the same `logits` as the cross-entropy here. Untied (the paper's AL): W and a bias, and
-  the KL reads the logits without the bias.
+  the KL reads the logits without the bias; untied without the KL: VD. stop_target: ỹ
+  passes no gradient to L.
   """
   config = small_config(output_bias=kl_output_bias or not tied, tie_embeddings=tied)
   config.loss.augmented = augmented
   config.loss.augmented_form = form
   config.loss.kl_output_bias = kl_output_bias
+  config.loss.stop_gradient_target = stop_target
   config.optim.clip_norm = 1e9  # no clipping here
   config.optim.learning_rate = 0.3
   model = train.make_model(config, V)
@@ -74,8 +77,8 @@ def test_train_step_is_sgd_on_time_summed_batch_averaged_loss(
     if augmented:
       embedding = params["embed"]["embedding"]
       kl_logits = logits if tied else logits - params["output_bias"]
-      per_token += 0.7 * 2.0 * losses.augmented_loss(kl_logits, targets, embedding, 2.0,
-                                                     form=form)
+      per_token += 0.7 * 2.0 * losses.augmented_loss(
+          kl_logits, targets, embedding, 2.0, form=form, stop_gradient_target=stop_target)
     return per_token.sum() / B
 
   expected = jax.tree.map(lambda p, g: p - 0.3 * g, state.params, jax.grad(objective)(state.params))
@@ -183,6 +186,29 @@ def test_each_device_draws_its_own_dropout_masks():
   assert np.abs(h[0] - h[1]).max() > 1e-3
 
 
+def test_each_step_draws_its_own_dropout_masks_from_the_same_key():
+  # The same params and window at step 0 and step 1: other masks, other states; the same
+  # step again: the same masks (a resumed run redraws what it would have drawn).
+  config = small_config(input_dropout=0.5, hidden_dropout=0.5, output_dropout=0.5)
+  model = train.make_model(config, V)
+  state = train.create_train_state(config, model, steps_per_epoch=10)
+  devices = jax.devices()[:1]
+  inputs, targets = batch()
+  step = train.pmap_train_step(config.loss, devices)
+
+  def final_h(step_count):
+    _, carry, _ = step(
+        train.replicate(state.replace(step=step_count), devices),
+        train.replicate(model.initial_carry(B), devices),
+        inputs[None], targets[None], jax.random.key(0),
+    )
+    return np.asarray(carry[-1][1])
+
+  at_step_0, at_step_1 = final_h(0), final_h(1)
+  assert np.abs(at_step_0 - at_step_1).max() > 1e-3
+  np.testing.assert_array_equal(final_h(1), at_step_1)
+
+
 @pytest.mark.parametrize("batch_size", [1, 7])
 def test_uniform_model_has_perplexity_equal_to_vocabulary_size(batch_size):
   config = small_config()
@@ -262,14 +288,18 @@ def test_evaluate_checks_the_logits_memory_before_it_runs(monkeypatch):
   assert train.evaluate(model, params, ids, batch_size=6, num_steps=T)[1] == 37
 
 
-# 3: the 8 windows in 3 calls, the last with a padding window; 32: in one call.
-@pytest.mark.parametrize("windows_per_call", [3, 32])
+# 3: the 8 windows in 3 calls, the last with a padding window; 32: in one call. The
+# untied model with an output bias (VD, AL) scores its logits with the bias.
+@pytest.mark.parametrize("windows_per_call,model_fields", [
+    (3, {}), (32, {}), (3, {"tie_embeddings": False, "output_bias": True})])
 def test_evaluation_with_batch_one_equals_scoring_the_whole_stream_at_once(
-    monkeypatch, windows_per_call):
+    monkeypatch, windows_per_call, model_fields):
   monkeypatch.setattr(train, "MAX_EVAL_WINDOWS_PER_CALL", windows_per_call)
-  config = small_config()
+  config = small_config(**model_fields)
   model = train.make_model(config, V)
   params = train.create_train_state(config, model, steps_per_epoch=1).params
+  if model_fields:
+    assert float(jnp.abs(params["output_bias"]).max()) > 0.2
   ids = np.random.default_rng(1).integers(0, V, 38).astype(np.int32)
   logits, _ = model.apply({"params": params}, ids[None, :-1], model.initial_carry(1),
                           deterministic=True)
@@ -431,15 +461,22 @@ def test_paper_configs():
         assert config.model.tie_embeddings == (variant in ("re", "real"))
         assert config.model.output_bias == (variant in ("vd", "al"))
         assert config.loss.augmented == (variant in ("al", "real"))
-  medium = ptb.get_config("medium,real")
-  assert (medium.model.hidden_size, medium.model.embed_dim, medium.model.hidden_dropout) == (
-      650, 650, 0.5)
-  assert (medium.optim.decay_start_epoch, medium.optim.decay_rate, medium.optim.clip_norm) == (
-      10, 0.9, 5.0)
-  assert (medium.batch_size, medium.num_steps, medium.optim.learning_rate) == (20, 35, 1.0)
-  large = wikitext2.get_config("large,re")
-  assert (large.model.hidden_size, large.model.output_dropout, large.optim.clip_norm) == (
-      1500, 0.4, 6.0)
+        # The paper's per-size settings (../shared/PAPER.md) and Zaremba's init range.
+        units, decay_start, decay_rate, clip, init_scale = {
+            "small": (200, 5, 0.9, 5.0, 0.1), "medium": (650, 10, 0.9, 5.0, 0.05),
+            "large": (1500, 1, 0.97, 6.0, 0.04)}[size]
+        dropout = {"ptb": {"small": 0.3, "medium": 0.5, "large": 0.65},
+                   "wikitext2": {"small": 0.2, "medium": 0.4, "large": 0.4}}[dataset][size]
+        model, optim = config.model, config.optim
+        assert (model.num_layers, model.hidden_size, model.embed_dim) == (2, units, units)
+        assert (model.input_dropout, model.hidden_dropout, model.output_dropout) == (dropout,) * 3
+        assert model.init_scale == init_scale
+        assert (optim.decay_start_epoch, optim.decay_rate, optim.clip_norm) == (
+            decay_start, decay_rate, clip)
+        assert (config.batch_size, config.num_steps, optim.learning_rate) == (20, 35, 1.0)
+        # γ within the appendix's range for the dataset (0.5-0.8 PTB, 1.0-1.5 WikiText-2).
+        assert config.loss.tau == 10.0 and config.loss.gamma == {
+            "ptb": 0.65, "wikitext2": 1.25}[dataset]
   with pytest.raises(ValueError, match=r"VARIANT in vd \| al \| re \| real"):
     ptb.get_config("small,tied")
   with pytest.raises(ValueError, match=r"SIZE in small \| medium \| large"):
@@ -488,6 +525,43 @@ def tiny_run_config(data_dir, num_epochs):
   config.num_epochs, config.max_steps_per_epoch = num_epochs, 0
   config.optim.decay_start_epoch = 1
   return config
+
+
+def test_the_best_validation_epoch_is_tested_and_epoch_records_sum_the_log_lines(
+    tmp_path, monkeypatch):
+  # Validation that rises after epoch 2: epoch 2's params are the ones tested.
+  write_tiny_corpus(tmp_path / "corpus")
+  config = tiny_run_config(tmp_path / "corpus", 3)
+  config.log_every_steps = 30
+  real_evaluate, calls = train.evaluate, []
+
+  def evaluate(model, params, ids, batch_size, num_steps):
+    calls.append(train.to_numpy(params))
+    perplexity, scored = real_evaluate(model, params, ids, batch_size, num_steps)
+    return ((50.0, 40.0, 45.0)[len(calls) - 1] if len(calls) <= 3 else perplexity), scored
+
+  monkeypatch.setattr(train, "evaluate", evaluate)
+  results = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert len(calls) == 4  # three validations, then the test
+  assert (results["best_epoch"], results["valid_perplexity"]) == (2, 40.0)
+  tested, epoch_2, epoch_3 = (jax.tree.leaves(calls[i]) for i in (3, 1, 2))
+  for got, expected in zip(tested, epoch_2, strict=True):
+    np.testing.assert_array_equal(got, expected)
+  assert any(not np.array_equal(a, b) for a, b in zip(epoch_2, epoch_3, strict=True))
+  epochs = reporting.read_records(tmp_path / "run", "epoch")
+  speeds = [r["train_tokens_per_second"] for r in epochs]
+  assert len(speeds) == 3 and results["train_tokens_per_second"] == np.median(speeds)
+  # Each epoch's training perplexity and KL: the token-weighted means of its log lines'
+  # (intervals of 30 steps, the last one shorter).
+  train_records = reporting.read_records(tmp_path / "run", "train")
+  for epoch in epochs:
+    lines = [r for r in train_records if r["epoch"] == epoch["epoch"]]
+    steps = np.diff([0] + [r["step_in_epoch"] for r in lines])
+    assert len(lines) > 2 and len(set(steps)) == 2
+    loss, kl = (np.average([r[k] for r in lines], weights=steps) for k in ("loss", "kl"))
+    assert kl > 1e-3
+    assert epoch["train_perplexity"] == pytest.approx(np.exp(loss), rel=1e-6)
+    assert epoch["train_kl"] == pytest.approx(kl, rel=1e-6)
 
 
 def test_a_relative_data_dir_is_saved_absolute_for_the_tools_run_elsewhere(
