@@ -170,43 +170,35 @@ def test_two_devices_give_the_same_steps_as_one():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), one, two)
 
 
-def test_each_device_draws_its_own_dropout_masks():
+def final_states_with_dropout(num_devices: int, step_count: int) -> np.ndarray:
+  """The last layer's h after one step on the first 2 rows of `batch()`, the same rows on
+  each of `num_devices` devices, from a state at `step_count`, under dropout 0.5:
+  [num_devices, 2, H]."""
   config = small_config(input_dropout=0.5, hidden_dropout=0.5, output_dropout=0.5)
   model = train.make_model(config, V)
   state = train.create_train_state(config, model, steps_per_epoch=10)
-  devices = jax.devices()[:2]
+  devices = jax.devices()[:num_devices]
   inputs, targets = batch()
-  same_rows = np.stack([inputs[:2], inputs[:2]])
   _, carry, _ = train.pmap_train_step(config.loss, devices)(
-      train.replicate(state, devices),
+      train.replicate(state.replace(step=step_count), devices),
       train.replicate(model.initial_carry(2), devices),
-      same_rows, np.stack([targets[:2], targets[:2]]), jax.random.key(0),
+      np.stack([inputs[:2]] * num_devices), np.stack([targets[:2]] * num_devices),
+      jax.random.key(0),
   )
-  h = np.asarray(carry[-1][1])
+  return np.asarray(carry[-1][1])
+
+
+def test_each_device_draws_its_own_dropout_masks():
+  h = final_states_with_dropout(num_devices=2, step_count=0)
   assert np.abs(h[0] - h[1]).max() > 1e-3
 
 
 def test_each_step_draws_its_own_dropout_masks_from_the_same_key():
-  # The same params and window at step 0 and step 1: other masks, other states; the same
-  # step again: the same masks (a resumed run redraws what it would have drawn).
-  config = small_config(input_dropout=0.5, hidden_dropout=0.5, output_dropout=0.5)
-  model = train.make_model(config, V)
-  state = train.create_train_state(config, model, steps_per_epoch=10)
-  devices = jax.devices()[:1]
-  inputs, targets = batch()
-  step = train.pmap_train_step(config.loss, devices)
-
-  def final_h(step_count):
-    _, carry, _ = step(
-        train.replicate(state.replace(step=step_count), devices),
-        train.replicate(model.initial_carry(B), devices),
-        inputs[None], targets[None], jax.random.key(0),
-    )
-    return np.asarray(carry[-1][1])
-
-  at_step_0, at_step_1 = final_h(0), final_h(1)
-  assert np.abs(at_step_0 - at_step_1).max() > 1e-3
-  np.testing.assert_array_equal(final_h(1), at_step_1)
+  # Step 0 and step 1 from the same params and window: other masks, other states; the
+  # same step again: the same masks (a resumed run redraws what it would have drawn).
+  at_step_1 = final_states_with_dropout(num_devices=1, step_count=1)
+  assert np.abs(final_states_with_dropout(1, 0) - at_step_1).max() > 1e-3
+  np.testing.assert_array_equal(final_states_with_dropout(1, 1), at_step_1)
 
 
 @pytest.mark.parametrize("batch_size", [1, 7])
