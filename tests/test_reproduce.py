@@ -163,7 +163,8 @@ def test_chosen_on_validation_takes_the_best_finished_run_at_the_default_seed():
            "ptb_small_real_dropout0.2_seed1": _report(88.0, None, seed=1),  # still training
            "ptb_small_vd_seed1": _report(93.0, 88.4, seed=1),
            "ptb_small_vd_dropout0.2": _report(80.0, None),  # still training: no test yet
-           "ptb_small_re_output_biasTrue": _report(91.0, 86.5)}  # no untagged run
+           "ptb_small_re_output_biasTrue": _report(91.0, 86.5),  # no untagged run
+           "ptb_small_al_tau5": _report(90.5, 85.0)}  # better on test only: not chosen
   chosen = reproduce.chosen_on_validation(reports, swept)
   assert {key: tag for key, (tag, _) in chosen.items()} == {
       ("ptb", "small", "vd"): "", ("ptb", "small", "al"): "",
@@ -396,6 +397,24 @@ def test_a_run_still_training_gets_a_partial_report_that_never_replaces_a_finish
   assert "| small | REAL | 86.3 / 82.7 | 123.0 / " in (results_dir / "TABLE.md").read_text()
 
 
+def test_a_partial_report_takes_the_best_epoch_so_far_not_the_last(trained_run, tmp_path):
+  workdir = tmp_path / "ptb_small_real"
+  shutil.copytree(trained_run[0], workdir)
+  (workdir / "results.json").unlink()
+  lines = (workdir / "metrics.jsonl").read_text().splitlines()
+  first = next(json.loads(line) for line in lines if json.loads(line)["kind"] == "epoch")
+  second = {**first, "epoch": 2, "valid_perplexity": first["valid_perplexity"] + 5.0,
+            "train_tokens_per_second": 123.0, "wall_seconds": first["wall_seconds"] + 60.0}
+  (workdir / "metrics.jsonl").write_text("\n".join([*lines, json.dumps(second)]) + "\n")
+  report = reproduce.run_report(workdir)
+  assert (report["epochs"], report["best_epoch"]) == (2, 1)
+  assert report["valid_perplexity"] == first["valid_perplexity"]
+  assert (report["train_tokens_per_second"], report["wall_seconds"]) == (
+      123.0, second["wall_seconds"])
+  assert [c["valid_perplexity"] for c in report["curve"]] == [
+      first["valid_perplexity"], second["valid_perplexity"]]
+
+
 def test_a_restarted_run_keeps_the_lost_runs_longer_partial_report_until_it_catches_up(
     trained_run, tmp_path, capsys):
   root, results_dir = tmp_path / "runs", tmp_path / "results"
@@ -442,6 +461,28 @@ def test_a_misnamed_or_partly_copied_run_is_skipped_not_tabled(trained_run, tmp_
   table = (results_dir / "TABLE.md").read_text()
   assert "| small | VD | 92.6 / 87.3 | not run" in table
   assert "| small | RE | 89.9 / 85.1 | not run" in table
+
+
+def test_a_rescore_scores_the_best_checkpoint_at_batch_one_once(trained_run, tmp_path, capfd):
+  workdir = tmp_path / "run"
+  shutil.copytree(trained_run[0], workdir)
+  reproduce.rescore(workdir)
+  assert capfd.readouterr().out.count("--eval_batch_size=1\n") == 2
+  tokens = {"valid": 73_759, "test": 82_429}
+  for split in ("valid", "test"):
+    score = json.loads((workdir / f"eval_{split}_batch1.json").read_text())
+    assert (score["split"], score["eval_batch_size"], score["tokens_scored"],
+            score["checkpoint_step"]) == (split, 1, tokens[split], 40)
+    # Batch 1 conditions each row's first tokens on the text before: close to batch 10.
+    batch10 = trained_run[1][f"{split}_perplexity"]
+    assert score["perplexity"] != batch10
+    assert score["perplexity"] == pytest.approx(batch10, rel=0.01)
+    assert reproduce.current_batch1(workdir, split) == score
+  report = reproduce.run_report(workdir)
+  assert report["test_perplexity_batch1"] == json.loads(
+      (workdir / "eval_test_batch1.json").read_text())["perplexity"]
+  reproduce.rescore(workdir)  # current: nothing to run
+  assert "rescore" not in capfd.readouterr().out
 
 
 def test_a_failed_rescore_is_one_line(tmp_path, capfd):
