@@ -196,14 +196,17 @@ def test_tokens_and_a_carry_that_do_not_fit_are_refused_not_broadcast():
 
 
 def test_dropout_masks_are_per_row_per_unit_and_scaled():
-  model = make_model(input_dropout=0.25, hidden_dropout=0.5, output_dropout=0.75)
+  # hidden_size != embed_dim: the input mask is as wide as the embedding, the others as h.
+  H = E + 2
+  model = make_model(input_dropout=0.25, hidden_dropout=0.5, output_dropout=0.75,
+                     hidden_size=H, tie_embeddings=True, output_projection=True)
   masks = model.apply(
       {"params": init(model)}, 4000, deterministic=False, rngs={"dropout": jax.random.key(0)},
       method=model.dropout_masks,
   )
   for mask, rate, width in [
-      (masks.input, 0.25, E), (masks.hidden[0], 0.5, E), (masks.hidden[1], 0.5, E),
-      (masks.output, 0.75, E),
+      (masks.input, 0.25, E), (masks.hidden[0], 0.5, H), (masks.hidden[1], 0.5, H),
+      (masks.output, 0.75, H),
   ]:
     assert mask.shape == (4000, width)  # no time axis: the same units drop at every step
     np.testing.assert_allclose(np.unique(mask), [0.0, 1 / (1 - rate)], rtol=1e-6)

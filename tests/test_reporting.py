@@ -3,6 +3,7 @@
 import io
 import math
 import re
+import shutil
 import sys
 
 import pytest
@@ -49,6 +50,37 @@ def test_tensorboard_scalars_equal_the_records_of_metrics_jsonl(finished_run):
   for r in train_records:
     assert r["perplexity"] == pytest.approx(math.exp(r["loss"]))
     assert r["learning_rate"] == (1.0 if r["epoch"] == 1 else 0.5)
+
+
+def test_a_resumed_run_replaces_the_tensorboard_steps_after_its_checkpoint(
+    finished_run, tmp_path):
+  # Killed after epoch 2 logged its steps but before its checkpoint: the resume logs
+  # steps 25-40 again, and TensorBoard shows each step once, the checkpoint's step 20 (the
+  # last log line and the end of epoch 1) included.
+  event_accumulator = pytest.importorskip(
+      "tensorboard.backend.event_processing.event_accumulator"
+  )
+  workdir = tmp_path / "run"
+  shutil.copytree(finished_run, workdir)
+  shutil.rmtree(workdir / "checkpoints" / "40")
+  (workdir / "results.json").unlink()
+  files_before = set((workdir / "tensorboard").iterdir())
+  config = default.get_config()
+  config.num_epochs, config.max_steps_per_epoch, config.log_every_steps = 2, 20, 5
+  train.train_and_evaluate(config, str(workdir))
+  assert set((workdir / "tensorboard").iterdir()) > files_before  # the resume's own files
+  events = event_accumulator.EventAccumulator(
+      str(workdir / "tensorboard"), size_guidance={"scalars": 0})
+  events.Reload()
+  records = reporting.read_records(workdir)
+  for kind, scalars in reporting.SCALARS.items():
+    of_kind = [r for r in records if r["kind"] == kind]
+    for key, tag in scalars.items():
+      logged = events.Scalars(tag)
+      assert [e.step for e in logged] == [r["step"] for r in of_kind], tag
+      assert [e.value for e in logged] == pytest.approx([r[key] for r in of_kind]), tag
+  assert [r["step"] for r in records if r["kind"] == "train"] == [5, 10, 15, 20, 25, 30, 35, 40]
+  assert [r["step"] for r in records if r["kind"] == "epoch"] == [20, 40]
 
 
 def test_progress_in_a_non_terminal_is_plain_lines_with_the_records_numbers(tmp_path,

@@ -524,7 +524,9 @@ def test_the_best_validation_epoch_is_tested_and_epoch_records_sum_the_log_lines
   # Validation that rises after epoch 2: epoch 2's params are the ones tested.
   write_tiny_corpus(tmp_path / "corpus")
   config = tiny_run_config(tmp_path / "corpus", 3)
-  config.log_every_steps = 30
+  # 134 steps per epoch: log lines at 30, 60, 90, 120 and 134; checkpoints at 60 and 120
+  # cut each epoch's training time into three segments.
+  config.log_every_steps, config.checkpoint_every_steps = 30, 60
   real_evaluate, calls = train.evaluate, []
 
   def evaluate(model, params, ids, batch_size, num_steps):
@@ -554,6 +556,10 @@ def test_the_best_validation_epoch_is_tested_and_epoch_records_sum_the_log_lines
     assert kl > 1e-3
     assert epoch["train_perplexity"] == pytest.approx(np.exp(loss), rel=1e-6)
     assert epoch["train_kl"] == pytest.approx(kl, rel=1e-6)
+    # The epoch's speed counts the time of all its segments: at least its log lines' time.
+    tokens = steps * config.batch_size * config.num_steps
+    lines_seconds = sum(tokens / [r["tokens_per_second"] for r in lines])
+    assert tokens.sum() / epoch["train_tokens_per_second"] >= 0.95 * lines_seconds
 
 
 def test_a_relative_data_dir_is_saved_absolute_for_the_tools_run_elsewhere(

@@ -96,6 +96,11 @@ class Reporter:
       )
       if resumed_step is None:
         self._writer.add_text("config", f"```\n{config.to_json(indent=2)}\n```", 0)
+      # The purge hides the checkpoint's own step too, whose records (the last log line,
+      # an epoch's end) the resumed state holds: they are shown again.
+      for record in records:
+        if record["step"] == resumed_step:
+          self._to_tensorboard(record)
     self._progress_bar = (
         writer and sys.stdout.isatty() if progress_bar is None else progress_bar
     )
@@ -126,9 +131,12 @@ class Reporter:
     """The one way a metric enters the run: kept, sent to TensorBoard, shown."""
     self.records.append(record)
     if self._writer is not None:
-      for key, tag in SCALARS[record["kind"]].items():
-        self._writer.add_scalar(tag, record[key], record["step"])
+      self._to_tensorboard(record)
     self._show(record)
+
+  def _to_tensorboard(self, record: dict[str, Any]) -> None:
+    for key, tag in SCALARS[record["kind"]].items():
+      self._writer.add_scalar(tag, record[key], record["step"])
 
   def _show(self, record: dict[str, Any]) -> None:
     kind = record["kind"]
