@@ -483,6 +483,18 @@ def paired_ratio_range(ours: dict, theirs: dict) -> list[float]:
   return [min(paired), max(paired)]
 
 
+def ratios_vs_torch(row: dict) -> dict[str, Any]:
+  """Ours over torch's tokens/s ({kind}_ratio_vs_torch, above 1: we are faster) and its
+  paired range, for each of train and eval that `row` timed beside torch."""
+  ratios = {}
+  for kind in ("train", "eval"):
+    if row.get(f"torch_{kind}"):
+      ours, theirs = row[kind], row[f"torch_{kind}"]
+      ratios[f"{kind}_ratio_vs_torch"] = ours["tokens_per_second"] / theirs["tokens_per_second"]
+      ratios[f"{kind}_ratio_vs_torch_range"] = paired_ratio_range(ours, theirs)
+  return ratios
+
+
 def validate_timed(config: ml_collections.ConfigDict, batch_size: int, num_devices: int) -> None:
   """Refuses a config, batch size or device count that cannot be timed, before any timing."""
   if num_devices > jax.local_device_count():
@@ -622,14 +634,7 @@ def run_benchmark() -> None:
               *evaluators, eval_batch * config.num_steps
           )
           row["eval"]["achieved_flops"] = flops["eval"] / (row["eval"]["step_ms"] / 1e3)
-        for kind in ("train", "eval"):
-          if row.get(f"torch_{kind}"):
-            row[f"{kind}_ratio_vs_torch"] = (
-                row[kind]["tokens_per_second"] / row[f"torch_{kind}"]["tokens_per_second"]
-            )
-            row[f"{kind}_ratio_vs_torch_range"] = paired_ratio_range(
-                row[kind], row[f"torch_{kind}"]
-            )
+        row.update(ratios_vs_torch(row))
         rows.append(row)
         print_row(row)
         # Written after every row, so that a run cut short keeps what it measured.

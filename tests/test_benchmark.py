@@ -33,6 +33,38 @@ def test_step_flops_counts_the_matmuls_by_hand():
   assert benchmark.step_flops(config, 10, 2, 1)["train"] == 3 * 6 * 336
 
 
+def test_step_flops_of_two_layers_a_projection_and_an_untied_output_by_hand():
+  config = default.get_config()
+  config.num_steps, config.model.num_layers = 3, 2
+  config.model.embed_dim, config.model.hidden_size = 4, 6
+  config.model.tie_embeddings = config.model.output_projection = True
+  # Per token: layer 0 2·(4 + 6)·24 = 480, layer 1 2·(6 + 6)·24 = 576, the projection
+  # 2·6·4 = 48 and the tied logits 2·4·10 = 80: 1,184 forward; the target scores 80.
+  flops = benchmark.step_flops(config, vocab_size=10, batch_size=2, eval_batch_size=1)
+  assert flops == {"train": 3 * 6 * (1184 + 80), "train_lstm": 3 * 6 * (480 + 576),
+                   "train_output": 3 * 6 * (48 + 80 + 80), "eval": 3 * 1184,
+                   "eval_lstm": 3 * (480 + 576), "eval_output": 3 * (48 + 80)}
+  # VD: untied, no projection, the logits 2·6·10 = 120 from h; no augmented loss.
+  config.model.tie_embeddings = config.model.output_projection = False
+  config.loss.augmented = False
+  flops = benchmark.step_flops(config, vocab_size=10, batch_size=2, eval_batch_size=1)
+  assert (flops["train"], flops["eval"]) == (3 * 6 * 1176, 3 * 1176)
+
+
+def test_ratios_vs_torch_are_ours_over_theirs_with_the_paired_spread():
+  row = {"train": {"tokens_per_second": 300.0, "repeat_seconds": [1.0, 2.0]},
+         "torch_train": {"tokens_per_second": 200.0, "repeat_seconds": [1.5, 2.0]},
+         "eval": {"tokens_per_second": 50.0, "repeat_seconds": [1.0]}}  # eval without torch
+  assert benchmark.ratios_vs_torch(row) == {
+      "train_ratio_vs_torch": 1.5, "train_ratio_vs_torch_range": [1.0, 1.5]}
+
+
+def test_the_matmul_peak_is_its_flops_over_the_fastest_of_its_timings(monkeypatch):
+  clock = iter(np.arange(0.0, 100.0, 0.25))  # each product takes 0.25 s by this clock
+  monkeypatch.setattr(benchmark.time, "perf_counter", lambda: float(next(clock)))
+  assert benchmark.measure_matmul_peak(8) == 2 * 8**3 / 0.25
+
+
 def test_step_matmuls_run_the_recurrence_one_time_step_at_a_time():
   config = default.get_config()
   config.num_steps = 3
@@ -95,6 +127,8 @@ def test_benchmark_writes_its_rows_with_provenance(run_tiny_timing):
   samples = results["matmul_peak_samples"]["jax"]
   assert len(samples) == 2 and results["matmul_peak_flops"]["jax"] == max(samples)
   for kind in ("train", "eval"):
+    assert row[kind]["achieved_flops"] == pytest.approx(
+        row[f"{kind}_flops_per_step"] / (row[kind]["step_ms"] / 1e3))
     assert row[kind]["peak_fraction"] == pytest.approx(
         row[kind]["achieved_flops"] / max(samples))
   assert "configs/default.py" in stdout  # the printed table
