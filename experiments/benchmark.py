@@ -483,6 +483,16 @@ def paired_ratio_range(ours: dict, theirs: dict) -> list[float]:
   return [min(paired), max(paired)]
 
 
+def peak_fraction(achieved_flops: float, peak_flops: float, num_devices: int,
+                  platform: str) -> float:
+  """The share of the peak that a step on `num_devices` devices reached.
+
+  `peak_flops` is one device's. A GPU's or TPU's devices each add their own; a CPU's
+  host devices share its cores, which one device's product already keeps busy.
+  """
+  return achieved_flops / (peak_flops * (1 if platform == "cpu" else num_devices))
+
+
 def ratios_vs_torch(row: dict) -> dict[str, Any]:
   """Ours over torch's tokens/s ({kind}_ratio_vs_torch, above 1: we are faster) and its
   paired range, for each of train and eval that `row` timed beside torch."""
@@ -581,7 +591,9 @@ def run_benchmark() -> None:
     for row in rows:
       for kind in ("train", "eval"):
         if kind in row:
-          row[kind]["peak_fraction"] = row[kind]["achieved_flops"] / peak["jax"]
+          row[kind]["peak_fraction"] = peak_fraction(
+              row[kind]["achieved_flops"], peak["jax"],
+              row["num_devices"] if kind == "train" else 1, platform_name)
     return {
         **header, "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "host_malloc": host_malloc,

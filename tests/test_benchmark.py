@@ -59,6 +59,13 @@ def test_ratios_vs_torch_are_ours_over_theirs_with_the_paired_spread():
       "train_ratio_vs_torch": 1.5, "train_ratio_vs_torch_range": [1.0, 1.5]}
 
 
+def test_a_step_on_several_gpus_is_measured_against_all_their_peaks():
+  # Host devices share the CPU's cores; GPUs each bring their own.
+  assert benchmark.peak_fraction(60.0, 100.0, num_devices=4, platform="cpu") == 0.6
+  assert benchmark.peak_fraction(60.0, 100.0, num_devices=4, platform="gpu") == 0.15
+  assert benchmark.peak_fraction(60.0, 100.0, num_devices=1, platform="gpu") == 0.6
+
+
 def test_the_matmul_peak_is_its_flops_over_the_fastest_of_its_timings(monkeypatch):
   clock = iter(np.arange(0.0, 100.0, 0.25))  # each product takes 0.25 s by this clock
   monkeypatch.setattr(benchmark.time, "perf_counter", lambda: float(next(clock)))
