@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from tied_lm import analysis, data, losses, models, train
@@ -67,6 +68,44 @@ def test_the_augmented_loss_puts_w_in_the_span_of_l_the_more_the_larger_tau():
   assert 0.05 < _one_step_distance(tau=10.0, beta=1.0)[0] < 0.2
   assert _one_step_distance(tau=1.0, beta=1.0)[0] > 0.4
   assert _one_step_distance(tau=10.0, beta=0.0)[0] > 0.8
+
+
+def test_the_theory_model_carries_the_state_across_windows_and_averages_their_terms():
+  # Two windows, one epoch, against a loop written out here: window 2 starts from window
+  # 1's final state and is scored with the params after one update.
+  ids = np.asarray(np.random.default_rng(2).integers(0, 30, size=4 * 2 * 5 + 4), np.int32)
+  options = dict(hidden_size=6, num_layers=1, batch_size=4, num_steps=5, learning_rate=0.5,
+                 clip_norm=5.0, init_scale=0.5)
+  run = analysis.train_theory_model(ids, 30, tau=2.0, beta=0.5, seed=0, num_epochs=1,
+                                    **options)
+  model = models.LSTMLanguageModel(
+      vocab_size=30, embed_dim=6, hidden_size=6, num_layers=1, tie_embeddings=False,
+      output_bias=False, init_scale=0.5)
+  inputs, targets = data.train_windows(ids, 4, 5)
+  assert len(inputs) == 2
+  carry = model.initial_carry(4)
+  params = model.init(jax.random.key(0), inputs[0], carry, deterministic=True)["params"]
+  params["embed"]["embedding"] = analysis.normalize_rows(params["embed"]["embedding"])
+  params["output_kernel"]["kernel"] = jnp.zeros_like(params["output_kernel"]["kernel"])
+  terms = []
+  for window in range(2):
+    def objective(params, window=window, carry=carry):
+      out = model.apply({"params": params}, inputs[window], carry, deterministic=True,
+                        method=models.LSTMLanguageModel.outputs)
+      total, window_terms = analysis.theory_objective(
+          out.bias_free_logits, targets[window], out.embedding, 2.0, 0.5)
+      return total, (window_terms, out.carry)
+
+    grads, (window_terms, carry) = jax.grad(objective, has_aux=True)(params)
+    terms.append(window_terms)
+    grads = optax.clip_by_global_norm(5.0).update(grads, optax.EmptyState())[0]
+    params = jax.tree.map(lambda p, g: p - 0.5 * g, params, grads)
+    params["embed"]["embedding"] = analysis.normalize_rows(params["embed"]["embedding"])
+  assert terms[0][0] != terms[1][0]
+  np.testing.assert_allclose(run.cross_entropy, [np.mean([t[0] for t in terms])], rtol=1e-5)
+  np.testing.assert_allclose(run.kl, [np.mean([t[1] for t in terms])], rtol=1e-5)
+  for got, expected in zip(jax.tree.leaves(run.params), jax.tree.leaves(params), strict=True):
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
 
 
 def test_average_probabilities_and_top_next_words_match_a_direct_softmax(monkeypatch):
