@@ -1,6 +1,12 @@
-"""python -m experiments.subspace_distance: bad flags are one-line errors, before any training."""
+"""python -m experiments.subspace_distance: bad flags are one-line errors, before any training;
+the slice, the table and a tiny sweep."""
 
+import json
+
+import numpy as np
 import pytest
+
+from experiments import subspace_distance
 
 TAU_ERROR = "error: every τ must be in [1.18e-38, 3.4e+38] (float32's positive normal numbers): "
 
@@ -31,3 +37,38 @@ def test_bad_flags_are_one_line_errors(flag, message, tmp_path, run_module):
   assert result.returncode == 2
   assert result.stderr == message
   assert list(tmp_path.iterdir()) == []
+
+
+def test_slice_ids_renumbers_the_words_of_the_slice():
+  ids, vocab_size = subspace_distance.slice_ids(np.array([5, 3, 5, 9, 3, 7]), 5, minimum=2)
+  assert ids.tolist() == [1, 0, 1, 2, 0] and vocab_size == 3
+
+
+def test_the_table_takes_each_seeds_final_distance_and_beta_zero_for_every_tau():
+  runs = [{"beta": 0.0, "tau": None, "seed": 0, "distance": [0.5, 0.9]},
+          {"beta": 0.0, "tau": None, "seed": 1, "distance": [0.5, 1.0]},
+          {"beta": 1.0, "tau": 2.0, "seed": 0, "distance": [0.8, 0.5]},
+          {"beta": 1.0, "tau": 2.0, "seed": 1, "distance": [0.7, 0.3]},
+          {"beta": 1.0, "tau": 10.0, "seed": 0, "distance": [0.9, 0.1]},
+          {"beta": 1.0, "tau": 10.0, "seed": 1, "distance": [0.9, 0.2]}]
+  results = {"betas": [0.0, 1.0], "taus": [2.0, 10.0], "runs": runs}
+  assert subspace_distance.table(results).splitlines() == [
+      "| β | τ = 2 | τ = 10 |", "|---|---|---|",
+      "| 0 | 0.950 ± 0.050 | 0.950 ± 0.050 |", "| 1 | 0.400 ± 0.100 | 0.150 ± 0.050 |"]
+
+
+def test_a_tiny_sweep_writes_every_runs_curves_the_table_and_the_plot(tmp_path, run_module):
+  result = run_module("experiments.subspace_distance", f"--output={tmp_path / 'out'}",
+                      "--betas=0,1", "--taus=10", "--seeds=0", "--num_words=200",
+                      "--hidden_size=4", "--batch_size=2", "--num_steps=5", "--num_epochs=2")
+  assert result.returncode == 0, result.stderr[-2000:]
+  results = json.loads((tmp_path / "out.json").read_text())
+  assert [(r["beta"], r["tau"], r["seed"]) for r in results["runs"]] == [
+      (0.0, None, 0), (1.0, 10.0, 0)]
+  for run in results["runs"]:
+    assert len(run["distance"]) == len(run["cross_entropy"]) == len(run["kl"]) == 2
+    assert all(0 <= d <= 1 for d in run["distance"])
+  table = subspace_distance.table(results)
+  assert table in (tmp_path / "out.md").read_text() and table in result.stdout
+  assert (tmp_path / "out.png").read_bytes()[:4] == b"\x89PNG"
+
