@@ -17,6 +17,12 @@ def test_neighbors_by_hand():
   assert [w for w, _ in found["c"]] == ["b", "a"]
   with pytest.raises(UserError, match="not in the vocabulary: e"):
     neighbors.nearest_neighbors(embedding, vocab, ["e"], k=2)
+  # Every other word, and no more: the word itself is never its own neighbour.
+  assert [w for w, _ in neighbors.nearest_neighbors(embedding, vocab, ["a"], k=3)["a"]] == [
+      "b", "c", "d"]
+  for k in (0, 4):
+    with pytest.raises(UserError, match=rf"^k={k} must be in \[1, 3\]$"):
+      neighbors.nearest_neighbors(embedding, vocab, ["a"], k=k)
 
 
 def test_neighbors_cli_matches_numpy(trained_run, run_module):
