@@ -137,6 +137,11 @@ def test_text_corpus_caps_the_vocabulary_with_unk(tmp_path):
   np.testing.assert_array_equal(full.valid, [0, 5, 2])  # 'z' is not in train
   with pytest.raises(data.DataError, match=r"^max_vocab_size=1 must be 0 \(every word\) or >= 2"):
     data.load_corpus("text", str(tmp_path), max_vocab_size=1)
+  # A literal <unk> in the text is the one <unk>, last, not a second id of its own.
+  (tmp_path / "train.txt").write_text("a <unk> <unk> <unk> b a\n")
+  with_unk = data.load_corpus("text", str(tmp_path), max_vocab_size=3)
+  assert with_unk.vocab == ("a", "b", "<unk>")
+  np.testing.assert_array_equal(with_unk.train, [0, 2, 2, 2, 1, 0, 2])  # <eos> is rarer
 
 
 def test_closed_corpora_refuse_a_vocabulary_cap(tmp_path):

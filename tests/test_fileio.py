@@ -89,6 +89,20 @@ def test_a_folder_that_cannot_be_written_is_refused_even_for_root(tmp_path):
   assert list(tmp_path.iterdir()) == []  # the probe leaves nothing behind
 
 
+def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary_one(tmp_path, monkeypatch):
+  # A full disk at the fsync, or Ctrl-C there: the file keeps its old content.
+  path = tmp_path / "metrics.jsonl"
+  path.write_text("old")
+
+  def full_disk(fd):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(fileio.os, "fsync", full_disk)
+  with pytest.raises(OSError, match="No space left"):
+    atomic_write(path, "new")
+  assert path.read_text() == "old" and list(tmp_path.iterdir()) == [path]
+
+
 def test_the_temporary_files_of_killed_atomic_writes_are_removed_and_nothing_else(tmp_path):
   # What atomic_write leaves when kill -9 comes between mkstemp and the rename.
   fd, left = tempfile.mkstemp(dir=tmp_path, prefix=".metrics.jsonl.", suffix=".tmp")

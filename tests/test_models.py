@@ -355,6 +355,29 @@ def test_bfloat16_compute_stays_close_to_float32_and_keeps_float32_params_and_gr
     np.testing.assert_allclose(g16, g32, atol=2e-2 * float(jnp.abs(g32).max()) + 1e-6)
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_bfloat16_output_layers_round_their_inputs_untied_and_through_a_projection(tied):
+  # The largest products: untied logits W h, and a tied model's projection then L p.
+  def rounded(x):
+    return x.astype(jnp.bfloat16).astype(jnp.float32)
+
+  model = make_model(compute_dtype="bfloat16", hidden_size=E + 2, tie_embeddings=tied,
+                     output_projection=tied, output_bias=not tied)
+  params = init(model)
+  hidden = jax.random.normal(jax.random.key(3), (B, T, E + 2))
+  logits = model.apply({"params": params}, hidden, method=model.output_logits)
+  if tied:
+    projected = rounded(hidden) @ rounded(params["projection"]["kernel"])
+    expected = rounded(projected) @ rounded(params["embed"]["embedding"]).T
+  else:
+    expected = rounded(hidden) @ rounded(params["output_kernel"]["kernel"])
+  np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-6)
+  in_float32 = make_model(hidden_size=E + 2, tie_embeddings=tied, output_projection=tied,
+                          output_bias=not tied).apply(
+      {"params": params}, hidden, method=model.output_logits)
+  assert np.abs(np.asarray(logits - in_float32)).max() > 1e-4  # it did round
+
+
 def test_evaluation_copy_of_a_bfloat16_model_computes_the_float32_models_numbers():
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, V, (B, T)), jnp.int32)
   trained = make_model(compute_dtype="bfloat16", unroll=2)

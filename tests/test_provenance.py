@@ -25,6 +25,8 @@ def test_only_changes_outside_the_results_mark_the_commit_dirty(tmp_path, monkey
   head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True,
                         text=True, check=True).stdout.strip()
   assert provenance.git_commit() == head
+  (tmp_path / "notes.txt").write_text("untracked\n")  # run directories, notes: not the code
+  assert provenance.git_commit() == head
   (tmp_path / "experiments" / "results" / "run.json").write_text('{"new": 1}\n')
   assert provenance.git_commit() == head  # a harness rewrote its results
   (tmp_path / "code.py").write_text("x = 2\n")

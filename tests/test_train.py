@@ -147,9 +147,12 @@ def test_gradients_are_clipped_to_the_global_norm():
   np.testing.assert_allclose(optax.global_norm(update), 1e-3, rtol=1e-4)
 
 
-def test_two_devices_give_the_same_steps_as_one():
+# clip_norm 0.1: every step's gradient (norm about 0.4) is clipped, after the average.
+@pytest.mark.parametrize("clip_norm", [5.0, 0.1])
+def test_two_devices_give_the_same_steps_as_one(clip_norm):
   assert jax.device_count() >= 2, "conftest.py sets two host devices"
   config = small_config()  # no dropout, augmented loss on, tied
+  config.optim.clip_norm = clip_norm
   model = train.make_model(config, V)
   state = train.create_train_state(config, model, steps_per_epoch=10)
   results = {}
@@ -166,6 +169,7 @@ def test_two_devices_give_the_same_steps_as_one():
     full_carry = jax.tree.map(lambda x: np.asarray(x).reshape(B, -1), carry)
     results[num_devices] = (jax.tree.map(lambda x: np.asarray(x[0]), s.params), full_carry,
                             jax.device_get(metrics))
+    assert (float(metrics["grad_norm"]) > clip_norm) == (clip_norm < 1)
   for one, two in zip(results[1], results[2], strict=True):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), one, two)
 
@@ -368,6 +372,12 @@ def test_evaluation_compiles_once_whether_its_params_come_from_the_state_a_check
         ("max_vocab_size", 500, "max_vocab_size=500 applies to dataset='text' only; 'ptb' has "
          "its own fixed vocabulary"),
         ("checkpoint_every_steps", -5, "checkpoint_every_steps=-5 must be >= 0"),
+        ("num_epochs", 0, "num_epochs=0 must be positive"),
+        ("max_steps_per_epoch", -5, r"max_steps_per_epoch=-5 must be >= 0 \(0 = full epochs\)"),
+        ("log_every_steps", 0, "log_every_steps=0 must be positive"),
+        ("eval_batch_size", 0, "eval_batch_size=0 must be positive"),
+        ("loss.gamma", -0.5, "loss.gamma=-0.5 must be >= 0"),  # the KL subtracted
+        ("optim.clip_norm", -1.0, r"optim.clip_norm=-1.0 must be > 0"),  # the loss climbed
         ("on_nonfinite", "ignore", "on_nonfinite='ignore' must be 'stop' or 'skip'"),
         ("optim.decay_rate", 1.5, r"optim.decay_rate=1.5 must be in \(0, 1\]"),
         ("model.lstm_implementation", "cuda", "model.lstm_implementation='cuda' must be"),
@@ -665,6 +675,23 @@ def test_a_step_with_a_non_finite_gradient_is_skipped_or_reported():
   updated, _, metrics = run(poisoned, skip=False)
   assert float(metrics["nonfinite_steps"]) == 1.0
   assert not np.isfinite(np.asarray(updated.params["lstm_0"]["bias"])).all()
+  # A finite loss with an infinite gradient: the row of a word the batch does not use,
+  # scaled by 1e15, leaves the cross-entropy as it was and the KL finite (about 1e14), and
+  # its gradient overflows. Skipped too.
+  unused = min(set(range(V)) - set(inputs.ravel()) - set(targets.ravel()))
+  overflowing = state.replace(params=flax.core.copy(state.params, {}))
+  overflowing.params["embed"]["embedding"] = (
+      overflowing.params["embed"]["embedding"].at[:, unused].multiply(1e15))
+  _, _, metrics = run(overflowing, skip=False)
+  assert np.isfinite(float(metrics["kl_sum"])) and float(metrics["kl_sum"]) > 1e12
+  assert not np.isfinite(float(metrics["grad_norm"]))
+  before = jax.tree.map(np.asarray, overflowing)
+  skipped, _, metrics = run(overflowing, skip=True)
+  assert float(metrics["nonfinite_steps"]) == 1.0
+  for got, expected in zip(
+      jax.tree.leaves(skipped.params), jax.tree.leaves(before.params), strict=True
+  ):
+    np.testing.assert_array_equal(np.asarray(got)[0], expected[0])
 
 
 class _Records:
@@ -712,6 +739,20 @@ def test_skipped_steps_stay_out_of_the_logged_loss_and_gradient_norm():
   assert np.isnan(json.loads(json.dumps(second))["loss"])  # README: written and read as NaN
   assert totals == {"cross_entropy_sum": 60.0, "kl_sum": 3.0, "num_tokens": 20.0,
                     "nonfinite_steps": 2.0}
+
+
+def test_a_non_finite_step_is_named_by_its_number_in_the_epoch_after_the_last_finite_loss():
+  # The interval after step 10 of the epoch: steps 11, 12 and 13; 12 is the first bad one.
+  finite = {"cross_entropy_sum": 30.0, "num_tokens": 15.0, "nonfinite_steps": 0.0}
+  window = [finite, {**finite, "nonfinite_steps": 1.0}, {**finite, "nonfinite_steps": 1.0}]
+  with pytest.raises(train.NonFiniteError, match=(
+      r"^step 12 of the epoch has a non-finite loss or gradient \(the last finite loss was "
+      r"2.0000 at step 11\)$")):
+    train._check_finite(window, 10, "stop")
+  with pytest.raises(train.NonFiniteError, match=(
+      r"^step 12 of the epoch .* \(the last finite loss was before this log interval\)$")):
+    train._check_finite(window[1:], 11, "stop")
+  train._check_finite(window, 10, "skip")  # counted, not raised
 
 
 def test_non_finite_loss_stops_the_run_and_names_the_kept_checkpoint(tmp_path):
@@ -1029,6 +1070,10 @@ def test_a_workdir_of_another_model_shape_or_epoch_layout_is_refused_by_name(tmp
   config.num_steps, config.max_steps_per_epoch = 4, 3
   with pytest.raises(train.ConfigError, match=(
       r"another run: num_steps=4 \(checkpoint: 5\), max_steps_per_epoch=3 \(checkpoint: 0\)")):
+    train.train_and_evaluate(config, str(run))
+  config = tiny_run_config(tmp_path / "corpus", 2)
+  config.batch_size = 2  # the same shapes of every parameter, other windows
+  with pytest.raises(train.ConfigError, match=r"another run: batch_size=2 \(checkpoint: 4\)"):
     train.train_and_evaluate(config, str(run))
   # Every validation perplexity of a run, and so its best epoch, is on one eval batch
   # size; another size is `tied_lm.evaluate --eval_batch_size`'s job.
