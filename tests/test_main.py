@@ -82,13 +82,35 @@ def test_bad_input_is_one_line_and_exit_status_2(args, message, tmp_path):
     ("x = 1\n", "the file defines no get_config()"),
     ("def get_config():\n  return {'seed': 0}\n",
      "get_config() returned a dict, not an ml_collections.ConfigDict"),
+    # The line that raised, not the call in get_config that led to it.
+    ("def units():\n  return 650 // 0\n\n\ndef get_config():\n  return units()\n",
+     "line 2: ZeroDivisionError: integer division or modulo by zero"),
 ])
-def test_a_broken_config_file_is_one_line_naming_it(source, message, tmp_path):
+@pytest.mark.parametrize("spelling", ["--config=FILE", "--config FILE"])
+def test_a_broken_config_file_is_one_line_naming_it(source, message, spelling, tmp_path):
   config_file = tmp_path / "my_config.py"
   config_file.write_text(source)
-  result, workdir = run_main(f"--config={config_file}", tmp_path=tmp_path)
+  flag = ([f"--config={config_file}"] if spelling == "--config=FILE"
+          else ["--config", str(config_file)])
+  result, workdir = run_main(*flag, tmp_path=tmp_path)
   assert result.returncode == 2
   assert result.stderr.strip() == f"error: --config={config_file}: {message}", result.stderr
+  assert not workdir.exists()
+
+
+@pytest.mark.parametrize("args,env,message", [
+    (["--multihost"], {}, "cannot start the multi-host runtime: coordinator_address should be "
+     "defined (set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, or run "
+     "under a cluster manager JAX detects)"),
+    ([], {"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1", "JAX_NUM_PROCESSES": "two"},
+     "JAX_NUM_PROCESSES='two' must be an integer"),
+])
+def test_a_multihost_start_without_its_settings_is_one_line(args, env, message, tmp_path,
+                                                            monkeypatch):
+  # They were a 21-line ValueError traceback with status 1.
+  monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
+  result, workdir = run_main("--config=configs/default.py", *args, tmp_path=tmp_path, env=env)
+  assert (result.returncode, result.stderr.strip()) == (2, f"error: {message}")
   assert not workdir.exists()
 
 
@@ -168,6 +190,10 @@ def test_two_processes_train_the_same_parameters_as_one_process_with_two_devices
   for p, (_, stderr) in zip(processes, outputs, strict=True):
     assert p.returncode == 0, stderr[-2000:]
   assert "process 0 of 2, 1 local devices of 2" in outputs[0][1]
+  # One copy of the progress: process 1 says who it is, then only warnings.
+  assert "process 1 of 2, 1 local devices of 2" in outputs[1][1]
+  assert "epoch 1 done" in outputs[0][1] and "epoch 1 done" not in outputs[1][1]
+  assert "step 12/12" in outputs[0][1] and "step 12/12" not in outputs[1][1]
 
   single_results = json.loads((single_dir / "results.json").read_text())
   multi_results = json.loads((multi_dir / "results.json").read_text())

@@ -37,6 +37,15 @@ def test_predictions_cli_reports_probabilities_and_top_words(trained_run, tmp_pa
   assert [w for w, _ in top] == [vocab[i] for i in order]
   np.testing.assert_allclose(probabilities, expected[order], rtol=1e-5)
   assert "| run | variant | p(<unk>) |" in (tmp_path / "p.md").read_text()
+  # Each word's own mean probability over the validation text (tests/test_analysis.py
+  # checks average_probabilities against a direct softmax).
+  from tied_lm import analysis
+
+  words = list(run["average_probability"])
+  expected = analysis.average_probabilities(
+      trained.model, trained.params, trained.corpus.valid, [vocab.index(w) for w in words])
+  np.testing.assert_allclose([run["average_probability"][w] for w in words], expected,
+                             rtol=1e-5)
 
 
 def test_predictions_of_a_folder_that_is_not_a_run_is_one_line(tmp_path, run_module):

@@ -464,9 +464,12 @@ def test_paper_configs():
         assert config.model.output_bias == (variant in ("vd", "al"))
         assert config.loss.augmented == (variant in ("al", "real"))
         # The paper's per-size settings (../shared/PAPER.md) and Zaremba's init range.
-        units, decay_start, decay_rate, clip, init_scale = {
-            "small": (200, 5, 0.9, 5.0, 0.1), "medium": (650, 10, 0.9, 5.0, 0.05),
-            "large": (1500, 1, 0.97, 6.0, 0.04)}[size]
+        # The epochs: ours (the paper gives none), after which the learning rate has fallen
+        # 40-190 times; every window of every epoch.
+        units, decay_start, decay_rate, clip, init_scale, epochs = {
+            "small": (200, 5, 0.9, 5.0, 0.1, 40), "medium": (650, 10, 0.9, 5.0, 0.05, 60),
+            "large": (1500, 1, 0.97, 6.0, 0.04, 120)}[size]
+        assert (config.num_epochs, config.max_steps_per_epoch) == (epochs, 0)
         dropout = {"ptb": {"small": 0.3, "medium": 0.5, "large": 0.65},
                    "wikitext2": {"small": 0.2, "medium": 0.4, "large": 0.4}}[dataset][size]
         model, optim = config.model, config.optim
@@ -483,6 +486,8 @@ def test_paper_configs():
     ptb.get_config("small,tied")
   with pytest.raises(ValueError, match=r"SIZE in small \| medium \| large"):
     wikitext2.get_config("huge,real")
+  with pytest.raises(ValueError, match=r"'medium,real,0.2' must be SIZE,VARIANT"):
+    ptb.get_config("medium,real,0.2")  # not read as medium,real
 
 
 def test_default_config_learns_ptb(tmp_path):
@@ -1007,8 +1012,10 @@ def test_a_second_ctrl_c_while_the_stops_checkpoint_is_written_waits_for_it(
   assert [launch["resumed_step"] for launch in launches] == [None, step]
 
 
+# At epoch 2's validation epoch 1 is checkpointed; at epoch 1's, nothing is yet.
+@pytest.mark.parametrize("validation", [2, 1])
 def test_a_second_ctrl_c_during_training_names_the_checkpoint_to_resume_from(
-    tmp_path, monkeypatch, terminal_sigint):
+    tmp_path, monkeypatch, terminal_sigint, validation):
   # It ended in errors.command's generic 'stopped by SIGINT (Ctrl-C)', which did not say
   # that the run resumes, nor from where.
   write_tiny_corpus(tmp_path / "corpus")
@@ -1016,7 +1023,7 @@ def test_a_second_ctrl_c_during_training_names_the_checkpoint_to_resume_from(
 
   def evaluate_after_two_ctrl_cs(*args):
     calls.append(args)
-    if len(calls) == 2:  # epoch 2's validation, epoch 1 checkpointed
+    if len(calls) == validation:
       signal.raise_signal(signal.SIGINT)
       signal.raise_signal(signal.SIGINT)
     return evaluate(*args)
@@ -1025,12 +1032,17 @@ def test_a_second_ctrl_c_during_training_names_the_checkpoint_to_resume_from(
   with pytest.raises(train.Interrupted) as raised:
     train.train_and_evaluate(tiny_run_config(tmp_path / "corpus", 3), str(tmp_path / "run"))
   checkpoints = tmp_path / "run" / "checkpoints"
-  (step,) = [int(d.name) for d in checkpoints.iterdir()]
+  steps = [int(d.name) for d in checkpoints.iterdir()]
+  assert raised.value.signum == signal.SIGINT
+  assert len(reporting.read_records(tmp_path / "run", "epoch")) == validation - 1
+  if validation == 1:
+    assert steps == [] and str(raised.value) == (
+        "stopped by SIGINT at once: no checkpoint was written yet")
+    return
+  (step,) = steps
   assert str(raised.value) == (
       f"stopped by SIGINT at once: checkpoint {step} in {checkpoints.resolve()} is the "
       "latest; run the same command again to resume from it")
-  assert raised.value.signum == signal.SIGINT
-  assert len(reporting.read_records(tmp_path / "run", "epoch")) == 1
 
 
 def test_a_signal_in_the_last_epoch_stops_before_the_test(tmp_path, monkeypatch):

@@ -96,12 +96,21 @@ def initialize_multihost() -> None:
 
   # Cross-process collectives of CPU devices need gloo; GPUs and TPUs ignore it.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  env = {
-      name: int(os.environ[var])
-      for name, var in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID"))
-      if var in os.environ
-  }
-  jax.distributed.initialize(**env)
+  env = {}
+  for name, var in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+    if var in os.environ:
+      try:
+        env[name] = int(os.environ[var])
+      except ValueError:
+        raise errors.UserError(f"{var}={os.environ[var]!r} must be an integer") from None
+  try:
+    jax.distributed.initialize(**env)
+  except (ValueError, RuntimeError) as error:  # no coordinator found, bad ids, none reached
+    raise errors.UserError(
+        f"cannot start the multi-host runtime: {str(error).rstrip('.')} (set "
+        "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, or run under a "
+        "cluster manager JAX detects)"
+    ) from None
   logging.info(
       "process %d of %d, %d local devices of %d",
       jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
