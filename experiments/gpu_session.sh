@@ -55,7 +55,10 @@ step() {  # step NAME COMMAND...: run one step, its output to OUT_DIR/NAME.log
   local rc=$?
   echo "   exit $rc after $((SECONDS - start)) s"
   tail -n 25 "$out/$name.log"
+  # In a file: the runs part starts steps in the background, whose variables stay there.
+  [[ $rc -eq 0 ]] || echo "$name (exit $rc)" >> "$out/failed_steps"
 }
+rm -f "$out/failed_steps"
 
 case "$part" in
   checks)
@@ -97,3 +100,8 @@ case "$part" in
       --exclude=tensorboard .
     ;;
 esac
+# An unattended lease must not read as a success when a step failed.
+if [[ -s "$out/failed_steps" ]]; then
+  echo "error: $(wc -l < "$out/failed_steps") step(s) failed: $(paste -sd, "$out/failed_steps")" >&2
+  exit 1
+fi
