@@ -1,11 +1,14 @@
 """experiments/profile_step.py: a tiny run writes its blocks with their FLOP counts."""
 
+import json
+
 import jax
 import numpy as np
+import pytest
 
 from configs import default
 from experiments import benchmark, profile_step
-from tied_lm import data, train
+from tied_lm import data, losses, train
 
 
 def test_profile_step_times_each_block(run_tiny_timing):
@@ -68,3 +71,49 @@ def test_the_eval_blocks_compose_to_the_eval_step():
   _, nll = train.eval_step(params, carry, np.float32(0), inputs[None], targets[None],
                            weights[None], model=model)
   np.testing.assert_allclose(blocks["eval_output"].fn(), nll, rtol=1e-6)
+
+
+
+def test_the_output_block_is_the_gradient_of_the_training_objective():
+  # Against the unfused losses: Σ (CE + γτ KL) / B over the window, at the block's hidden
+  # states (the window's, under the dropout of key 0).
+  config = default.get_config()
+  model = train.make_model(config, 50)
+  rng = np.random.default_rng(0)
+  inputs, targets = rng.integers(0, 50, (2, 3, config.num_steps))
+  carry = model.initial_carry(3)
+  params = model.init(jax.random.key(1), inputs, carry, deterministic=True)["params"]
+  output_params = {k: v for k, v in params.items() if not k.startswith("lstm_")}
+  masks = model.apply({"params": params}, 3, deterministic=False,
+                      rngs={"dropout": jax.random.key(0)}, method=model.dropout_masks)
+  hidden = model.apply({"params": params}, inputs, carry, masks, method=model.hidden_states)[0]
+
+  def objective(output_params, hidden):
+    out = model.apply({"params": {**params, **output_params}}, hidden, carry,
+                      method=model.output_terms)
+    kl = losses.augmented_loss(out.bias_free_logits, targets, out.embedding, config.loss.tau)
+    per_token = losses.cross_entropy(out.logits, targets) + (
+        config.loss.gamma * config.loss.tau * kl)
+    return per_token.sum() / 3
+
+  assert config.loss.augmented
+  expected = jax.grad(objective, argnums=(0, 1))(output_params, hidden)
+  got = profile_step.our_blocks(config, model, params, inputs, targets)["output"].fn()
+  for got_leaf, expected_leaf in zip(jax.tree.leaves(got), jax.tree.leaves(expected),
+                                     strict=True):
+    np.testing.assert_allclose(got_leaf, expected_leaf, rtol=1e-4, atol=1e-6)
+
+
+def test_profile_step_times_torchs_blocks_beside_ours(tmp_path, run_module):
+  # The path experiments/gpu_session.sh runs on a GPU lease; CI has no torch.
+  pytest.importorskip("torch")
+  output = tmp_path / "profile.json"
+  result = run_module("experiments.profile_step", "--configs=configs/default.py", "--repeats=2",
+                      "--steps_per_repeat=2", "--warmup=0", "--matmul_size=256",
+                      "--compare=torch", f"--output={output}")
+  assert result.returncode == 0, result.stderr[-2000:]
+  (row,) = json.loads(output.read_text())["rows"]
+  for name in ("lstm", "output", "update", "step", "eval_lstm", "eval_output", "eval"):
+    stats = row["blocks"][name]
+    assert stats["torch_ms"] > 0, name
+    assert stats["ratio_vs_torch"] == pytest.approx(stats["torch_ms"] / stats["ms"]), name
