@@ -200,6 +200,11 @@ def no_network(url, deadline):
   raise OSError("network is unreachable")
 
 
+def serve_ptb(url, deadline):
+  """A mirror that serves the verified PTB files."""
+  return (SHARED / "ptb" / url.rsplit("/", 1)[1]).read_bytes()
+
+
 def test_a_broken_link_or_a_fifo_where_a_data_file_should_be_is_named_as_such(
     tmp_path, monkeypatch):
   monkeypatch.setattr(data, "_download", no_network)
@@ -239,6 +244,10 @@ def test_a_file_where_a_corpus_folder_should_be_is_named_as_such(tmp_path, monke
   with pytest.raises(data.DataError, match=(
       rf"^{tmp_path / 'ptb'} is a file, where the ptb files' folder should be; move it away$")):
     data.load_corpus("ptb", str(tmp_path))
+  # A file above the data directory: it downloaded every file, then could not write them.
+  with pytest.raises(data.DataError, match=(
+      rf"^cannot use {tmp_path / 'ptb' / 'sub'}: {tmp_path / 'ptb'} is a file, not a folder$")):
+    data.load_corpus("ptb", str(tmp_path / "ptb" / "sub"))
 
 
 def test_missing_files_without_network_name_files_and_directory(tmp_path, monkeypatch):
@@ -270,12 +279,15 @@ def test_a_byte_order_mark_is_not_part_of_the_first_word(tmp_path):
 
 
 def test_download_into_an_unwritable_place_is_a_data_error(tmp_path, monkeypatch):
-  monkeypatch.setattr(data, "_download",
-                      lambda url, deadline: (SHARED / "ptb" / url.rsplit("/", 1)[1]).read_bytes())
-  not_a_directory = tmp_path / "file"
-  not_a_directory.write_text("")
-  with pytest.raises(data.DataError, match="cannot write the downloaded files into"):
-    data.ensure_files("ptb", not_a_directory)
+  monkeypatch.setattr(data, "_download", serve_ptb)
+
+  def read_only(path, content):  # root writes anywhere: the write's failure, by hand
+    raise PermissionError(13, "Permission denied", str(path))
+
+  monkeypatch.setattr(data, "atomic_write", read_only)
+  with pytest.raises(data.DataError, match=(
+      rf"^cannot write the downloaded files into {tmp_path / 'ptb'}: .*Permission denied")):
+    data.ensure_files("ptb", tmp_path)
 
 
 def test_download_writes_verified_ptb_files(tmp_path, monkeypatch):
@@ -283,7 +295,7 @@ def test_download_writes_verified_ptb_files(tmp_path, monkeypatch):
 
   def fake_download(url, deadline):
     urls.append(url)
-    return (SHARED / "ptb" / url.rsplit("/", 1)[1]).read_bytes()
+    return serve_ptb(url, deadline)
 
   monkeypatch.setattr(data, "_download", fake_download)
   files = data.ensure_files("ptb", tmp_path)
@@ -297,8 +309,7 @@ def test_download_writes_verified_ptb_files(tmp_path, monkeypatch):
 
 def test_a_download_removes_only_the_stale_leftovers_of_killed_downloads(
     tmp_path, monkeypatch):
-  monkeypatch.setattr(data, "_download",
-                      lambda url, deadline: (SHARED / "ptb" / url.rsplit("/", 1)[1]).read_bytes())
+  monkeypatch.setattr(data, "_download", serve_ptb)
   (tmp_path / "ptb").mkdir()
   stale, recent = (tmp_path / "ptb" / f".ptb.valid.txt.{tag}.tmp"
                    for tag in ("abcd1234", "efgh5678"))
@@ -313,8 +324,7 @@ def test_a_download_removes_only_the_stale_leftovers_of_killed_downloads(
 def test_leftovers_that_cannot_be_removed_do_not_fail_the_download(
     tmp_path, monkeypatch, caplog):
   # Another user's leftover in a shared cache (sticky bit): the files are in.
-  monkeypatch.setattr(data, "_download",
-                      lambda url, deadline: (SHARED / "ptb" / url.rsplit("/", 1)[1]).read_bytes())
+  monkeypatch.setattr(data, "_download", serve_ptb)
 
   def not_permitted(*args, **kwargs):
     raise PermissionError(1, "Operation not permitted")

@@ -49,9 +49,9 @@ def test_missing_data_dir_is_refused(tmp_path):
 
 
 FAKE_PYTHON = """#!/usr/bin/env bash
-# Records each command (one line of arguments, NUL-separated) and exits with $FAKE_RC for
-# the commands whose arguments contain $FAKE_FAIL, 0 for the others.
-printf '%s\\0' "$@" >> "$FAKE_LOG"; echo >> "$FAKE_LOG"
+# Records each command in a file of its own (its arguments, NUL-separated: the runs part
+# starts three at once) and exits with 3 where the arguments contain $FAKE_FAIL.
+printf '%s\\0' "$@" > "$(mktemp "$FAKE_LOGS/command.XXXXXX")"
 if [[ -n "${FAKE_FAIL:-}" && "$*" == *"$FAKE_FAIL"* ]]; then exit 3; fi
 """
 
@@ -70,11 +70,14 @@ def run_with_fake_python(part: str, tmp_path: Path, fail: str = "") -> tuple:
   bin_dir.mkdir(exist_ok=True)
   (bin_dir / "python").write_text(FAKE_PYTHON)
   (bin_dir / "python").chmod(0o755)
-  log = tmp_path / f"{part}.commands"
-  env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_LOG": str(log),
-         "FAKE_FAIL": fail, "TIED_LM_DATA_DIR": str(tmp_path), "RUN_ROOT": str(tmp_path / "runs")}
+  logs = tmp_path / f"{part}_commands"
+  logs.mkdir()
+  env = {key: value for key, value in os.environ.items()
+         if key not in ("EXTRA_FLAGS", "RUNS_SECONDS")}  # the caller's dry-run settings
+  env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_LOGS=str(logs), FAKE_FAIL=fail,
+             TIED_LM_DATA_DIR=str(tmp_path), RUN_ROOT=str(tmp_path / "runs"))
   result = run(part, str(tmp_path / f"out_{part}"), env=env)
-  commands = [line.split("\0")[:-1] for line in log.read_text().splitlines() if line]
+  commands = [log.read_text().split("\0")[:-1] for log in sorted(logs.iterdir())]
   return result, commands
 
 
@@ -95,9 +98,12 @@ def test_every_command_of_a_part_passes_its_modules_own_flag_parsing(part, tmp_p
       assert check.returncode == 0, f"{command}: {check.stderr[-1500:]}"
 
 
-def test_a_failed_step_makes_the_session_fail_and_names_it(tmp_path):
+# One step in the foreground (checks), one of the runs started in the background.
+@pytest.mark.parametrize("part,fail,step", [
+    ("checks", "--set=model.lstm_implementation", "benchmark_cudnn"),
+    ("runs", "--variants=re ", "re_bias_dropout0.2_seed2")])  # not real
+def test_a_failed_step_makes_the_session_fail_and_names_it(tmp_path, part, fail, step):
   # Every step logged its exit status, and the script still ended with status 0.
-  result, _ = run_with_fake_python("checks", tmp_path, fail="--set=model.lstm_implementation")
+  result, _ = run_with_fake_python(part, tmp_path, fail=fail)
   assert result.returncode == 1
-  assert result.stderr.strip().splitlines()[-1] == (
-      "error: 1 step(s) failed: benchmark_cudnn (exit 3)")
+  assert result.stderr.strip().splitlines()[-1] == f"error: 1 step(s) failed: {step} (exit 3)"

@@ -21,24 +21,34 @@ def finished_run(tmp_path_factory):
   return workdir
 
 
-def test_tensorboard_scalars_equal_the_records_of_metrics_jsonl(finished_run):
+def tensorboard_events(workdir):
+  """The run's TensorBoard events, all of them, as TensorBoard reads them."""
   event_accumulator = pytest.importorskip(
       "tensorboard.backend.event_processing.event_accumulator"
   )
   events = event_accumulator.EventAccumulator(
-      str(finished_run / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0}
+      str(workdir / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0}
   )
   events.Reload()
-  records = reporting.read_records(finished_run)
-  assert [r["kind"] for r in records].count("train") == 8  # 2 epochs x 20 steps / 5
-  assert [r["kind"] for r in records][-3:] == ["train", "epoch", "test"]
+  return events
+
+
+def assert_scalars_equal_records(events, records):
+  """Every TensorBoard tag holds its records' values, step for step, each step once."""
   for kind, scalars in reporting.SCALARS.items():
     of_kind = [r for r in records if r["kind"] == kind]
     for key, tag in scalars.items():
       logged = events.Scalars(tag)
       assert [e.step for e in logged] == [r["step"] for r in of_kind], tag
-      for event, record in zip(logged, of_kind, strict=True):
-        assert event.value == pytest.approx(record[key], rel=1e-6), tag
+      assert [e.value for e in logged] == pytest.approx([r[key] for r in of_kind], rel=1e-6), tag
+
+
+def test_tensorboard_scalars_equal_the_records_of_metrics_jsonl(finished_run):
+  events = tensorboard_events(finished_run)
+  records = reporting.read_records(finished_run)
+  assert [r["kind"] for r in records].count("train") == 8  # 2 epochs x 20 steps / 5
+  assert [r["kind"] for r in records][-3:] == ["train", "epoch", "test"]
+  assert_scalars_equal_records(events, records)
   assert "config/text_summary" in events.Tags()["tensors"]
   # The finished run's hparams, with its best validation and its test perplexity.
   test_record = records[-1]
@@ -57,9 +67,6 @@ def test_a_resumed_run_replaces_the_tensorboard_steps_after_its_checkpoint(
   # Killed after epoch 2 logged its steps but before its checkpoint: the resume logs
   # steps 25-40 again, and TensorBoard shows each step once, the checkpoint's step 20 (the
   # last log line and the end of epoch 1) included.
-  event_accumulator = pytest.importorskip(
-      "tensorboard.backend.event_processing.event_accumulator"
-  )
   workdir = tmp_path / "run"
   shutil.copytree(finished_run, workdir)
   shutil.rmtree(workdir / "checkpoints" / "40")
@@ -69,16 +76,8 @@ def test_a_resumed_run_replaces_the_tensorboard_steps_after_its_checkpoint(
   config.num_epochs, config.max_steps_per_epoch, config.log_every_steps = 2, 20, 5
   train.train_and_evaluate(config, str(workdir))
   assert set((workdir / "tensorboard").iterdir()) > files_before  # the resume's own files
-  events = event_accumulator.EventAccumulator(
-      str(workdir / "tensorboard"), size_guidance={"scalars": 0})
-  events.Reload()
   records = reporting.read_records(workdir)
-  for kind, scalars in reporting.SCALARS.items():
-    of_kind = [r for r in records if r["kind"] == kind]
-    for key, tag in scalars.items():
-      logged = events.Scalars(tag)
-      assert [e.step for e in logged] == [r["step"] for r in of_kind], tag
-      assert [e.value for e in logged] == pytest.approx([r[key] for r in of_kind]), tag
+  assert_scalars_equal_records(tensorboard_events(workdir), records)
   assert [r["step"] for r in records if r["kind"] == "train"] == [5, 10, 15, 20, 25, 30, 35, 40]
   assert [r["step"] for r in records if r["kind"] == "epoch"] == [20, 40]
 

@@ -114,11 +114,15 @@ def _unreadable(path: Path, error: OSError) -> DataError:
 
 def _kind(path: Path) -> str | None:
   """What is at `path`, symbolic links followed: "file", "folder", "other" (a FIFO, a
-  device) or None for nothing. A broken symbolic link, or a folder above that may not be
-  searched (EACCES), is a DataError of one line, not a traceback or a download."""
+  device) or None for nothing. A broken symbolic link, a file where a folder above it
+  should be, or a folder above that may not be searched (EACCES) is a DataError of one
+  line, not a traceback or a download that cannot be written."""
   try:
     mode = path.stat().st_mode
-  except (FileNotFoundError, NotADirectoryError):
+  except NotADirectoryError:
+    blocker = next((parent for parent in path.parents if parent.is_file()), path.parent)
+    raise DataError(f"cannot use {path}: {blocker} is a file, not a folder") from None
+  except FileNotFoundError:
     if path.is_symlink():
       raise DataError(f"{path} is a broken symbolic link (to {os.readlink(path)}); fix or "
                       "remove it") from None
@@ -126,6 +130,11 @@ def _kind(path: Path) -> str | None:
   except OSError as error:
     raise _unreadable(path, error) from None
   return "folder" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode) else "other"
+
+
+def _kind_phrase(kind: str) -> str:
+  """'a file', or 'a FIFO or device' for `_kind`'s "other"."""
+  return "a file" if kind == "file" else "a FIFO or device"
 
 
 def _is_file(path: Path) -> bool:
@@ -220,9 +229,10 @@ def ensure_files(dataset: str, data_dir: Path) -> dict[str, Path]:
   """Returns split -> verified file of a closed corpus, downloading if missing."""
   source = SOURCES[dataset]
   directory = data_dir / source.subdir
-  if _kind(directory) not in (None, "folder"):
-    raise DataError(f"{directory} is a file, where the {dataset} files' folder should be; "
-                    "move it away")
+  kind = _kind(directory)
+  if kind not in (None, "folder"):
+    raise DataError(f"{directory} is {_kind_phrase(kind)}, where the {dataset} files' "
+                    "folder should be; move it away")
   missing = [name for name in source.files.values() if not _is_file(directory / name)]
   if missing:
     _fetch_files(source, directory, missing)
@@ -334,10 +344,12 @@ def load_corpus(dataset: str, data_dir: str = "", max_vocab_size: int = 0) -> Co
     raise DataError(problem)
   closed = dataset != "text"
   root = resolve_data_dir(data_dir)
-  if _kind(root) not in (None, "folder"):
+  kind = _kind(root)
+  if kind not in (None, "folder"):
     named_by = "config.data_dir" if data_dir else (
         f"${DATA_DIR_ENV}" if os.environ.get(DATA_DIR_ENV) else "the default")
-    raise DataError(f"the data directory {root} ({named_by}) is a file, not a directory")
+    raise DataError(
+        f"the data directory {root} ({named_by}) is {_kind_phrase(kind)}, not a directory")
   files = ensure_files(dataset, root) if closed else text_files(root)
   tokens = {split: tokenize(path) for split, path in files.items()}
   for split, split_tokens in tokens.items():

@@ -105,7 +105,9 @@ def initialize_multihost() -> None:
         raise errors.UserError(f"{var}={os.environ[var]!r} must be an integer") from None
   try:
     jax.distributed.initialize(**env)
-  except (ValueError, RuntimeError) as error:  # no coordinator found, bad ids, none reached
+  # No coordinator found, or bad ids. (One that cannot be reached aborts inside JAX after
+  # its timeout, as a C++ fatal error this cannot catch.)
+  except (ValueError, RuntimeError) as error:
     raise errors.UserError(
         f"cannot start the multi-host runtime: {str(error).rstrip('.')} (set "
         "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, or run under a "

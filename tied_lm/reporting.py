@@ -98,8 +98,8 @@ class Reporter:
         self._writer.add_text("config", f"```\n{config.to_json(indent=2)}\n```", 0)
       # The purge hides the checkpoint's own step too, whose records (the last log line,
       # an epoch's end) the resumed state holds: they are shown again.
-      for record in records:  # (records of old runs may lack a kind and a step)
-        if record.get("step") == resumed_step and record.get("kind") in SCALARS:
+      for record in records:
+        if record["step"] == resumed_step:
           self._to_tensorboard(record)
     self._progress_bar = (
         writer and sys.stdout.isatty() if progress_bar is None else progress_bar
