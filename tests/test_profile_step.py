@@ -57,13 +57,19 @@ def test_the_update_block_is_the_clipped_sgd_step_of_training():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_the_eval_blocks_compose_to_the_eval_step():
+def tiny_window():
+  """configs/default.py's model over a vocabulary of 50, its params, and one window of 3
+  rows: (config, model, params, inputs, targets, carry)."""
   config = default.get_config()
   model = train.make_model(config, 50)
-  rng = np.random.default_rng(0)
-  inputs, targets = rng.integers(0, 50, (2, 3, config.num_steps))
+  inputs, targets = np.random.default_rng(0).integers(0, 50, (2, 3, config.num_steps))
   carry = model.initial_carry(3)
   params = model.init(jax.random.key(1), inputs, carry, deterministic=True)["params"]
+  return config, model, params, inputs, targets, carry
+
+
+def test_the_eval_blocks_compose_to_the_eval_step():
+  config, model, params, inputs, targets, carry = tiny_window()
   blocks = profile_step.our_eval_blocks(model, params, inputs, targets)
   hidden = blocks["eval_lstm"].fn()
   assert hidden.shape == (3, config.num_steps, config.model.hidden_size)
@@ -73,16 +79,10 @@ def test_the_eval_blocks_compose_to_the_eval_step():
   np.testing.assert_allclose(blocks["eval_output"].fn(), nll, rtol=1e-6)
 
 
-
 def test_the_output_block_is_the_gradient_of_the_training_objective():
   # Against the unfused losses: Σ (CE + γτ KL) / B over the window, at the block's hidden
   # states (the window's, under the dropout of key 0).
-  config = default.get_config()
-  model = train.make_model(config, 50)
-  rng = np.random.default_rng(0)
-  inputs, targets = rng.integers(0, 50, (2, 3, config.num_steps))
-  carry = model.initial_carry(3)
-  params = model.init(jax.random.key(1), inputs, carry, deterministic=True)["params"]
+  config, model, params, inputs, targets, carry = tiny_window()
   output_params = {k: v for k, v in params.items() if not k.startswith("lstm_")}
   masks = model.apply({"params": params}, 3, deterministic=False,
                       rngs={"dropout": jax.random.key(0)}, method=model.dropout_masks)
