@@ -12,12 +12,17 @@ from configs import default
 from tied_lm import reporting, train
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
+def two_epoch_config():
+  """configs/default.py for 2 epochs of 20 steps, a log line every 5."""
   config = default.get_config()
   config.num_epochs, config.max_steps_per_epoch, config.log_every_steps = 2, 20, 5
+  return config
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("run")
-  train.train_and_evaluate(config, str(workdir))
+  train.train_and_evaluate(two_epoch_config(), str(workdir))
   return workdir
 
 
@@ -72,9 +77,7 @@ def test_a_resumed_run_replaces_the_tensorboard_steps_after_its_checkpoint(
   shutil.rmtree(workdir / "checkpoints" / "40")
   (workdir / "results.json").unlink()
   files_before = set((workdir / "tensorboard").iterdir())
-  config = default.get_config()
-  config.num_epochs, config.max_steps_per_epoch, config.log_every_steps = 2, 20, 5
-  train.train_and_evaluate(config, str(workdir))
+  train.train_and_evaluate(two_epoch_config(), str(workdir))
   assert set((workdir / "tensorboard").iterdir()) > files_before  # the resume's own files
   records = reporting.read_records(workdir)
   assert_scalars_equal_records(tensorboard_events(workdir), records)
