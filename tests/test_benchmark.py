@@ -1,5 +1,6 @@
 """experiments/benchmark.py: its FLOP count by hand, bad input, and a tiny end-to-end run."""
 
+import json
 import mmap
 from types import SimpleNamespace
 
@@ -140,6 +141,84 @@ def test_benchmark_writes_its_rows_with_provenance(run_tiny_timing):
     assert row[kind]["peak_fraction"] == pytest.approx(
         row[kind]["achieved_flops"] / max(samples))
   assert "configs/default.py" in stdout  # the printed table
+
+
+def test_benchmark_times_torch_beside_ours_on_the_same_loss(tmp_path, run_module):
+  pytest.importorskip("torch")
+  output = tmp_path / "benchmark.json"
+  result = run_module("experiments.benchmark", "--configs=configs/default.py", "--repeats=2",
+                      "--steps_per_repeat=2", "--warmup=0", "--matmul_size=256",
+                      "--compare=torch", f"--output={output}")
+  assert result.returncode == 0, result.stderr[-2000:]
+  results = json.loads(output.read_text())
+  assert results["versions"]["torch"]
+  assert set(results["matmul_peak_flops"]) == set(results["matmul_peak_samples"]) == {
+      "jax", "torch"}
+  (row,) = results["rows"]
+  assert row["torch_loss_relative_difference"] < 1e-6
+  assert row["torch_logits_relative_difference"] < 1e-5
+  for kind, tokens in (("train", row["batch_size"] * row["num_steps"]),
+                       ("eval", 10 * row["num_steps"])):
+    theirs = row[f"torch_{kind}"]
+    assert len(theirs["repeat_seconds"]) == 2
+    assert abs(theirs["tokens_per_second"] * theirs["step_ms"] / 1e3 - tokens) < 1e-6 * tokens
+  assert {key: row[key] for key in row if "ratio_vs_torch" in key} == (
+      benchmark.ratios_vs_torch(row))
+  assert set(benchmark.ratios_vs_torch(row)) == {
+      f"{kind}_ratio_vs_torch{suffix}" for kind in ("train", "eval") for suffix in ("", "_range")}
+
+
+@pytest.mark.parametrize("embedding_scale,message", [
+    (1.1, "logits other than ours"),  # the loss moves by under 1e-4: logits tell
+    (None, "logits other than ours"),  # torch's own initialisation
+])
+def test_a_torch_reference_that_computes_another_function_is_refused(
+    embedding_scale, message, monkeypatch):
+  torch = pytest.importorskip("torch")
+  torch_reference = pytest.importorskip("experiments.torch_reference")
+  config = default.get_config()
+  vocab = tuple(f"w{i}" for i in range(300))
+  ids = np.random.default_rng(0).integers(0, len(vocab), 200).astype(np.int32)
+  corpus = data.Corpus(vocab, ids, ids[:5], ids[:5])
+  model = train.make_model(config, len(vocab))
+  params = train.create_train_state(config, model, steps_per_epoch=1).params
+  differences = benchmark.check_torch_matches(config, corpus, params, "cpu")
+  assert max(differences.values()) < 1e-5
+  load = torch_reference.load_flax_params
+
+  def load_otherwise(reference, params):
+    if embedding_scale is not None:
+      load(reference, params)
+      with torch.no_grad():
+        reference.embed.weight.mul_(embedding_scale)
+
+  monkeypatch.setattr(torch_reference, "load_flax_params", load_otherwise)
+  torch.manual_seed(0)
+  with pytest.raises(UserError, match=f"{message} .* would not compare the same work"):
+    benchmark.check_torch_matches(config, corpus, params, "cpu")
+
+
+def test_the_torch_check_compares_the_loss_where_the_logits_agree(monkeypatch):
+  # A reference without the augmented term would time less work. (The loss's exact
+  # value and gradients are test_torch_reference.py's.)
+  torch_reference = pytest.importorskip("experiments.torch_reference")
+  config = default.get_config()
+  vocab = tuple(f"w{i}" for i in range(300))
+  ids = np.random.default_rng(0).integers(0, len(vocab), 200).astype(np.int32)
+  corpus = data.Corpus(vocab, ids, ids[:5], ids[:5])
+  model = train.make_model(config, len(vocab))
+  params = train.create_train_state(config, model, steps_per_epoch=1).params
+  loss_terms = torch_reference.loss_terms
+
+  def without_the_augmented_term(*args):
+    *rest, loss_config = args
+    loss_config = loss_config.copy_and_resolve_references()
+    loss_config.augmented = False
+    return loss_terms(*rest, loss_config)
+
+  monkeypatch.setattr(torch_reference, "loss_terms", without_the_augmented_term)
+  with pytest.raises(UserError, match="a loss other than ours"):
+    benchmark.check_torch_matches(config, corpus, params, "cpu")
 
 
 def test_every_call_runs_a_timed_calls_windows_so_our_evaluator_compiles_only_first(

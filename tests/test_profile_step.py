@@ -105,7 +105,7 @@ def test_the_output_block_is_the_gradient_of_the_training_objective():
 
 
 def test_profile_step_times_torchs_blocks_beside_ours(tmp_path, run_module):
-  # The path experiments/gpu_session.sh runs on a GPU lease; CI has no torch.
+  # The path experiments/gpu_session.sh runs on a GPU lease.
   pytest.importorskip("torch")
   output = tmp_path / "profile.json"
   result = run_module("experiments.profile_step", "--configs=configs/default.py", "--repeats=2",

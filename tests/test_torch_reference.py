@@ -1,6 +1,6 @@
 """The PyTorch reference of experiments/ computes our model's loss and every gradient.
 
-Runs only where the `bench` extra (torch) is installed; CI skips it.
+Runs where the `bench` extra (torch) is installed, as in CI; skipped without torch.
 """
 
 import jax
