@@ -388,7 +388,8 @@ def check_torch_matches(
   """How far torch's deterministic logits and loss are from ours on the same params.
 
   Both compute on `params` times CHECKED_PARAMS_SCALE, in float32 with full-precision
-  matmuls whatever the timed precision: the check compares functions, not roundings.
+  matmuls and ours with the scan LSTM, whatever is timed: the check compares functions,
+  not roundings or kernels (tests/test_models.py compares cuDNN's with the scan's).
 
   Returns: {"logits": max |ours - theirs| / max |ours| over the [4, T, V] logits,
     "loss": |ours - theirs| / |ours| of the summed loss}.
@@ -401,6 +402,7 @@ def check_torch_matches(
 
   config = config.copy_and_resolve_references()
   config.model.compute_dtype = "float32"
+  config.model.lstm_implementation = "scan"
   params = jax.tree.map(lambda x: CHECKED_PARAMS_SCALE * x, params)
   model = train.make_model(config, corpus.vocab_size)
   inputs, targets = (x[0] for x in data.train_windows(corpus.train, 4, config.num_steps))
