@@ -409,8 +409,8 @@ def test_evaluation_compiles_once_whether_its_params_come_from_the_state_a_check
         ("optim.decay_start_epoch", -5,
          r"optim.decay_start_epoch=-5 must be in \[0, 2\*\*31\) \(the epochs before"),
         ("optim.decay_start_epoch", 2**31, r"optim.decay_start_epoch=2147483648 must be in"),
-        ("seed", 2**63 - 1, r"seed=9223372036854775807 must be in \[0, 2\*\*63 - 1\)"),
-        ("seed", -1, r"seed=-1 must be in \[0, 2\*\*63 - 1\)"),
+        ("seed", 2**32 - 1, r"seed=4294967295 must be in \[0, 2\*\*32 - 1\)"),
+        ("seed", -1, r"seed=-1 must be in \[0, 2\*\*32 - 1\)"),
     ],
 )
 def test_bad_configs_are_refused_with_a_clear_message(field, value, message):

@@ -32,7 +32,8 @@ def define_flags() -> None:
   flags.DEFINE_float("temperature", 1.0,
                      "Softmax temperature, in [1.18e-38, 3.4e+38]; lower is more conservative.")
   flags.DEFINE_integer("top_k", 0, "Sample among the k most likely words only (0: all).")
-  flags.DEFINE_integer("seed", 0, "Random seed.", lower_bound=0, upper_bound=2**63 - 1)
+  # jax.random.key keeps a seed's low 32 bits: 2**32 would draw seed 0's words.
+  flags.DEFINE_integer("seed", 0, "Random seed.", lower_bound=0, upper_bound=2**32 - 1)
   errors.require_name("workdir", "a run directory of tied_lm.main")
 
 

@@ -104,8 +104,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None) 
   checks.append((not config.loss.augmented or models.fits_float32(alpha),
                  f"loss.gamma * loss.tau={alpha:.3g} (the KL's weight) must be finite in "
                  f"float32 (<= {models.FLOAT32_MAX:.3g})"))
-  # seed + 1 keys the dropout: both must fit in 64 bits.
-  checks.append((0 <= config.seed < 2**63 - 1, f"seed={config.seed} must be in [0, 2**63 - 1)"))
+  # seed + 1 keys the dropout. jax.random.key keeps a seed's low 32 bits (without x64), so
+  # seed 2**32 would train seed 0's run again.
+  checks.append((0 <= config.seed < 2**32 - 1, f"seed={config.seed} must be in [0, 2**32 - 1)"))
   checks += [(False, problem) for problem in models.field_problems(config.model, "model.")]
   for ok, message in checks:
     if not ok:
