@@ -1,5 +1,8 @@
 """python -m tied_lm.sample: the model's own logits, top-k, <unk> prompts, determinism."""
 
+import io
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -153,3 +156,87 @@ def test_a_bfloat16_trained_run_samples_from_its_float32_logits(trained_run, mon
   # One step per prompt word and per drawn word but the last, which nothing follows.
   assert dtypes == ["float32"] * (2 + 5 - 1)
   assert words == list(sample.generate(run, "the company", 5, 1.0, 0, 3))
+
+
+def test_prompt_words_map_to_their_ids_and_unknown_ones_to_unk_with_one_warning(
+    trained_run, caplog):
+  vocab = train.load_trained(trained_run[0]).corpus.vocab
+  index = {word: i for i, word in enumerate(vocab)}
+  prompt = "the zzyzx company said it qq expects"
+  assert sample.encode_prompt(prompt, vocab) == [
+      index[w] if w in index else index["<unk>"] for w in prompt.split()]
+  assert index["<unk>"] != 0 and sample.encode_prompt("zzyzx", vocab) == [index["<unk>"]]
+  assert "not in the vocabulary, read as <unk>: zzyzx, qq" in caplog.text
+  # Case matters: the vocabulary is lower case, and "The" is not in it.
+  assert sample.encode_prompt("The", vocab) == [index["<unk>"]]
+
+
+def test_a_vocabulary_without_unk_refuses_unknown_words():
+  with pytest.raises(UserError, match="^zzyzx, qq not in the vocabulary, which has no <unk>$"):
+    sample.encode_prompt("the zzyzx qq", ("the", "a"))
+
+
+def test_generate_checks_every_argument_before_the_first_word(trained_run):
+  # generate is not a generator: each error comes from the call itself.
+  run = train.load_trained(trained_run[0])
+  with pytest.raises(UserError, match="the prompt is empty"):
+    sample.generate(run, "  ", 5, 1.0, 0, 0)
+  with pytest.raises(UserError, match=r"^top_k=10001 must be in \[0, 10000\]$"):
+    sample.generate(run, "the", 5, 1.0, 10_001, 0)
+
+
+def test_top_k_of_the_whole_vocabulary_and_zero_words_are_allowed(trained_run):
+  run = train.load_trained(trained_run[0])
+  assert list(sample.generate(run, "the", 8, 1.0, run.corpus.vocab_size, 1)) == list(
+      sample.generate(run, "the", 8, 1.0, 0, 1))
+  assert list(sample.generate(run, "the", 0, 1.0, 0, 1)) == []
+
+
+def test_each_draw_has_its_own_key_and_every_seed_its_own_words(trained_run):
+  # At the top temperature every word is about equally likely: 20 draws with one key
+  # each are 20 different words, and so are the texts of different seeds.
+  run = train.load_trained(trained_run[0])
+  hottest = losses.TEMPERATURE_RANGE[1]
+  words = list(sample.generate(run, "the", 20, hottest, 0, 0))
+  assert len(set(words)) >= 15
+  texts = {tuple(sample.generate(run, "the", 5, hottest, 0, seed))
+           for seed in (0, 1, 4, 2**31 - 1)}
+  assert len(texts) == 4
+
+
+def test_each_word_is_flushed_as_it_is_printed(monkeypatch):
+  class Stdout(io.StringIO):
+    flushed = ""
+
+    def flush(self):
+      self.flushed = self.getvalue()
+
+  stdout = Stdout()
+  monkeypatch.setattr(sys, "stdout", stdout)
+
+  def words():
+    yield "the"
+    assert stdout.flushed == "the"
+    yield "<eos>"
+    assert stdout.flushed == "the\n"
+    yield "company"
+    assert stdout.flushed == "the\ncompany"
+
+  sample.print_words(words())
+  assert stdout.getvalue() == "the\ncompany\n"
+
+
+def test_the_defaults_are_50_words_after_the_at_temperature_1_seed_0(trained_run, sample_cli,
+                                                                        capsys):
+  workdir, _ = trained_run
+  result = sample_cli(workdir)
+  assert result.returncode == 0, result.stderr
+  words = list(sample.generate(train.load_trained(workdir), "the", 50, 1.0, 0, 0))
+  sample.print_words(["the", *words])
+  assert result.stdout == capsys.readouterr().out
+
+
+def test_stray_arguments_are_one_line(trained_run, sample_cli):
+  result = sample_cli(trained_run[0], "stray")
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1] == "error: unexpected arguments: stray"
