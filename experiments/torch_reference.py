@@ -68,6 +68,10 @@ class TorchLanguageModel(torch.nn.Module):
     self.dropouts = (input_dropout, hidden_dropout, output_dropout)
     for p in self.parameters():
       torch.nn.init.uniform_(p, -init_scale, init_scale)
+    # nn.LSTM adds two biases, b_ih + b_hh; ours has one. b_hh stays 0 and untrained:
+    # trained too, the sum took each bias gradient twice (and twice in the clipped norm).
+    for layer in self.layers:
+      layer.bias_hh_l0.requires_grad_(False).zero_()
 
   def _mask(self, x: torch.Tensor, rate: float) -> torch.Tensor:
     """Variational dropout: one [1, B, D] mask for every time step of x [T, B, D]."""
@@ -161,7 +165,8 @@ def make_train_step(
   config: the tied_lm ConfigDict (uses loss.*, optim.learning_rate, optim.clip_norm).
   Metrics stay on the device (no `.item()`), like ours between log lines.
   """
-  optimizer = torch.optim.SGD(model.parameters(), lr=config.optim.learning_rate)
+  trained = [p for p in model.parameters() if p.requires_grad]
+  optimizer = torch.optim.SGD(trained, lr=config.optim.learning_rate)
   alpha = config.loss.gamma * config.loss.tau
 
   def step(inputs: torch.Tensor, targets: torch.Tensor, state: State):
@@ -178,7 +183,7 @@ def make_train_step(
       )
     loss = (cross_entropy + alpha * kl).sum() / inputs.shape[0]
     loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.clip_norm)
+    grad_norm = torch.nn.utils.clip_grad_norm_(trained, config.optim.clip_norm)
     optimizer.step()
     return state, {"cross_entropy_sum": cross_entropy.detach().sum(),
                    "kl_sum": kl.detach().sum(), "grad_norm": grad_norm}

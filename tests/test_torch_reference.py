@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from tied_lm import models, train
+from tied_lm import data, models, train
 
 torch = pytest.importorskip("torch")
 torch_reference = pytest.importorskip("experiments.torch_reference")
@@ -33,6 +33,11 @@ def test_torch_reference_matches_loss_and_gradients(model_overrides, form, kl_ou
   config.loss.augmented_form = form
   config.loss.kl_output_bias = kl_output_bias
   assert config.loss.augmented and not config.loss.stop_gradient_target
+  check_loss_and_gradients(config)
+
+
+def check_loss_and_gradients(config) -> None:
+  """Our loss and every gradient on a tiny batch, against the reference's, without dropout."""
   vocab_size, batch_size = 50, 3
   model = train.make_model(config, vocab_size)
   state = train.create_train_state(config, model, steps_per_epoch=10)
@@ -81,8 +86,8 @@ def flax_layout_gradients(model) -> dict:
 
   grads = {"embed": {"embedding": grad(model.embed.weight)}}
   for i, layer in enumerate(model.layers):
-    # Our one bias stands for torch's two, which get the same gradient.
-    np.testing.assert_array_equal(grad(layer.bias_hh_l0), grad(layer.bias_ih_l0))
+    # Our one bias is torch's b_ih; b_hh stays 0, untrained.
+    assert layer.bias_hh_l0.grad is None and not layer.bias_hh_l0.requires_grad
     grads[f"lstm_{i}"] = {"bias": grad(layer.bias_ih_l0),
                           "input_kernel": grad(layer.weight_ih_l0).T,
                           "recurrent_kernel": grad(layer.weight_hh_l0).T}
@@ -93,3 +98,167 @@ def flax_layout_gradients(model) -> dict:
   if model.output_bias is not None:
     grads["output_bias"] = grad(model.output_bias)
   return grads
+
+
+VOCAB, B, T = 50, 3, 5  # B != T: the loss divides by the batch, not the window
+
+
+def _config(**model):
+  config = default.get_config()
+  config.model.update(model)
+  config.num_steps = T
+  config.optim.learning_rate = 0.7
+  config.optim.clip_norm = 0.05  # below the gradient's norm: clipping is on
+  return config
+
+
+def _windows(num_windows, seed=0):
+  ids = np.random.default_rng(seed).integers(0, VOCAB, B * (num_windows * T + 1))
+  inputs, targets = data.train_windows(ids, B, T)
+  return inputs[:num_windows], targets[:num_windows]
+
+
+def _flax_layout_params(model) -> dict:
+  def value(parameter):
+    return parameter.detach().numpy()
+
+  params = {"embed": {"embedding": value(model.embed.weight)}}
+  for i, layer in enumerate(model.layers):
+    np.testing.assert_array_equal(value(layer.bias_hh_l0), 0.0)
+    params[f"lstm_{i}"] = {"bias": value(layer.bias_ih_l0),
+                           "input_kernel": value(layer.weight_ih_l0).T,
+                           "recurrent_kernel": value(layer.weight_hh_l0).T}
+  if model.projection is not None:
+    params["projection"] = {"kernel": value(model.projection.weight).T}
+  if model.decoder.weight is not model.embed.weight:
+    params["output_kernel"] = {"kernel": value(model.decoder.weight).T}
+  if model.output_bias is not None:
+    params["output_bias"] = value(model.output_bias)
+  return params
+
+
+@pytest.mark.parametrize("model_overrides", [{}, {"tie_embeddings": False, "output_bias": True}])
+def test_two_torch_train_steps_are_two_of_ours(model_overrides):
+  # Same learning rate, clipping, loss normalisation, KL weight and carried state:
+  # the parameters, the state and the metrics after two consecutive windows agree.
+  config = _config(**model_overrides)
+  model = train.make_model(config, VOCAB)
+  state = train.create_train_state(config, model, steps_per_epoch=100)
+  # Away from the init's uniform predictions, where the KL weighs too little to be seen.
+  state = state.replace(params=jax.tree.map(lambda x: 3 * x, state.params))
+  inputs, targets = _windows(2)
+  devices = jax.devices()[:1]
+  step = train.pmap_train_step(config.loss, devices)
+  ours_state, carry = train.replicate(state, devices), train.replicate(model.initial_carry(B),
+                                                                      devices)
+  reference = torch_reference.TorchLanguageModel(**config.model, vocab_size=VOCAB)
+  torch_reference.load_flax_params(reference, state.params)
+  torch_step = torch_reference.make_train_step(reference, config)
+  torch_state = reference.initial_state(B)
+  for w in range(2):
+    ours_state, carry, metrics = step(ours_state, carry, inputs[w][None], targets[w][None],
+                                      jax.random.key(0))
+    torch_state, torch_metrics = torch_step(torch.from_numpy(inputs[w]).long(),
+                                            torch.from_numpy(targets[w]).long(), torch_state)
+    assert float(metrics["grad_norm"]) > config.optim.clip_norm
+    for name, rtol in (("cross_entropy_sum", 1e-5), ("kl_sum", 1e-3), ("grad_norm", 1e-4)):
+      np.testing.assert_allclose(float(torch_metrics[name]), float(metrics[name]), rtol=rtol,
+                                 err_msg=f"window {w}: {name}")
+  ours_params = train.first_replica(ours_state.params)
+  theirs = _flax_layout_params(reference)
+  assert jax.tree.structure(theirs) == jax.tree.structure(ours_params)
+  for (path, ours), value in zip(jax.tree_util.tree_leaves_with_path(ours_params),
+                                 jax.tree.leaves(theirs), strict=True):
+    np.testing.assert_allclose(value, ours, rtol=1e-4, atol=1e-6,
+                               err_msg=jax.tree_util.keystr(path))
+  for (c, h), (torch_h, torch_c) in zip(train.first_replica(carry), torch_state, strict=True):
+    np.testing.assert_allclose(torch_h[0].detach().numpy(), h, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(torch_c[0].detach().numpy(), c, rtol=1e-4, atol=1e-6)
+
+
+def test_dropout_masks_are_per_window_scaled_and_at_our_places(monkeypatch):
+  reference = torch_reference.TorchLanguageModel(
+      VOCAB, embed_dim=30, hidden_size=20, output_projection=True,
+      input_dropout=0.1, hidden_dropout=0.2, output_dropout=0.3)
+  reference.train()
+  x = torch.ones(4, 500, 40)
+  y = reference._mask(x, 0.25)
+  assert torch.equal(y, y[:1].expand_as(y))  # one mask for every time step
+  assert set(np.unique(y.numpy()).tolist()) == {0.0, np.float32(1 / 0.75)}
+  assert abs(float((y[0] == 0).float().mean()) - 0.25) < 0.02  # 7 standard errors
+  calls = []
+  mask = reference._mask
+  monkeypatch.setattr(reference, "_mask",
+                      lambda x, rate: (calls.append((tuple(x.shape), rate)), mask(x, rate))[1])
+  reference(torch.zeros(B, T, dtype=torch.long), reference.initial_state(B))
+  # The embedding, between the layers, and the last layer's h.
+  assert calls == [((T, B, 30), 0.1), ((T, B, 20), 0.2), ((T, B, 20), 0.3)]
+  reference.eval()
+  assert torch.equal(mask(x, 0.25), x)
+
+
+def test_eval_step_is_our_evaluation_over_consecutive_windows():
+  config = _config(tie_embeddings=False, output_bias=True, input_dropout=0.5,
+                   hidden_dropout=0.5, output_dropout=0.5)
+  model = train.make_model(config, VOCAB)
+  params = train.create_train_state(config, model, steps_per_epoch=1).params
+  inputs, targets = _windows(3, seed=1)
+  ours_carry, ours = train.eval_step(
+      params, model.initial_carry(B), jnp.float32(0), inputs, targets,
+      np.ones(inputs.shape, np.float32), model=model)
+  reference = torch_reference.TorchLanguageModel(**config.model, vocab_size=VOCAB)
+  torch_reference.load_flax_params(reference, params)
+  reference.train()  # as after a train step: eval_step turns dropout off itself
+  state, total = reference.initial_state(B), 0.0
+  for w in range(3):
+    state, nll = torch_reference.eval_step(reference, torch.from_numpy(inputs[w]).long(),
+                                           torch.from_numpy(targets[w]).long(), state)
+    total += float(nll)
+  np.testing.assert_allclose(total, float(ours), rtol=1e-5)
+
+
+def test_the_train_step_drops_out_after_an_evaluation():
+  config = _config(input_dropout=0.5, output_dropout=0.5)
+  model = train.make_model(config, VOCAB)
+  params = train.create_train_state(config, model, steps_per_epoch=1).params
+  reference = torch_reference.TorchLanguageModel(**config.model, vocab_size=VOCAB)
+  torch_reference.load_flax_params(reference, jax.tree.map(lambda x: 3 * x, params))
+  inputs, targets = (torch.from_numpy(x[0]).long() for x in _windows(1))
+  step = torch_reference.make_train_step(reference, config)
+  torch.manual_seed(0)
+  _, nll = torch_reference.eval_step(reference, inputs, targets, reference.initial_state(B))
+  _, metrics = step(inputs, targets, reference.initial_state(B))
+  assert abs(float(metrics["cross_entropy_sum"]) - float(nll)) > 1e-3 * float(nll)
+
+
+LOSS_CASES = [
+    ({}, {"stop_gradient_target": True}),
+    ({}, {"augmented": False}),
+    ({"output_projection": True}, {}),  # equal sizes: no projection, as in ours
+]
+
+
+@pytest.mark.parametrize("model_overrides,loss_overrides", LOSS_CASES)
+def test_torch_reference_matches_loss_and_gradients_in_more_configs(model_overrides,
+                                                                    loss_overrides):
+  config = default.get_config()
+  config.model.update(model_overrides)
+  config.loss.update(loss_overrides)
+  check_loss_and_gradients(config)
+
+
+def test_bfloat16_computes_under_bfloat16_autocast():
+  config = _config(compute_dtype="bfloat16")
+  reference = torch_reference.TorchLanguageModel(**config.model, vocab_size=VOCAB)
+  dtypes = []
+  reference.decoder.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+  inputs, targets = (torch.from_numpy(x[0]).long() for x in _windows(1))
+  torch_reference.make_train_step(reference, config)(inputs, targets, reference.initial_state(B))
+  assert dtypes == [torch.bfloat16]
+
+
+def test_its_own_initialisation_is_uniform_in_plus_minus_init_scale():
+  reference = torch_reference.TorchLanguageModel(VOCAB, 30, 30, init_scale=0.1)
+  values = np.concatenate([p.detach().numpy().ravel() for p in reference.parameters()])
+  assert values.min() >= -0.1 and values.max() <= 0.1
+  assert values.min() < -0.099 and values.max() > 0.099 and abs(values.mean()) < 0.005
