@@ -125,16 +125,16 @@ def terminal_sigint(set_signal_handler):
 
 @pytest.fixture
 def run_tiny_timing(tmp_path, run_module):
-  """Runs `python -m experiments.<module>` (the benchmark, or profile_step, which shares
-  its flags) on configs/default.py with the fewest, shortest repeats and no warm-up;
+  """Runs `python -m experiments.<module> [FLAGS]` (the benchmark, or profile_step, which
+  shares its flags) on configs/default.py with the fewest, shortest repeats and no warm-up;
   checks that it exits 0 and returns (its stdout, the JSON it wrote)."""
 
-  def run(module: str) -> tuple[str, dict]:
+  def run(module: str, *flags: str) -> tuple[str, dict]:
     output = tmp_path / f"{module}.json"
     result = run_module(f"experiments.{module}", "--configs=configs/default.py",
                         "--repeats=2", "--steps_per_repeat=2", "--warmup=0",
-                        "--matmul_size=256", f"--output={output}")
-    assert result.returncode == 0, result.stderr
+                        "--matmul_size=256", f"--output={output}", *flags)
+    assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout, json.loads(output.read_text())
 
   return run

@@ -1,6 +1,5 @@
 """experiments/benchmark.py: its FLOP count by hand, bad input, and a tiny end-to-end run."""
 
-import json
 import mmap
 from types import SimpleNamespace
 
@@ -143,14 +142,9 @@ def test_benchmark_writes_its_rows_with_provenance(run_tiny_timing):
   assert "configs/default.py" in stdout  # the printed table
 
 
-def test_benchmark_times_torch_beside_ours_on_the_same_loss(tmp_path, run_module):
+def test_benchmark_times_torch_beside_ours_on_the_same_loss(run_tiny_timing):
   pytest.importorskip("torch")
-  output = tmp_path / "benchmark.json"
-  result = run_module("experiments.benchmark", "--configs=configs/default.py", "--repeats=2",
-                      "--steps_per_repeat=2", "--warmup=0", "--matmul_size=256",
-                      "--compare=torch", f"--output={output}")
-  assert result.returncode == 0, result.stderr[-2000:]
-  results = json.loads(output.read_text())
+  results = run_tiny_timing("benchmark", "--compare=torch")[1]
   assert results["versions"]["torch"]
   assert set(results["matmul_peak_flops"]) == set(results["matmul_peak_samples"]) == {
       "jax", "torch"}
@@ -168,6 +162,16 @@ def test_benchmark_times_torch_beside_ours_on_the_same_loss(tmp_path, run_module
       f"{kind}_ratio_vs_torch{suffix}" for kind in ("train", "eval") for suffix in ("", "_range")}
 
 
+def tiny_run_to_check():
+  """(config, corpus, params at init) of configs/default.py over a 300-word corpus."""
+  config = default.get_config()
+  vocab = tuple(f"w{i}" for i in range(300))
+  ids = np.random.default_rng(0).integers(0, len(vocab), 200).astype(np.int32)
+  model = train.make_model(config, len(vocab))
+  params = train.create_train_state(config, model, steps_per_epoch=1).params
+  return config, data.Corpus(vocab, ids, ids[:5], ids[:5]), params
+
+
 @pytest.mark.parametrize("embedding_scale,message", [
     (1.1, "logits other than ours"),  # the loss moves by under 1e-4: logits tell
     (None, "logits other than ours"),  # torch's own initialisation
@@ -176,12 +180,7 @@ def test_a_torch_reference_that_computes_another_function_is_refused(
     embedding_scale, message, monkeypatch):
   torch = pytest.importorskip("torch")
   torch_reference = pytest.importorskip("experiments.torch_reference")
-  config = default.get_config()
-  vocab = tuple(f"w{i}" for i in range(300))
-  ids = np.random.default_rng(0).integers(0, len(vocab), 200).astype(np.int32)
-  corpus = data.Corpus(vocab, ids, ids[:5], ids[:5])
-  model = train.make_model(config, len(vocab))
-  params = train.create_train_state(config, model, steps_per_epoch=1).params
+  config, corpus, params = tiny_run_to_check()
   differences = benchmark.check_torch_matches(config, corpus, params, "cpu")
   assert max(differences.values()) < 1e-5
   load = torch_reference.load_flax_params
@@ -202,12 +201,7 @@ def test_the_torch_check_compares_the_loss_where_the_logits_agree(monkeypatch):
   # A reference without the augmented term would time less work. (The loss's exact
   # value and gradients are test_torch_reference.py's.)
   torch_reference = pytest.importorskip("experiments.torch_reference")
-  config = default.get_config()
-  vocab = tuple(f"w{i}" for i in range(300))
-  ids = np.random.default_rng(0).integers(0, len(vocab), 200).astype(np.int32)
-  corpus = data.Corpus(vocab, ids, ids[:5], ids[:5])
-  model = train.make_model(config, len(vocab))
-  params = train.create_train_state(config, model, steps_per_epoch=1).params
+  config, corpus, params = tiny_run_to_check()
   loss_terms = torch_reference.loss_terms
 
   def without_the_augmented_term(*args):

@@ -1,6 +1,5 @@
 """experiments/profile_step.py: a tiny run writes its blocks with their FLOP counts."""
 
-import json
 
 import jax
 import numpy as np
@@ -104,15 +103,10 @@ def test_the_output_block_is_the_gradient_of_the_training_objective():
     np.testing.assert_allclose(got_leaf, expected_leaf, rtol=1e-4, atol=1e-6)
 
 
-def test_profile_step_times_torchs_blocks_beside_ours(tmp_path, run_module):
+def test_profile_step_times_torchs_blocks_beside_ours(run_tiny_timing):
   # The path experiments/gpu_session.sh runs on a GPU lease.
   pytest.importorskip("torch")
-  output = tmp_path / "profile.json"
-  result = run_module("experiments.profile_step", "--configs=configs/default.py", "--repeats=2",
-                      "--steps_per_repeat=2", "--warmup=0", "--matmul_size=256",
-                      "--compare=torch", f"--output={output}")
-  assert result.returncode == 0, result.stderr[-2000:]
-  (row,) = json.loads(output.read_text())["rows"]
+  (row,) = run_tiny_timing("profile_step", "--compare=torch")[1]["rows"]
   for name in ("lstm", "output", "update", "step", "eval_lstm", "eval_output", "eval"):
     stats = row["blocks"][name]
     assert stats["torch_ms"] > 0, name

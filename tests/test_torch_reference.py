@@ -70,7 +70,7 @@ def check_loss_and_gradients(config) -> None:
   torch_loss.backward()
 
   np.testing.assert_allclose(torch_loss.item(), float(loss), rtol=1e-5)
-  torch_grads = flax_layout_gradients(reference)
+  torch_grads = flax_layout(reference)
   assert jax.tree.structure(torch_grads) == jax.tree.structure(grads)
   for (path, ours), theirs in zip(jax.tree_util.tree_leaves_with_path(grads),
                                   jax.tree.leaves(torch_grads), strict=True):
@@ -78,26 +78,24 @@ def check_loss_and_gradients(config) -> None:
                                err_msg=jax.tree_util.keystr(path))
 
 
-def flax_layout_gradients(model) -> dict:
-  """The reference's gradients in our parameter tree (the inverse of `load_flax_params`)."""
-
-  def grad(parameter):
-    return parameter.grad.numpy()
-
-  grads = {"embed": {"embedding": grad(model.embed.weight)}}
+def flax_layout(model, of=lambda parameter: parameter.grad.numpy()) -> dict:
+  """`of` each of the reference's parameters (default: its gradient) in our parameter tree,
+  the inverse of `load_flax_params`."""
+  tree = {"embed": {"embedding": of(model.embed.weight)}}
   for i, layer in enumerate(model.layers):
     # Our one bias is torch's b_ih; b_hh stays 0, untrained.
     assert layer.bias_hh_l0.grad is None and not layer.bias_hh_l0.requires_grad
-    grads[f"lstm_{i}"] = {"bias": grad(layer.bias_ih_l0),
-                          "input_kernel": grad(layer.weight_ih_l0).T,
-                          "recurrent_kernel": grad(layer.weight_hh_l0).T}
+    np.testing.assert_array_equal(layer.bias_hh_l0.detach().numpy(), 0.0)
+    tree[f"lstm_{i}"] = {"bias": of(layer.bias_ih_l0),
+                         "input_kernel": of(layer.weight_ih_l0).T,
+                         "recurrent_kernel": of(layer.weight_hh_l0).T}
   if model.projection is not None:
-    grads["projection"] = {"kernel": grad(model.projection.weight).T}
+    tree["projection"] = {"kernel": of(model.projection.weight).T}
   if model.decoder.weight is not model.embed.weight:  # untied
-    grads["output_kernel"] = {"kernel": grad(model.decoder.weight).T}
+    tree["output_kernel"] = {"kernel": of(model.decoder.weight).T}
   if model.output_bias is not None:
-    grads["output_bias"] = grad(model.output_bias)
-  return grads
+    tree["output_bias"] = of(model.output_bias)
+  return tree
 
 
 VOCAB, B, T = 50, 3, 5  # B != T: the loss divides by the batch, not the window
@@ -116,25 +114,6 @@ def _windows(num_windows, seed=0):
   ids = np.random.default_rng(seed).integers(0, VOCAB, B * (num_windows * T + 1))
   inputs, targets = data.train_windows(ids, B, T)
   return inputs[:num_windows], targets[:num_windows]
-
-
-def _flax_layout_params(model) -> dict:
-  def value(parameter):
-    return parameter.detach().numpy()
-
-  params = {"embed": {"embedding": value(model.embed.weight)}}
-  for i, layer in enumerate(model.layers):
-    np.testing.assert_array_equal(value(layer.bias_hh_l0), 0.0)
-    params[f"lstm_{i}"] = {"bias": value(layer.bias_ih_l0),
-                           "input_kernel": value(layer.weight_ih_l0).T,
-                           "recurrent_kernel": value(layer.weight_hh_l0).T}
-  if model.projection is not None:
-    params["projection"] = {"kernel": value(model.projection.weight).T}
-  if model.decoder.weight is not model.embed.weight:
-    params["output_kernel"] = {"kernel": value(model.decoder.weight).T}
-  if model.output_bias is not None:
-    params["output_bias"] = value(model.output_bias)
-  return params
 
 
 @pytest.mark.parametrize("model_overrides", [{}, {"tie_embeddings": False, "output_bias": True}])
@@ -165,7 +144,7 @@ def test_two_torch_train_steps_are_two_of_ours(model_overrides):
       np.testing.assert_allclose(float(torch_metrics[name]), float(metrics[name]), rtol=rtol,
                                  err_msg=f"window {w}: {name}")
   ours_params = train.first_replica(ours_state.params)
-  theirs = _flax_layout_params(reference)
+  theirs = flax_layout(reference, of=lambda parameter: parameter.detach().numpy())
   assert jax.tree.structure(theirs) == jax.tree.structure(ours_params)
   for (path, ours), value in zip(jax.tree_util.tree_leaves_with_path(ours_params),
                                  jax.tree.leaves(theirs), strict=True):
