@@ -92,21 +92,24 @@ def test_a_broken_config_file_is_one_line_naming_it(source, message, spelling, t
   config_file.write_text(source)
   flag = ([f"--config={config_file}"] if spelling == "--config=FILE"
           else ["--config", str(config_file)])
-  result, workdir = run_main(*flag, tmp_path=tmp_path)
-  assert result.returncode == 2
-  assert result.stderr.strip() == f"error: --config={config_file}: {message}", result.stderr
+  assert_refused_in_one_line(*flag, tmp_path=tmp_path,
+                             error=f"--config={config_file}: {message}")
+
+
+def assert_refused_in_one_line(*args: str, tmp_path: Path, error: str) -> None:
+  """tied_lm.main ARGS prints exactly `error: ERROR`, exits 2 and makes no workdir."""
+  result, workdir = run_main(*args, tmp_path=tmp_path)
+  assert (result.returncode, result.stderr.strip()) == (2, f"error: {error}"), result.stderr
   assert not workdir.exists()
 
 
 def test_a_broken_config_file_with_arguments_is_one_line_naming_it(tmp_path):
   config_file = tmp_path / "my_config.py"
   config_file.write_text("def get_config(size):\n  return undefined_name\n")
-  result, workdir = run_main(f"--config={config_file}:small", tmp_path=tmp_path)
-  assert result.returncode == 2
-  assert result.stderr.strip() == (
-      f"error: --config={config_file}:small: line 2: NameError: name 'undefined_name' is "
+  assert_refused_in_one_line(
+      f"--config={config_file}:small", tmp_path=tmp_path,
+      error=f"--config={config_file}:small: line 2: NameError: name 'undefined_name' is "
       "not defined")
-  assert not workdir.exists()
 
 
 def test_a_syntax_error_in_a_module_the_config_imports_is_named_at_the_import(tmp_path):
@@ -115,19 +118,16 @@ def test_a_syntax_error_in_a_module_the_config_imports_is_named_at_the_import(tm
   config_file.write_text("import os, sys\nsys.path.insert(0, os.path.dirname(__file__))\n"
                          "import my_helper\n\ndef get_config():\n  return my_helper.config()\n")
   (tmp_path / "my_helper.py").write_text("\n\n\n\ndef config(:\n")
-  result, workdir = run_main(f"--config={config_file}", tmp_path=tmp_path)
-  assert result.returncode == 2
-  assert result.stderr.strip() == (
-      f"error: --config={config_file}: line 3: SyntaxError: invalid syntax (my_helper.py, "
+  assert_refused_in_one_line(
+      f"--config={config_file}", tmp_path=tmp_path,
+      error=f"--config={config_file}: line 3: SyntaxError: invalid syntax (my_helper.py, "
       "line 5)")
-  assert not workdir.exists()
 
 
 def test_a_missing_config_is_one_line(tmp_path):
-  result, workdir = run_main(tmp_path=tmp_path)
-  assert (result.returncode, result.stderr.strip()) == (
-      2, "error: flag --config=None: Flag --config must have a value other than None.")
-  assert not workdir.exists()
+  assert_refused_in_one_line(
+      tmp_path=tmp_path,
+      error="flag --config=None: Flag --config must have a value other than None.")
 
 
 def test_a_runtime_error_of_the_multihost_start_is_one_line(monkeypatch):
