@@ -2,12 +2,17 @@
 
 import os
 import platform
+import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from tied_lm import hostmem
+
+REPO = Path(__file__).resolve().parents[1]
 
 # A jitted function over a 160 MB input, whose XLA:CPU temporaries take about
 # 13,000 fresh pages per call under glibc's defaults (measured on x86_64). Run in
@@ -73,3 +78,37 @@ def test_total_bytes_is_the_container_cap_where_it_is_lower(tmp_path, monkeypatc
   assert hostmem.total_bytes() == 2**29
   monkeypatch.delattr(hostmem.os, "sysconf")  # Windows has none: no limit is known
   assert hostmem.total_bytes() is None
+
+
+# Runs a command's module in a fresh process; at exit, glibc prints each malloc arena's
+# statistics to stderr.
+_WITH_MALLOC_STATS = """
+import atexit, ctypes, runpy, sys
+atexit.register(ctypes.CDLL("libc.so.6").malloc_stats)
+sys.argv = [sys.argv[1], *sys.argv[2:]]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
+@glibc_only
+@pytest.mark.parametrize("command", ["tied_lm.main", "tied_lm.evaluate",
+                                     "experiments.benchmark", "experiments.profile_step"])
+def test_the_commands_keep_every_thread_in_one_malloc_arena(command, trained_run, tmp_path):
+  # reuse_freed_memory must run before the first computation: a thread keeps the arena of
+  # its first malloc. Called late, or not at all, XLA's threads had an arena each (16 on
+  # 2 cores), and none reused the step buffers freed in the others.
+  workdir = tmp_path / "run"
+  if command == "tied_lm.main":
+    args = [f"--workdir={workdir}", "--config=configs/default.py", "--config.num_epochs=1",
+            "--config.max_steps_per_epoch=2"]
+  elif command == "tied_lm.evaluate":
+    shutil.copytree(trained_run[0], workdir)  # it writes its score into the run
+    args = [f"--workdir={workdir}"]
+  else:  # the timings, as short as they go
+    args = ["--configs=configs/default.py", "--repeats=2", "--steps_per_repeat=2",
+            "--warmup=0", "--matmul_size=256", f"--output={tmp_path / 'timing.json'}"]
+  environment = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+  result = subprocess.run([sys.executable, "-c", _WITH_MALLOC_STATS, command, *args],
+                          cwd=REPO, env=environment, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert re.findall(r"^Arena \d+:", result.stderr, re.MULTILINE) == ["Arena 0:"]
