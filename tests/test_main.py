@@ -157,10 +157,14 @@ def test_a_runtime_error_of_the_multihost_start_is_one_line(monkeypatch):
      "under a cluster manager JAX detects)"),
     ([], {"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1", "JAX_NUM_PROCESSES": "two"},
      "JAX_NUM_PROCESSES='two' must be an integer"),
+    ([], {"JAX_COORDINATOR_ADDRESS": "localhost"}, "JAX_COORDINATOR_ADDRESS='localhost' must "
+     "be HOST:PORT, with a port from 1 to 65535 (e.g. 10.0.0.1:1234)"),
+    (["--multihost"], {"JAX_COORDINATOR_ADDRESS": "[::1]:65536"}, "JAX_COORDINATOR_ADDRESS="
+     "'[::1]:65536' must be HOST:PORT, with a port from 1 to 65535 (e.g. 10.0.0.1:1234)"),
 ])
 def test_a_multihost_start_without_its_settings_is_one_line(args, env, message, tmp_path,
                                                             monkeypatch):
-  # They were a 21-line ValueError traceback with status 1.
+  # They were tracebacks (ValueError, IndexError) with status 1.
   monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
   result, workdir = run_main("--config=configs/default.py", *args, tmp_path=tmp_path, env=env)
   assert (result.returncode, result.stderr.strip()) == (2, f"error: {message}")

@@ -96,6 +96,13 @@ def initialize_multihost() -> None:
 
   # Cross-process collectives of CPU devices need gloo; GPUs and TPUs ignore it.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  address = os.environ.get("JAX_COORDINATOR_ADDRESS")
+  if address is not None:
+    host, _, port = address.rpartition(":")
+    # JAX splits off the port itself: without one, an IndexError.
+    if not (host and port.isdigit() and 0 < int(port) < 2**16):
+      raise errors.UserError(f"JAX_COORDINATOR_ADDRESS={address!r} must be HOST:PORT, with a "
+                             "port from 1 to 65535 (e.g. 10.0.0.1:1234)")
   env = {}
   for name, var in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
     if var in os.environ:
