@@ -103,6 +103,18 @@ def assert_refused_in_one_line(*args: str, tmp_path: Path, error: str) -> None:
   assert not workdir.exists()
 
 
+def test_a_config_file_without_a_field_is_one_line_naming_it(tmp_path):
+  # It was an AttributeError traceback from the config's checks.
+  config_file = tmp_path / "my_config.py"
+  config_file.write_text("from configs import default\n\ndef get_config():\n"
+                         "  config = default.get_config()\n  del config.loss['tau']\n"
+                         "  return config\n")
+  assert_refused_in_one_line(
+      f"--config={config_file}", tmp_path=tmp_path,
+      error="the config has no field 'tau': build it on configs/default.py's get_config(), "
+      "which defines every field")
+
+
 def test_a_broken_config_file_with_arguments_is_one_line_naming_it(tmp_path):
   config_file = tmp_path / "my_config.py"
   config_file.write_text("def get_config(size):\n  return undefined_name\n")

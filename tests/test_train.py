@@ -10,6 +10,7 @@ import signal
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -419,6 +420,47 @@ def test_bad_configs_are_refused_with_a_clear_message(field, value, message):
   (config[section] if section else config)[name] = value
   with pytest.raises(train.ConfigError, match=message):
     train.validate_config(config, num_devices=2)
+
+
+def _default_fields(tree: dict, prefix: str = "") -> list[str]:
+  """Every field of `tree`, sections and their fields, as dotted paths."""
+  fields = []
+  for name, value in tree.items():
+    fields.append(prefix + name)
+    if isinstance(value, dict):
+      fields += _default_fields(value, f"{prefix}{name}.")
+  return fields
+
+
+@pytest.mark.parametrize("field", _default_fields(default.get_config().to_dict()))
+def test_a_config_without_a_field_is_refused_naming_it(field):
+  # A config file of one's own that lacks a field was an AttributeError traceback, or, for
+  # a field read only later, one after the workdir was made.
+  tree = small_config().to_dict()
+  section, _, name = field.rpartition(".")
+  del (tree[section] if section else tree)[name]
+  with pytest.raises(train.ConfigError, match=(
+      f"^the config has no field '{name}': build it on configs/default.py's get_config\\(\\), "
+      "which defines every field$")):
+    train.validate_config(ml_collections.ConfigDict(tree), num_devices=2)
+
+
+@pytest.mark.parametrize("field", ["model.output_bias", "loss.stop_gradient_target"])
+def test_a_flag_that_is_not_a_bool_is_refused(field):
+  tree = small_config().to_dict()
+  section, name = field.split(".")
+  tree[section][name] = "False"  # true, as a string
+  with pytest.raises(train.ConfigError, match=f"^{field}='False' must be True or False$"):
+    train.validate_config(ml_collections.ConfigDict(tree), num_devices=2)
+
+
+def test_an_error_inside_a_check_is_not_taken_for_a_missing_field(monkeypatch):
+  def broken(dataset, max_vocab_size):
+    return {}["a key"]
+
+  monkeypatch.setattr(train.data, "max_vocab_size_problem", broken)
+  with pytest.raises(KeyError, match="a key"):
+    train.validate_config(small_config(), num_devices=2)
 
 
 def test_a_small_tau_is_refused_only_where_the_augmented_loss_trains():

@@ -8,6 +8,7 @@ import contextlib
 import functools
 import hashlib
 import math
+import re
 import signal
 import threading
 import time
@@ -45,6 +46,26 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None) 
       checks that need the devices to the run (for a process that must not start a
       backend, which would take a GPU's memory from the runs it launches).
   """
+  try:
+    checks = _config_checks(config, num_devices)
+  except (AttributeError, KeyError) as error:
+    # ml_collections' error for a field the config lacks (a config file of one's own, not
+    # built on configs/default.py): a KeyError("'name'"), perhaps with a "Did you mean"
+    # line, or an AttributeError raised while handling one.
+    key_error = error if isinstance(error, KeyError) else error.__context__
+    missing = isinstance(key_error, KeyError) and re.match(r"'(\w+)'", str(key_error.args[0]))
+    if not missing:
+      raise
+    raise ConfigError(f"the config has no field {missing[1]!r}: build it on "
+                      "configs/default.py's get_config(), which defines every field") from None
+  for ok, message in checks:
+    if not ok:
+      raise ConfigError(message)
+
+
+def _config_checks(config: ml_collections.ConfigDict,
+                   num_devices: int | None) -> list[tuple[bool, str]]:
+  """validate_config's checks, as (passed, message) pairs; reads every field a run uses."""
   low_tau, high_tau = losses.TEMPERATURE_RANGE
   vocab_problem = data.max_vocab_size_problem(config.dataset, config.max_vocab_size)
   backend = None if num_devices is None else jax.default_backend()  # None: not started
@@ -107,10 +128,16 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None) 
   # seed + 1 keys the dropout. jax.random.key keeps a seed's low 32 bits (without x64), so
   # seed 2**32 would train seed 0's run again.
   checks.append((0 <= config.seed < 2**32 - 1, f"seed={config.seed} must be in [0, 2**32 - 1)"))
+  checks.append((isinstance(config.data_dir, str),
+                 f"data_dir={config.data_dir!r} must be a folder's name or ''"))
+  # A string such as "False" would be true.
+  for field in ("model.tie_embeddings", "model.output_bias", "model.output_projection",
+                "loss.augmented", "loss.stop_gradient_target", "loss.kl_output_bias"):
+    section, name = field.split(".")
+    value = config[section][name]
+    checks.append((isinstance(value, bool), f"{field}={value!r} must be True or False"))
   checks += [(False, problem) for problem in models.field_problems(config.model, "model.")]
-  for ok, message in checks:
-    if not ok:
-      raise ConfigError(message)
+  return checks
 
 
 def make_model(config: ml_collections.ConfigDict, vocab_size: int) -> models.LSTMLanguageModel:
