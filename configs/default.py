@@ -80,4 +80,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.optim.decay_start_epoch = 1  # constant for this many epochs, then decay
   config.optim.decay_rate = 0.5
   config.optim.clip_norm = 5.0
+  # Locked: a config built on this one that sets a field it lacks (a misspelling) is an
+  # error, as a misspelt --config.FIELD override is.
+  config.lock()
   return config

@@ -85,6 +85,11 @@ def test_bad_input_is_one_line_and_exit_status_2(args, message, tmp_path):
     # The line that raised, not the call in get_config that led to it.
     ("def units():\n  return 650 // 0\n\n\ndef get_config():\n  return units()\n",
      "line 2: ZeroDivisionError: integer division or modulo by zero"),
+    # A misspelt field, on configs/default.py's locked config: it was silently a new field.
+    ("from configs import default\n\ndef get_config():\n  config = default.get_config()\n"
+     "  config.loss.temprature = 5.0\n  return config\n",
+     "line 5: the config has no field 'temprature' (a misspelling?): configs/default.py "
+     "defines every field"),
 ])
 @pytest.mark.parametrize("spelling", ["--config=FILE", "--config FILE"])
 def test_a_broken_config_file_is_one_line_naming_it(source, message, spelling, tmp_path):
@@ -107,7 +112,8 @@ def test_a_config_file_without_a_field_is_one_line_naming_it(tmp_path):
   # It was an AttributeError traceback from the config's checks.
   config_file = tmp_path / "my_config.py"
   config_file.write_text("from configs import default\n\ndef get_config():\n"
-                         "  config = default.get_config()\n  del config.loss['tau']\n"
+                         "  config = default.get_config()\n  with config.unlocked():\n"
+                         "    del config.loss['tau']\n"
                          "  return config\n")
   assert_refused_in_one_line(
       f"--config={config_file}", tmp_path=tmp_path,

@@ -56,6 +56,12 @@ def _config_file_error(argv: list[str], error: Exception) -> str | None:
            if os.path.realpath(frame.filename) == path]
   if not lines:
     return None
+  # configs/default.py's config is locked: setting a field it lacks raises this.
+  unknown = re.search(r'Key "(\w+)" does not exist and cannot be added since the config is '
+                      "locked", str(error))
+  if unknown:
+    return (f"--config={spec}: line {lines[-1]}: the config has no field {unknown[1]!r} (a "
+            "misspelling?): configs/default.py defines every field")
   return f"--config={spec}: line {lines[-1]}: {type(error).__name__}: {error}"
 
 
