@@ -916,6 +916,40 @@ def test_a_reader_refuses_a_hand_edited_field_the_checkpoint_does_not_fix(
     train.load_trained(run)
 
 
+@pytest.mark.parametrize("removed,named", [
+    (["checkpoints"], "results.json and epoch records in metrics.jsonl"),
+    (["checkpoints", "results.json"], "epoch records in metrics.jsonl"),
+])
+def test_a_trained_run_without_its_checkpoints_is_refused_and_left_as_it_was(
+    trained_run, tmp_path, removed, named):
+  # Its checkpoints deleted to free the disk, the same command trained it again from
+  # scratch and replaced its results.json and metrics.jsonl.
+  run = tmp_path / "run"
+  shutil.copytree(trained_run[0], run)
+  for name in removed:
+    shutil.rmtree(run / name) if (run / name).is_dir() else (run / name).unlink()
+  before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != "lock"}
+  config = ml_collections.ConfigDict(json.loads((run / "config.json").read_text()))
+  with pytest.raises(UserError, match=re.escape(
+      f"{run} holds a trained run ({named}) but no checkpoint to resume from: training from "
+      "scratch would replace its results. Move them away, or use a new --workdir")):
+    train.train_and_evaluate(config, str(run))
+  assert {p: p.read_bytes() for p in before} == before
+
+
+def test_a_run_stopped_before_its_first_checkpoint_starts_again(trained_run, tmp_path):
+  # Its records are of steps no checkpoint kept: nothing to lose.
+  run = tmp_path / "run"
+  shutil.copytree(trained_run[0], run)
+  shutil.rmtree(run / "checkpoints")
+  (run / "results.json").unlink()
+  train_records = reporting.read_records(run, "train")
+  (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train_records[:1]))
+  config = ml_collections.ConfigDict(json.loads((run / "config.json").read_text()))
+  results = train.train_and_evaluate(config, str(run))
+  assert results["test_perplexity"] == trained_run[1]["test_perplexity"]
+
+
 def test_a_reader_refuses_a_run_folder_entry_of_the_wrong_kind(trained_run, tmp_path):
   # A file named checkpoints was reported as "no checkpoint yet".
   run = tmp_path / "run"

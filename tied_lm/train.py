@@ -633,6 +633,23 @@ class StopSignals:
     _restore_handlers(self._previous)
 
 
+def check_nothing_to_lose(workdir: Path) -> None:
+  """Raises UserError if `workdir`, which has no checkpoint, holds a trained run's results.
+
+  Training from scratch there would replace them. (Records of a run stopped before its
+  first checkpoint, which ends epoch 1 at the latest, are no loss.)
+  """
+  trained = [name for name, present in (
+      ("results.json", (workdir / "results.json").exists()),
+      ("epoch records in metrics.jsonl", bool(reporting.read_records(workdir, "epoch"))),
+  ) if present]
+  if trained:
+    raise UserError(
+        f"{workdir} holds a trained run ({' and '.join(trained)}) but no checkpoint to resume "
+        "from: training from scratch would replace its results. Move them away, or use a "
+        "new --workdir")
+
+
 def check_fixed_fields(
     config: ml_collections.ConfigDict, saved_config: dict,
     subject: str = "the workdir holds checkpoints of another run",
@@ -1038,6 +1055,8 @@ def _train_and_evaluate(
                      "; use the corpus they were trained on, or a new --workdir")
 
   restored = checkpoints.restore_latest(arrays, check_same_run)
+  if restored is None:
+    check_nothing_to_lose(workdir)
   # Once the checkpoints fit this run: a refused resume is its one error line alone.
   logging.info(
       "%s: vocab %d, %d train tokens, %d steps/epoch, %d params, %d devices",
