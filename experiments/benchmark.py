@@ -53,6 +53,22 @@ for _name in ("batch_sizes", "num_devices"):
       message="must be a comma-separated list of positive integers")
 flags.DEFINE_integer("eval_batch_size", 10, "Batch size of the timed eval step.", lower_bound=1)
 flags.DEFINE_enum("compare", "", ["", "torch"], "Also time the PyTorch reference.")
+
+
+def _torch_importable(compare: str) -> bool:
+  if compare != "torch":
+    return True
+  try:
+    import torch  # noqa: F401
+  except ImportError:
+    return False
+  return True
+
+
+# Checked with the flags: torch is an optional extra, and was a traceback after the setup.
+flags.register_validator(
+    "compare", _torch_importable,
+    message='needs PyTorch, an optional extra: pip install -e ".[bench]"')
 flags.DEFINE_integer(
     "warmup", 1,
     "Untimed repeats before timing, after the first call (which compiles); each runs "
@@ -596,7 +612,9 @@ def timed_configs(
 def output_path(default_name: str) -> Path:
   """--output, or experiments/results/`default_name`; refused before any timing if unwritable."""
   if FLAGS.output.strip():
-    return provenance.output_file(FLAGS.output, "a JSON file")
+    output = provenance.output_file(FLAGS.output, "a JSON file")
+    provenance.check_not_a_run_file(FLAGS.output, output, "file")
+    return output
   return REPO / "experiments/results" / default_name
 
 

@@ -1,6 +1,9 @@
 """experiments/benchmark.py: its FLOP count by hand, bad input, and a tiny end-to-end run."""
 
 import mmap
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -11,6 +14,8 @@ from experiments import benchmark
 from tied_lm import data, train
 from tied_lm.errors import UserError
 from tied_lm.train import distinct_targets_bound
+
+REPO = benchmark.REPO
 
 
 def test_step_flops_counts_the_matmuls_by_hand():
@@ -289,4 +294,36 @@ def test_bad_timing_flags_are_one_line_before_any_timing(module, flags, message,
   assert result.returncode == 2
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+  assert not output.exists()
+
+
+@pytest.mark.parametrize("module", ["benchmark", "profile_step"])
+def test_compare_torch_without_torch_is_one_line(module, tmp_path):
+  # A stand-in for an install without the bench extra. It was a ModuleNotFoundError
+  # traceback, after the corpus had loaded.
+  (tmp_path / "torch").mkdir()
+  (tmp_path / "torch" / "__init__.py").write_text(
+      "raise ModuleNotFoundError(\"No module named 'torch'\")\n")
+  result = subprocess.run(
+      [sys.executable, "-m", f"experiments.{module}", "--configs=configs/default.py",
+       "--compare=torch", f"--output={tmp_path / 'out.json'}"],
+      cwd=REPO, capture_output=True, text=True, timeout=120,
+      env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+          [str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])])))
+  assert (result.returncode, result.stderr.strip()) == (
+      2, 'error: flag --compare=torch: needs PyTorch, an optional extra: pip install -e '
+      '".[bench]"')
+
+
+@pytest.mark.parametrize("module", ["benchmark", "profile_step"])
+def test_an_output_that_would_be_a_runs_own_file_is_refused(module, tmp_path, run_module):
+  # --output=RUN/results.json replaced the run's results; tied_lm.summarize then refused it.
+  (tmp_path / "run").mkdir()
+  (tmp_path / "run" / "config.json").write_text("{}")
+  output = tmp_path / "run" / "results.json"
+  result = run_module(f"experiments.{module}", "--configs=configs/default.py",
+                      f"--output={output}", timeout=120)
+  assert (result.returncode, result.stderr.strip()) == (
+      2, f"error: --output={output} would write {output} into a run's directory, under the "
+      "name of a run's own file; name another file")
   assert not output.exists()

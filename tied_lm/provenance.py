@@ -156,14 +156,20 @@ def output_prefix(value: str) -> Path:
     output = with_extension(prefix, extension)
     if output.is_dir():
       raise UserError(f"--output={value}: {output} is a folder")
-    if output.name in RUN_DIRECTORY_LAYOUT and output.exists():  # PREFIX = RUN/config
-      raise UserError(f"--output={value} would replace {output}, a run's own file; name "
-                      "another prefix")
-    # RUN/results.json written by an analysis made a run still training read as finished.
-    if output.name in RUN_DIRECTORY_LAYOUT and (output.parent / "config.json").is_file():
-      raise UserError(f"--output={value} would write {output} into a run's directory, under "
-                      "the name of a run's own file; name another prefix")
+    check_not_a_run_file(value, output, "prefix")
   return prefix
+
+
+def check_not_a_run_file(value: str, output: Path, what: str) -> None:
+  """Refuses --output=`value` if its `output` would be a run's own file (results.json, ...)
+  in a run's directory; `what` --output names (a "prefix", a "file"), for the message."""
+  if output.name in RUN_DIRECTORY_LAYOUT and output.exists():  # PREFIX = RUN/config
+    raise UserError(f"--output={value} would replace {output}, a run's own file; name "
+                    f"another {what}")
+  # RUN/results.json written by an analysis made a run still training read as finished.
+  if output.name in RUN_DIRECTORY_LAYOUT and (output.parent / "config.json").is_file():
+    raise UserError(f"--output={value} would write {output} into a run's directory, under "
+                    f"the name of a run's own file; name another {what}")
 
 
 def output_file(value: str, what: str) -> Path:
