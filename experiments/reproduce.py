@@ -76,6 +76,11 @@ PAPER = {
     ("wikitext2", "small", "real"): (105.6, 98.9), ("wikitext2", "medium", "al"): (98.8, 93.1),
     ("wikitext2", "medium", "re"): (92.3, 87.7), ("wikitext2", "medium", "real"): (91.5, 87.0),
 }
+# Keys of every report (`run_report` writes these and more, since the first), which the
+# tables read.
+REPORT_KEYS = ("dataset", "variant", "valid_perplexity", "test_perplexity",
+               "eval_batch_size", "epochs", "best_epoch", "num_params", "wall_seconds",
+               "config", "hardware")
 PAPER_PARAMS = {("medium", "vd"): "20M", ("medium", "real"): "14M",
                 ("large", "vd"): "66M", ("large", "real"): "51M"}
 
@@ -98,6 +103,7 @@ def define_flags() -> None:
                       "Where the per-run JSON, TABLE.md and the PNGs go.")
   for name in ("root", "results_dir"):
     errors.require_name(name, "a directory")
+  errors.require_values("datasets", "sizes", "variants")
 
 
 def run_name(dataset: str, size: str, variant: str, tag: str = "") -> str:
@@ -215,6 +221,18 @@ class Outcome(NamedTuple):
 
   unfinished: list[Path]
   stopped_by: int | None
+
+
+def check_workdir(workdir: Path) -> None:
+  """Refuses, before any run starts, a run's folder with something of the wrong kind in the
+  way: it failed as a traceback once the runs before it had started."""
+  if workdir.exists() and not workdir.is_dir():
+    raise UserError(f"{workdir} is a file, where the run's folder goes: move it away")
+  if workdir.is_dir():
+    fileio.check_run_directory(workdir)
+    if (workdir / "train.log").is_dir():
+      raise UserError(f"{workdir / 'train.log'} is a folder, where the run's log goes: move "
+                      "it away")
 
 
 def run_all(commands: list[tuple[Path, list[str]]], parallel: int) -> Outcome:
@@ -589,10 +607,15 @@ def write_reports(root: Path, results_dir: Path) -> None:
   else:
     print(f"no run directory {root}: reporting the JSON files in {results_dir}")
     workdirs = []
-  for workdir in (p for p in workdirs if (p / "results.json").is_file() or (
-      (p / "metrics.jsonl").is_file() and reporting.read_records(p, "epoch"))):
+  for workdir in workdirs:
     try:
+      if not ((workdir / "results.json").is_file() or (
+          (workdir / "metrics.jsonl").is_file() and reporting.read_records(workdir, "epoch"))):
+        continue
       report = run_report(workdir)
+    except UserError as error:  # a damaged file (truncated JSON, say), named in the message
+      print(f"skipped {workdir}: {error}", file=sys.stderr)
+      continue
     except (OSError, KeyError, TypeError, AttributeError, IndexError) as error:
       # A folder copied in part, or another tool's files.
       print(f"skipped {workdir}: not a complete tied_lm run ({type(error).__name__}: {error})",
@@ -622,6 +645,14 @@ def write_reports(root: Path, results_dir: Path) -> None:
       continue
     model, tag = parsed
     report = fileio.read_json(path)
+    # The table would fail on a file of another kind under a grid name, as a traceback.
+    missing = ([key for key in REPORT_KEYS if key not in report] if isinstance(report, dict)
+               else None)
+    if missing != []:
+      raise UserError(
+          f"{path} is not a run report ("
+          + (f"no {', '.join(missing)}" if missing else f"a JSON {type(report).__name__}")
+          + "): move it away, or write it again from its run with --root")
     if reason := misplaced(path.stem, report):
       print(f"skipped {path}: {reason}", file=sys.stderr)
     elif tag:
@@ -664,6 +695,9 @@ def main(argv: list[str]) -> None:
   results_dir = Path(FLAGS.results_dir).expanduser().resolve()
   if root.exists() and not root.is_dir():
     raise UserError(f"--root={root} is a file, not a directory of runs")
+  if (root / "config.json").is_file():  # its runs' reports would be none, or nested in it
+    raise UserError(f"--root={root} is a run's directory (it has config.json): give the "
+                    "folder that holds the runs")
   # Checked before any training: a bad results_dir would otherwise fail after the grid.
   fileio.check_writable_directory(results_dir, "--results_dir")
   grid = [(d, s, v, point) for d in FLAGS.datasets for s in FLAGS.sizes
@@ -677,6 +711,8 @@ def main(argv: list[str]) -> None:
   if FLAGS.train:
     fileio.check_writable_directory(root, "--root")
     check_run_configs(grid)
+    for workdir in workdirs:
+      check_workdir(workdir)
     commands = [(workdir, train_command(d, s, v, workdir, [*FLAGS.set, *overrides]))
                 for (d, s, v, (_, overrides)), workdir in zip(grid, workdirs, strict=True)
                 if not (workdir / "results.json").is_file()]

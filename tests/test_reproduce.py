@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -274,6 +275,9 @@ def test_bad_grid_is_a_one_line_error(tmp_path, harness):
     (["--results_dir={file}"], "cannot write --results_dir {file}: {file} is not a directory"),
     (["--root={file}/runs"], "cannot write --root {file}/runs: {file} is not a directory"),
     (["--root={file}", "--train=false"], "--root={file} is a file, not a directory of runs"),
+    # An empty --sizes trained nothing and rewrote TABLE.md as "not run" throughout.
+    (["--sizes="], "flag --sizes=[]: needs at least one value"),
+    (["--variants=vd,,al"], "flag --variants=['vd', '', 'al']: has an empty entry (two commas"),
     # Each run's config, checked before the first run starts.
     (["--variants=vd,real", "--set=model.unroll=5", "--set=loss.tua=5"],
      "ptb_small_vd: unknown config field in --set=loss.tua"),
@@ -298,6 +302,52 @@ def test_bad_directories_and_repeated_runs_are_one_line_before_any_run(
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1].startswith(f"error: {message.format(file=file)}")
   assert "start " not in result.stdout and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("in_the_way,message", [
+    ("ptb_small_real", "{root}/ptb_small_real is a file, where the run's folder goes: move it "
+     "away"),
+    ("ptb_small_real/train.log/", "{root}/ptb_small_real/train.log is a folder, where the run's "
+     "log goes: move it away"),
+    ("ptb_small_real/checkpoints", "{root}/ptb_small_real/checkpoints is a file, where a run "
+     "keeps its folder checkpoints: move it away or use another --workdir"),
+    ("config.json", "--root={root} is a run's directory (it has config.json): give the folder "
+     "that holds the runs"),
+])
+def test_something_in_the_way_of_a_run_is_one_line_before_any_run(
+    tmp_path, harness, in_the_way, message):
+  # The first two were tracebacks once the runs before them had started (FileExistsError,
+  # IsADirectoryError); the third failed its run after the others had trained; a run's
+  # directory as --root trained the grid inside it.
+  root = tmp_path / "runs"
+  path = root / in_the_way
+  path.parent.mkdir(parents=True)
+  path.mkdir() if in_the_way.endswith("/") else path.write_text("")
+  result = harness(f"--root={root}", f"--results_dir={tmp_path / 'results'}", "--sizes=small",
+                   "--variants=vd,real", *(f"--set={s}" for s in TINY))
+  assert (result.returncode, result.stderr.strip().splitlines()[-1]) == (
+      2, f"error: {message.format(root=root)}")
+  assert "start " not in result.stdout and not (root / "ptb_small_vd").exists()
+
+
+def test_a_damaged_run_is_skipped_and_a_report_file_of_another_kind_refused(
+    trained_run, tmp_path, capsys):
+  # The first stopped the reports with the other runs' files half written; the second was
+  # an AttributeError traceback.
+  root, results_dir = tmp_path / "runs", tmp_path / "results"
+  shutil.copytree(trained_run[0], root / "ptb_small_real")
+  shutil.copytree(trained_run[0], root / "ptb_small_real_seed1")
+  metrics = root / "ptb_small_real" / "metrics.jsonl"
+  metrics.write_text(metrics.read_text()[:-40])  # a truncated last line
+  results_dir.mkdir()
+  reproduce.write_reports(root, results_dir)
+  assert capsys.readouterr().err.startswith(f"skipped {root / 'ptb_small_real'}: {metrics}")
+  assert sorted(p.name for p in results_dir.glob("*.json")) == ["ptb_small_real_seed1.json"]
+  (results_dir / "ptb_small_al.json").write_text("[]\n")
+  with pytest.raises(UserError, match=re.escape(
+      f"{results_dir / 'ptb_small_al.json'} is not a run report (a JSON list): move it away, "
+      "or write it again from its run with --root")):
+    reproduce.write_reports(root, results_dir)
 
 
 def test_the_report_is_written_when_a_run_fails_and_then_the_failure_is_named(tmp_path, harness):
