@@ -135,3 +135,19 @@ def test_a_step_at_or_below_the_latest_is_an_error_not_a_silent_skip(tmp_path):
   checkpoints.save(10, _arrays(1.0), {"epoch": 1})
   with pytest.raises(UserError, match=r"checkpoint 7 was not written: .* holds step 10"):
     checkpoints.save(7, _arrays(2.0), {"epoch": 1})
+
+
+def test_a_damaged_checkpoint_is_one_line_without_the_tracebacks_of_its_late_reads(
+    trained_run, tmp_path, run_module):
+  # Its data files emptied: orbax's restore failed with reads still in flight, whose
+  # callbacks then printed 16 "Event loop is closed" tracebacks around the one-line error.
+  run = tmp_path / "run"
+  shutil.copytree(trained_run[0], run)
+  for path in (run / "checkpoints").rglob("*"):
+    if path.is_file() and path.parent.name == "d":
+      path.write_bytes(b"")
+  result = run_module("tied_lm.evaluate", f"--workdir={run}")
+  assert result.returncode == 2
+  assert len(result.stderr.strip().splitlines()) == 1, result.stderr[-2000:]
+  assert result.stderr.startswith(
+      f"error: none of the 1 checkpoint(s) in {run / 'checkpoints'} can be read")
