@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -48,15 +50,37 @@ def test_batch_one_scores_the_same_tokens(run_copy, evaluate_cli):
   assert saved["perplexity"] == pytest.approx(results["valid_perplexity"], rel=0.05)
 
 
-def test_a_result_that_cannot_be_saved_is_still_printed_then_one_line(run_copy, evaluate_cli):
+# tied_lm.evaluate in a run directory it cannot write into (a reader's, a full disk).
+_UNWRITABLE = """
+import errno, runpy, sys
+from tied_lm import provenance
+def write_json(path, result):
+  raise OSError(errno.EROFS, "Read-only file system", str(path))
+provenance.write_json = write_json
+sys.argv = ["tied_lm.evaluate", *sys.argv[1:]]
+runpy.run_module("tied_lm.evaluate", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_a_result_that_cannot_be_saved_is_still_printed_then_one_line(run_copy):
   workdir, results = run_copy
-  output = workdir / "eval_test_batch10.json"
-  output.mkdir()  # as a run directory a reader may not write into: the write fails
-  result = evaluate_cli(f"--workdir={workdir}", "--split=test", "--eval_batch_size=10")
+  result = subprocess.run(
+      [sys.executable, "-c", _UNWRITABLE, f"--workdir={workdir}", "--split=test",
+       "--eval_batch_size=10"], cwd=provenance.REPO, capture_output=True, text=True, timeout=300)
   assert result.returncode == 2
   assert result.stdout.startswith(f"test perplexity {results['test_perplexity']:.2f} over ")
   assert result.stderr.strip().splitlines()[-1] == (
-      f"error: could not write {output}: Is a directory")
+      f"error: could not write {workdir / 'eval_test_batch10.json'}: Read-only file system")
+
+
+def test_a_folder_where_the_score_goes_is_refused_before_scoring(run_copy, evaluate_cli):
+  # It was refused only after the scoring, minutes at batch 1.
+  workdir, _ = run_copy
+  (workdir / "eval_valid_batch1.json").mkdir()
+  result = evaluate_cli(f"--workdir={workdir}", "--split=valid", "--eval_batch_size=1")
+  assert (result.returncode, result.stdout, result.stderr.strip().splitlines()[-1]) == (
+      2, "", f"error: {workdir / 'eval_valid_batch1.json'} is a folder, where the score goes: "
+      "move it away")
 
 
 def test_a_run_trained_with_cudnn_is_evaluated_with_the_scan_off_gpu(run_copy, evaluate_cli):

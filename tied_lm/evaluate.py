@@ -36,6 +36,9 @@ def main(argv: list[str]) -> None:
 
   run = train.load_trained(FLAGS.workdir)
   batch_size = FLAGS.eval_batch_size or run.config.eval_batch_size  # both are >= 1
+  output = Path(FLAGS.workdir).expanduser() / f"eval_{FLAGS.split}_batch{batch_size}.json"
+  if output.is_dir():  # refused before the scoring, which takes minutes at batch 1
+    raise UserError(f"{output} is a folder, where the score goes: move it away")
   perplexity, tokens = train.evaluate(run.model, run.params, run.corpus.split(FLAGS.split),
                                       batch_size, run.config.num_steps, FLAGS.split)
   result = {
@@ -46,7 +49,6 @@ def main(argv: list[str]) -> None:
       "eval_batch_size": batch_size,
       "checkpoint_step": run.checkpoint_step,
   }
-  output = Path(FLAGS.workdir).expanduser() / f"eval_{FLAGS.split}_batch{batch_size}.json"
   # Printed first: a run directory that cannot be written (a reader's) keeps no file,
   # but the number is not lost.
   print(f"{FLAGS.split} perplexity {perplexity:.2f} over {tokens:,} tokens "
