@@ -110,7 +110,8 @@ def test_a_metrics_line_that_is_not_an_object_is_one_line(two_runs, tmp_path, li
 
 
 @pytest.mark.parametrize("make,message", [
-    (lambda d: None, "is not a directory"),
+    (lambda d: None, "does not exist"),
+    (lambda d: d.write_text(""), "is not a directory"),
     (lambda d: d.mkdir(), "is not a tied_lm run (no config.json or results.json)"),
     # It said "has no finished epoch yet".
     (lambda d: [d.mkdir(), (d / "config.json").write_text("{}"), (d / "metrics.jsonl").mkdir()],

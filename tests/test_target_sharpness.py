@@ -85,5 +85,5 @@ def test_every_run_is_loaded_before_any_is_measured(trained_run, tmp_path, run_m
       f"--workdirs={trained_run[0]},{trained_run[0]}/nowhere", f"--output={tmp_path / 'out'}")
   assert result.returncode == 2, result.stderr
   assert result.stderr.strip().splitlines() == [
-      f"error: {trained_run[0]}/nowhere is not a directory"]
+      f"error: {trained_run[0]}/nowhere does not exist"]
   assert not list(tmp_path.glob("out*"))

@@ -149,6 +149,9 @@ def check_run_directory(directory: Path) -> None:
   """Refuses, in one line, a run directory whose entries are of the wrong kind: what a
   trainer would fail on deep in training, and a reader would misread (a folder named
   results.json read as a run still training, a file named checkpoints as none yet)."""
+  if not directory.is_dir():
+    raise UserError(f"{directory} " + ("is not a directory" if directory.exists()
+                                       else "does not exist"))
   for name, kind in RUN_DIRECTORY_LAYOUT.items():
     path = directory / name
     if path.exists() and path.is_dir() != (kind == "folder"):

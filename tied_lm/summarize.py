@@ -56,8 +56,6 @@ def describe(config: dict[str, Any]) -> tuple[str, str]:
 
 def load_run(workdir: Path) -> dict[str, Any]:
   """What the table shows of one run directory; UserError if it is not one."""
-  if not workdir.is_dir():
-    raise UserError(f"{workdir} is not a directory")
   check_run_directory(workdir)
   config_file, results_file = workdir / "config.json", workdir / "results.json"
   results = read_json(results_file) if results_file.is_file() else None

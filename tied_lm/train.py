@@ -855,8 +855,6 @@ def load_trained(workdir: str | Path) -> TrainedRun:
   """
   workdir = Path(workdir).expanduser()
   config_file = workdir / "config.json"
-  if not workdir.is_dir():
-    raise UserError(f"{workdir} is not a directory")
   fileio.check_run_directory(workdir)
   if not config_file.is_file():
     raise UserError(f"{workdir} is not a tied_lm run (no config.json)")
