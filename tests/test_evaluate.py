@@ -118,6 +118,11 @@ def test_a_damaged_config_json_is_one_line_naming_it(run_copy, evaluate_cli):
     (lambda d: (d.mkdir(), (d / "config.json").write_text("{}")),
      "has no checkpoint yet: training writes the first one after checkpoint_every_steps "
      "steps or one epoch"),
+    # A file named as a step: "none of the 0 checkpoint(s) ... can be read".
+    (lambda d: ((d / "checkpoints").mkdir(parents=True), (d / "config.json").write_text("{}"),
+                (d / "checkpoints" / "180").write_text("")),
+     "has no checkpoint yet: training writes the first one after checkpoint_every_steps "
+     "steps or one epoch"),
 ])
 def test_a_folder_without_a_checkpoint_is_one_line(tmp_path, make, message, evaluate_cli):
   folder = tmp_path / "run"

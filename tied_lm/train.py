@@ -859,7 +859,8 @@ def load_trained(workdir: str | Path) -> TrainedRun:
   if not config_file.is_file():
     raise UserError(f"{workdir} is not a tied_lm run (no config.json)")
   checkpoint_dir = workdir / "checkpoints"
-  if not checkpoint_dir.is_dir() or not any(d.name.isdigit() for d in checkpoint_dir.iterdir()):
+  if not checkpoint_dir.is_dir() or not any(
+      d.name.isdigit() and d.is_dir() for d in checkpoint_dir.iterdir()):
     raise UserError(
         f"{workdir} has no checkpoint yet: training writes the first one after "
         "checkpoint_every_steps steps or one epoch"
