@@ -74,6 +74,8 @@ def main(argv: list[str]) -> None:
     taus = [float(t) for t in FLAGS.taus]
   except ValueError as error:
     raise UserError(f"--taus: {error}") from None
+  if len(set(taus)) < len(taus):  # each run's rows would repeat, as subspace_distance refuses
+    raise UserError(f"--taus repeats a value: {', '.join(FLAGS.taus)}")
   from tied_lm import losses  # JAX: after the flags, so that --help answers without it
 
   if not all(map(losses.is_temperature, taus)):

@@ -72,6 +72,9 @@ def test_cli_refuses_a_bad_tau_in_one_line(trained_run, sharpness_cli):
   assert result.stderr.strip().splitlines() == [
       "error: --taus=0: every τ must be in [1.18e-38, 3.4e+38] (float32's positive normal "
       "numbers)"]
+  result = sharpness_cli(f"--workdirs={trained_run[0]}", "--taus=2,2.0")
+  assert (result.returncode, result.stderr.strip()) == (
+      2, "error: --taus repeats a value: 2, 2.0")
   result = sharpness_cli(f"--workdirs={trained_run[0]}", "--output=/dev/null/x")
   assert result.returncode == 2
   assert result.stderr.strip().splitlines() == [
