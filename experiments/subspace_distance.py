@@ -1,6 +1,6 @@
 r"""Does W move towards Lᵀ? The paper's section-5 check, at small scale on a CPU.
 
-  python -m experiments.subspace_distance --seeds=0,1,2
+  python -m experiments.subspace_distance --seeds=0,1,2 --num_epochs=6
 
 Trains an untied 2-layer LSTM (no dropout, no output bias, rows of L kept at
 norm 1) on the first --num_words tokens of PTB's training text, with its own

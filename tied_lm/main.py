@@ -96,7 +96,7 @@ def initialize_multihost() -> None:
 
   The coordinator address comes from JAX_COORDINATOR_ADDRESS or the cluster
   manager (SLURM, TPU, ...), which JAX detects; JAX_NUM_PROCESSES and
-  JAX_PROCESS_ID fill in where none does (e.g. several local processes).
+  JAX_PROCESS_ID, when set, override what it says (e.g. several local processes).
   """
   import jax
 
