@@ -462,8 +462,12 @@ def evaluate(
     batch_size: int,
     num_steps: int,
     split: str = "evaluation",
+    log_every_seconds: float = 30.0,
 ) -> tuple[float, int]:
   """Perplexity over every target token of `ids`, carrying state between windows.
+
+  An evaluation that takes longer than `log_every_seconds` (minutes at batch 1) logs its
+  progress that often.
 
   Returns:
     (perplexity, number of target tokens scored), the latter exactly len(ids) - 1.
@@ -477,9 +481,10 @@ def evaluate(
   model = model.for_evaluation(num_steps)
   # Calls of one size for every split, so one compiled program; the padding windows at the
   # end have zero weight.
-  windows_per_call = min(len(inputs), MAX_EVAL_WINDOWS_PER_CALL)
-  num_calls = -(-len(inputs) // windows_per_call)
-  padding = ((0, num_calls * windows_per_call - len(inputs)), (0, 0), (0, 0))
+  num_windows = len(inputs)
+  windows_per_call = min(num_windows, MAX_EVAL_WINDOWS_PER_CALL)
+  num_calls = -(-num_windows // windows_per_call)
+  padding = ((0, num_calls * windows_per_call - num_windows), (0, 0), (0, 0))
   inputs, targets, weights = (np.pad(x, padding) for x in (inputs, targets, weights))
   # Placed alike wherever the params come from (the pmapped state, a checkpoint, NumPy):
   # otherwise each source compiled the step again.
@@ -487,11 +492,22 @@ def evaluate(
   params = jax.device_put(params, device, may_alias=False)
   carry = jax.device_put(model.initial_carry(batch_size), device)
   nll_sum = jax.device_put(np.zeros((), np.float32), device)
+  start = last_log = time.monotonic()
   for call in range(num_calls):
     chunk = slice(call * windows_per_call, (call + 1) * windows_per_call)
     carry, nll_sum = eval_step(
         params, carry, nll_sum, inputs[chunk], targets[chunk], weights[chunk], model=model
     )
+    if call + 1 < num_calls:
+      nll_sum.block_until_ready()  # paces the loop by the work done, for the progress lines
+      now = time.monotonic()
+      if now - last_log >= log_every_seconds:
+        done = (call + 1) * windows_per_call
+        left = (now - start) / done * (num_windows - done)
+        logging.info("scoring %s: %d of %d windows, %s, about %s left", split, done,
+                     num_windows, reporting.format_seconds(now - start),
+                     reporting.format_seconds(left))
+        last_log = now
   tokens_scored = int(weights.sum())
   return math.exp(float(nll_sum) / tokens_scored), tokens_scored
 
