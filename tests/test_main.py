@@ -162,7 +162,7 @@ def test_a_runtime_error_of_the_multihost_start_is_one_line(monkeypatch):
     monkeypatch.delenv(variable, raising=False)
   monkeypatch.setattr(jax.distributed, "initialize", initialize)
   with pytest.raises(UserError) as raised:
-    main.initialize_multihost()
+    main.initialize_multihost(timeout=300)
   assert str(raised.value) == (
       "cannot start the multi-host runtime: UNKNOWN: Failed to start RPC server (set "
       "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, or run under a cluster "
@@ -179,6 +179,11 @@ def test_a_runtime_error_of_the_multihost_start_is_one_line(monkeypatch):
      "be HOST:PORT, with a port from 1 to 65535 (e.g. 10.0.0.1:1234)"),
     (["--multihost"], {"JAX_COORDINATOR_ADDRESS": "[::1]:65536"}, "JAX_COORDINATOR_ADDRESS="
      "'[::1]:65536' must be HOST:PORT, with a port from 1 to 65535 (e.g. 10.0.0.1:1234)"),
+    # Process 1 without a process 0: JAX aborted it after 5 minutes with a C++ stack trace.
+    (["--multihost_timeout=2"], {"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1",
+                                 "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"},
+     "no coordinator at 127.0.0.1:1 after 2 s (--multihost_timeout): is process 0 running, "
+     "with the same JAX_COORDINATOR_ADDRESS?"),
 ])
 def test_a_multihost_start_without_its_settings_is_one_line(args, env, message, tmp_path,
                                                             monkeypatch):

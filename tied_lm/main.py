@@ -12,7 +12,9 @@ only process 0 writes metrics and checkpoints.
 
 import os
 import re
+import socket
 import sys
+import time
 import traceback
 
 import ml_collections
@@ -28,6 +30,9 @@ flags.DEFINE_bool(
     "multihost", False,
     "Call jax.distributed.initialize() (implied by JAX_COORDINATOR_ADDRESS in the environment).",
 )
+flags.DEFINE_integer(
+    "multihost_timeout", 300,
+    "Seconds a process waits for the others to join the multi-host runtime.", lower_bound=1)
 flags.mark_flag_as_required("config")
 errors.require_name("workdir", "the run's directory")
 
@@ -91,8 +96,9 @@ def parse_flags(argv: list[str]) -> list[str]:
   return remaining
 
 
-def initialize_multihost() -> None:
-  """jax.distributed.initialize(), with CPU collectives over gloo.
+def initialize_multihost(timeout: int) -> None:
+  """jax.distributed.initialize(), with CPU collectives over gloo; `timeout` seconds for
+  the processes to join.
 
   The coordinator address comes from JAX_COORDINATOR_ADDRESS or the cluster
   manager (SLURM, TPU, ...), which JAX detects; JAX_NUM_PROCESSES and
@@ -116,10 +122,12 @@ def initialize_multihost() -> None:
         env[name] = int(os.environ[var])
       except ValueError:
         raise errors.UserError(f"{var}={os.environ[var]!r} must be an integer") from None
+  if address is not None and env.get("process_id", 0) != 0:
+    wait_for_coordinator(address, timeout)
   try:
-    jax.distributed.initialize(**env)
-  # No coordinator found, or bad ids. (One that cannot be reached aborts inside JAX after
-  # its timeout, as a C++ fatal error this cannot catch.)
+    jax.distributed.initialize(**env, initialization_timeout=timeout)
+  # No coordinator found, or bad ids. (One that cannot be reached, which JAX finds itself
+  # from a cluster manager, aborts inside JAX after the timeout, as a C++ fatal error.)
   except (ValueError, RuntimeError) as error:
     raise errors.UserError(
         f"cannot start the multi-host runtime: {str(error).rstrip('.')} (set "
@@ -134,6 +142,32 @@ def initialize_multihost() -> None:
     logging.set_verbosity(logging.WARNING)
 
 
+def wait_for_coordinator(address: str, timeout: float) -> None:
+  """Waits until the coordinator (process 0) at HOST:PORT accepts connections.
+
+  Raises UserError after `timeout` seconds. JAX would abort the process there with a C++
+  stack trace, after the same wait, and with no word while it waits.
+  """
+  host, _, port = address.rpartition(":")
+  start = last_log = time.monotonic()
+  while True:
+    try:
+      with socket.create_connection((host.strip("[]"), int(port)), timeout=5):
+        return
+    except OSError:
+      pass
+    now = time.monotonic()
+    if now - start >= timeout:
+      raise errors.UserError(
+          f"no coordinator at {address} after {timeout:g} s (--multihost_timeout): is process "
+          "0 running, with the same JAX_COORDINATOR_ADDRESS?")
+    if now - last_log >= 30:
+      logging.info("waiting for the coordinator (process 0) at %s, %.0f s so far", address,
+                   now - start)
+      last_log = now
+    time.sleep(1)
+
+
 @errors.command
 def main(argv: list[str]) -> None:
   errors.no_positional_arguments(argv)
@@ -143,7 +177,7 @@ def main(argv: list[str]) -> None:
 
   hostmem.reuse_freed_memory()
   if FLAGS.multihost or "JAX_COORDINATOR_ADDRESS" in os.environ:
-    initialize_multihost()
+    initialize_multihost(FLAGS.multihost_timeout)
   try:
     train.train_and_evaluate(
         FLAGS.config, FLAGS.workdir, provenance.command_line("tied_lm.main"))
