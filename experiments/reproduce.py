@@ -645,14 +645,11 @@ def write_reports(root: Path, results_dir: Path) -> None:
       continue
     model, tag = parsed
     report = fileio.read_json(path)
-    # The table would fail on a file of another kind under a grid name, as a traceback.
-    missing = ([key for key in REPORT_KEYS if key not in report] if isinstance(report, dict)
-               else None)
-    if missing != []:
-      raise UserError(
-          f"{path} is not a run report ("
-          + (f"no {', '.join(missing)}" if missing else f"a JSON {type(report).__name__}")
-          + "): move it away, or write it again from its run with --root")
+    # The table would fail on another file under a grid name, as a traceback.
+    missing = [key for key in REPORT_KEYS if key not in report]
+    if missing:
+      raise UserError(f"{path} is not a run report (no {', '.join(missing)}): move it away, "
+                      "or write it again from its run with --root")
     if reason := misplaced(path.stem, report):
       print(f"skipped {path}: {reason}", file=sys.stderr)
     elif tag:

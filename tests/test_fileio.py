@@ -58,6 +58,10 @@ def test_damaged_json_is_one_line_naming_the_file_and_a_torn_append_is_skipped(t
     fileio.read_json(path)
   path.write_text('{"seed": 0}')
   assert fileio.read_json(path) == {"seed": 0}
+  path.write_text("null\n")  # a results.json so was read as a run still training
+  with pytest.raises(UserError, match=r"config.json is damaged: a JSON null, not an object; "
+                     "restore or remove it"):
+    fileio.read_json(path)
 
   lines = tmp_path / "launches.jsonl"
   lines.write_text('{"a": 1}\n\n{"a": 2}\n{"a": 3, "comm')  # killed while appending

@@ -343,10 +343,16 @@ def test_a_damaged_run_is_skipped_and_a_report_file_of_another_kind_refused(
   reproduce.write_reports(root, results_dir)
   assert capsys.readouterr().err.startswith(f"skipped {root / 'ptb_small_real'}: {metrics}")
   assert sorted(p.name for p in results_dir.glob("*.json")) == ["ptb_small_real_seed1.json"]
+  (results_dir / "ptb_small_al.json").write_text('{"dataset": "ptb", "variant": "al"}\n')
+  with pytest.raises(UserError, match=re.escape(
+      f"{results_dir / 'ptb_small_al.json'} is not a run report (no valid_perplexity, "
+      "test_perplexity, eval_batch_size, epochs, best_epoch, num_params, wall_seconds, config, "
+      "hardware): move it away, or write it again from its run with --root")):
+    reproduce.write_reports(root, results_dir)
   (results_dir / "ptb_small_al.json").write_text("[]\n")
   with pytest.raises(UserError, match=re.escape(
-      f"{results_dir / 'ptb_small_al.json'} is not a run report (a JSON list): move it away, "
-      "or write it again from its run with --root")):
+      f"{results_dir / 'ptb_small_al.json'} is damaged: a JSON list, not an object; restore "
+      "or remove it")):
     reproduce.write_reports(root, results_dir)
 
 

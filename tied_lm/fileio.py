@@ -68,15 +68,20 @@ def remove_unfinished_writes(
   return unfinished
 
 
-def read_json(path: Path) -> Any:
-  """A JSON file's content; a damaged file is a UserError naming it, not a traceback."""
+def read_json(path: Path) -> dict[str, Any]:
+  """A JSON file's object; a damaged file, or one that holds no object, is a UserError
+  naming it, not a traceback (or, for `null`, a run read as unfinished)."""
   try:
-    return json.loads(Path(path).read_text())
+    content = json.loads(Path(path).read_text())
   except json.JSONDecodeError as error:
     raise UserError(f"{path} is damaged: not JSON ({error.msg} at line {error.lineno}); "
                     "restore or remove it") from None
   except UnicodeDecodeError:
     raise UserError(f"{path} is damaged: not UTF-8 text; restore or remove it") from None
+  if not isinstance(content, dict):
+    kind = "null" if content is None else type(content).__name__
+    raise UserError(f"{path} is damaged: a JSON {kind}, not an object; restore or remove it")
+  return content
 
 
 def read_json_lines(path: Path, *, appended: bool = False) -> list[dict[str, Any]]:
