@@ -233,6 +233,10 @@ def check_workdir(workdir: Path) -> None:
     if (workdir / "train.log").is_dir():
       raise UserError(f"{workdir / 'train.log'} is a folder, where the run's log goes: move "
                       "it away")
+    # A finished run is only reported, with or without its checkpoints; an unfinished one
+    # would train again from scratch over its epochs.
+    if not (workdir / "results.json").is_file() and not fileio.has_checkpoint(workdir):
+      reporting.check_nothing_to_lose(workdir)
 
 
 def run_all(commands: list[tuple[Path, list[str]]], parallel: int) -> Outcome:

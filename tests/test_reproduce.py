@@ -313,6 +313,10 @@ def test_bad_directories_and_repeated_runs_are_one_line_before_any_run(
      "keeps its folder checkpoints: move it away or use another --workdir"),
     ("config.json", "--root={root} is a run's directory (it has config.json): give the folder "
      "that holds the runs"),
+    # An epoch done and its checkpoints deleted: tied_lm.main refused it after the other runs.
+    ("ptb_small_real/metrics.jsonl", "{root}/ptb_small_real holds a trained run (epoch records "
+     "in metrics.jsonl) but no checkpoint to resume from: training from scratch would replace "
+     "its results. Move them away, or use a new --workdir"),
 ])
 def test_something_in_the_way_of_a_run_is_one_line_before_any_run(
     tmp_path, harness, in_the_way, message):
@@ -322,7 +326,8 @@ def test_something_in_the_way_of_a_run_is_one_line_before_any_run(
   root = tmp_path / "runs"
   path = root / in_the_way
   path.parent.mkdir(parents=True)
-  path.mkdir() if in_the_way.endswith("/") else path.write_text("")
+  path.mkdir() if in_the_way.endswith("/") else path.write_text(
+      '{"kind": "epoch", "epoch": 1}\n' if path.name == "metrics.jsonl" else "")
   result = harness(f"--root={root}", f"--results_dir={tmp_path / 'results'}", "--sizes=small",
                    "--variants=vd,real", *(f"--set={s}" for s in TINY))
   assert (result.returncode, result.stderr.strip().splitlines()[-1]) == (

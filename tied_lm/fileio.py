@@ -137,6 +137,12 @@ RUN_DIRECTORY_LAYOUT = {
 }
 
 
+def has_checkpoint(workdir: Path) -> bool:
+  """Whether the run directory holds a checkpoint (a step's folder), readable or not."""
+  folder = workdir / "checkpoints"
+  return folder.is_dir() and any(d.name.isdigit() and d.is_dir() for d in folder.iterdir())
+
+
 def make_run_directory(directory: Path) -> None:
   """Makes a run directory (and its parents) if need be, and refuses one whose entries are
   of the wrong kind (a folder named metrics.jsonl, a file named checkpoints), in one line."""

@@ -203,3 +203,20 @@ def read_records(workdir: Path, kind: str | None = None) -> list[dict[str, Any]]
     raise UserError(f"{path} is not a file")
   records = read_json_lines(path)
   return [r for r in records if kind is None or r.get("kind", "epoch") == kind]
+
+
+def check_nothing_to_lose(workdir: Path) -> None:
+  """Raises UserError if `workdir`, which has no checkpoint, holds a trained run's results.
+
+  Training from scratch there would replace them. (Records of a run stopped before its
+  first checkpoint, which ends epoch 1 at the latest, are no loss.)
+  """
+  trained = [name for name, present in (
+      ("results.json", (workdir / "results.json").exists()),
+      ("epoch records in metrics.jsonl", bool(read_records(workdir, "epoch"))),
+  ) if present]
+  if trained:
+    raise UserError(
+        f"{workdir} holds a trained run ({' and '.join(trained)}) but no checkpoint to resume "
+        "from: training from scratch would replace its results. Move them away, or use a "
+        "new --workdir")

@@ -649,23 +649,6 @@ class StopSignals:
     _restore_handlers(self._previous)
 
 
-def check_nothing_to_lose(workdir: Path) -> None:
-  """Raises UserError if `workdir`, which has no checkpoint, holds a trained run's results.
-
-  Training from scratch there would replace them. (Records of a run stopped before its
-  first checkpoint, which ends epoch 1 at the latest, are no loss.)
-  """
-  trained = [name for name, present in (
-      ("results.json", (workdir / "results.json").exists()),
-      ("epoch records in metrics.jsonl", bool(reporting.read_records(workdir, "epoch"))),
-  ) if present]
-  if trained:
-    raise UserError(
-        f"{workdir} holds a trained run ({' and '.join(trained)}) but no checkpoint to resume "
-        "from: training from scratch would replace its results. Move them away, or use a "
-        "new --workdir")
-
-
 def check_fixed_fields(
     config: ml_collections.ConfigDict, saved_config: dict,
     subject: str = "the workdir holds checkpoints of another run",
@@ -874,9 +857,7 @@ def load_trained(workdir: str | Path) -> TrainedRun:
   fileio.check_run_directory(workdir)
   if not config_file.is_file():
     raise UserError(f"{workdir} is not a tied_lm run (no config.json)")
-  checkpoint_dir = workdir / "checkpoints"
-  if not checkpoint_dir.is_dir() or not any(
-      d.name.isdigit() and d.is_dir() for d in checkpoint_dir.iterdir()):
+  if not fileio.has_checkpoint(workdir):
     raise UserError(
         f"{workdir} has no checkpoint yet: training writes the first one after "
         "checkpoint_every_steps steps or one epoch"
@@ -1011,6 +992,8 @@ def train_and_evaluate(
   # Process 0 speaks for all: the others of a multi-process run share its workdir.
   lock = fileio.lock_directory(workdir) if jax.process_index() == 0 else None
   try:
+    if not fileio.has_checkpoint(workdir):
+      reporting.check_nothing_to_lose(workdir)
     return _train_and_evaluate(config, workdir, command, corpus, inputs, targets)
   finally:
     if lock is not None:
@@ -1070,8 +1053,6 @@ def _train_and_evaluate(
                      "; use the corpus they were trained on, or a new --workdir")
 
   restored = checkpoints.restore_latest(arrays, check_same_run)
-  if restored is None:
-    check_nothing_to_lose(workdir)
   # Once the checkpoints fit this run: a refused resume is its one error line alone.
   logging.info(
       "%s: vocab %d, %d train tokens, %d steps/epoch, %d params, %d devices",
