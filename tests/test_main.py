@@ -182,8 +182,11 @@ def test_a_runtime_error_of_the_multihost_start_is_one_line(monkeypatch):
     # Process 1 without a process 0: JAX aborted it after 5 minutes with a C++ stack trace.
     (["--multihost_timeout=2"], {"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1",
                                  "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"},
-     "no coordinator at 127.0.0.1:1 after 2 s (--multihost_timeout): is process 0 running, "
-     "with the same JAX_COORDINATOR_ADDRESS?"),
+     "no coordinator at 127.0.0.1:1 after 2 s (--multihost_timeout; last: Connection "
+     "refused): is process 0 running, with the same JAX_COORDINATOR_ADDRESS?"),
+    # It waited for the coordinator, then was named as missing.
+    ([], {"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1", "JAX_NUM_PROCESSES": "2",
+          "JAX_PROCESS_ID": "2"}, "JAX_PROCESS_ID=2 must be in [0, JAX_NUM_PROCESSES=2)"),
 ])
 def test_a_multihost_start_without_its_settings_is_one_line(args, env, message, tmp_path,
                                                             monkeypatch):

@@ -122,10 +122,18 @@ def initialize_multihost(timeout: int) -> None:
         env[name] = int(os.environ[var])
       except ValueError:
         raise errors.UserError(f"{var}={os.environ[var]!r} must be an integer") from None
-  if address is not None and env.get("process_id", 0) != 0:
-    wait_for_coordinator(address, timeout)
+  process_id, num_processes = env.get("process_id"), env.get("num_processes")
+  if process_id is not None and not (
+      0 <= process_id < (num_processes if num_processes is not None else process_id + 1)):
+    raise errors.UserError(
+        f"JAX_PROCESS_ID={process_id} must be in [0, JAX_NUM_PROCESSES"
+        + (f"={num_processes})" if num_processes is not None else ")"))
+  waited = 0.0
+  if address is not None and process_id:
+    waited = wait_for_coordinator(address, timeout)
   try:
-    jax.distributed.initialize(**env, initialization_timeout=timeout)
+    # The wait counts against JAX's own, so that --multihost_timeout bounds both.
+    jax.distributed.initialize(**env, initialization_timeout=max(1, round(timeout - waited)))
   # No coordinator found, or bad ids. (One that cannot be reached, which JAX finds itself
   # from a cluster manager, aborts inside JAX after the timeout, as a C++ fatal error.)
   except (ValueError, RuntimeError) as error:
@@ -142,25 +150,27 @@ def initialize_multihost(timeout: int) -> None:
     logging.set_verbosity(logging.WARNING)
 
 
-def wait_for_coordinator(address: str, timeout: float) -> None:
-  """Waits until the coordinator (process 0) at HOST:PORT accepts connections.
+def wait_for_coordinator(address: str, timeout: float) -> float:
+  """Waits until the coordinator (process 0) at HOST:PORT accepts connections; returns the
+  seconds waited.
 
-  Raises UserError after `timeout` seconds. JAX would abort the process there with a C++
-  stack trace, after the same wait, and with no word while it waits.
+  Raises UserError after `timeout` seconds, with the last connection error. JAX would abort
+  the process there with a C++ stack trace, after the same wait, and with no word while it
+  waits.
   """
   host, _, port = address.rpartition(":")
   start = last_log = time.monotonic()
   while True:
     try:
       with socket.create_connection((host.strip("[]"), int(port)), timeout=5):
-        return
-    except OSError:
-      pass
+        return time.monotonic() - start
+    except OSError as error:
+      reason = error.strerror or str(error)
     now = time.monotonic()
     if now - start >= timeout:
       raise errors.UserError(
-          f"no coordinator at {address} after {timeout:g} s (--multihost_timeout): is process "
-          "0 running, with the same JAX_COORDINATOR_ADDRESS?")
+          f"no coordinator at {address} after {timeout:g} s (--multihost_timeout; last: "
+          f"{reason}): is process 0 running, with the same JAX_COORDINATOR_ADDRESS?")
     if now - last_log >= 30:
       logging.info("waiting for the coordinator (process 0) at %s, %.0f s so far", address,
                    now - start)
