@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import weakref
 from pathlib import Path
 
@@ -249,3 +250,30 @@ def test_analysis_commands_answer_help_and_bad_flags_before_jax_is_imported(
   status, imported = modules_imported_by(*command)
   assert status == (0 if "--help" in command else 2)
   assert "absl.flags" in imported and "jax" not in imported
+
+
+def test_a_hook_put_on_top_during_a_command_outlives_it(monkeypatch, capsys):
+  # checkpoints' filter of a failed restore's late "Event loop is closed" callbacks was
+  # dropped when the command put its own predecessor back, and those that came after
+  # printed their tracebacks again.
+  reached = []
+  monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: reached.append(unraisable))
+
+  @errors.command
+  def main(argv):
+    below = sys.unraisablehook
+
+    def drop_closed_loop(unraisable):
+      if str(unraisable.exc_value) != "Event loop is closed":
+        below(unraisable)
+
+    sys.unraisablehook = drop_closed_loop
+    raise UserError("none of the 1 checkpoint(s) can be read")
+
+  with pytest.raises(SystemExit):
+    main([])
+  capsys.readouterr()
+  for error in (RuntimeError("Event loop is closed"), RuntimeError("other"),
+                KeyboardInterrupt()):
+    sys.unraisablehook(types.SimpleNamespace(exc_type=type(error), exc_value=error))
+  assert [str(u.exc_value) for u in reached] == ["other", ""]  # none resent as a Ctrl-C

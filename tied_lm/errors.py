@@ -66,11 +66,12 @@ class _Interrupt:
   later, from another thread, until it lands where it is safe. Its `unraisable`, the
   command's sys.unraisablehook, sends again one that Python ignored all the same (in a
   weakref callback or a __del__). `cancel` drops the resends still pending, so that
-  none outlives the command."""
+  none outlives the command, and makes `unraisable` pass everything on."""
 
   def __init__(self, previous_hook: Callable[["sys.UnraisableHookArgs"], Any]) -> None:
     self.resends: list[threading.Timer] = []
     self.previous_hook = previous_hook
+    self.cancelled = False
 
   def __call__(self, signum: int, frame: types.FrameType | None) -> None:
     if _unsafe_to_raise(frame):
@@ -79,7 +80,7 @@ class _Interrupt:
     raise KeyboardInterrupt
 
   def unraisable(self, unraisable: "sys.UnraisableHookArgs") -> None:
-    if issubclass(unraisable.exc_type, KeyboardInterrupt):
+    if issubclass(unraisable.exc_type, KeyboardInterrupt) and not self.cancelled:
       self.resend()
     else:
       self.previous_hook(unraisable)
@@ -91,6 +92,7 @@ class _Interrupt:
     resend.start()
 
   def cancel(self) -> None:
+    self.cancelled = True
     for resend in self.resends:
       resend.cancel()
 
@@ -135,7 +137,11 @@ def command(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
       if interrupt is not None:
         interrupt.cancel()
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        sys.unraisablehook = interrupt.previous_hook
+        if sys.unraisablehook == interrupt.unraisable:  # a bound method: equal, not the same
+          sys.unraisablehook = interrupt.previous_hook
+        # Else a hook went on top of ours during the command (checkpoints' filter of a
+        # failed restore's late callbacks, which may come until the process exits): it
+        # stays, and ours, cancelled, passes everything on.
         # Registered last, so run first of the exit handlers (JAX's and TensorBoard's
         # were registered during the command).
         atexit.unregister(_ignore_ctrl_c_at_exit)
