@@ -501,9 +501,11 @@ def evaluate(
     if call + 1 < num_calls:
       nll_sum.block_until_ready()  # paces the loop by the work done, for the progress lines
       now = time.monotonic()
-      if now - last_log >= log_every_seconds:
+      if call == 0:  # the rate is timed from here: the first call compiles
+        first_call_end = now
+      elif now - last_log >= log_every_seconds:
         done = (call + 1) * windows_per_call
-        left = (now - start) / done * (num_windows - done)
+        left = (now - first_call_end) / (done - windows_per_call) * (num_windows - done)
         logging.info("scoring %s: %d of %d windows, %s, about %s left", split, done,
                      num_windows, reporting.format_seconds(now - start),
                      reporting.format_seconds(left))
@@ -1140,7 +1142,7 @@ def _train_and_evaluate(
         params = first_replica(state.params)
         eval_start = time.time()
         valid_perplexity, valid_tokens = evaluate(
-            model, params, corpus.valid, config.eval_batch_size, config.num_steps
+            model, params, corpus.valid, config.eval_batch_size, config.num_steps, "valid"
         )
         if (meta["best_valid_perplexity"] is None
             or valid_perplexity < meta["best_valid_perplexity"]):
@@ -1183,7 +1185,8 @@ def _train_and_evaluate(
     try:
       with _signals_raise():
         test_perplexity, test_tokens = evaluate(
-            model, arrays["best_params"], corpus.test, config.eval_batch_size, config.num_steps
+            model, arrays["best_params"], corpus.test, config.eval_batch_size, config.num_steps,
+            "test"
         )
     except KeyboardInterrupt:
       raise test_interrupted(signal.SIGINT) from None
