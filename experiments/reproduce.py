@@ -77,10 +77,11 @@ PAPER = {
     ("wikitext2", "medium", "re"): (92.3, 87.7), ("wikitext2", "medium", "real"): (91.5, 87.0),
 }
 # Keys of every report (`run_report` writes these and more, since the first), which the
-# tables read.
+# tables and plots read; and theirs, in the two that are objects.
 REPORT_KEYS = ("dataset", "variant", "valid_perplexity", "test_perplexity",
                "eval_batch_size", "epochs", "best_epoch", "num_params", "wall_seconds",
-               "config", "hardware")
+               "config", "hardware", "curve")
+NESTED_REPORT_KEYS = {"config": ("seed",), "hardware": ("device_kind",)}
 PAPER_PARAMS = {("medium", "vd"): "20M", ("medium", "real"): "14M",
                 ("large", "vd"): "66M", ("large", "real"): "51M"}
 
@@ -650,7 +651,9 @@ def write_reports(root: Path, results_dir: Path) -> None:
     model, tag = parsed
     report = fileio.read_json(path)
     # The table would fail on another file under a grid name, as a traceback.
-    missing = [key for key in REPORT_KEYS if key not in report]
+    missing = [key for key in REPORT_KEYS if key not in report] or [
+        f"{section}.{key}" for section, keys in NESTED_REPORT_KEYS.items() for key in keys
+        if not isinstance(report[section], dict) or key not in report[section]]
     if missing:
       raise UserError(f"{path} is not a run report (no {', '.join(missing)}): move it away, "
                       "or write it again from its run with --root")

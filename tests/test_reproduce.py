@@ -352,7 +352,12 @@ def test_a_damaged_run_is_skipped_and_a_report_file_of_another_kind_refused(
   with pytest.raises(UserError, match=re.escape(
       f"{results_dir / 'ptb_small_al.json'} is not a run report (no valid_perplexity, "
       "test_perplexity, eval_batch_size, epochs, best_epoch, num_params, wall_seconds, config, "
-      "hardware): move it away, or write it again from its run with --root")):
+      "hardware, curve): move it away, or write it again from its run with --root")):
+    reproduce.write_reports(root, results_dir)
+  report = json.loads((results_dir / "ptb_small_real_seed1.json").read_text())
+  (results_dir / "ptb_small_al.json").write_text(json.dumps({**report, "config": {}}))
+  with pytest.raises(UserError, match=re.escape("ptb_small_al.json is not a run report (no "
+                                                "config.seed): move it away")):
     reproduce.write_reports(root, results_dir)
   (results_dir / "ptb_small_al.json").write_text("[]\n")
   with pytest.raises(UserError, match=re.escape(
