@@ -605,9 +605,9 @@ def test_the_best_validation_epoch_is_tested_and_epoch_records_sum_the_log_lines
   config.log_every_steps, config.checkpoint_every_steps = 30, 60
   real_evaluate, calls = train.evaluate, []
 
-  def evaluate(model, params, ids, batch_size, num_steps):
+  def evaluate(model, params, ids, batch_size, num_steps, split):
     calls.append(train.to_numpy(params))
-    perplexity, scored = real_evaluate(model, params, ids, batch_size, num_steps)
+    perplexity, scored = real_evaluate(model, params, ids, batch_size, num_steps, split)
     return ((50.0, 40.0, 45.0)[len(calls) - 1] if len(calls) <= 3 else perplexity), scored
 
   monkeypatch.setattr(train, "evaluate", evaluate)
