@@ -109,6 +109,7 @@ def initialize_multihost(timeout: int) -> None:
   # Cross-process collectives of CPU devices need gloo; GPUs and TPUs ignore it.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   address = os.environ.get("JAX_COORDINATOR_ADDRESS")
+  host, port = None, None
   if address is not None:
     host, _, port = address.rpartition(":")
     # JAX splits off the port itself: without one, an IndexError.
@@ -123,14 +124,14 @@ def initialize_multihost(timeout: int) -> None:
       except ValueError:
         raise errors.UserError(f"{var}={os.environ[var]!r} must be an integer") from None
   process_id, num_processes = env.get("process_id"), env.get("num_processes")
-  if process_id is not None and not (
-      0 <= process_id < (num_processes if num_processes is not None else process_id + 1)):
+  if process_id is not None and (
+      process_id < 0 or (num_processes is not None and process_id >= num_processes)):
     raise errors.UserError(
         f"JAX_PROCESS_ID={process_id} must be in [0, JAX_NUM_PROCESSES"
         + (f"={num_processes})" if num_processes is not None else ")"))
   waited = 0.0
   if address is not None and process_id:
-    waited = wait_for_coordinator(address, timeout)
+    waited = wait_for_coordinator(host, int(port), timeout)
   try:
     # The wait counts against JAX's own, so that --multihost_timeout bounds both.
     jax.distributed.initialize(**env, initialization_timeout=max(1, round(timeout - waited)))
@@ -150,19 +151,19 @@ def initialize_multihost(timeout: int) -> None:
     logging.set_verbosity(logging.WARNING)
 
 
-def wait_for_coordinator(address: str, timeout: float) -> float:
-  """Waits until the coordinator (process 0) at HOST:PORT accepts connections; returns the
-  seconds waited.
+def wait_for_coordinator(host: str, port: int, timeout: float) -> float:
+  """Waits until the coordinator (process 0) at `host`:`port` (JAX_COORDINATOR_ADDRESS, a
+  bracketed IPv6 host as written there) accepts connections; returns the seconds waited.
 
   Raises UserError after `timeout` seconds, with the last connection error. JAX would abort
   the process there with a C++ stack trace, after the same wait, and with no word while it
   waits.
   """
-  host, _, port = address.rpartition(":")
+  address = f"{host}:{port}"
   start = last_log = time.monotonic()
   while True:
     try:
-      with socket.create_connection((host.strip("[]"), int(port)), timeout=5):
+      with socket.create_connection((host.strip("[]"), port), timeout=5):
         return time.monotonic() - start
     except OSError as error:
       reason = error.strerror or str(error)
