@@ -400,6 +400,10 @@ def run_report(workdir: Path) -> dict[str, Any]:
       "num_params": results["num_params"],
       "train_tokens_per_second": results["train_tokens_per_second"],
       "wall_seconds": results["wall_seconds"],
+      # Stops (SIGSTOP) that wall_seconds leaves out; None where records before
+      # tied_lm.reporting.RunningClock counted them in.
+      "paused_seconds": (sum(r["paused_seconds"] for r in epochs)
+                         if epochs and all("paused_seconds" in r for r in epochs) else None),
       "hardware": {"device_kind": results.get("device_kind"), "devices": results["devices"],
                    "host_cpu": trainer["host_cpu"] if trainer else None,
                    "host_cpu_details": trainer.get("host_cpu_details") if trainer else None},
@@ -408,7 +412,8 @@ def run_report(workdir: Path) -> dict[str, Any]:
       "commands": launches,
       "config": results["config"],
       "curve": [{k: r[k] for k in ("epoch", "learning_rate", "train_perplexity",
-                                   "valid_perplexity", "wall_seconds") if k in r}
+                                   "valid_perplexity", "wall_seconds", "paused_seconds")
+                 if k in r}
                 for r in epochs],
   }
   for split in ("valid", "test"):

@@ -138,3 +138,16 @@ def run_tiny_timing(tmp_path, run_module):
     return result.stdout, json.loads(output.read_text())
 
   return run
+
+
+@pytest.fixture(scope="session")
+def stop_this_process():
+  """`stop_this_process(SECONDS)` stops the test process with SIGSTOP, as `kill -STOP`
+  from outside would, and has a child process continue it (SIGCONT) about SECONDS later."""
+
+  def stop(seconds: float) -> None:
+    waker = subprocess.Popen(["sh", "-c", f"sleep {seconds}; kill -CONT {os.getpid()}"])
+    os.kill(os.getpid(), signal.SIGSTOP)
+    waker.wait()
+
+  return stop

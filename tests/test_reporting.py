@@ -5,6 +5,7 @@ import math
 import re
 import shutil
 import sys
+import time
 
 import pytest
 
@@ -146,3 +147,23 @@ def test_read_records_counts_records_without_a_kind_as_epochs_and_no_file_as_non
       '{"kind": "epoch", "epoch": 2, "valid_perplexity": 150.0}\n')
   assert [r["epoch"] for r in reporting.read_records(tmp_path, "epoch")] == [1, 2]
   assert len(reporting.read_records(tmp_path)) == 3
+
+
+def test_the_running_clock_leaves_out_a_stop_and_counts_it_as_paused(stop_this_process):
+  with reporting.RunningClock(tick=0.05, slack=0.5) as clock:
+    stop_this_process(2.0)
+    # Read at once, before the clock's thread may have woken: the stop is left out already.
+    running, paused = clock.seconds(), clock.paused_seconds()
+  assert 1.5 < paused < 4.0
+  assert running < 0.5
+
+
+def test_the_running_clock_counts_busy_time_and_short_waits_as_running():
+  with reporting.RunningClock(tick=0.05, slack=0.5) as clock:
+    start = time.monotonic()
+    while time.monotonic() - start < 0.6:  # the thread keeps its ticks while we compute
+      sum(range(10_000))
+    time.sleep(0.3)  # a wait, not a stop
+    running, paused = clock.seconds(), clock.paused_seconds()
+  assert paused == 0.0
+  assert running == pytest.approx(time.monotonic() - start, abs=0.05)

@@ -470,15 +470,23 @@ def test_a_partial_report_takes_the_best_epoch_so_far_not_the_last(trained_run, 
   lines = (workdir / "metrics.jsonl").read_text().splitlines()
   first = next(json.loads(line) for line in lines if json.loads(line)["kind"] == "epoch")
   second = {**first, "epoch": 2, "valid_perplexity": first["valid_perplexity"] + 5.0,
-            "train_tokens_per_second": 123.0, "wall_seconds": first["wall_seconds"] + 60.0}
+            "train_tokens_per_second": 123.0, "wall_seconds": first["wall_seconds"] + 60.0,
+            "paused_seconds": 7.5}
   (workdir / "metrics.jsonl").write_text("\n".join([*lines, json.dumps(second)]) + "\n")
   report = reproduce.run_report(workdir)
+  # The stops the wall time leaves out, summed over the epochs.
+  assert report["paused_seconds"] == first["paused_seconds"] + 7.5
+  assert [c["paused_seconds"] for c in report["curve"]] == [first["paused_seconds"], 7.5]
   assert (report["epochs"], report["best_epoch"]) == (2, 1)
   assert report["valid_perplexity"] == first["valid_perplexity"]
   assert (report["train_tokens_per_second"], report["wall_seconds"]) == (
       123.0, second["wall_seconds"])
   assert [c["valid_perplexity"] for c in report["curve"]] == [
       first["valid_perplexity"], second["valid_perplexity"]]
+  # Records written before the stops were counted: unknown, not 0.
+  del second["paused_seconds"]
+  (workdir / "metrics.jsonl").write_text("\n".join([*lines, json.dumps(second)]) + "\n")
+  assert reproduce.run_report(workdir)["paused_seconds"] is None
 
 
 def test_a_restarted_run_keeps_the_lost_runs_longer_partial_report_until_it_catches_up(

@@ -1,11 +1,13 @@
 """The train step's objective and pmap equivalence, evaluation bookkeeping, configs, and runs."""
 
+import functools
 import json
 import logging
 import os
 import re
 import shutil
 import signal
+import time
 
 import flax
 import jax
@@ -636,6 +638,50 @@ def test_the_best_validation_epoch_is_tested_and_epoch_records_sum_the_log_lines
     tokens = steps * config.batch_size * config.num_steps
     lines_seconds = sum(tokens / [r["tokens_per_second"] for r in lines])
     assert tokens.sum() / epoch["train_tokens_per_second"] >= 0.95 * lines_seconds
+
+
+def test_an_epoch_leaves_out_the_time_its_process_was_stopped(
+    tmp_path, monkeypatch, stop_this_process):
+  # A run paused with SIGSTOP (for a benchmark) counted the pause as training time: in its
+  # epoch's seconds, its wall time and its speed. Stopped once in epoch 1's training and
+  # once in epoch 2's validation.
+  write_tiny_corpus(tmp_path / "corpus")
+  monkeypatch.setattr(reporting, "RunningClock",
+                      functools.partial(reporting.RunningClock, tick=0.05, slack=0.5))
+  real_train_epoch, real_evaluate = train.train_epoch, train.evaluate
+  stops, trainings = [], []  # seconds, measured here
+
+  def stopped_for_two_seconds(run):
+    before = time.monotonic()
+    stop_this_process(2.0)
+    stops.append(time.monotonic() - before)
+    return run()
+
+  def train_epoch(*args, **kwargs):
+    run = functools.partial(real_train_epoch, *args, **kwargs)
+    start = time.monotonic()
+    result = stopped_for_two_seconds(run) if not trainings else run()
+    trainings.append(time.monotonic() - start - (stops[0] if not trainings else 0.0))
+    return result
+
+  def evaluate(*args):
+    run = functools.partial(real_evaluate, *args)
+    return stopped_for_two_seconds(run) if len(trainings) == 2 and len(stops) == 1 else run()
+
+  monkeypatch.setattr(train, "train_epoch", train_epoch)
+  monkeypatch.setattr(train, "evaluate", evaluate)
+  start = time.monotonic()
+  train.train_and_evaluate(tiny_run_config(tmp_path / "corpus", 2), str(tmp_path / "run"))
+  elapsed = time.monotonic() - start
+  assert len(stops) == 2 and len(trainings) == 2
+  first, second = reporting.read_records(tmp_path / "run", "epoch")
+  for epoch, stop in zip((first, second), stops, strict=True):
+    assert epoch["paused_seconds"] == pytest.approx(stop, abs=0.2)
+  assert second["wall_seconds"] == pytest.approx(first["epoch_seconds"] + second["epoch_seconds"])
+  assert second["wall_seconds"] < elapsed - sum(stops) + 0.2
+  # The speed is the training's alone: tokens over the epoch's running training time.
+  tokens = 134 * B * T
+  assert tokens / first["train_tokens_per_second"] == pytest.approx(trainings[0], abs=0.2)
 
 
 def test_a_relative_data_dir_is_saved_absolute_for_the_tools_run_elsewhere(

@@ -5,7 +5,9 @@ A run's metrics are records, dicts with a "kind":
     step_in_epoch, loss (cross-entropy per token), perplexity, kl, grad_norm
     (mean over the interval), learning_rate, tokens_per_second, nonfinite_steps;
   epoch: one per epoch: train_perplexity, train_kl, valid_perplexity,
-    valid_tokens_scored, train_tokens_per_second, epoch_seconds, wall_seconds...;
+    valid_tokens_scored, train_tokens_per_second, epoch_seconds, wall_seconds (the
+    run's epoch_seconds summed), paused_seconds (the epoch's stops, which the times and
+    the speed leave out: RunningClock)...;
   test: one at the end: test_perplexity and test_tokens_scored of the best params.
 `Reporter.add(record)` is the only entry point. The record list is part of
 every checkpoint and is written to `metrics.jsonl` (the source of truth);
@@ -15,6 +17,7 @@ TensorBoard gets the same numbers as scalars.
 import json
 import math
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -181,6 +184,68 @@ class Reporter:
       if final_metrics:
         self._writer.add_hparams(flat_config(self._config), final_metrics, name=".")
       self._writer.close()
+
+
+class RunningClock:
+  """Seconds the process has run, leaving out the stretches it was stopped.
+
+  A run paused with SIGSTOP (to free the CPU for a benchmark, say) or a suspended
+  machine must not count as training time. A thread wakes every `tick` seconds; a
+  wake-up later than `tick + slack` means the process was stopped, and the excess is
+  counted as paused. `seconds()` checks the same itself, so a reading taken just after
+  a stop, before the thread woke, already leaves it out. Stops shorter than `slack`
+  are counted as running.
+
+  Use as a context manager: the thread runs inside the `with` block.
+  """
+
+  def __init__(self, tick: float = 1.0, slack: float = 4.0):
+    self._tick, self._slack = tick, slack
+    self._lock = threading.Lock()
+    self._stopped = threading.Event()
+    self._thread: threading.Thread | None = None
+    self._start = self._last_seen = time.monotonic()
+    self._paused = 0.0
+
+  def _account(self) -> float:
+    """The monotonic time now, after counting any stop since the last look."""
+    with self._lock:
+      now = time.monotonic()
+      late = now - self._last_seen - self._tick
+      if late > self._slack:
+        self._paused += late
+      self._last_seen = now
+      return now
+
+  def _watch(self) -> None:
+    while not self._stopped.wait(self._tick):
+      self._account()
+
+  def __enter__(self) -> "RunningClock":
+    self._start = self._last_seen = time.monotonic()
+    self._paused = 0.0
+    self._stopped.clear()
+    self._thread = threading.Thread(target=self._watch, name="running-clock", daemon=True)
+    self._thread.start()
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self._stopped.set()
+    if self._thread is not None:
+      self._thread.join()
+      self._thread = None
+
+  def seconds(self) -> float:
+    """Seconds since the `with` block began, without the stops."""
+    now = self._account()
+    with self._lock:
+      return now - self._start - self._paused
+
+  def paused_seconds(self) -> float:
+    """Seconds the process was stopped since the `with` block began."""
+    self._account()
+    with self._lock:
+      return self._paused
 
 
 def format_seconds(seconds: float) -> str:

@@ -12,7 +12,7 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -689,6 +689,7 @@ def train_epoch(
     epoch: int = 1,
     learning_rate: float = 0.0,
     on_nonfinite: str = "stop",
+    clock: Callable[[], float] = time.monotonic,
 ) -> tuple[train_state.TrainState, models.Carry, dict[str, float], int]:
   """Runs the pmapped step over the epoch's windows from `first_step`.
 
@@ -706,6 +707,8 @@ def train_epoch(
     epoch, learning_rate: for the records.
     on_nonfinite: 'stop' raises NonFiniteError at a non-finite step; 'skip'
       only counts them (the step itself made no update).
+    clock: seconds, for the records' tokens_per_second (train_and_evaluate's
+      reporting.RunningClock leaves out the time the process was stopped).
 
   Returns:
     the new state and carry, the epoch's sums, and the next window to run
@@ -715,7 +718,7 @@ def train_epoch(
   totals = dict(totals or {"cross_entropy_sum": 0.0, "kl_sum": 0.0, "num_tokens": 0.0,
                            "nonfinite_steps": 0.0})
   pending_metrics = []
-  interval_start = time.time()
+  interval_start = clock()
   step = first_step
   while step < num_steps:
     state, carry, metrics = p_train_step(
@@ -753,10 +756,10 @@ def train_epoch(
           "kl": _per_token(interval["kl_sum"], interval["num_tokens"]),
           "grad_norm": float(np.mean(finite_norms)) if finite_norms else math.nan,
           "learning_rate": learning_rate,
-          "tokens_per_second": interval["num_tokens"] / (time.time() - interval_start),
+          "tokens_per_second": interval["num_tokens"] / (clock() - interval_start),
           "nonfinite_steps": int(interval["nonfinite_steps"]),
       })
-    interval_start = time.time()
+    interval_start = clock()
     if stopping:
       break
   return state, carry, totals, step
@@ -1041,7 +1044,8 @@ def _train_and_evaluate(
       "epoch": 0,  # epochs completed
       "step_in_epoch": 0,  # windows of the next epoch already trained
       "epoch_totals": None,
-      "epoch_train_seconds": 0.0,
+      "epoch_train_seconds": 0.0,  # running time, pauses left out (reporting.RunningClock)
+      "epoch_paused_seconds": 0.0,
       "best_epoch": 0,
       "best_valid_perplexity": None,
       "records": [],  # what metrics.jsonl holds, see tied_lm.reporting
@@ -1132,15 +1136,15 @@ def _train_and_evaluate(
 
   final_metrics = None  # TensorBoard's hparams, once the test is scored
   try:
-    with signals:
+    with signals, reporting.RunningClock() as clock:
       for epoch in range(meta["epoch"] + 1, config.num_epochs + 1):
         state, carry = _train_one_epoch(
             epoch, state, carry, p_train_step, device_inputs, device_targets, dropout_key,
             config=config, meta=meta, schedule=schedule, reporter=reporter, signals=signals,
-            save=save, checkpoints=checkpoints,
+            save=save, checkpoints=checkpoints, clock=clock,
         )
         params = first_replica(state.params)
-        eval_start = time.time()
+        eval_start, eval_paused = clock.seconds(), clock.paused_seconds()
         valid_perplexity, valid_tokens = evaluate(
             model, params, corpus.valid, config.eval_batch_size, config.num_steps, "valid"
         )
@@ -1149,7 +1153,8 @@ def _train_and_evaluate(
           meta.update(best_epoch=epoch, best_valid_perplexity=valid_perplexity)
           arrays["best_params"] = to_numpy(params)
         totals = meta["epoch_totals"]
-        epoch_seconds = meta["epoch_train_seconds"] + (time.time() - eval_start)
+        epoch_seconds = meta["epoch_train_seconds"] + (clock.seconds() - eval_start)
+        paused_seconds = meta["epoch_paused_seconds"] + (clock.paused_seconds() - eval_paused)
         history = [r for r in meta["records"] if r["kind"] == "epoch"]
         reporter.add({
             "kind": "epoch",
@@ -1167,8 +1172,9 @@ def _train_and_evaluate(
             "train_tokens_per_second": totals["num_tokens"] / meta["epoch_train_seconds"],
             "epoch_seconds": epoch_seconds,
             "wall_seconds": (history[-1]["wall_seconds"] if history else 0.0) + epoch_seconds,
+            "paused_seconds": paused_seconds,
         })
-        meta.update(epoch_totals=None, epoch_train_seconds=0.0)
+        meta.update(epoch_totals=None, epoch_train_seconds=0.0, epoch_paused_seconds=0.0)
         carry = zero_carry()
         saved = save(epoch, 0, state, carry)
         if signals.received is not None and epoch < config.num_epochs:
@@ -1236,18 +1242,20 @@ def _train_and_evaluate(
 
 def _train_one_epoch(
     epoch, state, carry, p_train_step, device_inputs, device_targets, dropout_key, *,
-    config, meta, schedule, reporter, signals, save, checkpoints,
+    config, meta, schedule, reporter, signals, save, checkpoints, clock,
 ):
   """The steps of one epoch from meta's position, with the checkpoints within it.
 
-  Leaves the epoch's sums in meta["epoch_totals"] and its training time in
-  meta["epoch_train_seconds"]; raises Interrupted after a signal's checkpoint.
+  Leaves the epoch's sums in meta["epoch_totals"], its training time in
+  meta["epoch_train_seconds"] and the time it was stopped in meta["epoch_paused_seconds"]
+  (both by `clock`, a running reporting.RunningClock); raises Interrupted after a
+  signal's checkpoint.
   """
   steps_per_epoch = len(device_inputs)
   learning_rate = float(schedule((epoch - 1) * steps_per_epoch))
   step_in_epoch = meta["step_in_epoch"]
   totals = meta["epoch_totals"]
-  segment_start = time.time()
+  segment_start, segment_paused = clock.seconds(), clock.paused_seconds()
 
   def stop_after(step):
     every = config.checkpoint_every_steps
@@ -1262,7 +1270,7 @@ def _train_one_epoch(
             p_train_step, state, carry, device_inputs, device_targets, dropout_key,
             first_step=step_in_epoch, totals=totals, stop_after=stop_after,
             log_every_steps=config.log_every_steps, on_nonfinite=config.on_nonfinite,
-            reporter=reporter, epoch=epoch, learning_rate=learning_rate,
+            reporter=reporter, epoch=epoch, learning_rate=learning_rate, clock=clock.seconds,
         )
       except NonFiniteError as error:
         kept = checkpoints.latest_step()
@@ -1272,8 +1280,10 @@ def _train_one_epoch(
                if kept is not None else "no checkpoint was written yet")
             + "; --config.on_nonfinite=skip skips such steps instead"
         ) from None
-      meta["epoch_train_seconds"] += time.time() - segment_start
-      segment_start = time.time()
+      now, paused = clock.seconds(), clock.paused_seconds()
+      meta["epoch_train_seconds"] += now - segment_start
+      meta["epoch_paused_seconds"] += paused - segment_paused
+      segment_start, segment_paused = now, paused
       meta["epoch_totals"] = totals
       if step_in_epoch == steps_per_epoch:
         break
