@@ -246,6 +246,31 @@ def test_a_model_whose_parameters_alone_exceed_memory_is_refused_before_its_work
   assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("fields", [
+    {"num_layers": 1}, {"num_layers": 3},
+    {"num_layers": 5, "tie_embeddings": False, "output_bias": True},
+    {"num_layers": 4, "embed_dim": 6, "output_projection": True},
+])
+def test_the_memory_check_counts_the_parameters_of_a_model_of_any_depth(monkeypatch, fields):
+  model = train.make_model(small_config(**fields), V)
+  count = train.count_params(model.init(
+      jax.random.key(0), jnp.zeros((1, 1), jnp.int32), model.initial_carry(1),
+      deterministic=True))
+  monkeypatch.setattr(train.hostmem, "total_bytes", lambda: 8 * count - 1)
+  assert f"the model's {count:,} parameters" in train.parameters_memory_problem(model)
+  monkeypatch.setattr(train.hostmem, "total_bytes", lambda: 8 * count)
+  assert train.parameters_memory_problem(model) is None
+
+
+def test_a_mistyped_number_of_layers_is_refused_at_once():
+  # num_layers=100000 traced every layer to count them: minutes with no output.
+  start = time.monotonic()
+  problem = train.parameters_memory_problem(
+      train.make_model(small_config(embed_dim=200, hidden_size=200, num_layers=100_000), V))
+  assert time.monotonic() - start < 10.0
+  assert problem.startswith(f"the model's {100_000 * 4 * 200 * 401 + V * 200:,} parameters")
+
+
 def test_a_batch_whose_logits_alone_exceed_memory_is_refused(monkeypatch):
   # eval_batch_size one below the valid split's targets asked XLA for 103 GB (traceback).
   monkeypatch.setattr(train.hostmem, "total_bytes", lambda: 25_300_000_000)
