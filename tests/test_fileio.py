@@ -87,8 +87,10 @@ def test_a_folder_that_cannot_be_written_is_refused_even_for_root(tmp_path):
   # commands then failed with a traceback after their work.
   for folder in (Path("/proc/tied_lm_output"), Path("/proc/self")):
     with pytest.raises(UserError, match=rf"^cannot write --root {folder}: /proc(/self)? is not "
-                       r"writable \("):
+                       r"writable \(") as refused:
       fileio.check_writable_directory(folder, "--root")
+    # Not the "No such file or directory" /proc answers for a folder that exists.
+    assert refused.value.args[0].endswith("is not writable (no file can be made in it)")
   fileio.check_writable_directory(tmp_path / "new" / "runs", "--root")
   assert list(tmp_path.iterdir()) == []  # the probe leaves nothing behind
 

@@ -183,6 +183,13 @@ def test_the_best_epoch_is_the_lowest_validation_and_the_speed_the_median(two_ru
   assert summary["curve"] == [(1, 30.0), (2, 20.0), (3, 25.0)]
 
 
+def test_a_plot_path_of_a_suffix_alone_asks_for_a_name(tmp_path):
+  # It said "must end in .png, .pdf or .svg" of ".png".
+  with pytest.raises(UserError, match=r"^--plot=.*/\.png: the image needs a name before "
+                     r"\.png, e\.g\. curves\.png$"):
+    summarize.check_plot_path(tmp_path / ".png")
+
+
 def test_a_plot_path_that_is_a_folder_is_refused_before_the_table(tmp_path):
   (tmp_path / "curves.png").mkdir()  # savefig failed on it after the table was printed
   with pytest.raises(UserError, match=r"--plot=.*curves.png is a folder; name an image file"):

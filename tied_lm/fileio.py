@@ -1,6 +1,7 @@
 """Files and directories: atomic writes, JSON reads, writability checks and a run
 directory's lock."""
 
+import errno
 import fcntl
 import json
 import os
@@ -125,8 +126,11 @@ def check_writable_directory(directory: Path, what: str) -> None:
     with tempfile.TemporaryFile(dir=existing):
       pass
   except OSError as error:
+    # /proc and /sys answer "No such file or directory" for the folder that exists.
+    reason = ("no file can be made in it" if error.errno == errno.ENOENT
+              else error.strerror or error)
     raise UserError(f"cannot write {what} {directory}: {existing} is not writable "
-                    f"({error.strerror or error})") from None
+                    f"({reason})") from None
 
 
 # What a run directory holds, by kind: a stray file or folder under one of these

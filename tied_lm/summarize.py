@@ -137,6 +137,9 @@ def table(runs: list[dict[str, Any]]) -> str:
 
 def check_plot_path(path: Path) -> None:
   """Refuses a plot path that savefig would fail on, before any work."""
+  if path.name.lower() in (".png", ".pdf", ".svg"):  # a hidden file with no suffix
+    raise UserError(f"--plot={path}: the image needs a name before {path.name}, "
+                    f"e.g. curves{path.name}")
   if path.suffix.lower() not in (".png", ".pdf", ".svg"):
     raise UserError(f"--plot={path}: the file must end in .png, .pdf or .svg")
   if not path.parent.is_dir():
