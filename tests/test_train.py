@@ -491,13 +491,37 @@ def test_a_config_without_a_field_is_refused_naming_it(field):
     train.validate_config(ml_collections.ConfigDict(tree), num_devices=2)
 
 
-@pytest.mark.parametrize("field", ["model.output_bias", "loss.stop_gradient_target"])
-def test_a_flag_that_is_not_a_bool_is_refused(field):
-  tree = small_config().to_dict()
-  section, name = field.split(".")
-  tree[section][name] = "False"  # true, as a string
-  with pytest.raises(train.ConfigError, match=f"^{field}='False' must be True or False$"):
-    train.validate_config(ml_collections.ConfigDict(tree), num_devices=2)
+def test_every_field_of_the_default_config_has_a_kind_the_checks_know():
+  tree = default.get_config().to_dict()
+  leaves = [f for f in _default_fields(tree)
+            if not isinstance(functools.reduce(dict.get, f.split("."), tree), dict)]
+  assert sorted(train.CONFIG_FIELD_KINDS) == sorted(leaves)
+
+
+def _wrong_kinds(value):
+  """Values of another kind than `value`, a field's default: what a config file of one's
+  own (not built on configs/default.py, which fixes each field's type) can hold."""
+  if isinstance(value, bool):
+    return ["False", 1]  # "False" is true
+  if isinstance(value, int):
+    return [str(value), value + 0.5, True]
+  if isinstance(value, float):
+    return [str(value), None, False]
+  return [1, None]
+
+
+@pytest.mark.parametrize("field", sorted(train.CONFIG_FIELD_KINDS))
+def test_a_field_of_the_wrong_kind_is_refused_naming_it(field):
+  # batch_size="20" was a TypeError traceback from a comparison inside the checks;
+  # hidden_size=64.5 passed them.
+  section, _, name = field.rpartition(".")
+  for wrong in _wrong_kinds(default.get_config()[section][name] if section
+                            else default.get_config()[name]):
+    tree = small_config().to_dict()
+    (tree[section] if section else tree)[name] = wrong
+    message = f"{field}={wrong!r} must be {train.CONFIG_FIELD_KINDS[field][1]}"
+    with pytest.raises(train.ConfigError, match=f"^{re.escape(message)}$"):
+      train.validate_config(ml_collections.ConfigDict(tree), num_devices=2)
 
 
 def test_an_error_inside_a_check_is_not_taken_for_a_missing_field(monkeypatch):

@@ -63,9 +63,47 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None) 
       raise ConfigError(message)
 
 
+def _is_integer(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+  return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+# Every field's kind: (test, what the message asks for). A config file of one's own can
+# hold a string "20" or a hidden_size of 64.5, which the checks below would fail on with
+# a TypeError, or pass. A string such as "False" would be true.
+CONFIG_FIELD_KINDS = {
+    **dict.fromkeys((
+        "max_vocab_size", "batch_size", "num_steps", "eval_batch_size", "num_epochs",
+        "max_steps_per_epoch", "seed", "log_every_steps", "checkpoint_every_steps",
+        "model.embed_dim", "model.hidden_size", "model.num_layers", "model.unroll",
+        "optim.decay_start_epoch"), (_is_integer, "a whole number")),
+    **dict.fromkeys((
+        "model.init_scale", "model.input_dropout", "model.hidden_dropout",
+        "model.output_dropout", "loss.tau", "loss.gamma", "optim.learning_rate",
+        "optim.decay_rate", "optim.clip_norm"), (_is_real, "a number")),
+    **dict.fromkeys((
+        "dataset", "on_nonfinite", "model.compute_dtype", "model.lstm_implementation",
+        "loss.augmented_form"), (lambda value: isinstance(value, str), "a name")),
+    "data_dir": (lambda value: isinstance(value, str), "a folder's name or ''"),
+    **dict.fromkeys((
+        "model.tie_embeddings", "model.output_bias", "model.output_projection",
+        "loss.augmented", "loss.stop_gradient_target", "loss.kl_output_bias"),
+        (lambda value: isinstance(value, bool), "True or False")),
+}
+
+
 def _config_checks(config: ml_collections.ConfigDict,
                    num_devices: int | None) -> list[tuple[bool, str]]:
   """validate_config's checks, as (passed, message) pairs; reads every field a run uses."""
+  for field, (is_kind, kind) in CONFIG_FIELD_KINDS.items():
+    value = config
+    for name in field.split("."):
+      value = value[name]
+    if not is_kind(value):  # the checks below compare values of the right kind only
+      return [(False, f"{field}={value!r} must be {kind}")]
   low_tau, high_tau = losses.TEMPERATURE_RANGE
   vocab_problem = data.max_vocab_size_problem(config.dataset, config.max_vocab_size)
   backend = None if num_devices is None else jax.default_backend()  # None: not started
@@ -128,14 +166,6 @@ def _config_checks(config: ml_collections.ConfigDict,
   # seed + 1 keys the dropout. jax.random.key keeps a seed's low 32 bits (without x64), so
   # seed 2**32 would train seed 0's run again.
   checks.append((0 <= config.seed < 2**32 - 1, f"seed={config.seed} must be in [0, 2**32 - 1)"))
-  checks.append((isinstance(config.data_dir, str),
-                 f"data_dir={config.data_dir!r} must be a folder's name or ''"))
-  # A string such as "False" would be true.
-  for field in ("model.tie_embeddings", "model.output_bias", "model.output_projection",
-                "loss.augmented", "loss.stop_gradient_target", "loss.kl_output_bias"):
-    section, name = field.split(".")
-    value = config[section][name]
-    checks.append((isinstance(value, bool), f"{field}={value!r} must be True or False"))
   checks += [(False, problem) for problem in models.field_problems(config.model, "model.")]
   return checks
 
