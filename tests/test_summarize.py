@@ -1,6 +1,7 @@
 """The run table: its numbers, the paper's names, plots and one-line errors."""
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -185,9 +186,11 @@ def test_the_best_epoch_is_the_lowest_validation_and_the_speed_the_median(two_ru
 
 def test_a_plot_path_of_a_suffix_alone_asks_for_a_name(tmp_path):
   # It said "must end in .png, .pdf or .svg" of ".png".
-  with pytest.raises(UserError, match=r"^--plot=.*/\.png: the image needs a name before "
-                     r"\.png, e\.g\. curves\.png$"):
-    summarize.check_plot_path(tmp_path / ".png")
+  for name, suffix in ((".png", "png"), ("..png", "png"), ("...svg", "svg")):
+    with pytest.raises(UserError, match=(  # savefig wrote "..png.png", "...svg.png"
+        rf"^--plot=.*/{re.escape(name)}: the image needs a name before \.{suffix}, "
+        rf"e\.g\. curves\.{suffix}$")):
+      summarize.check_plot_path(tmp_path / name)
 
 
 def test_a_plot_path_that_is_a_folder_is_refused_before_the_table(tmp_path):

@@ -9,6 +9,7 @@ epochs so far and no test perplexity (in its first epoch: 0, and dashes).
 `--plot` needs matplotlib (`pip install -e ".[plot]"`).
 """
 
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -137,10 +138,13 @@ def table(runs: list[dict[str, Any]]) -> str:
 
 def check_plot_path(path: Path) -> None:
   """Refuses a plot path that savefig would fail on, before any work."""
-  if path.name.lower() in (".png", ".pdf", ".svg"):  # a hidden file with no suffix
-    raise UserError(f"--plot={path}: the image needs a name before {path.name}, "
-                    f"e.g. curves{path.name}")
-  if path.suffix.lower() not in (".png", ".pdf", ".svg"):
+  # matplotlib reads the format as os.path.splitext does: ".png" and "..png" have none.
+  suffix = os.path.splitext(path.name)[1].lower()
+  named = path.name.lower().lstrip(".")
+  if not suffix and named in ("png", "pdf", "svg"):
+    raise UserError(f"--plot={path}: the image needs a name before .{named}, "
+                    f"e.g. curves.{named}")
+  if suffix not in (".png", ".pdf", ".svg"):
     raise UserError(f"--plot={path}: the file must end in .png, .pdf or .svg")
   if not path.parent.is_dir():
     raise UserError(f"--plot={path}: no directory {path.parent}")
