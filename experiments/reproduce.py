@@ -402,8 +402,9 @@ def run_report(workdir: Path) -> dict[str, Any]:
       "wall_seconds": results["wall_seconds"],
       # Stops (SIGSTOP) that wall_seconds leaves out; None where records before
       # tied_lm.reporting.RunningClock counted them in.
-      "paused_seconds": (sum(r["paused_seconds"] for r in epochs)
-                         if epochs and all("paused_seconds" in r for r in epochs) else None),
+      "paused_seconds": (
+          sum(r["paused_seconds"] for r in epochs)
+          if epochs and all(r.get("paused_seconds") is not None for r in epochs) else None),
       "hardware": {"device_kind": results.get("device_kind"), "devices": results["devices"],
                    "host_cpu": trainer["host_cpu"] if trainer else None,
                    "host_cpu_details": trainer.get("host_cpu_details") if trainer else None},

@@ -141,13 +141,22 @@ def run_tiny_timing(tmp_path, run_module):
 
 
 @pytest.fixture(scope="session")
-def stop_this_process():
-  """`stop_this_process(SECONDS)` stops the test process with SIGSTOP, as `kill -STOP`
-  from outside would, and has a child process continue it (SIGCONT) about SECONDS later."""
+def run_python_that_stops():
+  """`run_python_that_stops(SCRIPT, *ARGS)` runs SCRIPT with ARGS in a child Python in
+  the checkout under test, where `stop_this_process(SECONDS)` stops that process with
+  SIGSTOP, as `kill -STOP` from outside would, and has a process of its own continue it
+  (SIGCONT) about SECONDS later; returns the finished process, its output as text. A
+  child, because a shell running pytest in a terminal takes the terminal back from a
+  job it sees stop, and then Ctrl-C no longer reaches the tests."""
+  prelude = (
+      "import os, signal, subprocess\n"
+      "def stop_this_process(seconds):\n"
+      "  waker = subprocess.Popen(['sh', '-c', f'sleep {seconds}; kill -CONT {os.getpid()}'])\n"
+      "  os.kill(os.getpid(), signal.SIGSTOP)\n"
+      "  waker.wait()\n")
 
-  def stop(seconds: float) -> None:
-    waker = subprocess.Popen(["sh", "-c", f"sleep {seconds}; kill -CONT {os.getpid()}"])
-    os.kill(os.getpid(), signal.SIGSTOP)
-    waker.wait()
+  def run(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", prelude + script, *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
 
-  return stop
+  return run

@@ -1,6 +1,7 @@
 """TensorBoard scalars and log lines carry the same numbers as metrics.jsonl."""
 
 import io
+import json
 import math
 import re
 import shutil
@@ -149,21 +150,35 @@ def test_read_records_counts_records_without_a_kind_as_epochs_and_no_file_as_non
   assert len(reporting.read_records(tmp_path)) == 3
 
 
-def test_the_running_clock_leaves_out_a_stop_and_counts_it_as_paused(stop_this_process):
-  with reporting.RunningClock(tick=0.05, slack=0.5) as clock:
-    stop_this_process(2.0)
-    # Read at once, before the clock's thread may have woken: the stop is left out already.
-    running, paused = clock.seconds(), clock.paused_seconds()
-  assert 1.5 < paused < 4.0
-  assert running < 0.5
+def test_the_running_clock_leaves_out_a_stop_and_counts_it_as_paused(run_python_that_stops):
+  script = """
+import json, sys
+from tied_lm import reporting
+with reporting.RunningClock(tick=0.05, slack=0.5) as clock:
+  stop_this_process(2.0)
+  with_thread = clock.read()
+# Read at once after a stop, with no thread to have noticed it: the reading counts it.
+without_thread = reporting.RunningClock(tick=0.05, slack=0.5)
+stop_this_process(2.0)
+print(json.dumps([with_thread, without_thread.read()]))
+"""
+  process = run_python_that_stops(script)
+  assert process.returncode == 0, process.stderr
+  for running, paused in json.loads(process.stdout):
+    assert 1.5 < paused < 4.0
+    assert running < 0.5
 
 
-def test_the_running_clock_counts_busy_time_and_short_waits_as_running():
-  with reporting.RunningClock(tick=0.05, slack=0.5) as clock:
+def test_the_running_clock_counts_busy_time_and_waits_as_running():
+  with reporting.RunningClock(tick=0.05, slack=0.1) as clock:
     start = time.monotonic()
-    while time.monotonic() - start < 0.6:  # the thread keeps its ticks while we compute
-      sum(range(10_000))
+    while time.monotonic() - start < 0.3:  # Python code: the thread keeps its ticks
+      sum(i for i in range(10_000))
+    # One call that holds the GIL, so the thread wakes late, but the process ran.
+    call_start = time.monotonic()
+    sum(range(20_000_000))
+    assert time.monotonic() - call_start > 0.15 + 0.05  # longer than tick + slack
     time.sleep(0.3)  # a wait, not a stop
-    running, paused = clock.seconds(), clock.paused_seconds()
+    running, paused = clock.read()
   assert paused == 0.0
   assert running == pytest.approx(time.monotonic() - start, abs=0.05)

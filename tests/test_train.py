@@ -262,8 +262,9 @@ def test_the_memory_check_counts_the_parameters_of_a_model_of_any_depth(monkeypa
   assert train.parameters_memory_problem(model) is None
 
 
-def test_a_mistyped_number_of_layers_is_refused_at_once():
+def test_a_mistyped_number_of_layers_is_refused_at_once(monkeypatch):
   # num_layers=100000 traced every layer to count them: minutes with no output.
+  monkeypatch.setattr(train.hostmem, "total_bytes", lambda: 16 * 2**30)  # any host's RAM
   start = time.monotonic()
   problem = train.parameters_memory_problem(
       train.make_model(small_config(embed_dim=200, hidden_size=200, num_layers=100_000), V))
@@ -506,7 +507,7 @@ def _wrong_kinds(value):
   if isinstance(value, int):
     return [str(value), value + 0.5, True]
   if isinstance(value, float):
-    return [str(value), None, False]
+    return [str(value), None, False, 10**400]  # 10**400 overflowed in the checks
   return [1, None]
 
 
@@ -522,6 +523,16 @@ def test_a_field_of_the_wrong_kind_is_refused_naming_it(field):
     message = f"{field}={wrong!r} must be {train.CONFIG_FIELD_KINDS[field][1]}"
     with pytest.raises(train.ConfigError, match=f"^{re.escape(message)}$"):
       train.validate_config(ml_collections.ConfigDict(tree), num_devices=2)
+
+
+def test_a_numpy_number_in_a_config_is_refused_saying_so():
+  # config.json cannot hold one: a TypeError traceback once the run had started.
+  tree = small_config().to_dict()
+  tree["batch_size"] = np.int64(4)  # a config file of one's own, not built on default.py
+  with pytest.raises(train.ConfigError, match=(
+      r"^batch_size=np.int64\(4\) must be a whole number of Python's own, not a "
+      r"numpy.int64$")):
+    train.validate_config(ml_collections.ConfigDict(tree), num_devices=2)
 
 
 def test_an_error_inside_a_check_is_not_taken_for_a_missing_field(monkeypatch):
@@ -689,48 +700,81 @@ def test_the_best_validation_epoch_is_tested_and_epoch_records_sum_the_log_lines
     assert tokens.sum() / epoch["train_tokens_per_second"] >= 0.95 * lines_seconds
 
 
-def test_an_epoch_leaves_out_the_time_its_process_was_stopped(
-    tmp_path, monkeypatch, stop_this_process):
+def test_an_epoch_leaves_out_the_time_its_process_was_stopped(tmp_path, run_python_that_stops):
   # A run paused with SIGSTOP (for a benchmark) counted the pause as training time: in its
   # epoch's seconds, its wall time and its speed. Stopped once in epoch 1's training and
   # once in epoch 2's validation.
   write_tiny_corpus(tmp_path / "corpus")
-  monkeypatch.setattr(reporting, "RunningClock",
-                      functools.partial(reporting.RunningClock, tick=0.05, slack=0.5))
-  real_train_epoch, real_evaluate = train.train_epoch, train.evaluate
-  stops, trainings = [], []  # seconds, measured here
+  (tmp_path / "config.json").write_text(tiny_run_config(tmp_path / "corpus", 2).to_json())
+  script = """
+import functools, json, sys, time
+import ml_collections
+from tied_lm import reporting, train
+config = ml_collections.ConfigDict(json.loads(open(sys.argv[1]).read()))
+reporting.RunningClock = functools.partial(reporting.RunningClock, tick=0.05, slack=0.5)
+real_train_epoch, real_evaluate = train.train_epoch, train.evaluate
+stops, trainings = [], []  # seconds, measured here
 
-  def stopped_for_two_seconds(run):
-    before = time.monotonic()
-    stop_this_process(2.0)
-    stops.append(time.monotonic() - before)
-    return run()
+def stopped_for_two_seconds(run):
+  before = time.monotonic()
+  stop_this_process(2.0)
+  stops.append(time.monotonic() - before)
+  return run()
 
-  def train_epoch(*args, **kwargs):
-    run = functools.partial(real_train_epoch, *args, **kwargs)
-    start = time.monotonic()
-    result = stopped_for_two_seconds(run) if not trainings else run()
-    trainings.append(time.monotonic() - start - (stops[0] if not trainings else 0.0))
-    return result
-
-  def evaluate(*args):
-    run = functools.partial(real_evaluate, *args)
-    return stopped_for_two_seconds(run) if len(trainings) == 2 and len(stops) == 1 else run()
-
-  monkeypatch.setattr(train, "train_epoch", train_epoch)
-  monkeypatch.setattr(train, "evaluate", evaluate)
+def train_epoch(*args, **kwargs):
+  run = functools.partial(real_train_epoch, *args, **kwargs)
   start = time.monotonic()
-  train.train_and_evaluate(tiny_run_config(tmp_path / "corpus", 2), str(tmp_path / "run"))
-  elapsed = time.monotonic() - start
+  result = stopped_for_two_seconds(run) if not trainings else run()
+  trainings.append(time.monotonic() - start - (stops[0] if not trainings else 0.0))
+  return result
+
+def evaluate(*args):
+  run = functools.partial(real_evaluate, *args)
+  return stopped_for_two_seconds(run) if len(trainings) == 2 and len(stops) == 1 else run()
+
+train.train_epoch, train.evaluate = train_epoch, evaluate
+start = time.monotonic()
+train.train_and_evaluate(config, sys.argv[2])
+print(json.dumps({"stops": stops, "trainings": trainings, "elapsed": time.monotonic() - start}))
+"""
+  process = run_python_that_stops(script, str(tmp_path / "config.json"), str(tmp_path / "run"))
+  assert process.returncode == 0, process.stderr
+  measured = json.loads(process.stdout.splitlines()[-1])
+  stops, trainings = measured["stops"], measured["trainings"]
   assert len(stops) == 2 and len(trainings) == 2
   first, second = reporting.read_records(tmp_path / "run", "epoch")
   for epoch, stop in zip((first, second), stops, strict=True):
     assert epoch["paused_seconds"] == pytest.approx(stop, abs=0.2)
   assert second["wall_seconds"] == pytest.approx(first["epoch_seconds"] + second["epoch_seconds"])
-  assert second["wall_seconds"] < elapsed - sum(stops) + 0.2
+  assert second["wall_seconds"] < measured["elapsed"] - sum(stops) + 0.2
   # The speed is the training's alone: tokens over the epoch's running training time.
   tokens = 134 * B * T
   assert tokens / first["train_tokens_per_second"] == pytest.approx(trainings[0], abs=0.2)
+
+
+def test_an_epoch_resumed_from_a_checkpoint_that_counted_no_stops_has_no_paused_seconds(
+    tmp_path, monkeypatch):
+  # Saved mid-epoch before stops were counted, the epoch's time so far may hold some:
+  # 0 would be wrong.
+  write_tiny_corpus(tmp_path / "corpus")
+  config = tiny_run_config(tmp_path / "corpus", 2)
+  real_train_epoch, real_save = train.train_epoch, Checkpoints.save
+
+  def train_epoch(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)  # checkpointed after its first step
+    return real_train_epoch(*args, **kwargs)
+
+  def save_as_before(self, step, arrays, meta):
+    real_save(self, step, arrays, {k: v for k, v in meta.items() if k != "epoch_paused_seconds"})
+
+  monkeypatch.setattr(train, "train_epoch", train_epoch)
+  monkeypatch.setattr(Checkpoints, "save", save_as_before)
+  with pytest.raises(train.Interrupted, match="stopped by SIGTERM"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  monkeypatch.undo()
+  train.train_and_evaluate(config, str(tmp_path / "run"))
+  first, second = reporting.read_records(tmp_path / "run", "epoch")
+  assert first["paused_seconds"] is None and second["paused_seconds"] == 0.0
 
 
 def test_a_relative_data_dir_is_saved_absolute_for_the_tools_run_elsewhere(

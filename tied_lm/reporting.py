@@ -5,9 +5,11 @@ A run's metrics are records, dicts with a "kind":
     step_in_epoch, loss (cross-entropy per token), perplexity, kl, grad_norm
     (mean over the interval), learning_rate, tokens_per_second, nonfinite_steps;
   epoch: one per epoch: train_perplexity, train_kl, valid_perplexity,
-    valid_tokens_scored, train_tokens_per_second, epoch_seconds, wall_seconds (the
-    run's epoch_seconds summed), paused_seconds (the epoch's stops, which the times and
-    the speed leave out: RunningClock)...;
+    valid_tokens_scored, train_tokens_per_second, epoch_seconds (its training and
+    validation), wall_seconds (the run's epoch_seconds summed), paused_seconds (the
+    stops longer than 5 s in its training and validation, which the times and the
+    speed leave out: RunningClock; null for an epoch resumed from a checkpoint saved
+    before stops were counted)...;
   test: one at the end: test_perplexity and test_tokens_scored of the best params.
 `Reporter.add(record)` is the only entry point. The record list is part of
 every checkpoint and is written to `metrics.jsonl` (the source of truth);
@@ -189,12 +191,15 @@ class Reporter:
 class RunningClock:
   """Seconds the process has run, leaving out the stretches it was stopped.
 
-  A run paused with SIGSTOP (to free the CPU for a benchmark, say) or a suspended
-  machine must not count as training time. A thread wakes every `tick` seconds; a
-  wake-up later than `tick + slack` means the process was stopped, and the excess is
-  counted as paused. `seconds()` checks the same itself, so a reading taken just after
-  a stop, before the thread woke, already leaves it out. Stops shorter than `slack`
-  are counted as running.
+  A run paused with SIGSTOP (to free the CPU for a benchmark, say) must not count the
+  pause as training time. A thread wakes every `tick` seconds; a wake-up more than
+  `slack` seconds late, in which the process used less CPU time than the lateness, means
+  it was stopped, and the lateness less that CPU time is counted as paused. (A thread
+  kept from running by a long call that holds the GIL is late too, but the call uses
+  CPU time.) Each reading checks the same, so one taken just after a stop, before the
+  thread woke, already leaves it out. Stops shorter than `tick + slack` count as
+  running. Time the machine spent suspended is in no reading: the monotonic clock
+  stops then.
 
   Use as a context manager: the thread runs inside the `with` block.
   """
@@ -205,24 +210,27 @@ class RunningClock:
     self._stopped = threading.Event()
     self._thread: threading.Thread | None = None
     self._start = self._last_seen = time.monotonic()
+    self._last_cpu = time.process_time()
     self._paused = 0.0
 
-  def _account(self) -> float:
-    """The monotonic time now, after counting any stop since the last look."""
+  def read(self) -> tuple[float, float]:
+    """(seconds run, seconds stopped) since the `with` block began, after counting any
+    stop since the last look."""
     with self._lock:
-      now = time.monotonic()
+      now, cpu = time.monotonic(), time.process_time()
       late = now - self._last_seen - self._tick
       if late > self._slack:
-        self._paused += late
-      self._last_seen = now
-      return now
+        self._paused += max(late - (cpu - self._last_cpu), 0.0)
+      self._last_seen, self._last_cpu = now, cpu
+      return now - self._start - self._paused, self._paused
 
   def _watch(self) -> None:
     while not self._stopped.wait(self._tick):
-      self._account()
+      self.read()
 
   def __enter__(self) -> "RunningClock":
     self._start = self._last_seen = time.monotonic()
+    self._last_cpu = time.process_time()
     self._paused = 0.0
     self._stopped.clear()
     self._thread = threading.Thread(target=self._watch, name="running-clock", daemon=True)
@@ -236,16 +244,8 @@ class RunningClock:
       self._thread = None
 
   def seconds(self) -> float:
-    """Seconds since the `with` block began, without the stops."""
-    now = self._account()
-    with self._lock:
-      return now - self._start - self._paused
-
-  def paused_seconds(self) -> float:
-    """Seconds the process was stopped since the `with` block began."""
-    self._account()
-    with self._lock:
-      return self._paused
+    """Seconds run since the `with` block began: read()'s first number."""
+    return self.read()[0]
 
 
 def format_seconds(seconds: float) -> str:

@@ -64,11 +64,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None) 
 
 
 def _is_integer(value: Any) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool)
+  return type(value) is int  # not bool, nor NumPy's, which config.json cannot hold
 
 
 def _is_real(value: Any) -> bool:
-  return isinstance(value, int | float) and not isinstance(value, bool)
+  # An int beyond float64 (10**400) would overflow in the checks' arithmetic.
+  return type(value) is float or (type(value) is int and abs(value) <= models.FLOAT32_MAX)
 
 
 # Every field's kind: (test, what the message asks for). A config file of one's own can
@@ -103,7 +104,10 @@ def _config_checks(config: ml_collections.ConfigDict,
     for name in field.split("."):
       value = value[name]
     if not is_kind(value):  # the checks below compare values of the right kind only
-      return [(False, f"{field}={value!r} must be {kind}")]
+      foreign = type(value).__module__ != "builtins"
+      return [(False, f"{field}={value!r} must be {kind}"
+               + (f" of Python's own, not a {type(value).__module__}.{type(value).__name__}"
+                  if foreign else ""))]
   low_tau, high_tau = losses.TEMPERATURE_RANGE
   vocab_problem = data.max_vocab_size_problem(config.dataset, config.max_vocab_size)
   backend = None if num_devices is None else jax.default_backend()  # None: not started
@@ -1111,6 +1115,9 @@ def _train_and_evaluate(
   if restored is not None:
     restored_step, arrays, restored_meta = restored
     meta.update(restored_meta, config=config.to_dict())
+    if "epoch_paused_seconds" not in restored_meta and meta["epoch_train_seconds"]:
+      # Saved mid-epoch before stops were counted: its time so far may hold some.
+      meta["epoch_paused_seconds"] = None
     state = arrays["state"]
     if meta["step_in_epoch"]:
       carry = _local_carry(arrays["carry"], like=carry)
@@ -1185,7 +1192,7 @@ def _train_and_evaluate(
             save=save, checkpoints=checkpoints, clock=clock,
         )
         params = first_replica(state.params)
-        eval_start, eval_paused = clock.seconds(), clock.paused_seconds()
+        eval_start, eval_paused = clock.read()
         valid_perplexity, valid_tokens = evaluate(
             model, params, corpus.valid, config.eval_batch_size, config.num_steps, "valid"
         )
@@ -1194,8 +1201,10 @@ def _train_and_evaluate(
           meta.update(best_epoch=epoch, best_valid_perplexity=valid_perplexity)
           arrays["best_params"] = to_numpy(params)
         totals = meta["epoch_totals"]
-        epoch_seconds = meta["epoch_train_seconds"] + (clock.seconds() - eval_start)
-        paused_seconds = meta["epoch_paused_seconds"] + (clock.paused_seconds() - eval_paused)
+        eval_end, eval_end_paused = clock.read()
+        epoch_seconds = meta["epoch_train_seconds"] + (eval_end - eval_start)
+        paused_seconds = (None if meta["epoch_paused_seconds"] is None
+                          else meta["epoch_paused_seconds"] + (eval_end_paused - eval_paused))
         history = [r for r in meta["records"] if r["kind"] == "epoch"]
         reporter.add({
             "kind": "epoch",
@@ -1296,7 +1305,7 @@ def _train_one_epoch(
   learning_rate = float(schedule((epoch - 1) * steps_per_epoch))
   step_in_epoch = meta["step_in_epoch"]
   totals = meta["epoch_totals"]
-  segment_start, segment_paused = clock.seconds(), clock.paused_seconds()
+  segment_start, segment_paused = clock.read()
 
   def stop_after(step):
     every = config.checkpoint_every_steps
@@ -1321,9 +1330,10 @@ def _train_one_epoch(
                if kept is not None else "no checkpoint was written yet")
             + "; --config.on_nonfinite=skip skips such steps instead"
         ) from None
-      now, paused = clock.seconds(), clock.paused_seconds()
+      now, paused = clock.read()
       meta["epoch_train_seconds"] += now - segment_start
-      meta["epoch_paused_seconds"] += paused - segment_paused
+      if meta["epoch_paused_seconds"] is not None:
+        meta["epoch_paused_seconds"] += paused - segment_paused
       segment_start, segment_paused = now, paused
       meta["epoch_totals"] = totals
       if step_in_epoch == steps_per_epoch:
