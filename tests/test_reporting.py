@@ -90,12 +90,12 @@ def test_a_resumed_run_replaces_the_tensorboard_steps_after_its_checkpoint(
 def test_the_eta_of_a_resumed_epoch_counts_only_the_steps_this_run_took(tmp_path, monkeypatch):
   # Resumed at step 50 of 100, 10 steps in 10 s: 40 steps left at 1 s each.
   clock = iter([1000.0, 1010.0])
-  monkeypatch.setattr(reporting.time, "time", lambda: next(clock))
   lines = []
   monkeypatch.setattr(reporting.logging, "info", lambda form, *args: lines.append(form % args))
   reporter = reporting.Reporter(tmp_path, [], writer=False, config=default.get_config(),
                                 progress_bar=False)
-  reporter.start_epoch(epoch=3, num_steps=100, first_step=50)
+  # The run's clock, which leaves out the time the process was stopped.
+  reporter.start_epoch(epoch=3, num_steps=100, first_step=50, clock=lambda: next(clock))
   reporter.add({"kind": "train", "epoch": 3, "step": 260, "step_in_epoch": 60, "loss": 4.0,
                 "perplexity": math.exp(4.0), "kl": 0.01, "grad_norm": 1.0,
                 "learning_rate": 0.5, "tokens_per_second": 700.0, "nonfinite_steps": 0})

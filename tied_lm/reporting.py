@@ -21,6 +21,7 @@ import math
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -111,11 +112,15 @@ class Reporter:
     )
     self._bar = None
     self._num_steps = self._first_step = 0
+    self._clock: Callable[[], float] = time.monotonic
     self._epoch_start = 0.0
 
-  def start_epoch(self, epoch: int, num_steps: int, first_step: int) -> None:
-    self._num_steps, self._first_step = num_steps, first_step
-    self._epoch_start = time.time()
+  def start_epoch(self, epoch: int, num_steps: int, first_step: int,
+                  clock: Callable[[], float] = time.monotonic) -> None:
+    """`clock` gives the seconds the log lines' ETA is estimated from (the run's
+    RunningClock.seconds leaves out the time the process was stopped)."""
+    self._num_steps, self._first_step, self._clock = num_steps, first_step, clock
+    self._epoch_start = clock()
     if self._progress_bar:
       self._bar = tqdm.tqdm(
           total=num_steps, initial=first_step, desc=f"epoch {epoch}", unit="step",
@@ -152,7 +157,7 @@ class Reporter:
       )
     elif kind == "train":
       done = record["step_in_epoch"] - self._first_step
-      seconds_per_step = (time.time() - self._epoch_start) / max(done, 1)
+      seconds_per_step = (self._clock() - self._epoch_start) / max(done, 1)
       logging.info(
           "epoch %d lr %.4g step %d/%d | loss %.3f ppl %.2f kl %.4f | %.0f tok/s | eta %s",
           record["epoch"], record["learning_rate"], record["step_in_epoch"], self._num_steps,

@@ -1312,7 +1312,7 @@ def _train_one_epoch(
     stop = signals.stop_at((epoch - 1) * steps_per_epoch + step + 1)
     return stop or bool(every and (step + 1) % every == 0)
 
-  reporter.start_epoch(epoch, steps_per_epoch, step_in_epoch)
+  reporter.start_epoch(epoch, steps_per_epoch, step_in_epoch, clock=clock.seconds)
   try:
     while True:
       try:
