@@ -157,6 +157,31 @@ def test_a_ctrl_c_waits_while_a_c_extension_initialises():
   assert not errors._unsafe_to_raise(sys._getframe())
 
 
+def test_command_turns_a_permission_error_into_one_line_naming_the_file(capsys):
+  # A file of another user, or a folder made read-only: a traceback before.
+  @errors.command
+  def main(argv):
+    raise PermissionError(13, "Permission denied", "/runs/a/config.json")
+
+  with pytest.raises(SystemExit) as exit_info:
+    main(["prog"])
+  assert exit_info.value.code == 2
+  assert capsys.readouterr().err == "error: Permission denied: /runs/a/config.json\n"
+
+
+@pytest.mark.parametrize("lines", [100_000, 1])  # a write fails, or only the flush at exit
+def test_a_command_whose_reader_stops_reading_stops_quietly(lines):
+  # `tied_lm.sample ... | head -c 5` ended in a BrokenPipeError traceback.
+  script = ("import sys\nfrom tied_lm import errors\n"
+            f"errors.command(lambda argv: print('word\\n' * {lines}, end=''))(['prog'])\n"
+            "print('not reached', file=sys.stderr)\n")
+  process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parents[1])
+  process.stdout.close()  # the reader is gone before the command writes
+  assert process.stderr.read() == b""
+  assert process.wait(timeout=60) == 1
+
+
 def test_command_leaves_other_errors_and_normal_returns_alone(capsys):
   calls = []
 

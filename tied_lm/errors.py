@@ -126,8 +126,16 @@ def command(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
       sys.unraisablehook = interrupt.unraisable
     try:
       main(argv)
+      sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
     except UserError as error:
       fail(str(error))
+    except BrokenPipeError:
+      # The reader of our output stopped reading (`| head`): stop quietly, as other
+      # commands do. Python would report the pipe again when it flushes at exit.
+      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+      sys.exit(1)
+    except PermissionError as error:  # a file of another user, a folder made read-only
+      fail(f"{error.strerror or error}: {error.filename}" if error.filename else str(error))
     except KeyboardInterrupt:
       # Ctrl-C outside a training loop (which saves and reports its own stop): one
       # line and the shell's status for SIGINT, not a traceback through JAX.
