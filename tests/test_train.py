@@ -1361,6 +1361,27 @@ def test_an_unwritable_workdir_is_refused_before_any_work(tmp_path):
     train.train_and_evaluate(default.get_config(), str(tmp_path / "file" / "run"))
 
 
+def test_a_folder_of_other_folders_is_refused_as_a_new_workdir_and_left_alone(
+    tmp_path, monkeypatch):
+  # --workdir=~/tied_lm_runs (the folder of all runs), ~ or the repository: the run put
+  # its checkpoints/, config.json, metrics.jsonl... among their entries.
+  monkeypatch.setattr(train.data, "load_corpus", lambda *args: pytest.fail("loaded first"))
+  (tmp_path / "runs" / "ptb_small_vd" / "checkpoints").mkdir(parents=True)
+  (tmp_path / "runs" / "notes.txt").write_text("mine")
+  before = sorted(tmp_path.rglob("*"))
+  with pytest.raises(UserError, match=(
+      rf"^the workdir {re.escape(str(tmp_path / 'runs'))} holds no run but other folders "
+      r"\(ptb_small_vd\): give the run a new or empty folder, e\.g\. .*runs/my_run$")):
+    train.train_and_evaluate(default.get_config(), str(tmp_path / "runs"))
+  assert sorted(tmp_path.rglob("*")) == before
+  # A new run's folder may hold files (a log), and a run's own folders are its own.
+  fileio.check_new_run_has_its_own_folder(tmp_path / "runs" / "ptb_small_vd")
+  (tmp_path / "new").mkdir()
+  (tmp_path / "new" / "train.log").write_text("")
+  fileio.check_new_run_has_its_own_folder(tmp_path / "new")
+  fileio.check_new_run_has_its_own_folder(tmp_path / "missing")
+
+
 def test_a_workdir_another_process_trains_in_is_refused_and_left_alone(tmp_path):
   write_tiny_corpus(tmp_path / "corpus")
   run = tmp_path / "run"

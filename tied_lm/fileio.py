@@ -160,6 +160,20 @@ def make_run_directory(directory: Path) -> None:
   check_run_directory(directory)
 
 
+def check_new_run_has_its_own_folder(directory: Path) -> None:
+  """Refuses a workdir that holds no run yet but holds folders: the folder of all runs,
+  the home folder or a repository given by mistake, among whose entries a new run would
+  put its own. (A new run's folder is missing, empty, or holds files such as a log.)"""
+  if not directory.is_dir() or any((directory / name).exists() for name in RUN_DIRECTORY_LAYOUT):
+    return
+  folders = sorted(entry.name for entry in directory.iterdir()
+                   if entry.is_dir() and entry.name != "torn_checkpoints")
+  if folders:
+    shown = ", ".join(folders[:3]) + (", ..." if len(folders) > 3 else "")
+    raise UserError(f"the workdir {directory} holds no run but other folders ({shown}): "
+                    f"give the run a new or empty folder, e.g. {directory / 'my_run'}")
+
+
 def check_run_directory(directory: Path) -> None:
   """Refuses, in one line, a run directory whose entries are of the wrong kind: what a
   trainer would fail on deep in training, and a reader would misread (a folder named

@@ -1023,6 +1023,7 @@ def train_and_evaluate(
     config.data_dir = str(data.resolve_data_dir(config.data_dir).absolute())
   workdir = Path(workdir).expanduser()
   fileio.check_writable_directory(workdir, "the workdir")
+  fileio.check_new_run_has_its_own_folder(workdir)
   corpus = data.load_corpus(config.dataset, config.data_dir, config.max_vocab_size)
   inputs, targets = data.train_windows(corpus.train, config.batch_size, config.num_steps)
   for split in ("valid", "test"):  # before training, not after it
