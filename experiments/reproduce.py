@@ -153,6 +153,9 @@ def sweep_points(sweeps: list[str]) -> list[tuple[str, list[str]]]:
     if not key or not values:
       raise UserError(f"--sweep {sweep!r} must be KEY=V1,V2,..., e.g. loss.tau=5,10,20")
     name = key.rsplit(".", 1)[-1]
+    if "/" in values:  # the tag names the run's folder
+      raise UserError(f"--sweep {sweep!r}: a value with '/' cannot be part of a run's folder "
+                      "name; give it with --set instead")
     points = [("_".join(filter(None, (tag, f"{name}{value}"))), [*overrides, f"{key}={value}"])
               for tag, overrides in points for value in values.split(",")]
   return points
@@ -202,6 +205,13 @@ def check_run_configs(grid: list[tuple[str, str, str, tuple[str, list[str]]]]) -
       raise UserError(f"{run}: {str(error).strip().splitlines()[-1]}") from None
     except train.ConfigError as error:
       raise UserError(f"{run}: {error}") from None
+    # Overrides that make it another model than its name says: trained for hours, then
+    # skipped by the reports (`misplaced`).
+    found_size, found_variant = summarize.describe(flag_values.config.to_dict())
+    found = {"dataset": flag_values.config.dataset, "variant": found_variant}
+    if misplaced(run, found):
+      raise UserError(f"{run}: --set/--sweep make it a {found['dataset']} {found_variant} "
+                      f"run, not the {dataset} {variant} its name says")
 
 
 def shell(command: list[str]) -> str:

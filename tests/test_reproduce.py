@@ -291,6 +291,17 @@ def test_bad_grid_is_a_one_line_error(tmp_path, harness):
      "ptb_small_vd_tauabc: flag --config.loss.tau=abc: could not convert string to float"),
     (["--variants=vd,real", "--sweep=optim.learning_rate=1,-1"],
      "ptb_small_vd_learning_rate-1: optim.learning_rate=-1.0 must be > 0"),
+    # Another model than the name: trained for hours, then skipped by the reports.
+    (["--variants=real", "--set=loss.augmented=False"],
+     "ptb_small_real: --set/--sweep make it a ptb re run, not the ptb real its name says"),
+    (["--variants=real", "--sweep=model.tie_embeddings=False"],
+     "ptb_small_real_tie_embeddingsFalse: --set/--sweep make it a ptb al-bias run, not the "
+     "ptb real its name says"),
+    (["--variants=vd", "--set=dataset=wikitext2"],
+     "ptb_small_vd: --set/--sweep make it a wikitext2 vd run, not the ptb vd its name says"),
+    # The tag names a folder: data_dir=/a/b made ROOT/ptb_small_vd_data_dir/a/b.
+    (["--sweep=data_dir={file}"], "--sweep 'data_dir={file}': a value with '/' cannot be "
+     "part of a run's folder name; give it with --set instead"),
 ])
 def test_bad_directories_and_repeated_runs_are_one_line_before_any_run(
     tmp_path, harness, args, message):
