@@ -47,6 +47,10 @@ def slice_ids(ids: np.ndarray, num_words: int, minimum: int) -> tuple[np.ndarray
 
   `minimum` is the fewest that make one training batch (data.min_train_tokens).
   """
+  if minimum > len(ids):  # no --num_words could do
+    raise UserError(f"one batch of --batch_size rows of --num_steps + 1 words, {minimum:,} "
+                    f"words, is more than PTB train's {len(ids):,}: lower --batch_size or "
+                    "--num_steps")
   if not minimum <= num_words <= len(ids):
     raise UserError(f"--num_words={num_words} must be in [{minimum:,}, {len(ids):,}] (one "
                     "batch of --batch_size rows of --num_steps + 1 words; PTB train's length)")

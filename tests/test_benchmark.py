@@ -101,6 +101,11 @@ def test_load_config_applies_overrides_with_the_fields_types():
   assert config.model.unroll == 5 and isinstance(config.model.unroll, int)
   assert config.loss.tau == 2.0 and isinstance(config.loss.tau, float)
   assert config.model.output_bias is True
+  # Numbers as tied_lm.main's --config.KEY=VALUE reads them: these were refused as not JSON.
+  config = benchmark.load_config("configs/ptb.py:small,real",
+                                 ["loss.tau=.5", "optim.learning_rate=1.", "loss.gamma=inf"])
+  assert (config.loss.tau, config.optim.learning_rate, config.loss.gamma) == (
+      0.5, 1.0, float("inf"))
 
 
 @pytest.mark.parametrize("spec, overrides, message", [

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from experiments import subspace_distance
+from tied_lm.errors import UserError
 
 TAU_ERROR = "error: every τ must be in [1.18e-38, 3.4e+38] (float32's positive normal numbers): "
 
@@ -42,6 +43,15 @@ def test_bad_flags_are_one_line_errors(flag, message, tmp_path, run_module):
 def test_slice_ids_renumbers_the_words_of_the_slice():
   ids, vocab_size = subspace_distance.slice_ids(np.array([5, 3, 5, 9, 3, 7]), 5, minimum=2)
   assert ids.tolist() == [1, 0, 1, 2, 0] and vocab_size == 3
+
+
+def test_a_batch_longer_than_the_text_blames_the_batch_not_num_words():
+  # --batch_size=100000 said "--num_words=20000 must be in [3,600,000, 929,589]".
+  with pytest.raises(UserError, match=r"^one batch of --batch_size rows of --num_steps \+ 1 "
+                     r"words, 7 words, is more than PTB train's 6: lower --batch_size"):
+    subspace_distance.slice_ids(np.arange(6), 5, minimum=7)
+  with pytest.raises(UserError, match=r"^--num_words=1 must be in \[2, 6\]"):
+    subspace_distance.slice_ids(np.arange(6), 1, minimum=2)
 
 
 def test_the_table_takes_each_seeds_final_distance_and_beta_zero_for_every_tau():
