@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -236,6 +237,28 @@ def test_a_run_file_without_its_fields_is_one_line(two_runs, tmp_path, damage, f
   with pytest.raises(UserError, match=(
       rf"^{edited} holds a config.json, results.json or metrics.jsonl that is not a tied_lm "
       rf"run's \(missing or wrong field: {field}")):
+    summarize.load_run(edited)
+
+
+@pytest.mark.parametrize("field", ["wall_seconds", "valid_perplexity", None])
+def test_a_null_in_an_epoch_record_or_no_config_anywhere_is_one_line(two_runs, tmp_path, field):
+  # A null wall time was a TypeError from the table; a null perplexity showed the finished
+  # run as "-"; no config.json and none in results.json was a KeyError.
+  workdir, _ = two_runs[0]
+  edited = tmp_path / "edited"
+  shutil.copytree(workdir, edited)
+  if field is None:
+    (edited / "config.json").unlink()
+    results = json.loads((edited / "results.json").read_text())
+    del results["config"]
+    (edited / "results.json").write_text(json.dumps(results))
+  else:
+    records = [json.loads(line) for line in (edited / "metrics.jsonl").read_text().splitlines()]
+    [r for r in records if r["kind"] == "epoch"][-1][field] = None
+    (edited / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  with pytest.raises(UserError, match=(
+      rf"^{edited} holds a config.json, results.json or metrics.jsonl that is not a tied_lm "
+      rf"run's \(missing or wrong field: {'None is not a number' if field else repr('config')}")):
     summarize.load_run(edited)
 
 

@@ -60,26 +60,25 @@ def load_run(workdir: Path) -> dict[str, Any]:
   check_run_directory(workdir)
   config_file, results_file = workdir / "config.json", workdir / "results.json"
   results = read_json(results_file) if results_file.is_file() else None
-  if config_file.is_file():
-    config = read_json(config_file)
-  elif results is not None:
-    config = results["config"]
-  else:
+  if not config_file.is_file() and results is None:
     raise UserError(f"{workdir} is not a tied_lm run (no config.json or results.json)")
   epochs = reporting.read_records(workdir, "epoch")
   if not epochs and results is not None:
     raise UserError(f"{workdir / 'metrics.jsonl'} holds no epoch record, though results.json "
                     "says the run finished: restore the file")
   try:
+    config = read_json(config_file) if config_file.is_file() else results["config"]
     return _summary(workdir, config, results, epochs)
   except (KeyError, TypeError, AttributeError) as error:  # a file edited or written by another tool
     raise UserError(f"{workdir} holds a config.json, results.json or metrics.jsonl that is not "
                     f"a tied_lm run's (missing or wrong field: {error})") from None
 
 
-def _number(value: Any) -> float | None:
-  """A number read from a run's files (None stays None); TypeError for anything else."""
-  if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+def _number(value: Any, required: bool = False) -> float | None:
+  """A number read from a run's files (None stays None unless `required`); TypeError for
+  anything else."""
+  if (value is not None or required) and (
+      isinstance(value, bool) or not isinstance(value, (int, float))):
     raise TypeError(f"{value!r} is not a number")
   return value
 
@@ -87,7 +86,8 @@ def _number(value: Any) -> float | None:
 def _summary(workdir: Path, config: dict[str, Any], results: dict[str, Any] | None,
              epochs: list[dict[str, Any]]) -> dict[str, Any]:
   """One row of the table; a run still in its first epoch has None for its numbers."""
-  best = min(epochs, key=lambda r: _number(r["valid_perplexity"])) if epochs else None
+  # An epoch record always has these: null would show a finished run as not yet scored.
+  best = min(epochs, key=lambda r: _number(r["valid_perplexity"], True)) if epochs else None
   size, variant = describe(config)
   finished = results is not None
   return {
@@ -103,8 +103,8 @@ def _summary(workdir: Path, config: dict[str, Any], results: dict[str, Any] | No
       "num_params": _number(results["num_params"]) if finished else None,
       # The median, as results.json takes it.
       "tokens_per_second": statistics.median(
-          _number(r["train_tokens_per_second"]) for r in epochs) if epochs else None,
-      "wall_seconds": _number(epochs[-1]["wall_seconds"]) if epochs else None,
+          _number(r["train_tokens_per_second"], True) for r in epochs) if epochs else None,
+      "wall_seconds": _number(epochs[-1]["wall_seconds"], True) if epochs else None,
       "curve": [(r["epoch"], r["valid_perplexity"]) for r in epochs],
   }
 
