@@ -82,6 +82,33 @@ REPORT_KEYS = ("dataset", "variant", "valid_perplexity", "test_perplexity",
                "eval_batch_size", "epochs", "best_epoch", "num_params", "wall_seconds",
                "config", "hardware", "curve")
 NESTED_REPORT_KEYS = {"config": ("seed",), "hardware": ("device_kind",)}
+# The kinds of the values the tables compute with: (test, what it must be).
+_IS_NUMBER = (lambda v: isinstance(v, int | float) and not isinstance(v, bool), "a number")
+_IS_COUNT = (lambda v: isinstance(v, int) and not isinstance(v, bool), "a whole number")
+REPORT_VALUE_KINDS = {
+    "valid_perplexity": _IS_NUMBER, "wall_seconds": _IS_NUMBER, "epochs": _IS_COUNT,
+    "best_epoch": _IS_COUNT, "eval_batch_size": _IS_COUNT,
+    # None: a partial run's test, a run whose launch records predate num_params.
+    "test_perplexity": (lambda v: v is None or _IS_NUMBER[0](v), "a number or null"),
+    "num_params": (lambda v: v is None or _IS_NUMBER[0](v), "a number or null"),
+}
+
+
+def report_problem(report: dict[str, Any]) -> str | None:
+  """What keeps `report` from the tables: a key it lacks, or a value of the wrong kind."""
+  missing = [key for key in REPORT_KEYS if key not in report] or [
+      f"{section}.{key}" for section, keys in NESTED_REPORT_KEYS.items() for key in keys
+      if not isinstance(report[section], dict) or key not in report[section]]
+  if missing:
+    return f"no {', '.join(missing)}"
+  for key, (is_kind, kind) in REPORT_VALUE_KINDS.items():
+    if not is_kind(report[key]):
+      return f"{key}={report[key]!r} is not {kind}"
+  if not isinstance(report["curve"], list) or not all(
+      isinstance(point, dict) and _IS_COUNT[0](point.get("epoch"))
+      and _IS_NUMBER[0](point.get("valid_perplexity")) for point in report["curve"]):
+    return "its curve is not a list of epochs with their valid_perplexity"
+  return None
 PAPER_PARAMS = {("medium", "vd"): "20M", ("medium", "real"): "14M",
                 ("large", "vd"): "66M", ("large", "real"): "51M"}
 
@@ -646,7 +673,11 @@ def write_reports(root: Path, results_dir: Path) -> None:
       print(f"skipped {workdir}: {reason}", file=sys.stderr)
       continue
     output = results_dir / f"{workdir.name}.json"
-    previous = fileio.read_json(output) if output.is_file() else None
+    try:
+      previous = fileio.read_json(output) if output.is_file() else None
+    except UserError as damaged:  # the run at hand writes it again
+      print(f"replacing {output}: {damaged}", file=sys.stderr)
+      previous = None
     if not report["complete"] and previous is not None:
       if previous.get("complete", True):
         print(f"kept {output}: a finished run's report, not replaced by {workdir}'s partial one")
@@ -667,11 +698,8 @@ def write_reports(root: Path, results_dir: Path) -> None:
     model, tag = parsed
     report = fileio.read_json(path)
     # The table would fail on another file under a grid name, as a traceback.
-    missing = [key for key in REPORT_KEYS if key not in report] or [
-        f"{section}.{key}" for section, keys in NESTED_REPORT_KEYS.items() for key in keys
-        if not isinstance(report[section], dict) or key not in report[section]]
-    if missing:
-      raise UserError(f"{path} is not a run report (no {', '.join(missing)}): move it away, "
+    if problem := report_problem(report):
+      raise UserError(f"{path} is not a run report ({problem}): move it away, "
                       "or write it again from its run with --root")
     if reason := misplaced(path.stem, report):
       print(f"skipped {path}: {reason}", file=sys.stderr)

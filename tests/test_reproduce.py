@@ -375,6 +375,23 @@ def test_a_damaged_run_is_skipped_and_a_report_file_of_another_kind_refused(
       f"{results_dir / 'ptb_small_al.json'} is damaged: a JSON list, not an object; restore "
       "or remove it")):
     reproduce.write_reports(root, results_dir)
+  # Values of the wrong kind were a ValueError, TypeError or KeyError from the tables.
+  for edit, problem in (
+      ({"test_perplexity": "x"}, "test_perplexity='x' is not a number or null"),
+      ({"wall_seconds": None}, "wall_seconds=None is not a number"),
+      ({"epochs": 2.5}, "epochs=2.5 is not a whole number"),
+      ({"curve": [{"epoch": 1}]}, "its curve is not a list of epochs with their "
+       "valid_perplexity")):
+    (results_dir / "ptb_small_al.json").write_text(json.dumps({**report, **edit}))
+    with pytest.raises(UserError, match=re.escape(
+        f"ptb_small_al.json is not a run report ({problem}): move it away")):
+      reproduce.write_reports(root, results_dir)
+  # A damaged report of a run at hand is written again from the run, not refused.
+  (results_dir / "ptb_small_al.json").unlink()
+  (results_dir / "ptb_small_real_seed1.json").write_text('{"dataset": ')
+  reproduce.write_reports(root, results_dir)
+  assert json.loads((results_dir / "ptb_small_real_seed1.json").read_text()) == report
+  assert "replacing " + str(results_dir / "ptb_small_real_seed1.json") in capsys.readouterr().err
 
 
 def test_the_report_is_written_when_a_run_fails_and_then_the_failure_is_named(tmp_path, harness):
