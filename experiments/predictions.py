@@ -34,6 +34,7 @@ def define_flags() -> None:
   flags.DEFINE_string("output", str(provenance.REPO / "experiments/results/predictions"),
                       "Path prefix: PREFIX.json and PREFIX.md.")
   errors.require_values("workdirs")
+  errors.require_distinct_folders("workdirs")
 
 
 def frequent_words(corpus: data.Corpus, count: int) -> list[int]:

@@ -34,6 +34,7 @@ def define_flags() -> None:
   flags.DEFINE_string("output", str(provenance.REPO / "experiments/results/target_sharpness"),
                       "Path prefix: PREFIX.json, PREFIX.md.")
   errors.require_values("workdirs", "taus")
+  errors.require_distinct_folders("workdirs")
 
 
 def run_rows(workdir: str, run: "train.TrainedRun", taus: list[float]) -> list[dict]:

@@ -252,6 +252,16 @@ def test_every_command_reports_bad_flags_in_one_line_with_status_2(command, run_
   assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
 
 
+@pytest.mark.parametrize("module", ["experiments.target_sharpness", "experiments.predictions"])
+def test_a_run_named_twice_is_refused_before_any_work(module, run_module, tmp_path):
+  # target_sharpness --workdirs=run,run/ printed each of the run's rows twice.
+  result = run_module(module, f"--workdirs={tmp_path},{tmp_path}/.",
+                      f"--output={tmp_path}/out", timeout=120)
+  assert result.returncode == 2
+  assert result.stderr.strip() == (
+      f"error: flag --workdirs={[str(tmp_path), f'{tmp_path}/.']}: names one folder twice")
+
+
 @pytest.mark.parametrize("module, extra", [
     ("tied_lm.evaluate", []), ("tied_lm.sample", []), ("tied_lm.neighbors", ["--words=a"]),
 ])

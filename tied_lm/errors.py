@@ -206,6 +206,15 @@ def require_values(*names: str) -> None:
         message="has an empty entry (two commas in a row, or one at either end?)")
 
 
+def require_distinct_folders(name: str) -> None:
+  """A list flag of folders that must not name one twice (`run,run/`, `./run,run`): its
+  rows would be repeated. Refused at parse time, in one line."""
+  flags.register_validator(
+      name, lambda values: values is None or len(
+          {os.path.realpath(os.path.expanduser(v)) for v in values}) == len(values),
+      message="names one folder twice")
+
+
 def require_name(name: str, what: str, optional: bool = False) -> None:
   """A string flag that names something (a folder, a file): required unless it has a
   default or is `optional`, and refused at parse time, in one line, when blank."""
