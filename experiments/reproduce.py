@@ -109,6 +109,8 @@ def report_problem(report: dict[str, Any]) -> str | None:
       and _IS_NUMBER[0](point.get("valid_perplexity")) for point in report["curve"]):
     return "its curve is not a list of epochs with their valid_perplexity"
   return None
+
+
 PAPER_PARAMS = {("medium", "vd"): "20M", ("medium", "real"): "14M",
                 ("large", "vd"): "66M", ("large", "real"): "51M"}
 
@@ -675,6 +677,8 @@ def write_reports(root: Path, results_dir: Path) -> None:
     output = results_dir / f"{workdir.name}.json"
     try:
       previous = fileio.read_json(output) if output.is_file() else None
+      if previous is not None and (problem := report_problem(previous)):
+        raise UserError(f"{output} is not a run report ({problem})")
     except UserError as damaged:  # the run at hand writes it again
       print(f"replacing {output}: {damaged}", file=sys.stderr)
       previous = None

@@ -4,6 +4,7 @@ import functools
 import gc
 import importlib.machinery
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tied_lm import errors
+from tied_lm import errors, fileio
 from tied_lm.errors import UserError
 
 
@@ -157,16 +158,45 @@ def test_a_ctrl_c_waits_while_a_c_extension_initialises():
   assert not errors._unsafe_to_raise(sys._getframe())
 
 
-def test_command_turns_a_permission_error_into_one_line_naming_the_file(capsys):
+@pytest.mark.parametrize("error, line", [
+    (PermissionError(13, "Permission denied", "/runs/a/config.json"),
+     "Permission denied: /runs/a/config.json"),
+    # A rename: the file meant, not the temporary one.
+    (PermissionError(13, "Permission denied", "/runs/a/.results.json.x.tmp", None,
+                     "/runs/a/results.json"), "Permission denied: /runs/a/results.json"),
+    # A pipe given as an output file, not our stdout: said, not swallowed.
+    (BrokenPipeError(32, "Broken pipe", "/tmp/fifo"), "Broken pipe: /tmp/fifo"),
+])
+def test_command_turns_a_permission_error_into_one_line_naming_the_file(capsys, error, line):
   # A file of another user, or a folder made read-only: a traceback before.
   @errors.command
   def main(argv):
-    raise PermissionError(13, "Permission denied", "/runs/a/config.json")
+    raise error
 
   with pytest.raises(SystemExit) as exit_info:
     main(["prog"])
   assert exit_info.value.code == 2
-  assert capsys.readouterr().err == "error: Permission denied: /runs/a/config.json\n"
+  assert capsys.readouterr().err == f"error: {line}\n"
+
+
+def test_atomic_write_names_the_file_meant_when_its_folder_refuses_it(tmp_path, monkeypatch):
+  def refuse(*args, **kwargs):
+    raise PermissionError(13, "Permission denied", str(tmp_path / ".results.json.abc.tmp"))
+
+  monkeypatch.setattr(fileio.tempfile, "mkstemp", refuse)
+  with pytest.raises(PermissionError) as raised:
+    fileio.atomic_write(tmp_path / "results.json", "{}")
+  assert raised.value.filename == str(tmp_path / "results.json")
+
+
+def test_a_command_started_with_stdout_closed_still_succeeds():
+  # The flush that catches a closed pipe raised AttributeError on sys.stdout = None.
+  script = "from tied_lm import errors\nerrors.command(lambda argv: None)(['prog'])\n"
+  process = subprocess.run([sys.executable, "-c", script], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parents[1],
+                           pass_fds=(), close_fds=True, preexec_fn=lambda: os.close(1),
+                           timeout=60)
+  assert (process.returncode, process.stderr) == (0, b"")
 
 
 @pytest.mark.parametrize("lines", [100_000, 1])  # a write fails, or only the flush at exit

@@ -386,12 +386,16 @@ def test_a_damaged_run_is_skipped_and_a_report_file_of_another_kind_refused(
     with pytest.raises(UserError, match=re.escape(
         f"ptb_small_al.json is not a run report ({problem}): move it away")):
       reproduce.write_reports(root, results_dir)
-  # A damaged report of a run at hand is written again from the run, not refused.
+  # A damaged report of a run at hand is written again from the run, not refused (nor,
+  # with a value of the wrong kind, kept as "a finished run's report" or compared).
   (results_dir / "ptb_small_al.json").unlink()
-  (results_dir / "ptb_small_real_seed1.json").write_text('{"dataset": ')
-  reproduce.write_reports(root, results_dir)
-  assert json.loads((results_dir / "ptb_small_real_seed1.json").read_text()) == report
-  assert "replacing " + str(results_dir / "ptb_small_real_seed1.json") in capsys.readouterr().err
+  for damaged in ('{"dataset": ', json.dumps({**report, "complete": True, "epochs": 2.5}),
+                  json.dumps({**report, "complete": False, "epochs": "3"})):
+    (results_dir / "ptb_small_real_seed1.json").write_text(damaged)
+    reproduce.write_reports(root, results_dir)
+    assert json.loads((results_dir / "ptb_small_real_seed1.json").read_text()) == report
+    assert "replacing " + str(results_dir / "ptb_small_real_seed1.json") in (
+        capsys.readouterr().err)
 
 
 def test_the_report_is_written_when_a_run_fails_and_then_the_failure_is_named(tmp_path, harness):

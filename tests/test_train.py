@@ -1378,6 +1378,8 @@ def test_a_folder_of_other_folders_is_refused_as_a_new_workdir_and_left_alone(
   fileio.check_new_run_has_its_own_folder(tmp_path / "runs" / "ptb_small_vd")
   (tmp_path / "new").mkdir()
   (tmp_path / "new" / "train.log").write_text("")
+  for folder in ("lost+found", ".ipynb_checkpoints"):  # a mounted volume's, a notebook's
+    (tmp_path / "new" / folder).mkdir()
   fileio.check_new_run_has_its_own_folder(tmp_path / "new")
   fileio.check_new_run_has_its_own_folder(tmp_path / "missing")
 

@@ -8,6 +8,7 @@ import importlib.machinery
 import logging as python_logging
 import os
 import re
+import select
 import signal
 import sys
 import threading
@@ -104,9 +105,27 @@ def _ignore_ctrl_c_at_exit() -> None:
   signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _stdout_reader_gone() -> bool:
+  """Whether stdout is a pipe whose reading end is closed (poll reports POLLERR then)."""
+  try:
+    fd = sys.stdout.fileno()
+  except (AttributeError, ValueError, OSError):  # None, closed, or not a file (StringIO)
+    return False
+  poller = select.poll()
+  poller.register(fd, select.POLLOUT)
+  return any(event & select.POLLERR for _, event in poller.poll(0))
+
+
+def _os_error_line(error: OSError) -> str:
+  """'Permission denied: /runs/a/config.json', naming the target of a rename."""
+  name = error.filename2 or error.filename
+  return f"{error.strerror or error}: {name}" if name else str(error)
+
+
 def command(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
   """Wraps a command's `main(argv)` for `app.run`: a UserError it raises is `fail`ed,
-  a KeyboardInterrupt is one line and status 130.
+  and so is a PermissionError (naming the file); a KeyboardInterrupt is one line and
+  status 130; a closed output pipe (`| head`) ends it quietly with status 1.
 
   Other libraries' INFO lines (orbax logs several per checkpoint) are dropped, so that
   stderr holds our progress, their warnings and, on bad input, the one error line.
@@ -126,16 +145,19 @@ def command(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
       sys.unraisablehook = interrupt.unraisable
     try:
       main(argv)
-      sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
+      if sys.stdout is not None:  # None: started with stdout closed
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
     except UserError as error:
       fail(str(error))
-    except BrokenPipeError:
+    except BrokenPipeError as error:
+      if not _stdout_reader_gone():  # a pipe or socket the command wrote to as a file
+        fail(_os_error_line(error))
       # The reader of our output stopped reading (`| head`): stop quietly, as other
       # commands do. Python would report the pipe again when it flushes at exit.
       os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
       sys.exit(1)
     except PermissionError as error:  # a file of another user, a folder made read-only
-      fail(f"{error.strerror or error}: {error.filename}" if error.filename else str(error))
+      fail(_os_error_line(error))
     except KeyboardInterrupt:
       # Ctrl-C outside a training loop (which saves and reports its own stop): one
       # line and the shell's status for SIGINT, not a traceback through JAX.

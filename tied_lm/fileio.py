@@ -29,7 +29,10 @@ def atomic_write(path: str | os.PathLike, content: str | bytes) -> None:
   """
   path = Path(path)
   data = content.encode("utf-8") if isinstance(content, str) else content
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  try:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  except PermissionError as error:  # named by the file meant, not the temporary one
+    raise PermissionError(error.errno, error.strerror, str(path)) from None
   try:
     os.chmod(tmp, _new_file_mode())
     with os.fdopen(fd, "wb") as f:
@@ -166,8 +169,10 @@ def check_new_run_has_its_own_folder(directory: Path) -> None:
   put its own. (A new run's folder is missing, empty, or holds files such as a log.)"""
   if not directory.is_dir() or any((directory / name).exists() for name in RUN_DIRECTORY_LAYOUT):
     return
+  # A mounted volume's lost+found and hidden folders (.ipynb_checkpoints) are not others'.
   folders = sorted(entry.name for entry in directory.iterdir()
-                   if entry.is_dir() and entry.name != "torn_checkpoints")
+                   if entry.is_dir() and not entry.name.startswith(".")
+                   and entry.name not in ("torn_checkpoints", "lost+found"))
   if folders:
     shown = ", ".join(folders[:3]) + (", ..." if len(folders) > 3 else "")
     raise UserError(f"the workdir {directory} holds no run but other folders ({shown}): "
