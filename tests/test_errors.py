@@ -4,7 +4,6 @@ import functools
 import gc
 import importlib.machinery
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -61,14 +60,14 @@ def test_a_ctrl_c_while_the_process_exits_after_a_command_prints_nothing(tmp_pat
   assert (result.returncode, result.stdout, result.stderr) == (0, "done\ncleaned up\n", "")
 
 
-def _ctrl_c_in_a_gc_callback() -> bool:
+def _ctrl_c_in_a_gc_callback(sent: list[bool]) -> None:
   """Sends SIGINT from a gc callback: handled there, where Python ignores what the
-  handler raises. True once sent."""
-  sent = []
+  handler raises. Appends True to `sent` first: the put-off Ctrl-C may land as soon
+  as the callback returns, on a loaded machine before its caller's next line."""
 
   def callback(phase, info):
     if phase == "start" and not sent:
-      sent.append(phase)
+      sent.append(True)
       signal.raise_signal(signal.SIGINT)  # handled before the callback returns
 
   gc.callbacks.append(callback)
@@ -76,7 +75,6 @@ def _ctrl_c_in_a_gc_callback() -> bool:
     gc.collect()
   finally:
     gc.callbacks.remove(callback)
-  return bool(sent)
 
 
 def test_a_ctrl_c_during_a_gc_callback_still_stops_the_command(capsys, terminal_sigint):
@@ -84,7 +82,7 @@ def test_a_ctrl_c_during_a_gc_callback_still_stops_the_command(capsys, terminal_
   # command carry on (seen 1 s into tied_lm.main, which then trained to the end).
   @errors.command
   def main(argv):
-    sent.append(_ctrl_c_in_a_gc_callback())
+    _ctrl_c_in_a_gc_callback(sent)
     for _ in range(200):
       time.sleep(0.01)
     finished.append(True)
@@ -128,7 +126,7 @@ def test_a_put_off_ctrl_c_does_not_outlive_its_command_and_threads_may_run_comma
   # whatever ran next; and a command run off the main thread failed in signal.signal.
   @errors.command
   def main(argv):
-    sent.append(_ctrl_c_in_a_gc_callback())  # put off: it lands in a gc callback
+    _ctrl_c_in_a_gc_callback(sent)  # put off: it lands in a gc callback
     # Returns before the resend is due.
 
   sent = []
@@ -192,9 +190,9 @@ def test_atomic_write_names_the_file_meant_when_its_folder_refuses_it(tmp_path, 
 def test_a_command_started_with_stdout_closed_still_succeeds():
   # The flush that catches a closed pipe raised AttributeError on sys.stdout = None.
   script = "from tied_lm import errors\nerrors.command(lambda argv: None)(['prog'])\n"
-  process = subprocess.run([sys.executable, "-c", script], stdout=subprocess.DEVNULL,
+  # The shell closes it (`>&-`): a preexec_fn would fork this multithreaded process.
+  process = subprocess.run(["sh", "-c", 'exec "$0" -c "$1" >&-', sys.executable, script],
                            stderr=subprocess.PIPE, cwd=Path(__file__).resolve().parents[1],
-                           pass_fds=(), close_fds=True, preexec_fn=lambda: os.close(1),
                            timeout=60)
   assert (process.returncode, process.stderr) == (0, b"")
 
