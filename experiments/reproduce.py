@@ -82,15 +82,22 @@ REPORT_KEYS = ("dataset", "variant", "valid_perplexity", "test_perplexity",
                "eval_batch_size", "epochs", "best_epoch", "num_params", "wall_seconds",
                "config", "hardware", "curve")
 NESTED_REPORT_KEYS = {"config": ("seed",), "hardware": ("device_kind",)}
+
+
+def _is_count(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number_or_null(value: Any) -> bool:
+  return value is None or summarize.is_number(value)
+
+
 # The kinds of the values the tables compute with: (test, what it must be).
-_IS_NUMBER = (lambda v: isinstance(v, int | float) and not isinstance(v, bool), "a number")
-_IS_COUNT = (lambda v: isinstance(v, int) and not isinstance(v, bool), "a whole number")
 REPORT_VALUE_KINDS = {
-    "valid_perplexity": _IS_NUMBER, "wall_seconds": _IS_NUMBER, "epochs": _IS_COUNT,
-    "best_epoch": _IS_COUNT, "eval_batch_size": _IS_COUNT,
+    **dict.fromkeys(("valid_perplexity", "wall_seconds"), (summarize.is_number, "a number")),
+    **dict.fromkeys(("epochs", "best_epoch", "eval_batch_size"), (_is_count, "a whole number")),
     # None: a partial run's test, a run whose launch records predate num_params.
-    "test_perplexity": (lambda v: v is None or _IS_NUMBER[0](v), "a number or null"),
-    "num_params": (lambda v: v is None or _IS_NUMBER[0](v), "a number or null"),
+    **dict.fromkeys(("test_perplexity", "num_params"), (_is_number_or_null, "a number or null")),
 }
 
 
@@ -105,8 +112,8 @@ def report_problem(report: dict[str, Any]) -> str | None:
     if not is_kind(report[key]):
       return f"{key}={report[key]!r} is not {kind}"
   if not isinstance(report["curve"], list) or not all(
-      isinstance(point, dict) and _IS_COUNT[0](point.get("epoch"))
-      and _IS_NUMBER[0](point.get("valid_perplexity")) for point in report["curve"]):
+      isinstance(point, dict) and _is_count(point.get("epoch"))
+      and summarize.is_number(point.get("valid_perplexity")) for point in report["curve"]):
     return "its curve is not a list of epochs with their valid_perplexity"
   return None
 
@@ -236,7 +243,7 @@ def check_run_configs(grid: list[tuple[str, str, str, tuple[str, list[str]]]]) -
       raise UserError(f"{run}: {error}") from None
     # Overrides that make it another model than its name says: trained for hours, then
     # skipped by the reports (`misplaced`).
-    found_size, found_variant = summarize.describe(flag_values.config.to_dict())
+    _, found_variant = summarize.describe(flag_values.config.to_dict())
     found = {"dataset": flag_values.config.dataset, "variant": found_variant}
     if misplaced(run, found):
       raise UserError(f"{run}: --set/--sweep make it a {found['dataset']} {found_variant} "
@@ -675,13 +682,16 @@ def write_reports(root: Path, results_dir: Path) -> None:
       print(f"skipped {workdir}: {reason}", file=sys.stderr)
       continue
     output = results_dir / f"{workdir.name}.json"
-    try:
-      previous = fileio.read_json(output) if output.is_file() else None
-      if previous is not None and (problem := report_problem(previous)):
-        raise UserError(f"{output} is not a run report ({problem})")
-    except UserError as damaged:  # the run at hand writes it again
-      print(f"replacing {output}: {damaged}", file=sys.stderr)
-      previous = None
+    previous = None
+    if output.is_file():
+      try:
+        previous = fileio.read_json(output)
+        problem = report_problem(previous)
+      except UserError as damaged:
+        problem = str(damaged)
+      if problem:  # the run at hand writes it again
+        print(f"replacing {output}: {problem}", file=sys.stderr)
+        previous = None
     if not report["complete"] and previous is not None:
       if previous.get("complete", True):
         print(f"kept {output}: a finished run's report, not replaced by {workdir}'s partial one")

@@ -74,11 +74,15 @@ def load_run(workdir: Path) -> dict[str, Any]:
                     f"a tied_lm run's (missing or wrong field: {error})") from None
 
 
+def is_number(value: Any) -> bool:
+  """Whether a value read from a run's JSON files is a number (JSON's true is not)."""
+  return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _number(value: Any, required: bool = False) -> float | None:
   """A number read from a run's files (None stays None unless `required`); TypeError for
   anything else."""
-  if (value is not None or required) and (
-      isinstance(value, bool) or not isinstance(value, (int, float))):
+  if (value is not None or required) and not is_number(value):
     raise TypeError(f"{value!r} is not a number")
   return value
 
