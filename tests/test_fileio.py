@@ -85,12 +85,13 @@ def test_damaged_json_is_one_line_naming_the_file_and_a_torn_append_is_skipped(t
 def test_a_folder_that_cannot_be_written_is_refused_even_for_root(tmp_path):
   # os.access says yes to root under /proc and /sys, where nothing can be made; the
   # commands then failed with a traceback after their work.
-  for folder in (Path("/proc/tied_lm_output"), Path("/proc/self")):
-    with pytest.raises(UserError, match=rf"^cannot write --root {folder}: /proc(/self)? is not "
-                       r"writable \(") as refused:
-      fileio.check_writable_directory(folder, "--root")
-    # Not the "No such file or directory" /proc answers for a folder that exists.
-    assert refused.value.args[0].endswith("is not writable (no file can be made in it)")
+  for folder, message in (
+      ("/proc/tied_lm_output", ": /proc is not writable (no file can be made in it)"),
+      # Not the "No such file or directory" /proc answers for a folder that exists.
+      ("/proc/self", " (no file can be made in it)")):
+    with pytest.raises(UserError) as refused:
+      fileio.check_writable_directory(Path(folder), "--root")
+    assert str(refused.value) == f"cannot write --root {folder}{message}"
   fileio.check_writable_directory(tmp_path / "new" / "runs", "--root")
   assert list(tmp_path.iterdir()) == []  # the probe leaves nothing behind
 

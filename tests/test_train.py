@@ -1444,3 +1444,36 @@ def test_a_second_signal_waits_for_the_checkpoint_being_written_and_a_third_does
       signal.raise_signal(signum)
       signal.raise_signal(signum)  # the third of a stop: give up waiting
   assert signal.getsignal(signum) is signal.default_int_handler
+
+
+def test_a_run_folder_or_appended_file_that_cannot_be_written_is_refused_before_any_work(
+    tmp_path, monkeypatch):
+  # Another user's run, say: an unwritable tensorboard/ failed only after this start was
+  # appended to launches.jsonl, and an unwritable checkpoints/ at the first checkpoint,
+  # an epoch of training later. /proc refuses new files even to root.
+  write_tiny_corpus(tmp_path / "corpus")
+  run = tmp_path / "run"
+  train.train_and_evaluate(tiny_run_config(tmp_path / "corpus", 1), str(run))
+  tensorboard = run / "tensorboard"
+  before = {p: p.read_bytes() for p in run.rglob("*")
+            if p.is_file() and not p.is_relative_to(tensorboard)}
+  tensorboard.rename(tmp_path / "tensorboard")
+  tensorboard.symlink_to("/proc/self")
+  with pytest.raises(UserError) as refused:
+    train.train_and_evaluate(tiny_run_config(tmp_path / "corpus", 2), str(run))
+  assert str(refused.value) == (
+      f"cannot write the run's tensorboard folder {tensorboard} (no file can be made in it)")
+  assert {p: p.read_bytes() for p in before} == before  # launches.jsonl too
+  tensorboard.unlink()
+  (tmp_path / "tensorboard").rename(tensorboard)
+  monkeypatch.setattr(train.data, "load_corpus", lambda *args: pytest.fail("loaded first"))
+  (run / "checkpoints").rename(tmp_path / "checkpoints")
+  (run / "checkpoints").symlink_to("/proc/self")
+  with pytest.raises(UserError, match=r"^cannot write the run's checkpoints folder "):
+    train.train_and_evaluate(tiny_run_config(tmp_path / "corpus", 2), str(run))
+  (run / "checkpoints").unlink()
+  (tmp_path / "checkpoints").rename(run / "checkpoints")
+  (run / "launches.jsonl").rename(tmp_path / "launches.jsonl")
+  (run / "launches.jsonl").symlink_to("/proc/version")  # open(..., "a") fails, root or not
+  with pytest.raises(UserError, match=rf"^cannot write {re.escape(str(run))}/launches.jsonl: "):
+    train.train_and_evaluate(tiny_run_config(tmp_path / "corpus", 2), str(run))

@@ -132,8 +132,8 @@ def check_writable_directory(directory: Path, what: str) -> None:
     # /proc and /sys answer "No such file or directory" for the folder that exists.
     reason = ("no file can be made in it" if error.errno == errno.ENOENT
               else error.strerror or error)
-    raise UserError(f"cannot write {what} {directory}: {existing} is not writable "
-                    f"({reason})") from None
+    where = "" if existing == directory else f": {existing} is not writable"
+    raise UserError(f"cannot write {what} {directory}{where} ({reason})") from None
 
 
 # What a run directory holds, by kind: a stray file or folder under one of these
@@ -142,6 +142,29 @@ RUN_DIRECTORY_LAYOUT = {
     "checkpoints": "folder", "tensorboard": "folder", "lock": "file", "config.json": "file",
     "metrics.jsonl": "file", "results.json": "file", "launches.jsonl": "file",
 }
+
+
+# The run's files a trainer appends to in place; the others it replaces (atomic_write),
+# which needs only the run directory to be writable.
+APPENDED_RUN_FILES = ("lock", "launches.jsonl")
+
+
+def check_run_directory_writable(directory: Path) -> None:
+  """Refuses, before any work, a workdir that a trainer could not write, or whose
+  existing checkpoints/ or tensorboard/ folder or appended files it could not write:
+  found only at the first checkpoint or log line, after an epoch of training or after
+  the run's launch was recorded."""
+  check_writable_directory(directory, "the workdir")
+  for name, kind in RUN_DIRECTORY_LAYOUT.items():
+    path = directory / name
+    if kind == "folder" and path.is_dir():
+      check_writable_directory(path, f"the run's {name} folder")
+    elif name in APPENDED_RUN_FILES and path.is_file():
+      try:  # by trying, as check_writable_directory does: root passes os.access
+        with open(path, "a"):
+          pass
+      except OSError as error:
+        raise UserError(f"cannot write {path}: {error.strerror or error}") from None
 
 
 def has_checkpoint(workdir: Path) -> bool:

@@ -1022,7 +1022,7 @@ def train_and_evaluate(
     config = ml_collections.ConfigDict(config.to_dict())
     config.data_dir = str(data.resolve_data_dir(config.data_dir).absolute())
   workdir = Path(workdir).expanduser()
-  fileio.check_writable_directory(workdir, "the workdir")
+  fileio.check_run_directory_writable(workdir)
   fileio.check_new_run_has_its_own_folder(workdir)
   corpus = data.load_corpus(config.dataset, config.data_dir, config.max_vocab_size)
   inputs, targets = data.train_windows(corpus.train, config.batch_size, config.num_steps)
