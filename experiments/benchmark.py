@@ -91,6 +91,10 @@ flags.DEFINE_string(
 REPO = provenance.REPO
 
 
+OVERRIDE_PARSERS = {bool: flags.BooleanParser(), int: flags.IntegerParser(),
+                    float: flags.FloatParser(), str: flags.ArgumentParser()}
+
+
 def load_config(spec: str, overrides: list[str]) -> ml_collections.ConfigDict:
   """'configs/ptb.py:medium,real' -> its get_config(args), with KEY=VALUE overrides."""
   path, _, args = spec.partition(":")
@@ -122,14 +126,9 @@ def load_config(spec: str, overrides: list[str]) -> ml_collections.ConfigDict:
       raise UserError(f"--set {override!r} must be KEY=VALUE with KEY a config field, "
                       "e.g. model.unroll=5")
     try:
-      if kind is bool:  # True/False as in --config.KEY=VALUE, or JSON's true/false
-        node[leaf] = {"true": True, "false": False}[value.lower()]
-      elif kind is str:
-        node[leaf] = value
-      else:
-        # As --config.KEY=VALUE reads a number (.5, 1., 1e-3, inf: the checks then refuse
-        # what cannot train); an int field refuses 2.5 rather than timing 2.
-        node[leaf] = kind(value)
+      # ml_collections' parsers for --config.KEY=VALUE, so that a value means here what it
+      # means to tied_lm.main (true/t/1, .5, 1e-3, inf, 0x10; an int field refuses 2.5).
+      node[leaf] = OVERRIDE_PARSERS[kind].parse(value)
     except (ValueError, TypeError, KeyError):
       raise UserError(f"--set {override!r}: {value!r} is not of type {kind.__name__}") from None
   return config

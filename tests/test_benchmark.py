@@ -106,6 +106,10 @@ def test_load_config_applies_overrides_with_the_fields_types():
                                  ["loss.tau=.5", "optim.learning_rate=1.", "loss.gamma=inf"])
   assert (config.loss.tau, config.optim.learning_rate, config.loss.gamma) == (
       0.5, 1.0, float("inf"))
+  # And as it reads ints and bools: 0x10 was refused as not an int.
+  config = benchmark.load_config("configs/ptb.py:small,real",
+                                 ["model.unroll=0x10", "model.output_bias=t", "seed=-3"])
+  assert (config.model.unroll, config.model.output_bias, config.seed) == (16, True, -3)
 
 
 @pytest.mark.parametrize("spec, overrides, message", [
