@@ -500,3 +500,20 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_checkpoint(
     _, stderr = p.communicate(timeout=300)
     assert p.returncode == 0, stderr[-2000:]
   _assert_same_run(workdir, reference_runs[0])
+
+
+def test_two_ctrl_cs_while_the_first_step_compiles_end_in_one_line_not_a_crash(
+    tmp_path, terminal_sigint):
+  # The second one's KeyboardInterrupt cut through JAX's compile of the pmapped step, and
+  # the interpreter's teardown then crashed under the line (a segfault, status 139).
+  process = _start(tmp_path / "run", ["--config=configs/default.py", "--config.num_epochs=1"])
+  for line in process.stderr:
+    if "steps/epoch" in line:  # the step compiles next
+      break
+  time.sleep(1.8)
+  process.send_signal(signal.SIGINT)
+  time.sleep(0.3)
+  process.send_signal(signal.SIGINT)
+  _, stderr = process.communicate(timeout=120)
+  assert process.returncode == 130, stderr[-2000:]
+  assert stderr.strip().splitlines()[-1].startswith("stopped by SIGINT at once: ")

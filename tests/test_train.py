@@ -17,6 +17,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+from absl import logging as absl_logging
 
 from configs import default, ptb, wikitext2
 from tied_lm import data, fileio, losses, models, reporting, train
@@ -1250,6 +1251,35 @@ def test_a_second_ctrl_c_while_the_stops_checkpoint_is_written_waits_for_it(
   assert [launch["resumed_step"] for launch in launches] == [None, step]
 
 
+def test_a_third_ctrl_c_abandons_the_checkpoints_write_in_one_line(
+    tmp_path, monkeypatch, caplog, terminal_sigint):
+  # It printed orbax's traceback of the KeyboardInterrupt raised inside its wait, and named
+  # the checkpoint before as the latest, where the abandoned write could still finish.
+  write_tiny_corpus(tmp_path / "corpus")
+  wait = ocp.CheckpointManager.wait_until_finished
+
+  def wait_after_three_ctrl_cs(self):
+    try:
+      for _ in range(3):  # the third abandons the write, inside orbax's wait
+        signal.raise_signal(signal.SIGINT)
+    except KeyboardInterrupt:
+      absl_logging.exception("Save Finalize thread failed.")  # as orbax does
+      raise
+    wait(self)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", wait_after_three_ctrl_cs)
+  with caplog.at_level("INFO"), pytest.raises(train.Interrupted) as raised:
+    train.train_and_evaluate(tiny_run_config(tmp_path / "corpus", 2), str(tmp_path / "run"))
+  assert raised.value.at_once and raised.value.signum == signal.SIGINT
+  assert re.fullmatch(
+      r"stopped by SIGINT at once, while writing checkpoint 134 in .*checkpoints: the same "
+      r"command resumes from it if the write finished, else from the start", str(raised.value))
+  assert "failed" not in caplog.text and "Traceback" not in caplog.text
+  assert "SIGINT again: writing checkpoint 134 first; once more to abandon it" in caplog.text
+  absl_logging.exception("Not during a write: shown.", exc_info=(KeyboardInterrupt, None, None))
+  assert "Not during a write: shown." in caplog.text
+
+
 # At epoch 2's validation epoch 1 is checkpointed; at epoch 1's, nothing is yet.
 @pytest.mark.parametrize("validation", [2, 1])
 def test_a_second_ctrl_c_during_training_names_the_checkpoint_to_resume_from(
@@ -1330,6 +1360,12 @@ def test_a_workdir_of_another_model_shape_or_epoch_layout_is_refused_by_name(tmp
   config = tiny_run_config(tmp_path / "corpus", 2)
   config.eval_batch_size = 1
   with pytest.raises(train.ConfigError, match=r"another run: eval_batch_size=1 \(checkpoint: 10\)"):
+    train.train_and_evaluate(config, str(run))
+  # The seed drew the initial parameters and draws each step's dropout: another one gave
+  # a run of neither seed, recorded as the second.
+  config = tiny_run_config(tmp_path / "corpus", 2)
+  config.seed = 7
+  with pytest.raises(train.ConfigError, match=r"another run: seed=7 \(checkpoint: 0\)"):
     train.train_and_evaluate(config, str(run))
   assert {name: (run / name).read_bytes() for name in saved} == saved  # nothing overwritten
   # Other fields may change on resume, e.g. more epochs.
@@ -1477,3 +1513,126 @@ def test_a_run_folder_or_appended_file_that_cannot_be_written_is_refused_before_
   (run / "launches.jsonl").symlink_to("/proc/version")  # open(..., "a") fails, root or not
   with pytest.raises(UserError, match=rf"^cannot write {re.escape(str(run))}/launches.jsonl: "):
     train.train_and_evaluate(tiny_run_config(tmp_path / "corpus", 2), str(run))
+
+
+def test_a_resume_on_another_train_or_valid_text_is_refused_and_leaves_the_run_as_it_was(
+    tmp_path):
+  # A text corpus edited between launches, with the same vocabulary: the resume trained on
+  # (and numbered its checkpoints by) the new text, and chose its best epoch across two
+  # validation texts.
+  corpus = tmp_path / "corpus"
+  write_tiny_corpus(corpus)
+  run = tmp_path / "run"
+  train.train_and_evaluate(tiny_run_config(corpus, 1), str(run))
+  saved = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+  original = {split: (corpus / f"{split}.txt").read_text() for split in ("train", "valid")}
+  edits = {
+      "train": original["train"] * 2,  # the same words, as often relatively: same ids
+      "valid": "".join(reversed(original["valid"].splitlines(keepends=True))),
+  }
+  for split, text in edits.items():
+    (corpus / f"{split}.txt").write_text(text)
+    with pytest.raises(train.ConfigError) as refused:
+      train.train_and_evaluate(tiny_run_config(corpus, 2), str(run))
+    assert str(refused.value) == (
+        f"the workdir's checkpoints were trained on another {split} text than the corpus "
+        f"of dataset='text', data_dir={str(corpus)!r} gives now (same vocabulary); use the "
+        "corpus they were trained on, or a new --workdir")
+    assert {p: p.read_bytes() for p in saved} == saved
+    (corpus / f"{split}.txt").write_text(original[split])
+  # The test text is scored once, at the end: a finished run is tested on the new one.
+  (corpus / "test.txt").write_text("".join((corpus / "test.txt").read_text().splitlines(True)[:3]))
+  results = train.train_and_evaluate(tiny_run_config(corpus, 1), str(run))
+  assert results["test_tokens_scored"] == 3 * 9 - 1  # 8 words and <eos> a line
+
+
+def test_a_rerun_of_a_trained_run_refuses_settings_that_would_only_relabel_it(tmp_path):
+  # It only tests the run: loss.augmented=False made config.json and results.json call a
+  # REAL run RE (summarize and reproduce read them), and a new learning rate or seed
+  # named settings it never trained with.
+  write_tiny_corpus(tmp_path / "corpus")
+  run = tmp_path / "run"
+  train.train_and_evaluate(tiny_run_config(tmp_path / "corpus", 1), str(run))
+  saved = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+  config = tiny_run_config(tmp_path / "corpus", 1)
+  config.loss.augmented, config.optim.learning_rate = False, 0.01
+  with pytest.raises(train.ConfigError) as refused:
+    train.train_and_evaluate(config, str(run))
+  assert str(refused.value) == (
+      "the run is trained (1 epochs done, num_epochs=1), so this command only tests it: "
+      "loss.augmented=False (trained: True), optim.learning_rate=0.01 (trained: 1.0) would "
+      "change nothing but the config its results name; use the run's values, or a new "
+      "--workdir")
+  assert {p: p.read_bytes() for p in saved} == saved
+  # Settings of speed, logging and the corpus's place may change; so may anything once
+  # more epochs train with it.
+  config = tiny_run_config(tmp_path / "corpus", 1)
+  config.model.unroll, config.log_every_steps = 5, 7
+  assert train.train_and_evaluate(config, str(run))["epochs_completed"] == 1
+  config = tiny_run_config(tmp_path / "corpus", 2)
+  config.optim.learning_rate = 0.5
+  results = train.train_and_evaluate(config, str(run))
+  assert (results["epochs_completed"], results["config"]["optim"]["learning_rate"]) == (2, 0.5)
+
+
+def test_a_rerun_with_fewer_epochs_inside_the_next_one_says_so_and_keeps_records_in_order(
+    tmp_path, monkeypatch, caplog):
+  # Stopped inside epoch 2, then rerun with num_epochs=1: no warning, and the test record
+  # (at step 134) came after epoch 2's log lines.
+  write_tiny_corpus(tmp_path / "corpus")
+  run = tmp_path / "run"
+  config = tiny_run_config(tmp_path / "corpus", 2)
+  config.log_every_steps = 2
+  real_train_epoch = train.train_epoch
+
+  def train_epoch(*args, **kwargs):
+    if kwargs.get("first_step", 0) == 0 and len(reporting.read_records(run, "epoch")) == 1:
+      os.kill(os.getpid(), signal.SIGTERM)  # epoch 2: checkpointed after its first step
+    return real_train_epoch(*args, **kwargs)
+
+  monkeypatch.setattr(train, "train_epoch", train_epoch)
+  with pytest.raises(train.Interrupted, match="stopped by SIGTERM"):
+    train.train_and_evaluate(config, str(run))
+  monkeypatch.setattr(train, "train_epoch", real_train_epoch)
+  config.num_epochs = 1
+  with caplog.at_level("WARNING"):
+    results = train.train_and_evaluate(config, str(run))
+  assert results["epochs_completed"] == 1
+  assert ("num_epochs=1, but the run has 1 epochs done and 1 steps of epoch 2: it is tested "
+          "as trained") in caplog.text
+  steps = [r["step"] for r in reporting.read_records(run)]
+  assert steps == sorted(steps) and reporting.read_records(run)[-1]["kind"] == "test"
+
+
+def test_a_resume_rewrites_metrics_left_behind_the_checkpoint_by_a_kill(tmp_path, monkeypatch):
+  # kill -9 between a checkpoint's save and the rewrite of metrics.jsonl: the file stayed
+  # an epoch short (summarize, reproduce) until the next save, or longer if killed again.
+  write_tiny_corpus(tmp_path / "corpus")
+  run = tmp_path / "run"
+  train.train_and_evaluate(tiny_run_config(tmp_path / "corpus", 1), str(run))
+  complete = reporting.read_records(run)
+  (run / "results.json").unlink()
+  (run / "metrics.jsonl").write_text(
+      "".join(json.dumps(r) + "\n" for r in complete if r["kind"] == "train"))
+
+  def ctrl_c_twice(*args, **kwargs):  # stops at once, before any save
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(train, "train_epoch", ctrl_c_twice)
+  with pytest.raises(train.Interrupted, match="stopped by SIGINT at once"):
+    train.train_and_evaluate(tiny_run_config(tmp_path / "corpus", 2), str(run))
+  assert reporting.read_records(run) == [r for r in complete if r["kind"] != "test"]
+
+
+def test_a_data_directory_that_is_a_file_names_the_setting_the_user_gave(
+    tmp_path, monkeypatch):
+  # A text corpus named by $TIED_LM_DATA_DIR alone was blamed on config.data_dir, which
+  # the trainer had filled in from it.
+  (tmp_path / "corpus").write_text("")
+  monkeypatch.setenv("TIED_LM_DATA_DIR", str(tmp_path / "corpus"))
+  config = tiny_run_config("", 1)
+  with pytest.raises(UserError) as refused:
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert str(refused.value) == (
+      f"the data directory {tmp_path / 'corpus'} ($TIED_LM_DATA_DIR) is a file, not a "
+      "directory")

@@ -196,6 +196,15 @@ def main(argv: list[str]) -> None:
     # Preemption or Ctrl-C, after the checkpoint: one line, and the shell's
     # "killed by signal" status so that schedulers know the run is not done.
     print(str(e), file=sys.stderr)
+    if e.at_once:
+      # Cut through JAX mid-compile, the interpreter's teardown crashed (a segfault,
+      # status 139, under the line above); and an abandoned checkpoint's write would
+      # finish during it, after the line named the one before as the latest. Nothing is
+      # left to write: leave without the teardown.
+      logging.flush()
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(128 + e.signum)
     sys.exit(128 + e.signum)
 
 

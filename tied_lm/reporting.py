@@ -275,6 +275,17 @@ def read_records(workdir: Path, kind: str | None = None) -> list[dict[str, Any]]
   return [r for r in records if kind is None or r.get("kind", "epoch") == kind]
 
 
+def records_match(workdir: Path, records: list[dict[str, Any]]) -> bool:
+  """Whether `workdir/metrics.jsonl` holds `records`, test records aside (a finished
+  run's test is in the file and not in its last checkpoint); False if it cannot be read."""
+  try:
+    on_disk = read_records(workdir)
+  except UserError:
+    return False
+  return ([r for r in on_disk if r.get("kind") != "test"]
+          == [r for r in records if r.get("kind") != "test"])
+
+
 def check_nothing_to_lose(workdir: Path) -> None:
   """Raises UserError if `workdir`, which has no checkpoint, holds a trained run's results.
 

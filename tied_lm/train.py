@@ -7,6 +7,7 @@ the same workdir resumes from the last checkpoint.
 import contextlib
 import functools
 import hashlib
+import logging as std_logging
 import math
 import re
 import signal
@@ -572,19 +573,35 @@ def count_params(params: Any) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
 
 
-# A workdir's checkpoints only fit a config that agrees on these: the model's shapes,
-# and the windows of an epoch, by which checkpoints number their steps and the
-# learning-rate schedule and a mid-epoch resume find their place.
+# A workdir's checkpoints only fit a config that agrees on these: the model's shapes;
+# the windows of an epoch, by which checkpoints number their steps and the
+# learning-rate schedule and a mid-epoch resume find their place; and the seed, which
+# drew the initial parameters and draws every step's dropout (another would give a run
+# of neither seed, recorded as the second).
 FIXED_FIELDS = (
     "dataset", "max_vocab_size", "batch_size", "model.embed_dim", "model.hidden_size",
     "model.num_layers", "model.tie_embeddings", "model.output_bias", "model.output_projection",
-    "num_steps", "max_steps_per_epoch", "eval_batch_size",
+    "num_steps", "max_steps_per_epoch", "eval_batch_size", "seed",
+)
+
+# Fields a rerun of a finished run may change: it only tests the run, so the others would
+# change nothing but what config.json and results.json say the run trained with.
+RETEST_FIELDS = (
+    "num_epochs", "data_dir", "log_every_steps", "checkpoint_every_steps", "on_nonfinite",
+    "model.unroll", "model.lstm_implementation",
 )
 
 
 def vocab_digest(vocab: tuple[str, ...]) -> str:
   """SHA-256 of the words in id order: a resumed run must map ids to the same words."""
   return hashlib.sha256("\n".join(vocab).encode("utf-8")).hexdigest()
+
+
+def corpus_digests(corpus: data.Corpus) -> dict[str, str]:
+  """SHA-256 of the train and valid ids: a resumed run must train and choose its best
+  epoch on the same text (a `text` corpus edited between launches, same vocabulary)."""
+  return {split: hashlib.sha256(np.asarray(corpus.split(split), np.int32).tobytes()).hexdigest()
+          for split in ("train", "valid")}
 
 
 def check_vocabulary(
@@ -603,6 +620,20 @@ def check_vocabulary(
         f"their ids differ){consequence}")
 
 
+def config_value(tree: dict, field: str) -> Any:
+  """tree's value of a dotted field ("model.unroll"); None where a part is missing."""
+  for part in field.split("."):
+    tree = tree.get(part) if isinstance(tree, dict) else None
+  return tree
+
+
+def flat_fields(tree: dict, prefix: str = "") -> list[str]:
+  """The dotted names of a nested config dict's leaves."""
+  return [name for key, value in tree.items()
+          for name in (flat_fields(value, f"{prefix}{key}.") if isinstance(value, dict)
+                       else [f"{prefix}{key}"])]
+
+
 class NonFiniteError(UserError):
   """A step produced a non-finite loss or gradient and on_nonfinite is 'stop'."""
 
@@ -610,12 +641,14 @@ class NonFiniteError(UserError):
 class Interrupted(Exception):
   """SIGTERM, SIGINT or SIGHUP arrived (or SIGINT during the test); a checkpoint is saved.
 
-  `signum` says which signal.
+  `signum` says which signal. `at_once`: a second Ctrl-C, whose KeyboardInterrupt may
+  have cut through JAX mid-compile or mid-dispatch, or through a checkpoint's write.
   """
 
-  def __init__(self, message: str, signum: int):
+  def __init__(self, message: str, signum: int, at_once: bool = False):
     super().__init__(message)
     self.signum = signum
+    self.at_once = at_once
 
 
 def _install_handler(signums: tuple[int, ...], handler: Any) -> dict[int, Any]:
@@ -638,6 +671,14 @@ def _restore_handlers(previous: dict[int, Any]) -> None:
     signal.signal(signum, handler)
 
 
+def _no_interrupt_traceback(record: std_logging.LogRecord) -> bool:
+  """False for a log record that carries a KeyboardInterrupt: orbax logs the one that
+  abandons a checkpoint's write (a third Ctrl-C) with its traceback, above the command's
+  one line."""
+  return not (record.exc_info and record.exc_info[0] is not None
+              and issubclass(record.exc_info[0], KeyboardInterrupt))
+
+
 class StopSignals:
   """Turns SIGTERM, SIGINT and SIGHUP (a closed terminal) into a stop at a step boundary.
 
@@ -655,6 +696,7 @@ class StopSignals:
     self.received: int | None = None
     self._previous: dict[int, Any] = {}
     self._writing: int | None = None  # the step of the checkpoint being written
+    self.abandoned: int | None = None  # the step whose write a last signal gave up on
     self._held = False
 
   def _handler(self, signum, frame):
@@ -667,6 +709,7 @@ class StopSignals:
         logging.warning("%s again: writing checkpoint %d first; once more to abandon it",
                         name, self._writing)
         return
+      self.abandoned = self._writing
       signal.signal(signum, self._previous[signum])  # give up waiting
       signal.raise_signal(signum)
     self.received = signum
@@ -676,9 +719,11 @@ class StopSignals:
   def writing(self, step: int) -> Iterator[None]:
     """While checkpoint `step` is written, a second signal waits for it (see the class)."""
     self._writing = step
+    logging.get_absl_logger().addFilter(_no_interrupt_traceback)
     try:
       yield
     finally:
+      logging.get_absl_logger().removeFilter(_no_interrupt_traceback)
       self._writing, self._held = None, False
 
   def stop_at(self, global_step: int) -> bool:
@@ -706,16 +751,34 @@ def check_fixed_fields(
   A field missing on one side is None there.
   """
 
-  def value(tree: Any, field: str) -> Any:
-    for part in field.split("."):
-      tree = tree.get(part) if isinstance(tree, dict) else None
-    return tree
-
   ours = config.to_dict()
-  differences = [f"{field}={value(ours, field)!r} (checkpoint: {value(saved_config, field)!r})"
-                 for field in FIXED_FIELDS if value(ours, field) != value(saved_config, field)]
+  differences = [
+      f"{field}={config_value(ours, field)!r} (checkpoint: {config_value(saved_config, field)!r})"
+      for field in FIXED_FIELDS if config_value(ours, field) != config_value(saved_config, field)]
   if differences:
     raise ConfigError(f"{subject}: {', '.join(differences)}; {remedy}")
+
+
+def check_retest_config(
+    config: ml_collections.ConfigDict, trained_config: dict, epochs_done: int
+) -> None:
+  """Raises ConfigError if a rerun of a run that has finished training changes a field
+  outside RETEST_FIELDS: it only tests the run, so the change would relabel it.
+
+  A field the checkpoint's config lacks (saved by older code) is not compared.
+  """
+  ours = config.to_dict()
+  differences = [
+      f"{field}={config_value(ours, field)!r} (trained: {config_value(trained_config, field)!r})"
+      for field in flat_fields(ours)
+      if field not in RETEST_FIELDS and config_value(trained_config, field) is not None
+      and config_value(ours, field) != config_value(trained_config, field)]
+  if differences:
+    raise ConfigError(
+        f"the run is trained ({epochs_done} epochs done, num_epochs={config.num_epochs}), "
+        "so this command only tests it: "
+        f"{', '.join(differences)} would change nothing but the config its results name; "
+        "use the run's values, or a new --workdir")
 
 
 def train_epoch(
@@ -875,13 +938,23 @@ def _interrupted(signum: int, step: int, checkpoints: Checkpoints) -> Interrupte
   )
 
 
-def _interrupted_at_once(signum: int, checkpoints: Checkpoints) -> Interrupted:
+def _interrupted_at_once(
+    signum: int, checkpoints: Checkpoints, abandoned: int | None = None
+) -> Interrupted:
+  """abandoned: the step of a checkpoint whose write was given up on, which may finish."""
   kept = checkpoints.latest_step()
+  name = signal.Signals(signum).name
+  if abandoned is not None:
+    return Interrupted(
+        f"stopped by {name} at once, while writing checkpoint {abandoned} in "
+        f"{checkpoints.directory}: the same command resumes from it if the write finished, "
+        + (f"else from checkpoint {kept}" if kept is not None else "else from the start"),
+        signum, at_once=True)
   return Interrupted(
-      f"stopped by {signal.Signals(signum).name} at once: "
+      f"stopped by {name} at once: "
       + (f"checkpoint {kept} in {checkpoints.directory} is the latest; run the same command "
          "again to resume from it" if kept is not None else "no checkpoint was written yet"),
-      signum,
+      signum, at_once=True,
   )
 
 
@@ -1014,17 +1087,17 @@ def train_and_evaluate(
   """
   num_devices = jax.device_count()
   validate_config(config, num_devices)
-  if (config.data_dir or config.dataset == "text") and not Path(config.data_dir).is_absolute():
-    # Saved as typed, it named another folder for evaluate, sample or a resume run from
-    # elsewhere; and a text corpus named by $TIED_LM_DATA_DIR alone was saved as "". (A
-    # closed corpus is found by its checksums wherever it is.) A copy: the caller's config
-    # stays as it was.
-    config = ml_collections.ConfigDict(config.to_dict())
-    config.data_dir = str(data.resolve_data_dir(config.data_dir).absolute())
   workdir = Path(workdir).expanduser()
   fileio.check_run_directory_writable(workdir)
   fileio.check_new_run_has_its_own_folder(workdir)
   corpus = data.load_corpus(config.dataset, config.data_dir, config.max_vocab_size)
+  if (config.data_dir or config.dataset == "text") and not Path(config.data_dir).is_absolute():
+    # Saved as typed, it named another folder for evaluate and sample run from elsewhere;
+    # and a text corpus named by $TIED_LM_DATA_DIR alone was saved as "". (A closed corpus
+    # is found by its checksums wherever it is.) After the loading, whose errors name the
+    # setting the user gave. A copy: the caller's config stays as it was.
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.data_dir = str(data.resolve_data_dir(config.data_dir).absolute())
   inputs, targets = data.train_windows(corpus.train, config.batch_size, config.num_steps)
   for split in ("valid", "test"):  # before training, not after it
     data.check_eval_batch_size(config.eval_batch_size, corpus.split(split), split)
@@ -1097,12 +1170,21 @@ def _train_and_evaluate(
       "records": [],  # what metrics.jsonl holds, see tied_lm.reporting
       "config": config.to_dict(),
       "vocab_digest": vocab_digest(corpus.vocab),
+      "corpus_digests": corpus_digests(corpus),
   }
 
   def check_same_run(saved: dict[str, Any]) -> None:
     check_fixed_fields(config, saved.get("config", {}))
-    check_vocabulary(saved, corpus.vocab, config, "the workdir's checkpoints were",
-                     "; use the corpus they were trained on, or a new --workdir")
+    remedy = "; use the corpus they were trained on, or a new --workdir"
+    check_vocabulary(saved, corpus.vocab, config, "the workdir's checkpoints were", remedy)
+    # Checkpoints from before the digests were saved are not checked.
+    changed = [split for split, digest in meta["corpus_digests"].items()
+               if saved.get("corpus_digests", {}).get(split, digest) != digest]
+    if changed:
+      raise ConfigError(
+          f"the workdir's checkpoints were trained on another {' and '.join(changed)} text "
+          f"than the corpus of dataset={config.dataset!r}, data_dir={config.data_dir!r} "
+          f"gives now (same vocabulary){remedy}")
 
   restored = checkpoints.restore_latest(arrays, check_same_run)
   # Once the checkpoints fit this run: a refused resume is its one error line alone.
@@ -1127,10 +1209,14 @@ def _train_and_evaluate(
         f"epoch {meta['epoch'] + 1}, window {meta['step_in_epoch']}"
         if meta["epoch"] < config.num_epochs else f"training finished at epoch {meta['epoch']}",
     )
-    if meta["epoch"] > config.num_epochs:
+    if meta["epoch"] >= config.num_epochs:
+      check_retest_config(config, restored_meta.get("config", {}), meta["epoch"])
+    if (meta["epoch"], meta["step_in_epoch"]) > (config.num_epochs, 0):
       logging.warning(
-          "num_epochs=%d, but the run has %d epochs done: it is tested as trained, and "
-          "its results say epochs_completed=%d", config.num_epochs, meta["epoch"], meta["epoch"])
+          "num_epochs=%d, but the run has %d epochs done%s: it is tested as trained, and "
+          "its results say epochs_completed=%d", config.num_epochs, meta["epoch"],
+          f" and {meta['step_in_epoch']} steps of epoch {meta['epoch'] + 1}"
+          if meta["step_in_epoch"] else "", meta["epoch"])
   if jax.process_index() == 0:
     # What a kill during a write of the run's own files left (evaluate and the analysis
     # commands write theirs beside them, maybe now).
@@ -1151,6 +1237,10 @@ def _train_and_evaluate(
       workdir, meta["records"], writer=jax.process_index() == 0, config=config,
       resumed_step=restored_step,
   )
+  if restored is not None and not reporting.records_match(workdir, meta["records"]):
+    # A kill between a checkpoint's save and this file's rewrite left it behind the
+    # checkpoint: readers (summarize, reproduce) would see epochs short until the next save.
+    reporter.write_metrics()
 
   p_train_step = pmap_train_step(
       config.loss, skip_nonfinite=config.on_nonfinite == "skip",
@@ -1251,7 +1341,9 @@ def _train_and_evaluate(
       raise test_interrupted(stopped.signum) from None
     reporter.add({
         "kind": "test",
-        "step": meta["epoch"] * steps_per_epoch,
+        # The checkpoint's step: after the records of an epoch begun and cut by a rerun
+        # with fewer epochs.
+        "step": meta["epoch"] * steps_per_epoch + meta["step_in_epoch"],
         "best_epoch": meta["best_epoch"],
         "best_valid_perplexity": meta["best_valid_perplexity"],
         "test_perplexity": test_perplexity,
@@ -1263,7 +1355,7 @@ def _train_and_evaluate(
         "hparam/test_perplexity": test_perplexity,
     }
   except KeyboardInterrupt:  # a second Ctrl-C (the first, with several processes)
-    raise _interrupted_at_once(signal.SIGINT, checkpoints) from None
+    raise _interrupted_at_once(signal.SIGINT, checkpoints, signals.abandoned) from None
   finally:
     reporter.close(final_metrics)
   history = [r for r in meta["records"] if r["kind"] == "epoch"]
