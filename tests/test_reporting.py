@@ -182,3 +182,14 @@ def test_the_running_clock_counts_busy_time_and_waits_as_running():
     running, paused = clock.read()
   assert paused == 0.0
   assert running == pytest.approx(time.monotonic() - start, abs=0.05)
+
+
+def test_records_match_the_file_test_records_aside_and_nan_as_itself(tmp_path):
+  # A skipped interval's NaN loss is not equal to itself: every resume rewrote the file.
+  records = [{"kind": "train", "step": 2, "loss": float("nan")}, {"kind": "epoch", "step": 2}]
+  (tmp_path / "metrics.jsonl").write_text(
+      "".join(json.dumps(r) + "\n" for r in [*records, {"kind": "test", "step": 2}]))
+  assert reporting.records_match(tmp_path, records)
+  assert not reporting.records_match(tmp_path, records[:1])
+  (tmp_path / "metrics.jsonl").write_text("{")  # damaged: written again
+  assert not reporting.records_match(tmp_path, records)

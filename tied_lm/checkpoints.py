@@ -41,8 +41,11 @@ class Checkpoints:
             cleanup_tmp_directories=not self._read_only),
     )
 
-  def latest_step(self) -> int | None:
-    return self._manager.latest_step()
+  def latest_step(self, other_than: int | None = None) -> int | None:
+    """The newest step; `other_than`: leaving out that one (a write given up on)."""
+    if other_than is None:
+      return self._manager.latest_step()
+    return max((s for s in self._manager.all_steps() if s != other_than), default=None)
 
   def save(self, step: int, arrays: dict[str, Any], meta: dict[str, Any]) -> None:
     try:

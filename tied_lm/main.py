@@ -196,14 +196,14 @@ def main(argv: list[str]) -> None:
     # Preemption or Ctrl-C, after the checkpoint: one line, and the shell's
     # "killed by signal" status so that schedulers know the run is not done.
     print(str(e), file=sys.stderr)
-    if e.at_once:
+    if e.at_once and train.jax.process_count() == 1:
       # Cut through JAX mid-compile, the interpreter's teardown crashed (a segfault,
-      # status 139, under the line above); and an abandoned checkpoint's write would
-      # finish during it, after the line named the one before as the latest. Nothing is
-      # left to write: leave without the teardown.
+      # status 139, under the line above). Nothing is left to write: leave without it.
+      # (Several processes need JAX's exit handler, which leaves the multi-host runtime.)
       logging.flush()
-      sys.stdout.flush()
-      sys.stderr.flush()
+      for stream in (sys.stdout, sys.stderr):
+        if stream is not None:  # None: started with the descriptor closed
+          stream.flush()
       os._exit(128 + e.signum)
     sys.exit(128 + e.signum)
 

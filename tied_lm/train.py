@@ -586,9 +586,10 @@ FIXED_FIELDS = (
 
 # Fields a rerun of a finished run may change: it only tests the run, so the others would
 # change nothing but what config.json and results.json say the run trained with.
+# (lstm_implementation and on_nonfinite are not among them: cuDNN's LSTM drops other
+# units, and skipped steps are a run's history.)
 RETEST_FIELDS = (
-    "num_epochs", "data_dir", "log_every_steps", "checkpoint_every_steps", "on_nonfinite",
-    "model.unroll", "model.lstm_implementation",
+    "num_epochs", "data_dir", "log_every_steps", "checkpoint_every_steps", "model.unroll",
 )
 
 
@@ -639,7 +640,8 @@ class NonFiniteError(UserError):
 
 
 class Interrupted(Exception):
-  """SIGTERM, SIGINT or SIGHUP arrived (or SIGINT during the test); a checkpoint is saved.
+  """SIGTERM, SIGINT or SIGHUP arrived (or SIGINT during the test); a checkpoint is saved,
+  unless `at_once`.
 
   `signum` says which signal. `at_once`: a second Ctrl-C, whose KeyboardInterrupt may
   have cut through JAX mid-compile or mid-dispatch, or through a checkpoint's write.
@@ -942,7 +944,7 @@ def _interrupted_at_once(
     signum: int, checkpoints: Checkpoints, abandoned: int | None = None
 ) -> Interrupted:
   """abandoned: the step of a checkpoint whose write was given up on, which may finish."""
-  kept = checkpoints.latest_step()
+  kept = checkpoints.latest_step(other_than=abandoned)
   name = signal.Signals(signum).name
   if abandoned is not None:
     return Interrupted(
@@ -1082,7 +1084,8 @@ def train_and_evaluate(
   the data position, the recurrent state and the epoch's running sums.
 
   Raises:
-    Interrupted: after SIGTERM, SIGINT or SIGHUP, once the checkpoint is saved.
+    Interrupted: after SIGTERM, SIGINT or SIGHUP, once the checkpoint is saved (or at
+      once, `at_once`, after a second Ctrl-C).
     UserError: for bad input, and if another process trains in the workdir.
   """
   num_devices = jax.device_count()
@@ -1175,6 +1178,10 @@ def _train_and_evaluate(
 
   def check_same_run(saved: dict[str, Any]) -> None:
     check_fixed_fields(config, saved.get("config", {}))
+    # A checkpoint inside an epoch is of a launch that did not finish it (a rerun that
+    # gave more epochs): its config need not be the one the tested parameters trained with.
+    if saved.get("epoch", 0) >= config.num_epochs and not saved.get("step_in_epoch"):
+      check_retest_config(config, saved.get("config", {}), saved["epoch"])
     remedy = "; use the corpus they were trained on, or a new --workdir"
     check_vocabulary(saved, corpus.vocab, config, "the workdir's checkpoints were", remedy)
     # Checkpoints from before the digests were saved are not checked.
@@ -1209,8 +1216,6 @@ def _train_and_evaluate(
         f"epoch {meta['epoch'] + 1}, window {meta['step_in_epoch']}"
         if meta["epoch"] < config.num_epochs else f"training finished at epoch {meta['epoch']}",
     )
-    if meta["epoch"] >= config.num_epochs:
-      check_retest_config(config, restored_meta.get("config", {}), meta["epoch"])
     if (meta["epoch"], meta["step_in_epoch"]) > (config.num_epochs, 0):
       logging.warning(
           "num_epochs=%d, but the run has %d epochs done%s: it is tested as trained, and "
