@@ -75,6 +75,20 @@ def test_windows_refuse_empty_shapes(batch_size, num_steps, name):
     data.eval_windows(np.arange(20), batch_size, num_steps)
 
 
+@pytest.mark.parametrize("ids,message", [
+    # A [2, 6] array was counted as 2 tokens; float ids were truncated and ids beyond
+    # int32 wrapped around to other words, silently.
+    (np.arange(12).reshape(2, 6), r"1-D array of integer word ids, got shape \(2, 6\) int64"),
+    (np.arange(13) + 0.7, r"1-D array of integer word ids, got shape \(13,\) float64"),
+    (np.arange(13) + 2**32, r"word ids in \[0, 2\*\*31\), got values from 4294967296 to "),
+    (np.arange(13) - 1, r"word ids in \[0, 2\*\*31\), got values from -1 to 11"),
+])
+def test_windows_refuse_what_is_not_a_stream_of_word_ids(ids, message):
+  for windows in (data.train_windows, data.eval_windows):
+    with pytest.raises(data.DataError, match=f"^ids must be (a )?{message}"):
+      windows(ids, 2, 3)
+
+
 def test_eval_windows_by_hand():
   inputs, targets, weights = data.eval_windows(np.arange(11), batch_size=3, num_steps=2)
   rows = lambda x: x.transpose(1, 0, 2).reshape(3, -1)  # noqa: E731

@@ -1,5 +1,7 @@
 """Losses against a NumPy reference, finite differences and the paper's algebra."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -319,6 +321,42 @@ def test_targets_that_do_not_match_the_logits_are_refused_not_paired_wrongly():
     with pytest.raises(ValueError, match=r"need \(2, 3\)"):
       losses.augmented_loss(logits, targets, embedding, 2.0)
 
+
+
+def test_a_temperature_that_is_not_a_scalar_is_refused_not_broadcast():
+  # B·T = V = 6: a [V] τ gave a KL of -5.67 in the fused loss, and a [B, T, 1] τ with
+  # B = T a [B, T, T] augmented loss, silently.
+  logits, targets, embedding = jnp.zeros((2, 3, 6)), jnp.zeros((2, 3), jnp.int32), jnp.ones((6, 4))
+  for tau in (jnp.arange(1.0, 7.0), jnp.full((2, 3, 1), 2.0)):
+    message = rf"^tau must be a scalar temperature, got shape {re.escape(str(tau.shape))}"
+    with pytest.raises(ValueError, match=message):
+      losses.cross_entropy_and_kl(logits, targets, embedding, tau)
+    with pytest.raises(ValueError, match=message):
+      losses.augmented_loss(logits, targets, embedding, tau)
+    with pytest.raises(ValueError, match=message):
+      losses.target_distribution(embedding, targets, tau)
+  # A traced scalar, as under vmap over temperatures, is one.
+  kls = jax.vmap(lambda t: losses.augmented_loss(logits, targets, embedding, t))(
+      jnp.array([1.0, 2.0]))
+  assert kls.shape == (2, 2, 3)
+
+
+def test_logits_without_words_targets_that_are_not_ids_and_a_bad_bound_are_refused():
+  targets, embedding = jnp.zeros((2, 3), jnp.int32), jnp.ones((6, 4))
+  # V = 0: a "perfect" loss of 0 from cross_entropy, a ZeroDivisionError from the fused one.
+  with pytest.raises(ValueError, match=r"^logits have shape \(2, 3, 0\): no word to score"):
+    losses.cross_entropy(jnp.zeros((2, 3, 0)), targets)
+  with pytest.raises(ValueError, match=r"^logits have shape \(2, 3, 0\): no word to score"):
+    losses.cross_entropy_and_kl(jnp.zeros((2, 3, 0)), targets, jnp.ones((0, 4)), 2.0)
+  with pytest.raises(ValueError, match="^targets must be integer word ids, got float32"):
+    losses.cross_entropy(jnp.zeros((2, 3, 6)), targets.astype(jnp.float32))
+  # -1 reached jnp.unique(size=-1): a TypeError from deep in JAX.
+  with pytest.raises(ValueError, match=r"^max_distinct_targets must be >= 0"):
+    losses.cross_entropy_and_kl(jnp.zeros((2, 3, 6)), targets, embedding, 2.0,
+                                max_distinct_targets=-1)
+  # A 1-D embedding failed in an einsum's message about subscripts.
+  with pytest.raises(ValueError, match=r"^embedding has shape \(4,\); need \[V, E\]"):
+    losses.target_distribution(embedding[0], targets, 2.0)
 
 
 def test_an_embedding_of_another_vocabulary_or_a_kl_bias_without_a_bias_is_refused():

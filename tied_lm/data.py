@@ -370,6 +370,19 @@ def _check_positive(name: str, value: int) -> None:
     raise DataError(f"{name}={value} must be positive")
 
 
+def _word_ids(ids: np.ndarray) -> np.ndarray:
+  """`ids` as [N] int32, or DataError: a 2-D array was counted by its rows, and float ids
+  or ids beyond int32 were cast to other words, silently."""
+  ids = np.asarray(ids)
+  if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+    raise DataError(f"ids must be a 1-D array of integer word ids, got shape {ids.shape} "
+                    f"{ids.dtype}")
+  if ids.size and (ids.min() < 0 or ids.max() > np.iinfo(np.int32).max):
+    raise DataError(f"ids must be word ids in [0, 2**31), got values from {ids.min()} to "
+                    f"{ids.max()}")
+  return ids.astype(np.int32, copy=False)
+
+
 def min_train_tokens(batch_size: int, num_steps: int) -> int:
   """The fewest ids from which `train_windows` makes one window: rows of num_steps + 1."""
   return batch_size * (num_steps + 1)
@@ -390,6 +403,7 @@ def train_windows(
   Returns:
     inputs, targets: [num_windows, batch_size, num_steps] int32.
   """
+  ids = _word_ids(ids)
   _check_positive("batch_size", batch_size)
   _check_positive("num_steps", num_steps)
   if len(ids) < min_train_tokens(batch_size, num_steps):
@@ -399,7 +413,7 @@ def train_windows(
     )
   row_len = len(ids) // batch_size
   num_windows = (row_len - 1) // num_steps
-  rows = np.asarray(ids[: batch_size * row_len], np.int32).reshape(batch_size, row_len)
+  rows = ids[: batch_size * row_len].reshape(batch_size, row_len)
   span = num_windows * num_steps
 
   def windows(x):
@@ -438,6 +452,7 @@ def eval_windows(
     inputs, targets: [num_windows, batch_size, num_steps] int32;
     weights: the same shape, float32, 1 for a real target and 0 for padding.
   """
+  ids = _word_ids(ids)
   check_eval_batch_size(batch_size, ids, split)
   _check_positive("num_steps", num_steps)
   num_targets = len(ids) - 1
@@ -451,7 +466,6 @@ def eval_windows(
     per_row[:, :row_len] = flat.reshape(batch_size, row_len)
     return per_row.reshape(batch_size, num_windows, num_steps).transpose(1, 0, 2)
 
-  ids = np.asarray(ids, np.int32)
   return windows(ids[:-1]), windows(ids[1:]), windows(np.ones(num_targets, np.float32))
 
 

@@ -2,7 +2,10 @@
 
 Every function here is a pure, jit-compatible function of its arguments: no
 Flax state, no globals. Shapes use `...` for any leading batch/time axes and
-`V` for the vocabulary size, `E` for the embedding size.
+`V` for the vocabulary size, `E` for the embedding size. They differentiate in
+reverse mode (jax.grad, jax.vjp); the products with the embedding have
+hand-written gradients (custom_vjp), which forward mode (jax.jvp, jax.jacfwd,
+jax.hessian) refuses for any derivative through the embedding.
 
 The training objective (assembled in `train.py`) is
 
@@ -90,11 +93,14 @@ def target_distribution(
     embedding: [V, E] the input embedding matrix L.
     targets: [...] integer word ids y in [0, V) (a negative id in [-V, 0) wraps
       around to a word; one outside [-V, V) gives NaN).
-    tau: temperature τ > 0 (otherwise every value is NaN).
+    tau: scalar temperature τ > 0 (otherwise every value is NaN).
 
   Returns:
     [..., V] probabilities in float32 (float64 for float64 inputs); each row sums to one.
   """
+  if embedding.ndim != 2:
+    raise ValueError(f"embedding has shape {embedding.shape}; need [V, E]")
+  _check_tau(tau)
   return _nan_unless_positive(jnp.exp(_target_log_distribution(embedding, targets, tau)), tau)
 
 
@@ -107,6 +113,17 @@ def _check_targets(logits: jax.Array, targets: jax.Array) -> None:
   if targets.shape != logits.shape[:-1]:
     raise ValueError(f"targets have shape {targets.shape}; logits {logits.shape} need "
                      f"{logits.shape[:-1]}")
+  if not logits.shape[-1]:  # a loss of 0 for every token, or a ZeroDivisionError
+    raise ValueError(f"logits have shape {logits.shape}: no word to score (V = 0)")
+  if not jnp.issubdtype(targets.dtype, jnp.integer):
+    raise ValueError(f"targets must be integer word ids, got {targets.dtype}")
+
+
+def _check_tau(tau: float | jax.Array) -> None:
+  # A [V] or [B, T, 1] τ broadcast against intermediates of other shapes: a negative KL,
+  # a [B, T, T] loss, or an error naming neither.
+  if jnp.ndim(tau) != 0:
+    raise ValueError(f"tau must be a scalar temperature, got shape {jnp.shape(tau)}")
 
 
 def _check_embedding(logits: jax.Array, embedding: jax.Array) -> None:
@@ -145,7 +162,7 @@ def augmented_loss(
       even where the result is masked out): give padding a real id and mask the
       per-token result.
     embedding: [V, E] the input embedding matrix L that defines ỹ.
-    tau: temperature τ > 0 (otherwise every value is NaN).
+    tau: scalar temperature τ > 0 (otherwise every value is NaN).
     stop_gradient_target: if True, ỹ is a constant and L gets no gradient
       through it. The paper's default (False) lets gradient flow into L.
     form: "kl", the paper's KL(ỹ ‖ ŷ); or "cross_entropy", H(ỹ, ŷ) =
@@ -162,6 +179,7 @@ def augmented_loss(
   _check_form(form)
   _check_targets(bias_free_logits, targets)
   _check_embedding(bias_free_logits, embedding)
+  _check_tau(tau)
   log_target = _target_log_distribution(embedding, targets, tau)
   if stop_gradient_target:
     log_target = jax.lax.stop_gradient(log_target)
@@ -207,7 +225,7 @@ def cross_entropy_and_kl(
       even where the result is masked out): give padding a real id and mask the
       per-token result.
     embedding: [V, E] the input embedding L (ignored unless `augmented`).
-    tau: temperature τ > 0 (otherwise every kl is NaN).
+    tau: scalar temperature τ > 0 (otherwise every kl is NaN).
     output_bias: [V] or None; enters the cross-entropy only (eq. 3.1).
     augmented: if False the KL is zeros and costs nothing.
     stop_gradient_target: if True, ỹ is a constant.
@@ -236,6 +254,10 @@ def cross_entropy_and_kl(
   _check_targets(bias_free_logits, targets)
   if augmented:
     _check_embedding(bias_free_logits, embedding)
+    _check_tau(tau)
+  if max_distinct_targets < 0:
+    raise ValueError(f"max_distinct_targets must be >= 0 (0: one row per token), got "
+                     f"{max_distinct_targets}")
   if kl_output_bias and output_bias is None:
     raise ValueError("kl_output_bias=True needs an output_bias")
   logits = bias_free_logits

@@ -562,7 +562,9 @@ class LSTMLanguageModel(nn.Module):
     """Forward pass returning everything the losses need, computed once.
 
     Args:
-      tokens: [B, T] integer word ids.
+      tokens: [B, T] integer word ids in [0, V) (unchecked, as jit requires: an id
+        outside [-V, V) gives NaN logits in its row from that step on, and one in
+        [-V, 0) is the word it wraps around to, not padding).
       carry: the state from `initial_carry` or from the previous window.
       deterministic: if True and `masks` is None, no dropout (evaluation).
       masks: explicit dropout masks; drawn with `dropout_masks` if None.
