@@ -359,6 +359,31 @@ def test_logits_without_words_targets_that_are_not_ids_and_a_bad_bound_are_refus
     losses.target_distribution(embedding[0], targets, 2.0)
 
 
+def test_the_fused_gradients_keep_their_inputs_types_as_autodiff_does():
+  # With x64, float32 logits beside a float64 embedding got a float64 gradient.
+  with jax.enable_x64(True):
+    key = jax.random.key(0)
+    logits = jax.random.normal(key, (2, 3, 6), jnp.float32)
+    bias = jnp.zeros(6, jnp.float32)
+    embedding = jax.random.normal(key, (6, 4), jnp.float64)
+    targets = jnp.zeros((2, 3), jnp.int32)
+
+    def fused(logits, bias, embedding):
+      return sum(t.sum() for t in losses.cross_entropy_and_kl(
+          logits, targets, embedding, 2.0, output_bias=bias))
+
+    def separate(logits, bias, embedding):
+      return (losses.cross_entropy(logits + bias, targets).sum()
+              + losses.augmented_loss(logits, targets, embedding, 2.0).sum())
+
+    for got, expected in zip(jax.grad(fused, (0, 1, 2))(logits, bias, embedding),
+                             jax.grad(separate, (0, 1, 2))(logits, bias, embedding),
+                             strict=True):
+      assert got.dtype == expected.dtype
+    assert [g.dtype for g in jax.grad(fused, (0, 1, 2))(logits, bias, embedding)] == [
+        jnp.float32, jnp.float32, jnp.float64]
+
+
 def test_an_embedding_of_another_vocabulary_or_a_kl_bias_without_a_bias_is_refused():
   logits, targets = jnp.zeros((2, 3, 7)), jnp.zeros((2, 3), jnp.int32)
   for embedding in (jnp.ones((6, 4)), jnp.ones((7,))):

@@ -1054,6 +1054,9 @@ def test_a_reader_refuses_a_config_json_that_is_not_its_checkpoints(
       f"{run / 'config.json'} does not match checkpoint {step}: {difference}; restore the "
       "run's own config.json")):
     train.load_trained(run)
+  # Another seed (a launch of older code, killed before its first checkpoint) is read.
+  (run / "config.json").write_text(json.dumps({**config, "seed": 7}))
+  assert train.load_trained(run).checkpoint_step == step
 
 
 @pytest.mark.parametrize("edit,message", [

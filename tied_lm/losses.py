@@ -497,7 +497,11 @@ def _fused_cross_entropy_and_kl_bwd(form, constant_target, residuals, grads):
     scores, grads_of_scores = _unshared(word_scores, grad_word_scores)
     scaled_sum = scaled_sum + jnp.sum(scores * grads_of_scores)
   grad_tau = jnp.full(jnp.shape(tau), -scaled_sum * inverse_tau, jnp.result_type(tau))
-  return grad_logits, grad_bias, grad_word_scores, None, None, grad_tau
+  # Each in its input's type: float32 logits beside a float64 embedding (x64) promoted
+  # theirs to float64, where autodiff gives float32.
+  return (grad_logits.astype(logits.dtype),
+          None if grad_bias is None else grad_bias.astype(bias.dtype),
+          grad_word_scores.astype(word_scores.dtype), None, None, grad_tau)
 
 
 _fused_cross_entropy_and_kl.defvjp(_fused_cross_entropy_and_kl_fwd, _fused_cross_entropy_and_kl_bwd)

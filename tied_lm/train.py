@@ -747,8 +747,9 @@ def check_fixed_fields(
     config: ml_collections.ConfigDict, saved_config: dict,
     subject: str = "the workdir holds checkpoints of another run",
     remedy: str = "use a new --workdir or the checkpoint's values",
+    fields: tuple[str, ...] = FIXED_FIELDS,
 ) -> None:
-  """Raises ConfigError if `config` and a checkpoint's config differ in a FIXED_FIELDS field.
+  """Raises ConfigError if `config` and a checkpoint's config differ in one of `fields`.
 
   A field missing on one side is None there.
   """
@@ -756,7 +757,7 @@ def check_fixed_fields(
   ours = config.to_dict()
   differences = [
       f"{field}={config_value(ours, field)!r} (checkpoint: {config_value(saved_config, field)!r})"
-      for field in FIXED_FIELDS if config_value(ours, field) != config_value(saved_config, field)]
+      for field in fields if config_value(ours, field) != config_value(saved_config, field)]
   if differences:
     raise ConfigError(f"{subject}: {', '.join(differences)}; {remedy}")
 
@@ -998,8 +999,11 @@ def load_trained(workdir: str | Path) -> TrainedRun:
     config.model.lstm_implementation = "scan"
   step, params, meta = Checkpoints(workdir, read_only=True).restore_best_params()
   if "config" in meta:  # config.json edited, or checkpoints copied from another run
+    # Not the seed, which reading the parameters does not need: a launch of older code
+    # could change it in config.json and be killed before its first checkpoint.
     check_fixed_fields(config, meta["config"], f"{config_file} does not match checkpoint {step}",
-                       "restore the run's own config.json")
+                       "restore the run's own config.json",
+                       tuple(field for field in FIXED_FIELDS if field != "seed"))
   if meta.get("best_epoch") == 0:
     raise UserError(
         f"{workdir} has no finished epoch yet (checkpoint {step} is within epoch 1): its best "
