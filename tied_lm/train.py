@@ -628,6 +628,12 @@ def config_value(tree: dict, field: str) -> Any:
   return tree
 
 
+def config_differences(ours: dict, saved: dict, fields: Any, label: str) -> list[str]:
+  """'field=ours (label: saved)' for each of `fields` whose values differ."""
+  return [f"{field}={config_value(ours, field)!r} ({label}: {config_value(saved, field)!r})"
+          for field in fields if config_value(ours, field) != config_value(saved, field)]
+
+
 def flat_fields(tree: dict, prefix: str = "") -> list[str]:
   """The dotted names of a nested config dict's leaves."""
   return [name for key, value in tree.items()
@@ -754,10 +760,7 @@ def check_fixed_fields(
   A field missing on one side is None there.
   """
 
-  ours = config.to_dict()
-  differences = [
-      f"{field}={config_value(ours, field)!r} (checkpoint: {config_value(saved_config, field)!r})"
-      for field in fields if config_value(ours, field) != config_value(saved_config, field)]
+  differences = config_differences(config.to_dict(), saved_config, fields, "checkpoint")
   if differences:
     raise ConfigError(f"{subject}: {', '.join(differences)}; {remedy}")
 
@@ -771,11 +774,9 @@ def check_retest_config(
   A field the checkpoint's config lacks (saved by older code) is not compared.
   """
   ours = config.to_dict()
-  differences = [
-      f"{field}={config_value(ours, field)!r} (trained: {config_value(trained_config, field)!r})"
-      for field in flat_fields(ours)
-      if field not in RETEST_FIELDS and config_value(trained_config, field) is not None
-      and config_value(ours, field) != config_value(trained_config, field)]
+  compared = [field for field in flat_fields(ours)
+              if field not in RETEST_FIELDS and config_value(trained_config, field) is not None]
+  differences = config_differences(ours, trained_config, compared, "trained")
   if differences:
     raise ConfigError(
         f"the run is trained ({epochs_done} epochs done, num_epochs={config.num_epochs}), "
@@ -1246,7 +1247,8 @@ def _train_and_evaluate(
       workdir, meta["records"], writer=jax.process_index() == 0, config=config,
       resumed_step=restored_step,
   )
-  if restored is not None and not reporting.records_match(workdir, meta["records"]):
+  if (restored is not None and jax.process_index() == 0
+      and not reporting.records_match(workdir, meta["records"])):
     # A kill between a checkpoint's save and this file's rewrite left it behind the
     # checkpoint: readers (summarize, reproduce) would see epochs short until the next save.
     reporter.write_metrics()
